@@ -1,0 +1,1 @@
+"""Kafka wire protocol codec. Pure functions over bytes; no I/O here."""

@@ -1,0 +1,177 @@
+"""Shared fixtures: a real Kafka broker, fresh topics, and an independent reader.
+
+The broker is the pinned Apache Kafka that scripts/kafka.sh runs. When SLUICE_TEST_BOOTSTRAP is
+set (``make test`` sets it) that broker is used as it is; otherwise the session starts one on
+KAFKA_PORT (default 9092), or reuses one already answering there, and stops only what it started.
+
+The reader is confluent-kafka (librdkafka), never Sluice's own code, so a delivery test cannot be
+fooled by a bug shared between the writer and the reader.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+KAFKA_SH = ROOT / "scripts" / "kafka.sh"
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRecord:
+    """One record as an independent consumer saw it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes | None]]
+    timestamp: int
+
+
+def _kafka_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHON", sys.executable)
+    return env
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """The bootstrap address of a running Kafka broker on 127.0.0.1."""
+    given = os.environ.get("SLUICE_TEST_BOOTSTRAP")
+    if given:
+        yield given
+        return
+    env = _kafka_env()
+    running = subprocess.run([str(KAFKA_SH), "status"], env=env, capture_output=True, text=True)
+    if running.returncode == 0:
+        yield running.stdout.strip()
+        return
+    up = subprocess.run(
+        [str(KAFKA_SH), "up"], env=env, capture_output=True, text=True, timeout=600
+    )
+    if up.returncode != 0:
+        pytest.fail(f"could not start Kafka:\n{up.stderr}", pytrace=False)
+    try:
+        yield up.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run([str(KAFKA_SH), "down"], env=env, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def kafka_admin(kafka_bootstrap: str):
+    from confluent_kafka.admin import AdminClient
+
+    return AdminClient({"bootstrap.servers": kafka_bootstrap})
+
+
+@pytest.fixture
+def new_topic(kafka_admin, request) -> Iterator[Callable[..., str]]:
+    """A factory of fresh topics: ``new_topic(partitions=3, config=None) -> name``.
+
+    Topics are deleted when the test ends.
+    """
+    from confluent_kafka.admin import NewTopic
+
+    made: list[str] = []
+
+    def make(partitions: int = 3, config: dict[str, str] | None = None) -> str:
+        base = request.node.name.replace("[", "-").replace("]", "").replace("/", "-")[:150]
+        name = f"t-{base}-{uuid.uuid4().hex[:8]}"
+        futures = kafka_admin.create_topics(
+            [NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})],
+            operation_timeout=30,
+        )
+        futures[name].result(timeout=30)
+        _await_leaders(kafka_admin, name, partitions)
+        made.append(name)
+        return name
+
+    yield make
+    if made:
+        for fut in kafka_admin.delete_topics(made, operation_timeout=30).values():
+            try:
+                fut.result(timeout=30)
+            except Exception:  # noqa: BLE001 - cleanup must not mask the test's own result
+                pass
+
+
+def _await_leaders(admin, topic: str, partitions: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        md = admin.list_topics(topic=topic, timeout=5).topics.get(topic)
+        if (
+            md is not None
+            and md.error is None
+            and len(md.partitions) == partitions
+            and all(p.leader >= 0 for p in md.partitions.values())
+        ):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"topic {topic} has no leaders after {timeout}s")
+
+
+@pytest.fixture
+def read_topic(kafka_bootstrap: str) -> Callable[..., list[ReadRecord]]:
+    """``read_topic(topic, expected, timeout=30.0) -> list[ReadRecord]``.
+
+    Reads the topic from the beginning with confluent-kafka until ``expected`` records have been
+    seen and then a little longer (so extra records, such as duplicates, are caught too), or until
+    the timeout. Returns every record, sorted by (partition, offset).
+    """
+    from confluent_kafka import Consumer, KafkaError
+
+    def read(topic: str, expected: int, timeout: float = 30.0) -> list[ReadRecord]:
+        consumer = Consumer(
+            {
+                "bootstrap.servers": kafka_bootstrap,
+                "group.id": f"reader-{uuid.uuid4().hex}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "check.crcs": True,
+            }
+        )
+        out: list[ReadRecord] = []
+        try:
+            consumer.subscribe([topic])
+            deadline = time.monotonic() + timeout
+            grace_until: float | None = None
+            while time.monotonic() < deadline:
+                if grace_until is None and len(out) >= expected:
+                    grace_until = time.monotonic() + 1.0
+                if grace_until is not None and time.monotonic() > grace_until:
+                    break
+                for msg in consumer.consume(num_messages=10_000, timeout=0.2):
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            continue
+                        raise RuntimeError(f"reader error: {err}")
+                    headers = [(k, v) for k, v in (msg.headers() or [])]
+                    out.append(
+                        ReadRecord(
+                            topic=msg.topic(),
+                            partition=msg.partition(),
+                            offset=msg.offset(),
+                            key=msg.key(),
+                            value=msg.value(),
+                            headers=headers,
+                            timestamp=msg.timestamp()[1],
+                        )
+                    )
+        finally:
+            consumer.close()
+        out.sort(key=lambda r: (r.partition, r.offset))
+        return out
+
+    return read
