@@ -1,0 +1,445 @@
+"""Frame payloads carried by the rings: RECORD (client to worker) and COMPLETION (back).
+
+Frame framing (8-byte header ``<II`` = payload_length, frame_type; 8-byte alignment; padding
+at the wrap) is described in :mod:`shm.layout`. The payloads, little-endian::
+
+    RECORD payload
+      topic_id      u16   index into the client's topic table
+      flags         u16   0 (no flag defined yet; anything else is refused)
+      partition     i32
+      timestamp_ms  i64
+      body          the rest: the tail of a Kafka RecordBatch v2 record, as on the wire:
+                    varint keyLength (-1 null) | key | varint valueLength (-1 null) | value |
+                    varint headerCount | per header: varint keyLength | key (UTF-8) |
+                    varint valueLength (-1 null) | value          (zig-zag varints)
+
+    COMPLETION payload
+      topic_id      u16
+      error_code    i16   Kafka error code, 0 = success
+      partition     i32
+      base_offset   i64   offset of the first record resolved (-1 with acks=0)
+      timestamp_ms  i64   log-append time, or -1 when the topic uses CreateTime
+      count         u32   resolves the next ``count`` pending records of (topic, partition)
+      reserved      u32   0
+
+Writers (:func:`put_record`, :func:`put_records`, :func:`put_completion`) pack straight into
+the ring with ``struct.pack_into`` and leave the commit (``ring.publish_head()``) to the
+caller, so a burst of frames costs one head store. Readers (:func:`iter_records`,
+:func:`iter_completions`, :func:`iter_frames`) walk a region returned by
+:meth:`SpscRing.region <shm.ring.SpscRing.region>` and validate every frame: a bad one raises
+:class:`~shm.errors.CorruptFrameError` naming what was wrong, and the reading side drops the
+writer.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+
+from shm.errors import CorruptFrameError
+from shm.layout import (
+    FRAME_COMPLETION,
+    FRAME_HEADER,
+    FRAME_PADDING,
+    FRAME_RECORD,
+)
+from shm.ring import SpscRing
+
+__all__ = [
+    "FRAME_PADDING",
+    "FRAME_RECORD",
+    "FRAME_COMPLETION",
+    "RECORD_HEADER",
+    "COMPLETION",
+    "Headers",
+    "zigzag_varint",
+    "encode_record_body",
+    "record_body_valid",
+    "encode_record",
+    "put_record",
+    "put_records",
+    "encode_completion",
+    "decode_completion",
+    "put_completion",
+    "iter_frames",
+    "iter_records",
+    "iter_completions",
+]
+
+RECORD_HEADER = struct.Struct("<HHiq")
+"""RECORD payload prefix: topic_id, flags, partition, timestamp_ms (16 bytes)."""
+COMPLETION = struct.Struct("<HhiqqII")
+"""COMPLETION payload: topic_id, error_code, partition, base_offset, timestamp_ms, count,
+reserved (32 bytes)."""
+
+Headers = Sequence[tuple[str | bytes, bytes | None]] | None
+_Bytes = bytes | bytearray | memoryview
+
+_FRAME_AND_RECORD = struct.Struct("<IIHHiq")  # frame header + RECORD prefix, one unpack
+_FRAME_AND_COMPLETION = struct.Struct("<IIHhiqqII")
+_REC_PREFIX = RECORD_HEADER.size
+_unpack_frame = FRAME_HEADER.unpack_from
+_unpack_frame_record = _FRAME_AND_RECORD.unpack_from
+_unpack_frame_completion = _FRAME_AND_COMPLETION.unpack_from
+_pack_record = RECORD_HEADER.pack_into
+_pack_completion = COMPLETION.pack_into
+
+
+def zigzag_varint(value: int) -> bytes:
+    """Kafka's zig-zag varint of a signed 64-bit ``value`` (as in record bodies)."""
+    v = ((value << 1) ^ (value >> 63)) & 0xFFFF_FFFF_FFFF_FFFF
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+# Lengths below this come from a table instead of a loop: every 1- and 2-byte varint length.
+_TABLE = 8192
+_ZZ: tuple[bytes, ...] = tuple(zigzag_varint(n) for n in range(-1, _TABLE))  # index n + 1
+_NULL = b"\x01"  # varint(-1)
+
+
+def encode_record_body(key: _Bytes | None, value: _Bytes | None, headers: Headers = None) -> bytes:
+    """The record body: key, value and headers as Kafka's RecordBatch v2 record has them.
+
+    Args:
+        key: bytes-like or None (null key).
+        value: bytes-like or None (null value, a tombstone).
+        headers: (key, value) pairs; keys str (encoded as UTF-8) or bytes, values bytes or
+            None. ``None`` or empty: no headers.
+    """
+    zz = _ZZ
+    if key is None:
+        k = _NULL
+        key = b""
+    else:
+        n = len(key)
+        k = zz[n + 1] if n < _TABLE else zigzag_varint(n)
+    if value is None:
+        v = _NULL
+        value = b""
+    else:
+        n = len(value)
+        v = zz[n + 1] if n < _TABLE else zigzag_varint(n)
+    if not headers:
+        return b"".join((k, key, v, value, b"\x00"))
+    n = len(headers)
+    parts = [k, key, v, value, zz[n + 1] if n < _TABLE else zigzag_varint(n)]
+    append = parts.append
+    for hkey, hvalue in headers:
+        if isinstance(hkey, str):
+            hkey = hkey.encode("utf-8")
+        n = len(hkey)
+        append(zz[n + 1] if n < _TABLE else zigzag_varint(n))
+        append(hkey)
+        if hvalue is None:
+            append(_NULL)
+        else:
+            n = len(hvalue)
+            append(zz[n + 1] if n < _TABLE else zigzag_varint(n))
+            append(hvalue)
+    return b"".join(parts)
+
+
+def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    """(zig-zag decoded value, next position); next position -1 if malformed or past end."""
+    shift = 0
+    acc = 0
+    while pos < end and shift < 35:  # Kafka's record varints are int32: at most 5 bytes
+        b = buf[pos]
+        pos += 1
+        acc |= (b & 0x7F) << shift
+        if b < 0x80:
+            return (acc >> 1) ^ -(acc & 1), pos
+        shift += 7
+    return 0, -1
+
+
+def record_body_valid(buf: memoryview, pos: int, end: int) -> bool:
+    """True when ``buf[pos:end]`` is exactly one well-formed record body.
+
+    Checks every varint, that lengths are >= -1 (>= 0 where null is not allowed) and that the
+    fields end exactly at ``end``. Kafka would reject a batch holding a malformed record as a
+    whole, so one client's bad body must not reach a batch shared with others.
+    """
+    # Key and value: the common case is a one-byte varint, decoded inline.
+    for _ in (0, 1):
+        if pos >= end:
+            return False
+        b = buf[pos]
+        if b < 0x80:
+            n = (b >> 1) ^ -(b & 1)
+            pos += 1
+        else:
+            n, pos = _read_varint(buf, pos, end)
+            if pos < 0:
+                return False
+        if n > 0:
+            pos += n
+        elif n < -1:
+            return False
+    if pos >= end:
+        return False
+    b = buf[pos]
+    if b == 0:
+        return pos + 1 == end
+    count, pos = _read_varint(buf, pos, end)
+    if pos < 0 or count < 0:
+        return False
+    for _ in range(count):
+        n, pos = _read_varint(buf, pos, end)
+        if pos < 0 or n < 0:
+            return False
+        pos += n
+        n, pos = _read_varint(buf, pos, end)
+        if pos < 0 or n < -1:
+            return False
+        if n > 0:
+            pos += n
+    return pos == end
+
+
+def encode_record(topic_id: int, partition: int, timestamp_ms: int, body: _Bytes) -> bytes:
+    """A whole RECORD payload (for :meth:`SpscRing.write`); :func:`put_record` avoids the copy."""
+    return RECORD_HEADER.pack(topic_id, 0, partition, timestamp_ms) + bytes(body)
+
+
+def put_record(ring: SpscRing, topic_id: int, partition: int, timestamp_ms: int, body: _Bytes) -> bool:
+    """Pack one RECORD frame into ``ring``; False when full. Not committed until
+    ``ring.publish_head()``.
+
+    A field out of its type's range raises ``struct.error`` after rolling back every frame
+    claimed since the last publish (callers that validate their input never see this).
+    """
+    n = len(body)
+    pos = ring.claim(FRAME_RECORD, _REC_PREFIX + n)
+    if pos < 0:
+        return False
+    view = ring.view
+    try:
+        _pack_record(view, pos, topic_id, 0, partition, timestamp_ms)
+    except struct.error:
+        ring.rollback()
+        raise
+    pos += _REC_PREFIX
+    view[pos : pos + n] = body
+    return True
+
+
+def put_records(ring: SpscRing, records: Iterable[tuple[int, int, int, _Bytes]]) -> int:
+    """Pack ``(topic_id, partition, timestamp_ms, body)`` records until one does not fit;
+    publish once. Returns how many were written (the rest: retry later)."""
+    view = ring.view
+    claim = ring.claim
+    count = 0
+    try:
+        for topic_id, partition, timestamp_ms, body in records:
+            n = len(body)
+            pos = claim(FRAME_RECORD, _REC_PREFIX + n)
+            if pos < 0:
+                break
+            _pack_record(view, pos, topic_id, 0, partition, timestamp_ms)
+            pos += _REC_PREFIX
+            view[pos : pos + n] = body
+            count += 1
+    except struct.error:
+        ring.rollback()
+        raise
+    if count:
+        ring.publish_head()
+    return count
+
+
+def encode_completion(
+    topic_id: int, error_code: int, partition: int, base_offset: int, timestamp_ms: int, count: int
+) -> bytes:
+    """A COMPLETION payload."""
+    return COMPLETION.pack(topic_id, error_code, partition, base_offset, timestamp_ms, count, 0)
+
+
+def decode_completion(payload: _Bytes) -> tuple[int, int, int, int, int, int]:
+    """``(topic_id, error_code, partition, base_offset, timestamp_ms, count)`` of a payload.
+
+    Raises:
+        CorruptFrameError: wrong length.
+    """
+    if len(payload) != COMPLETION.size:
+        raise CorruptFrameError(f"COMPLETION payload is {len(payload)} bytes, expected 32")
+    return COMPLETION.unpack(payload)[:6]
+
+
+def put_completion(
+    ring: SpscRing,
+    topic_id: int,
+    error_code: int,
+    partition: int,
+    base_offset: int,
+    timestamp_ms: int,
+    count: int,
+) -> bool:
+    """Pack one COMPLETION frame into ``ring``; False when full. Commit with
+    ``ring.publish_head()``."""
+    pos = ring.claim(FRAME_COMPLETION, COMPLETION.size)
+    if pos < 0:
+        return False
+    try:
+        _pack_completion(ring.view, pos, topic_id, error_code, partition, base_offset, timestamp_ms, count, 0)
+    except struct.error:
+        ring.rollback()
+        raise
+    return True
+
+
+def _frame_error(ring: SpscRing, pos: int, what: str) -> CorruptFrameError:
+    return CorruptFrameError(f"{ring.name}: frame at data offset {pos - ring.data_start}: {what}")
+
+
+def iter_frames(ring: SpscRing, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """Walk the frames of ``ring.view[start:end]``, skipping padding.
+
+    Yields ``(frame_end, frame_type, payload_start, payload_end)`` (offsets into
+    ``ring.view``); ``frame_end - start`` is what to :meth:`consume <SpscRing.consume>` after
+    handling frames up to that one.
+
+    Raises:
+        CorruptFrameError: a header past ``end``, a length past ``end``, an unknown frame
+            type, or a padding frame that does not end at the end of the data area.
+    """
+    view = ring.view
+    data_end = ring.data_end
+    pos = start
+    while pos < end:
+        if end - pos < 8:
+            raise _frame_error(ring, pos, f"frame header past the end ({end - pos} bytes left)")
+        plen, ftype = _unpack_frame(view, pos)
+        fend = pos + ((plen + 15) & -8)
+        if fend > end:
+            raise _frame_error(ring, pos, f"payload length {plen} runs past the committed end")
+        if ftype == FRAME_PADDING:
+            if fend != data_end:
+                raise _frame_error(ring, pos, "padding frame does not end at the wrap")
+        elif ftype == FRAME_RECORD or ftype == FRAME_COMPLETION:
+            yield fend, ftype, pos + 8, pos + 8 + plen
+        else:
+            raise _frame_error(ring, pos, f"unknown frame type {ftype}")
+        pos = fend
+
+
+def iter_records(
+    ring: SpscRing,
+    start: int,
+    end: int,
+    partition_limits: Sequence[int],
+    check_body: bool = True,
+) -> Iterator[tuple[int, int, int, int, memoryview]]:
+    """Walk and validate the RECORD frames of ``ring.view[start:end]`` (a request ring region).
+
+    Args:
+        partition_limits: for each topic id the client may use, its partition count; a
+            topic id ``>= len(partition_limits)`` or a partition outside ``[0, limit)`` is
+            corrupt.
+        check_body: also parse each body (:func:`record_body_valid`); costs a few hundred ns
+            per record and protects batches shared with other clients.
+
+    Yields:
+        ``(frame_end, topic_id, partition, timestamp_ms, body)``: ``body`` is a memoryview
+        into the ring, valid until the bytes are consumed (copy it out first; drop it before
+        the segment is closed). ``frame_end - start`` is what to consume after this record.
+
+    Raises:
+        CorruptFrameError: on any bad frame, with what was wrong (the frames before it were
+            yielded and are good).
+    """
+    view = ring.view
+    data_end = ring.data_end
+    ntopics = len(partition_limits)
+    pos = start
+    while pos < end:
+        if end - pos < 8:
+            raise _frame_error(ring, pos, f"frame header past the end ({end - pos} bytes left)")
+        if end - pos >= 24:
+            plen, ftype, topic_id, flags, partition, ts = _unpack_frame_record(view, pos)
+        else:
+            plen, ftype = _unpack_frame(view, pos)
+        fend = pos + ((plen + 15) & -8)
+        if fend > end:
+            raise _frame_error(ring, pos, f"payload length {plen} runs past the committed end")
+        if ftype == FRAME_RECORD:
+            if plen < 16:
+                raise _frame_error(ring, pos, f"RECORD payload of {plen} bytes is shorter than 16")
+            if topic_id >= ntopics:
+                raise _frame_error(ring, pos, f"topic id {topic_id} unknown ({ntopics} topics)")
+            if partition < 0 or partition >= partition_limits[topic_id]:
+                raise _frame_error(
+                    ring,
+                    pos,
+                    f"partition {partition} of topic id {topic_id} outside "
+                    f"[0, {partition_limits[topic_id]})",
+                )
+            if flags:
+                raise _frame_error(ring, pos, f"unknown RECORD flags {flags:#x}")
+            bstart = pos + 24
+            bend = pos + 8 + plen
+            if check_body and not record_body_valid(view, bstart, bend):
+                raise _frame_error(ring, pos, "malformed record body")
+            yield fend, topic_id, partition, ts, view[bstart:bend]
+        elif ftype == FRAME_PADDING:
+            if fend != data_end:
+                raise _frame_error(ring, pos, "padding frame does not end at the wrap")
+        else:
+            raise _frame_error(ring, pos, f"frame type {ftype} in a request ring")
+        pos = fend
+
+
+def iter_completions(
+    ring: SpscRing, start: int, end: int, partition_limits: Sequence[int]
+) -> Iterator[tuple[int, int, int, int, int, int, int]]:
+    """Walk and validate the COMPLETION frames of ``ring.view[start:end]``.
+
+    Args:
+        partition_limits: as for :func:`iter_records`, from the client's topic table.
+
+    Yields:
+        ``(frame_end, topic_id, error_code, partition, base_offset, timestamp_ms, count)``.
+
+    Raises:
+        CorruptFrameError: on any bad frame (length, type, topic id, partition, count 0).
+    """
+    view = ring.view
+    data_end = ring.data_end
+    ntopics = len(partition_limits)
+    pos = start
+    while pos < end:
+        if end - pos < 8:
+            raise _frame_error(ring, pos, f"frame header past the end ({end - pos} bytes left)")
+        plen, ftype = _unpack_frame(view, pos)
+        fend = pos + ((plen + 15) & -8)
+        if fend > end:
+            raise _frame_error(ring, pos, f"payload length {plen} runs past the committed end")
+        if ftype == FRAME_COMPLETION:
+            if plen != 32:
+                raise _frame_error(ring, pos, f"COMPLETION payload of {plen} bytes, expected 32")
+            _, _, topic_id, error_code, partition, base_offset, ts, count, _ = (
+                _unpack_frame_completion(view, pos)
+            )
+            if topic_id >= ntopics:
+                raise _frame_error(ring, pos, f"topic id {topic_id} unknown ({ntopics} topics)")
+            if partition < 0 or partition >= partition_limits[topic_id]:
+                raise _frame_error(
+                    ring,
+                    pos,
+                    f"partition {partition} of topic id {topic_id} outside "
+                    f"[0, {partition_limits[topic_id]})",
+                )
+            if count == 0:
+                raise _frame_error(ring, pos, "COMPLETION with count 0")
+            yield fend, topic_id, error_code, partition, base_offset, ts, count
+        elif ftype == FRAME_PADDING:
+            if fend != data_end:
+                raise _frame_error(ring, pos, "padding frame does not end at the wrap")
+        else:
+            raise _frame_error(ring, pos, f"frame type {ftype} in a completion ring")
+        pos = fend

@@ -1,0 +1,402 @@
+"""``SpscRing``: a lock-free single-producer single-consumer ring of frames in shared memory.
+
+The byte layout, the frame format and the ordering argument (which store commits a frame,
+what x86-64 guarantees, what a reader sees when a writer dies) are in :mod:`shm.layout`.
+
+One process writes, another reads; each maps the same memory and builds its own
+``SpscRing`` over it, then uses only the writer half (:meth:`SpscRing.claim`,
+:meth:`SpscRing.publish_head`, :meth:`SpscRing.write`, :meth:`SpscRing.write_many`) or only
+the reader half (:meth:`SpscRing.region`, :meth:`SpscRing.consume`, :meth:`SpscRing.wait`).
+Each half caches the other side's position and reloads it only when it must, so the writer
+does not touch the reader's cache line while there is room, and the reader does not touch the
+writer's line while it has frames left.
+
+Hot-path methods return codes (``-1``, ``False``, a count); exceptions are for misuse
+(``ValueError``) and for a peer that broke the ring (:class:`~shm.errors.CorruptFrameError`),
+after which the ring must be abandoned.
+
+Writer, one frame at a time::
+
+    pos = ring.claim(FRAME_RECORD, len(payload))   # -1: full, try later
+    ring.view[pos:pos + len(payload)] = payload
+    ring.publish_head()                            # commit (and ring the doorbell if needed)
+
+Reader::
+
+    start, end = ring.region()            # contiguous committed bytes (start == end: none)
+    ... walk frames in ring.view[start:end] (see shm.frames) ...
+    ring.consume(end - start)              # frees the space for the writer
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Iterable
+
+from shm.doorbell import Doorbell
+from shm.errors import CorruptFrameError, SegmentError
+from shm.layout import (
+    FRAME_HEADER,
+    FRAME_PADDING,
+    MAX_RING_BYTES,
+    MIN_RING_BYTES,
+    RING_HEADER_BYTES,
+    RING_MAGIC,
+    RING_OFFSETS,
+    RING_REQUEST,
+    WAKE_TIMEOUT_S,
+    max_frame_bytes,
+)
+
+__all__ = ["SpscRing"]
+
+_U64 = struct.Struct("<Q")
+_HEADER_CONST = struct.Struct("<IIQ")  # ring_magic, ring_kind, capacity
+_pack_u64 = _U64.pack_into
+_unpack_u64 = _U64.unpack_from
+_pack_frame_header = FRAME_HEADER.pack_into
+
+
+class SpscRing:
+    """A ring over ``buffer[offset : offset + RING_HEADER_BYTES + capacity]``.
+
+    Args:
+        buffer: a writable buffer, normally the segment's ``mmap``; tests may use a bytearray.
+        offset: byte offset of the ring header in ``buffer`` (a multiple of 8).
+        capacity: size of the data area, a power of two. With ``create`` it is written to the
+            header; otherwise it is checked against the header (``None`` accepts the header's).
+        kind: :data:`~shm.layout.RING_REQUEST` or :data:`~shm.layout.RING_COMPLETION`; written
+            with ``create``, checked otherwise.
+        create: initialise the header (magic, kind, capacity, zero positions). Only the
+            segment's creator does this, before any other process sees the memory.
+        doorbell: the eventfd the writer rings and the reader waits on; ``None``: the reader
+            polls with :data:`~shm.layout.WAKE_TIMEOUT_S` sleeps.
+        name: used in error messages ("request ring 3").
+
+    Raises:
+        SegmentError: bad header (magic, kind, capacity) or the ring does not fit ``buffer``.
+        CorruptFrameError: the stored head and tail are inconsistent.
+    """
+
+    __slots__ = (
+        "view",
+        "capacity",
+        "kind",
+        "max_frame",
+        "data_start",
+        "data_end",
+        "doorbell",
+        "name",
+        "_mask",
+        "_head_off",
+        "_tail_off",
+        "_full_off",
+        "_flag_off",
+        "_pending",
+        "_published",
+        "_tail_cache",
+        "_full",
+        "_tail",
+        "_head_seen",
+    )
+
+    def __init__(
+        self,
+        buffer: object,
+        offset: int,
+        capacity: int | None = None,
+        *,
+        kind: int = RING_REQUEST,
+        create: bool = False,
+        doorbell: Doorbell | None = None,
+        name: str = "ring",
+    ) -> None:
+        view = memoryview(buffer)  # type: ignore[arg-type]
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        if view.readonly:
+            raise SegmentError(f"{name}: buffer is read-only")
+        if offset < 0 or offset & 7:
+            raise SegmentError(f"{name}: ring offset {offset} is not 8-byte aligned")
+        if offset + RING_HEADER_BYTES > len(view):
+            raise SegmentError(f"{name}: ring header at {offset} is past the buffer's end")
+        self.name = name
+        if create:
+            if capacity is None:
+                raise ValueError("create=True needs a capacity")
+            _check_capacity(capacity, name)
+            if offset + RING_HEADER_BYTES + capacity > len(view):
+                raise SegmentError(f"{name}: {capacity}-byte ring at {offset} does not fit")
+            view[offset : offset + RING_HEADER_BYTES] = bytes(RING_HEADER_BYTES)
+            _HEADER_CONST.pack_into(view, offset + RING_OFFSETS["ring_magic"], RING_MAGIC, kind, capacity)
+        else:
+            magic, stored_kind, stored_cap = _HEADER_CONST.unpack_from(
+                view, offset + RING_OFFSETS["ring_magic"]
+            )
+            if magic != RING_MAGIC:
+                raise SegmentError(f"{name}: bad ring magic {magic:#x}")
+            if stored_kind != kind:
+                raise SegmentError(f"{name}: ring kind {stored_kind}, expected {kind}")
+            if capacity is not None and stored_cap != capacity:
+                raise SegmentError(f"{name}: ring capacity {stored_cap}, expected {capacity}")
+            capacity = stored_cap
+            _check_capacity(capacity, name)
+            if offset + RING_HEADER_BYTES + capacity > len(view):
+                raise SegmentError(f"{name}: {capacity}-byte ring at {offset} does not fit")
+
+        self.view = view
+        self.capacity: int = capacity
+        self.kind = kind
+        self.max_frame = max_frame_bytes(capacity)
+        self.data_start = offset + RING_HEADER_BYTES
+        self.data_end = self.data_start + capacity
+        self.doorbell = doorbell
+        self._mask = capacity - 1
+        self._head_off = offset + RING_OFFSETS["head"]
+        self._tail_off = offset + RING_OFFSETS["tail"]
+        self._full_off = offset + RING_OFFSETS["full_count"]
+        self._flag_off = offset + RING_OFFSETS["reader_sleeping"]
+
+        head = _unpack_u64(view, self._head_off)[0]
+        tail = _unpack_u64(view, self._tail_off)[0]
+        if tail > head or head - tail > capacity or head & 7 or tail & 7:
+            raise CorruptFrameError(f"{name}: inconsistent positions head={head} tail={tail}")
+        # Writer half.
+        self._pending = head
+        self._published = head
+        self._tail_cache = tail
+        self._full = _unpack_u64(view, self._full_off)[0]
+        # Reader half.
+        self._tail = tail
+        self._head_seen = head
+
+    # ------------------------------------------------------------------ writer half
+
+    def claim(self, frame_type: int, payload_length: int) -> int:
+        """Reserve a frame and write its header; returns where its payload goes in ``view``.
+
+        The frame is not visible to the reader until :meth:`publish_head`. Several claims may
+        precede one publish. Returns -1 when the ring has no room now (back-pressure).
+
+        Raises:
+            ValueError: the frame is larger than :attr:`max_frame` (it could never fit).
+        """
+        size = (payload_length + 15) & -8
+        if size > self.max_frame or payload_length < 0:
+            raise ValueError(
+                f"{self.name}: {payload_length}-byte payload exceeds the largest frame "
+                f"({self.max_frame - 8} bytes of payload)"
+            )
+        head = self._pending
+        off = head & self._mask
+        room = self.capacity - off
+        if size <= room:
+            if head + size - self._tail_cache > self.capacity and not self._room_for(head + size):
+                return -1
+            pos = self.data_start + off
+        else:
+            # The frame does not fit before the end: pad to the end and start over at 0.
+            if head + room + size - self._tail_cache > self.capacity and not self._room_for(
+                head + room + size
+            ):
+                return -1
+            _pack_frame_header(self.view, self.data_start + off, room - 8, FRAME_PADDING)
+            head += room
+            pos = self.data_start
+        _pack_frame_header(self.view, pos, payload_length, frame_type)
+        self._pending = head + size
+        return pos + 8
+
+    def _room_for(self, new_head: int) -> bool:
+        """Reload the reader's tail; True if the writer may advance to ``new_head``."""
+        tail = _unpack_u64(self.view, self._tail_off)[0]
+        if tail < self._tail_cache or tail > self._published or tail & 7:
+            raise CorruptFrameError(
+                f"{self.name}: reader's tail {tail} is outside [{self._tail_cache}, "
+                f"{self._published}] or unaligned"
+            )
+        self._tail_cache = tail
+        if new_head - tail <= self.capacity:
+            return True
+        self._full += 1
+        _pack_u64(self.view, self._full_off, self._full)
+        return False
+
+    def publish_head(self) -> None:
+        """Commit every claimed frame: one aligned 8-byte store of the head (see layout).
+
+        Rings the doorbell if the reader said it is going to sleep.
+        """
+        view = self.view
+        head = self._pending
+        if head == self._published:
+            return
+        _pack_u64(view, self._head_off, head)
+        self._published = head
+        if view[self._flag_off]:
+            view[self._flag_off] = 0
+            bell = self.doorbell
+            if bell is not None:
+                bell.ring()
+
+    def rollback(self) -> None:
+        """Forget frames claimed since the last :meth:`publish_head` (their bytes stay unread)."""
+        self._pending = self._published
+
+    def write(self, frame_type: int, payload: bytes | bytearray | memoryview) -> bool:
+        """Write and publish one frame; False (nothing written) when the ring is full."""
+        n = len(payload)
+        pos = self.claim(frame_type, n)
+        if pos < 0:
+            return False
+        self.view[pos : pos + n] = payload
+        self.publish_head()
+        return True
+
+    def write_many(
+        self, frame_type: int, payloads: Iterable[bytes | bytearray | memoryview]
+    ) -> int:
+        """Write frames in order until one does not fit; publish once. Returns how many."""
+        view = self.view
+        claim = self.claim
+        count = 0
+        for payload in payloads:
+            n = len(payload)
+            pos = claim(frame_type, n)
+            if pos < 0:
+                break
+            view[pos : pos + n] = payload
+            count += 1
+        if count:
+            self.publish_head()
+        return count
+
+    @property
+    def unpublished(self) -> int:
+        """Bytes claimed by the writer and not yet published."""
+        return self._pending - self._published
+
+    @property
+    def full_count(self) -> int:
+        """How often the writer found the ring too full (from shared memory)."""
+        return _unpack_u64(self.view, self._full_off)[0]
+
+    # ------------------------------------------------------------------ reader half
+
+    def region(self) -> tuple[int, int]:
+        """The committed, unconsumed bytes that lie contiguously from the tail: ``(start, end)``.
+
+        Offsets index :attr:`view`. ``start == end`` when there is nothing to read. When the
+        committed bytes wrap, this returns the part before the end of the data area (ending
+        with a padding frame); call again after :meth:`consume` for the rest.
+
+        Raises:
+            CorruptFrameError: the writer's head moved backwards, ran more than ``capacity``
+                ahead of the tail, or is unaligned.
+        """
+        head = _unpack_u64(self.view, self._head_off)[0]
+        tail = self._tail
+        if head != self._head_seen:
+            if head < self._head_seen or head - tail > self.capacity or head & 7:
+                raise CorruptFrameError(
+                    f"{self.name}: head {head} is invalid (last head {self._head_seen}, "
+                    f"tail {tail}, capacity {self.capacity})"
+                )
+            self._head_seen = head
+        off = tail & self._mask
+        start = self.data_start + off
+        n = head - tail
+        room = self.capacity - off
+        return start, start + (n if n < room else room)
+
+    def consume(self, nbytes: int) -> None:
+        """Give ``nbytes`` (whole frames, from the tail) back to the writer: stores the tail.
+
+        Raises:
+            ValueError: ``nbytes`` is negative, unaligned or more than was committed.
+        """
+        tail = self._tail + nbytes
+        if nbytes < 0 or nbytes & 7 or tail > self._head_seen:
+            raise ValueError(f"{self.name}: cannot consume {nbytes} bytes")
+        self._tail = tail
+        _pack_u64(self.view, self._tail_off, tail)
+
+    def readable(self) -> int:
+        """Committed bytes not yet consumed (validated like :meth:`region`)."""
+        self.region()
+        return self._head_seen - self._tail
+
+    def arm(self) -> bool:
+        """Announce sleep: set ``reader_sleeping``, then re-check the ring.
+
+        Returns True when the ring is still empty and the caller may sleep on the doorbell
+        (for at most :data:`~shm.layout.WAKE_TIMEOUT_S`, see layout's ordering section);
+        False when frames arrived meanwhile (the flag is cleared again, do not sleep).
+        """
+        self.view[self._flag_off] = 1
+        if self.readable():
+            self.view[self._flag_off] = 0
+            return False
+        return True
+
+    def disarm(self) -> None:
+        """Clear ``reader_sleeping`` after waking, so a busy reader is not rung."""
+        self.view[self._flag_off] = 0
+
+    def wait(self, timeout: float = WAKE_TIMEOUT_S) -> bool:
+        """Block until frames are readable or ``timeout`` passed; True if readable.
+
+        Uses the doorbell protocol, so an idle reader uses no CPU. Keep ``timeout`` at
+        :data:`~shm.layout.WAKE_TIMEOUT_S` (the default) or below and call again in a loop:
+        the timeout is what bounds the cost of a lost wake-up.
+        """
+        if self.arm():
+            bell = self.doorbell
+            if bell is not None:
+                bell.wait(timeout)
+            else:
+                time.sleep(timeout)
+            self.disarm()
+        return self.readable() > 0
+
+    # ------------------------------------------------------------------ both / stats
+
+    def used(self) -> int:
+        """Bytes written and not yet consumed, as both positions in shared memory say now."""
+        tail = _unpack_u64(self.view, self._tail_off)[0]
+        head = _unpack_u64(self.view, self._head_off)[0]
+        return max(0, head - tail)
+
+    def free(self) -> int:
+        """Bytes the writer could still use (ignoring padding at the wrap)."""
+        return self.capacity - min(self.capacity, self.used())
+
+    @property
+    def head(self) -> int:
+        """The published head position (from shared memory)."""
+        return _unpack_u64(self.view, self._head_off)[0]
+
+    @property
+    def tail(self) -> int:
+        """The stored tail position (from shared memory)."""
+        return _unpack_u64(self.view, self._tail_off)[0]
+
+    def release(self) -> None:
+        """Drop this ring's view of the buffer (needed before the mmap can be closed)."""
+        self.view.release()
+
+    def __repr__(self) -> str:
+        return f"SpscRing({self.name}, capacity={self.capacity}, used={self.used()})"
+
+
+def _check_capacity(capacity: int, name: str) -> None:
+    if (
+        capacity < MIN_RING_BYTES
+        or capacity > MAX_RING_BYTES
+        or capacity & (capacity - 1)
+    ):
+        raise SegmentError(
+            f"{name}: capacity {capacity} is not a power of two in "
+            f"[{MIN_RING_BYTES}, {MAX_RING_BYTES}]"
+        )
