@@ -1,0 +1,429 @@
+"""Prometheus metrics: text exposition format 0.0.4 served over HTTP on loopback.
+
+The supervisor owns the numbers; this module only renders them. A callable ``snapshot()``
+(plain or ``async``) returns one dict per scrape, :func:`render` turns it into the text
+format, and :class:`MetricsServer` answers ``GET /metrics`` with it on ``127.0.0.1:<port>``.
+Port 0 in the config means "metrics off" (:func:`start_metrics` returns ``None``); the class
+itself treats port 0 as "any free port", which tests use.
+
+Why loopback only: the endpoint has no authentication or TLS and names topics and error
+counts. Scrape it with an agent on the same host, or put an authenticating proxy in front.
+
+Snapshot shape
+--------------
+Every key is optional unless marked required; a missing key produces no sample (never a
+made-up zero), unknown keys are ignored, so the supervisor can hand the same dict to
+``sluice stats``. Counters (``_total``) must not decrease for a given worker label except when
+that worker restarts, which Prometheus' ``rate()`` treats as a counter reset. ::
+
+    {
+      "workers": {                      # required; key = worker index (str or int)
+        "0": {
+          "alive": bool,                # process running and heartbeat fresh
+          "restarts": int,              # times the supervisor restarted this worker
+          "records_in": int,            # records drained from rings into the accumulator
+          "records_out": int,           # records acknowledged by Kafka (acks=0: written)
+          "bytes_in": int,              # record bytes drained from rings
+          "bytes_out": int,             # RecordBatch bytes sent in Produce requests
+          "batches": int,               # batches produced successfully
+          "requests": int,              # Produce requests sent
+          "in_flight": int,             # Produce requests awaiting a response now
+          "retries": int,               # batch retries (retriable errors, timeouts)
+          "errors": {name: int},        # error events by Kafka/Sluice error name
+          "failed": {topic: int},       # records completed with an error, by topic
+          "drops": {topic: int},        # records dropped by on_full="drop", by topic
+          "ring_fill": float,           # 0..1, fullest request ring this worker drains
+          "arena_fill": float,          # 0..1, arena bytes in use / buffer_memory
+          "latency_ms": {"p50": float, "p90": float, "p99": float, "p999": float},
+                                        # Produce round trip, milliseconds; any subset
+          "latency_count": int,         # requests the quantiles summarise (summary _count)
+          "latency_sum_ms": float,      # their total round trip, ms (summary _sum)
+        },
+      },
+      "clients": int,                   # connected client sessions
+      "start_time": float,              # daemon start, Unix seconds
+      "reloads": int,                   # successful config reloads
+      "version": str,                   # Sluice version, for sluice_build_info
+      "totals": {...},                  # accepted and ignored: sum by worker in PromQL
+    }
+
+Metrics rendered (all per-worker ones carry ``worker="<index>"``):
+
+=====================================  =========  ===================  ======================
+metric                                 type       extra labels         from
+=====================================  =========  ===================  ======================
+sluice_worker_up                       gauge                           workers.*.alive
+sluice_workers_up                      gauge      (no worker label)    count of alive workers
+sluice_worker_restarts_total           counter                         workers.*.restarts
+sluice_records_in_total                counter                         workers.*.records_in
+sluice_records_out_total               counter                         workers.*.records_out
+sluice_bytes_in_total                  counter                         workers.*.bytes_in
+sluice_bytes_out_total                 counter                         workers.*.bytes_out
+sluice_batches_total                   counter                         workers.*.batches
+sluice_requests_total                  counter                         workers.*.requests
+sluice_in_flight_requests              gauge                           workers.*.in_flight
+sluice_retries_total                   counter                         workers.*.retries
+sluice_errors_total                    counter    error                workers.*.errors
+sluice_records_failed_total            counter    topic                workers.*.failed
+sluice_drops_total                     counter    topic                workers.*.drops
+sluice_ring_fill_ratio                 gauge                           workers.*.ring_fill
+sluice_arena_fill_ratio                gauge                           workers.*.arena_fill
+sluice_request_latency_seconds         summary    quantile             workers.*.latency_*
+sluice_clients_connected               gauge      (no worker label)    clients
+sluice_start_time_seconds              gauge      (no worker label)    start_time
+sluice_config_reloads_total            counter    (no worker label)    reloads
+sluice_build_info                      gauge      version              version (value 1)
+=====================================  =========  ===================  ======================
+
+Totals are deliberately not rendered: a series for the total beside the per-worker series
+would make every ``sum()`` over the metric count each record twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import ipaddress
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from shm.errors import ConfigError
+
+__all__ = [
+    "CONTENT_TYPE",
+    "METRICS",
+    "MetricsServer",
+    "Snapshot",
+    "escape_label_value",
+    "render",
+    "start_metrics",
+]
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+Snapshot = Mapping[str, Any]
+SnapshotFn = Callable[[], "Snapshot | Awaitable[Snapshot]"]
+
+# Per-worker scalar metrics: (metric name, type, help, snapshot key).
+_WORKER_SCALARS: tuple[tuple[str, str, str, str], ...] = (
+    ("sluice_worker_restarts_total", "counter",
+     "Times the supervisor restarted this worker.", "restarts"),
+    ("sluice_records_in_total", "counter",
+     "Records drained from client rings into the accumulator.", "records_in"),
+    ("sluice_records_out_total", "counter",
+     "Records acknowledged by Kafka (acks=0: written to the broker connection).", "records_out"),
+    ("sluice_bytes_in_total", "counter",
+     "Record bytes drained from client rings.", "bytes_in"),
+    ("sluice_bytes_out_total", "counter",
+     "RecordBatch bytes sent in Produce requests.", "bytes_out"),
+    ("sluice_batches_total", "counter",
+     "Record batches produced successfully.", "batches"),
+    ("sluice_requests_total", "counter",
+     "Produce requests sent.", "requests"),
+    ("sluice_in_flight_requests", "gauge",
+     "Produce requests awaiting a response.", "in_flight"),
+    ("sluice_retries_total", "counter",
+     "Batch retries after retriable errors or timeouts.", "retries"),
+    ("sluice_ring_fill_ratio", "gauge",
+     "Fill of the fullest request ring this worker drains (0 to 1).", "ring_fill"),
+    ("sluice_arena_fill_ratio", "gauge",
+     "Arena bytes in use over buffer_memory (0 to 1).", "arena_fill"),
+)
+
+# Per-worker dict metrics: (metric name, type, help, snapshot key, label for the dict's keys).
+_WORKER_MAPS: tuple[tuple[str, str, str, str, str], ...] = (
+    ("sluice_errors_total", "counter",
+     "Error events by Kafka or Sluice error name.", "errors", "error"),
+    ("sluice_records_failed_total", "counter",
+     "Records completed with an error, by topic.", "failed", "topic"),
+    ("sluice_drops_total", "counter",
+     "Records dropped because a ring was full under on_full=drop, by topic.", "drops", "topic"),
+)
+
+# Quantile keys of latency_ms and the quantile label each becomes.
+_QUANTILES: tuple[tuple[str, str], ...] = (
+    ("p50", "0.5"), ("p90", "0.9"), ("p95", "0.95"), ("p99", "0.99"), ("p999", "0.999"),
+)
+
+_LATENCY = "sluice_request_latency_seconds"
+
+#: Every metric name this module can render, with its type (for docs and tests).
+METRICS: dict[str, str] = {
+    "sluice_worker_up": "gauge",
+    "sluice_workers_up": "gauge",
+    **{name: kind for name, kind, _, _ in _WORKER_SCALARS},
+    **{name: kind for name, kind, _, _, _ in _WORKER_MAPS},
+    _LATENCY: "summary",
+    "sluice_clients_connected": "gauge",
+    "sluice_start_time_seconds": "gauge",
+    "sluice_config_reloads_total": "counter",
+    "sluice_build_info": "gauge",
+}
+
+
+def escape_label_value(value: str) -> str:
+    """Escape a label value for the text format: backslash, double quote and newline."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(text: str) -> str:
+    # HELP text escapes backslash and newline only (quotes are literal there).
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "NaN"
+        if math.isinf(v):
+            return "+Inf" if v > 0 else "-Inf"
+        return repr(v)
+    raise TypeError(f"metric value must be a number, got {type(v).__name__}: {v!r}")
+
+
+def _labels(pairs: tuple[tuple[str, str], ...]) -> str:
+    if not pairs:
+        return ""
+    return "{" + ",".join(f'{k}="{escape_label_value(v)}"' for k, v in pairs) + "}"
+
+
+def _header(out: list[str], name: str, kind: str, help_text: str) -> None:
+    out.append(f"# HELP {name} {_escape_help(help_text)}")
+    out.append(f"# TYPE {name} {kind}")
+
+
+def _worker_order(key: Any) -> tuple[int, int, str]:
+    text = str(key)
+    return (0, int(text), "") if text.isdigit() else (1, 0, text)
+
+
+def render(snapshot: Snapshot) -> str:
+    """Render ``snapshot`` (shape in the module docstring) as exposition format 0.0.4.
+
+    Raises:
+        TypeError: a value that must be a number is not one.
+    """
+    raw_workers = snapshot.get("workers") or {}
+    workers = [(str(k), raw_workers[k]) for k in sorted(raw_workers, key=_worker_order)]
+    out: list[str] = []
+
+    _header(out, "sluice_worker_up", "gauge",
+            "1 while the worker process runs and its heartbeat is fresh.")
+    alive = 0
+    for wid, w in workers:
+        if "alive" in w:
+            up = bool(w["alive"])
+            alive += up
+            out.append(f"sluice_worker_up{_labels((('worker', wid),))} {_value(up)}")
+    _header(out, "sluice_workers_up", "gauge", "Workers whose process runs and heartbeat is fresh.")
+    out.append(f"sluice_workers_up {alive}")
+
+    for name, kind, help_text, key in _WORKER_SCALARS:
+        _header(out, name, kind, help_text)
+        for wid, w in workers:
+            if key in w:
+                out.append(f"{name}{_labels((('worker', wid),))} {_value(w[key])}")
+
+    for name, kind, help_text, key, label in _WORKER_MAPS:
+        _header(out, name, kind, help_text)
+        for wid, w in workers:
+            values = w.get(key) or {}
+            for item in sorted(values, key=str):
+                pairs = (("worker", wid), (label, str(item)))
+                out.append(f"{name}{_labels(pairs)} {_value(values[item])}")
+
+    _header(out, _LATENCY, "summary", "Produce request round trip to the broker, seconds.")
+    for wid, w in workers:
+        quantiles = w.get("latency_ms") or {}
+        for key, q in _QUANTILES:
+            if key in quantiles:
+                seconds = _value(float(quantiles[key]) / 1000.0)
+                out.append(f"{_LATENCY}{_labels((('worker', wid), ('quantile', q)))} {seconds}")
+        if "latency_sum_ms" in w:
+            total = _value(float(w["latency_sum_ms"]) / 1000.0)
+            out.append(f"{_LATENCY}_sum{_labels((('worker', wid),))} {total}")
+        if "latency_count" in w:
+            out.append(f"{_LATENCY}_count{_labels((('worker', wid),))} {_value(w['latency_count'])}")
+
+    for name, kind, help_text, key in (
+        ("sluice_clients_connected", "gauge", "Connected client sessions.", "clients"),
+        ("sluice_start_time_seconds", "gauge", "Daemon start time, Unix seconds.", "start_time"),
+        ("sluice_config_reloads_total", "counter", "Successful configuration reloads.", "reloads"),
+    ):
+        _header(out, name, kind, help_text)
+        if key in snapshot:
+            out.append(f"{name} {_value(snapshot[key])}")
+
+    _header(out, "sluice_build_info", "gauge", "Always 1; the version label says which Sluice runs.")
+    if "version" in snapshot:
+        out.append(f"sluice_build_info{_labels((('version', str(snapshot['version'])),))} 1")
+
+    out.append("")
+    return "\n".join(out)
+
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def _response(code: int, body: bytes, *, content_type: str = "text/plain; charset=utf-8",
+              extra: str = "", head: bool = False) -> bytes:
+    header = (
+        f"HTTP/1.1 {code} {_REASONS[code]}\r\n"
+        f"Content-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"{extra}"
+        "Connection: close\r\n\r\n"
+    ).encode("ascii")
+    return header if head else header + body
+
+
+class MetricsServer:
+    """A minimal HTTP/1.1 server for ``GET /metrics`` (and ``HEAD``), one request per connection.
+
+    Args:
+        snapshot: returns the snapshot dict (or an awaitable of it) for each scrape.
+        port: TCP port; 0 binds any free port (see :attr:`port` after :meth:`start`).
+        host: must be a loopback address.
+        read_timeout: seconds a client gets to send its whole request head; also bounds the
+            snapshot call and the response write. A slow client only ever holds its own
+            connection, for at most about this long.
+        max_request_bytes: request line plus headers; longer requests get 431.
+        max_connections: concurrent connections; beyond this new ones get 503 at once.
+    """
+
+    def __init__(self, snapshot: SnapshotFn, *, port: int = 0, host: str = "127.0.0.1",
+                 read_timeout: float = 5.0, max_request_bytes: int = 8192,
+                 max_connections: int = 32) -> None:
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigError(f"metrics host {host!r}: only a loopback address is allowed "
+                              "(the endpoint has no authentication)")
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"metrics port {port}: must be 0..65535")
+        self._snapshot = snapshot
+        self.host = host
+        self.port = port
+        self.read_timeout = read_timeout
+        self.max_request_bytes = max_request_bytes
+        self.max_connections = max_connections
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+        #: Scrapes answered with 200 (for stats and tests).
+        self.scrapes = 0
+
+    async def start(self) -> None:
+        """Bind and listen. Afterwards :attr:`port` is the bound port."""
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.port, limit=self.max_request_bytes,
+            reuse_address=True,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+
+    async def close(self) -> None:
+        """Stop listening and end connections still being served."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    async def __aenter__(self) -> MetricsServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        try:
+            if len(self._handlers) > self.max_connections:
+                await self._send(writer, _response(503, b"too many connections\n"))
+                return
+            await self._serve_one(reader, writer)
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+        finally:
+            if task is not None:
+                self._handlers.discard(task)
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), self.read_timeout)
+            except (ConnectionError, asyncio.TimeoutError, asyncio.CancelledError):
+                pass
+
+    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        writer.write(data)
+        await asyncio.wait_for(writer.drain(), self.read_timeout)
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.read_timeout)
+        except asyncio.TimeoutError:
+            await self._send(writer, _response(408, b"request timeout\n"))
+            return
+        except asyncio.LimitOverrunError:
+            await self._send(writer, _response(431, b"request too large\n"))
+            return
+        except asyncio.IncompleteReadError:
+            return  # the client went away before finishing its request
+        parts = head.split(b"\r\n", 1)[0].split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            await self._send(writer, _response(400, b"bad request\n"))
+            return
+        method, target = parts[0], parts[1]
+        if target.split(b"?", 1)[0] != b"/metrics":
+            await self._send(writer, _response(404, b"not found; try /metrics\n"))
+            return
+        if method not in (b"GET", b"HEAD"):
+            await self._send(writer, _response(405, b"method not allowed\n",
+                                               extra="Allow: GET, HEAD\r\n"))
+            return
+        try:
+            snap = self._snapshot()
+            if inspect.isawaitable(snap):
+                snap = await asyncio.wait_for(snap, self.read_timeout)
+            body = render(snap).encode("utf-8")
+        except Exception:
+            log.exception("metrics snapshot failed")
+            await self._send(writer, _response(500, b"snapshot failed\n"))
+            return
+        self.scrapes += 1
+        await self._send(writer, _response(200, body, content_type=CONTENT_TYPE,
+                                           head=method == b"HEAD"))
+
+
+async def start_metrics(snapshot: SnapshotFn, port: int, *,
+                        host: str = "127.0.0.1") -> MetricsServer | None:
+    """Start the metrics server as configured: ``port == 0`` means metrics are off (``None``)."""
+    if port == 0:
+        return None
+    server = MetricsServer(snapshot, port=port, host=host)
+    await server.start()
+    return server
