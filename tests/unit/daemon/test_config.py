@@ -408,3 +408,14 @@ def test_config_round_trips_through_msgspec_builtins() -> None:
     again = msgspec.convert(msgspec.to_builtins(c), Config)
     assert again == c
     assert again.profile_name_for("payments.refunds") == "audit"
+
+
+def test_config_pickles_for_worker_processes() -> None:
+    import pickle
+
+    c = loads(RULES)
+    c.profile_for("payments.x")  # a warm cache must not break pickling
+    again = pickle.loads(pickle.dumps(c))
+    assert again == c
+    assert again.profile_name_for("payments.refunds") == "audit"
+    assert again.profile_for("clicks-07") == again.profiles["clicks"]
