@@ -1,0 +1,360 @@
+"""The per-worker batch arena: one shared mapping holding every batch a worker has in memory.
+
+The supervisor will own the mapping (a file in the runtime directory, or anonymous memory in
+tests), so that a restarted worker finds the batches its predecessor sealed and can re-send them
+byte for byte; the broker's idempotence then drops what was already written. Crash recovery itself
+is a later step; this layout is what makes it possible: every batch is described by a slot in a
+fixed table, and a slot says which topic and partition the bytes belong to and how far they got.
+
+Layout (all integers little-endian; ``HEADER``, ``SLOT`` and ``TOPIC_ENTRY`` below are the structs
+the offsets are derived from)::
+
+    +-------------------+  0
+    | arena header      |  HEADER_SIZE bytes
+    +-------------------+  topics_offset
+    | topic table       |  max_topics x TOPIC_ENTRY_SIZE
+    +-------------------+  slots_offset
+    | slot table        |  n_chunks x SLOT_SIZE (slot i describes the batch starting at chunk i)
+    +-------------------+  data_offset (a multiple of chunk_size)
+    | data: n_chunks x  |  a batch occupies contiguous chunks; its RecordBatch v2 bytes start
+    | chunk_size        |  at the first one
+    +-------------------+
+
+Arena header:
+
+| offset | size | field | writer | reader |
+|---|---|---|---|---|
+| 0 | 8 | magic | creator (supervisor) | recovery |
+| 8 | 4 | version | creator (supervisor) | recovery |
+| 12 | 4 | chunk_size | creator (supervisor) | recovery |
+| 16 | 4 | n_chunks | creator (supervisor) | recovery |
+| 20 | 4 | max_topics | creator (supervisor) | recovery |
+| 24 | 8 | topics_offset | creator (supervisor) | recovery |
+| 32 | 8 | slots_offset | creator (supervisor) | recovery |
+| 40 | 8 | data_offset | creator (supervisor) | recovery |
+| 48 | 16 | reserved | nobody | nobody |
+
+Slot (one per chunk; only the slot of a batch's first chunk is used):
+
+| offset | size | field | writer | reader |
+|---|---|---|---|---|
+| 0 | 4 | state | worker | recovery |
+| 4 | 4 | topic_index | worker | recovery |
+| 8 | 4 | partition | worker | recovery |
+| 12 | 4 | record_count | worker | recovery |
+| 16 | 8 | offset | worker | recovery |
+| 24 | 4 | length | worker | recovery |
+| 28 | 4 | capacity | worker | recovery |
+
+``offset`` is the batch's byte offset from the start of the mapping, ``length`` the bytes of the
+finished RecordBatch (0 while open), ``capacity`` the bytes reserved for it.
+
+Topic table entry: a 2-byte name length (0 = unused) followed by the UTF-8 name (Kafka allows at
+most 249 characters), TOPIC_ENTRY_SIZE bytes in all; entries are appended, never moved.
+
+Ordering: the worker writes a batch's bytes and the slot's other fields first and its ``state``
+last, with one aligned 4-byte store (x86-64 does not reorder stores with other stores), so a
+reader that sees SEALED or STAMPED also sees the finished bytes. States: FREE (0), OPEN (1,
+being filled; its bytes are incomplete), SEALED (2, a finished batch not yet given a producer id
+and sequence), STAMPED (3, producer id, epoch and base sequence written: a re-send must use exactly
+these bytes). A worker that dies mid-write leaves OPEN slots, which recovery discards.
+
+The allocator (first fit over a sorted list of free extents, coalesced on free) lives in the
+process, not in the mapping: recovery rebuilds it from the slots.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+import struct
+
+__all__ = [
+    "Arena",
+    "HEADER",
+    "HEADER_SIZE",
+    "SLOT",
+    "SLOT_SIZE",
+    "TOPIC_ENTRY_SIZE",
+    "MAX_TOPIC_NAME",
+    "STATE_FREE",
+    "STATE_OPEN",
+    "STATE_SEALED",
+    "STATE_STAMPED",
+    "MAGIC",
+    "VERSION",
+    "header_field_offsets",
+    "slot_field_offsets",
+]
+
+MAGIC = int.from_bytes(b"SLUICEAR", "little")  # the first 8 bytes read "SLUICEAR"
+VERSION = 1
+
+# Field name, struct code, in layout order. Offsets below derive from these with calcsize.
+_HEADER_FIELDS = (
+    ("magic", "Q"),
+    ("version", "I"),
+    ("chunk_size", "I"),
+    ("n_chunks", "I"),
+    ("max_topics", "I"),
+    ("topics_offset", "Q"),
+    ("slots_offset", "Q"),
+    ("data_offset", "Q"),
+    ("reserved", "16s"),
+)
+_SLOT_FIELDS = (
+    ("state", "I"),
+    ("topic_index", "I"),
+    ("partition", "i"),
+    ("record_count", "I"),
+    ("offset", "Q"),
+    ("length", "I"),
+    ("capacity", "I"),
+)
+
+
+def _offsets(fields: tuple[tuple[str, str], ...]) -> dict[str, tuple[int, int]]:
+    out: dict[str, tuple[int, int]] = {}
+    fmt = "<"
+    for name, code in fields:
+        out[name] = (struct.calcsize(fmt), struct.calcsize("<" + code))
+        fmt += code
+    return out
+
+
+def header_field_offsets() -> dict[str, tuple[int, int]]:
+    """``{field: (offset, size)}`` of the arena header, derived from the struct."""
+    return _offsets(_HEADER_FIELDS)
+
+
+def slot_field_offsets() -> dict[str, tuple[int, int]]:
+    """``{field: (offset, size)}`` of a slot, derived from the struct."""
+    return _offsets(_SLOT_FIELDS)
+
+
+HEADER = struct.Struct("<" + "".join(c for _, c in _HEADER_FIELDS))
+HEADER_SIZE = HEADER.size
+SLOT = struct.Struct("<" + "".join(c for _, c in _SLOT_FIELDS))
+SLOT_SIZE = SLOT.size
+_STATE = struct.Struct("<I")
+_STATE_AT = slot_field_offsets()["state"][0]
+# topic_index, partition, record_count, offset, length, capacity: everything after the state.
+_SLOT_BODY = struct.Struct("<" + "".join(c for _, c in _SLOT_FIELDS[1:]))
+_SLOT_BODY_AT = slot_field_offsets()["topic_index"][0]
+_SLOT_COUNT_AT = slot_field_offsets()["record_count"][0]
+_SLOT_LENGTH_AT = slot_field_offsets()["length"][0]
+_SLOT_CAPACITY_AT = slot_field_offsets()["capacity"][0]
+_U32 = struct.Struct("<I")
+_U16 = struct.Struct("<H")
+
+TOPIC_ENTRY_SIZE = 256
+MAX_TOPIC_NAME = TOPIC_ENTRY_SIZE - _U16.size
+
+STATE_FREE, STATE_OPEN, STATE_SEALED, STATE_STAMPED = 0, 1, 2, 3
+
+
+def _align(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+class Arena:
+    """A fixed-size mapping of ``n_chunks`` chunks with a slot table and a first-fit allocator.
+
+    Args:
+        size: bytes of the data area (rounded down to whole chunks; at least one chunk).
+        path: a file to map (created or truncated, then sized); anonymous memory when None.
+        chunk_size: allocation unit in bytes, a multiple of 8.
+        max_topics: entries in the topic table.
+
+    ``buf`` is a writable memoryview of the whole mapping. An allocation is identified by its
+    first chunk, which is also the index of its slot.
+    """
+
+    def __init__(self, size: int, *, path: str | None = None, chunk_size: int = 4096, max_topics: int = 1024) -> None:
+        if chunk_size <= 0 or chunk_size % 8:
+            raise ValueError(f"chunk_size must be a positive multiple of 8, not {chunk_size}")
+        n_chunks = size // chunk_size
+        if n_chunks < 1:
+            raise ValueError(f"arena size {size} is smaller than one chunk ({chunk_size})")
+        if max_topics < 1:
+            raise ValueError("max_topics must be at least 1")
+        self.chunk_size = chunk_size
+        self.n_chunks = n_chunks
+        self.max_topics = max_topics
+        self.topics_offset = _align(HEADER_SIZE, 64)
+        self.slots_offset = _align(self.topics_offset + max_topics * TOPIC_ENTRY_SIZE, 64)
+        self.data_offset = _align(self.slots_offset + n_chunks * SLOT_SIZE, max(chunk_size, mmap.PAGESIZE))
+        self.total_size = self.data_offset + n_chunks * chunk_size
+        self.path = path
+        if path is None:
+            self._mmap = mmap.mmap(-1, self.total_size)
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.ftruncate(fd, self.total_size)
+                self._mmap = mmap.mmap(fd, self.total_size)
+            finally:
+                os.close(fd)
+        self.buf = memoryview(self._mmap)
+        HEADER.pack_into(
+            self.buf, 0, MAGIC, VERSION, chunk_size, n_chunks, max_topics,
+            self.topics_offset, self.slots_offset, self.data_offset, b"",
+        )
+        # Free extents as parallel structures: sorted starts for first fit and coalescing by
+        # bisect, and start -> length.
+        self._free_starts: list[int] = [0]
+        self._free_len: dict[int, int] = {0: n_chunks}
+        self._alloc_len: dict[int, int] = {}
+        self._used_chunks = 0
+        self._topics: dict[str, int] = {}
+
+    # -- sizes -------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Bytes in the data area."""
+        return self.n_chunks * self.chunk_size
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the data area reserved by live allocations (whole chunks)."""
+        return self._used_chunks * self.chunk_size
+
+    @property
+    def free_bytes(self) -> int:
+        return (self.n_chunks - self._used_chunks) * self.chunk_size
+
+    def chunks_for(self, nbytes: int) -> int:
+        """Chunks an allocation of ``nbytes`` takes."""
+        return max(1, -(-nbytes // self.chunk_size))
+
+    # -- allocation --------------------------------------------------------------------------
+
+    def alloc(self, nbytes: int) -> int:
+        """Reserve contiguous chunks for ``nbytes``; returns the slot (first chunk) or -1 if no room."""
+        need = self.chunks_for(nbytes)
+        free_len = self._free_len
+        for start in self._free_starts:
+            length = free_len[start]
+            if length >= need:
+                break
+        else:
+            return -1
+        del free_len[start]
+        if length == need:
+            self._free_starts.remove(start)
+        else:
+            # Keep the remainder where it is in the sorted list: replace the start in place.
+            i = bisect.bisect_left(self._free_starts, start)
+            self._free_starts[i] = start + need
+            free_len[start + need] = length - need
+        self._alloc_len[start] = need
+        self._used_chunks += need
+        return start
+
+    def capacity(self, slot: int) -> int:
+        """Bytes reserved for the allocation at ``slot``."""
+        return self._alloc_len[slot] * self.chunk_size
+
+    def offset(self, slot: int) -> int:
+        """Byte offset in ``buf`` of the allocation at ``slot``."""
+        return self.data_offset + slot * self.chunk_size
+
+    def shrink(self, slot: int, nbytes: int) -> None:
+        """Give back the chunks of an allocation beyond the first ``nbytes``."""
+        have = self._alloc_len[slot]
+        keep = self.chunks_for(nbytes)
+        if keep >= have:
+            return
+        self._alloc_len[slot] = keep
+        self._release(slot + keep, have - keep)
+
+    def free(self, slot: int) -> None:
+        """Release an allocation and mark its slot FREE."""
+        length = self._alloc_len.pop(slot)
+        self.set_state(slot, STATE_FREE)
+        self._release(slot, length)
+
+    def _release(self, start: int, length: int) -> None:
+        self._used_chunks -= length
+        starts = self._free_starts
+        free_len = self._free_len
+        i = bisect.bisect_left(starts, start)
+        # Coalesce with the following extent.
+        if i < len(starts) and starts[i] == start + length:
+            length += free_len.pop(starts[i])
+            del starts[i]
+        # Coalesce with the preceding extent.
+        if i > 0 and starts[i - 1] + free_len[starts[i - 1]] == start:
+            free_len[starts[i - 1]] += length
+        else:
+            starts.insert(i, start)
+            free_len[start] = length
+
+    def free_extents(self) -> list[tuple[int, int]]:
+        """``[(first_chunk, n_chunks)]`` of the free space, in address order (tests, stats)."""
+        return [(s, self._free_len[s]) for s in self._free_starts]
+
+    def allocations(self) -> dict[int, int]:
+        """``{slot: n_chunks}`` of the live allocations (tests, stats)."""
+        return dict(self._alloc_len)
+
+    # -- slot table and topic table --------------------------------------------------------
+
+    def topic_index(self, topic: str) -> int:
+        """The topic table index of ``topic``, adding it on first use."""
+        idx = self._topics.get(topic)
+        if idx is not None:
+            return idx
+        name = topic.encode("utf-8")
+        if len(name) > MAX_TOPIC_NAME:
+            raise ValueError(f"topic name longer than {MAX_TOPIC_NAME} bytes: {topic!r}")
+        idx = len(self._topics)
+        if idx >= self.max_topics:
+            raise ValueError(f"arena topic table is full ({self.max_topics} topics)")
+        at = self.topics_offset + idx * TOPIC_ENTRY_SIZE
+        self.buf[at + _U16.size : at + _U16.size + len(name)] = name
+        _U16.pack_into(self.buf, at, len(name))
+        self._topics[topic] = idx
+        return idx
+
+    def topic_name(self, index: int) -> str:
+        """The topic stored at ``index`` of the topic table (read back from the mapping)."""
+        at = self.topics_offset + index * TOPIC_ENTRY_SIZE
+        (n,) = _U16.unpack_from(self.buf, at)
+        return bytes(self.buf[at + _U16.size : at + _U16.size + n]).decode("utf-8")
+
+    def _slot_at(self, slot: int) -> int:
+        return self.slots_offset + slot * SLOT_SIZE
+
+    def open_slot(self, slot: int, topic_index: int, partition: int) -> None:
+        """Describe a new batch at ``slot`` (state OPEN)."""
+        at = self._slot_at(slot)
+        _SLOT_BODY.pack_into(
+            self.buf, at + _SLOT_BODY_AT, topic_index, partition, 0, self.offset(slot), 0, self.capacity(slot)
+        )
+        _STATE.pack_into(self.buf, at + _STATE_AT, STATE_OPEN)
+
+    def seal_slot(self, slot: int, length: int, record_count: int) -> None:
+        """Record a finished batch's length and count, then publish state SEALED (last store)."""
+        at = self._slot_at(slot)
+        _U32.pack_into(self.buf, at + _SLOT_COUNT_AT, record_count)
+        _U32.pack_into(self.buf, at + _SLOT_LENGTH_AT, length)
+        # capacity may have shrunk since open_slot.
+        _U32.pack_into(self.buf, at + _SLOT_CAPACITY_AT, self.capacity(slot))
+        _STATE.pack_into(self.buf, at + _STATE_AT, STATE_SEALED)
+
+    def set_state(self, slot: int, state: int) -> None:
+        """Publish a slot state with one aligned 4-byte store."""
+        _STATE.pack_into(self.buf, self._slot_at(slot) + _STATE_AT, state)
+
+    def read_slot(self, slot: int) -> dict[str, int]:
+        """The slot's fields as stored in the mapping (tests, future recovery)."""
+        values = SLOT.unpack_from(self.buf, self._slot_at(slot))
+        return dict(zip((name for name, _ in _SLOT_FIELDS), values))
+
+    def close(self) -> None:
+        """Unmap. Views handed out (batch payloads) must have been released first."""
+        self.buf.release()
+        self._mmap.close()
