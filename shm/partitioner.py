@@ -129,6 +129,9 @@ class KeyHashCache:
     def __len__(self) -> int:
         return len(self._young) + len(self._old)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._young or key in self._old
+
 
 _DEFAULT_CACHE = KeyHashCache()
 partition_for_key = _DEFAULT_CACHE.partition

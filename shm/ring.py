@@ -113,8 +113,25 @@ class SpscRing:
         name: str = "ring",
     ) -> None:
         view = memoryview(buffer)  # type: ignore[arg-type]
+        try:
+            self._setup(view, offset, capacity, kind, create, doorbell, name)
+        except BaseException:
+            # A refused ring must not pin the mapping (mmap.close() fails while views exist).
+            view.release()
+            raise
+
+    def _setup(
+        self,
+        view: memoryview,
+        offset: int,
+        capacity: int | None,
+        kind: int,
+        create: bool,
+        doorbell: Doorbell | None,
+        name: str,
+    ) -> None:
         if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
+            raise SegmentError(f"{name}: buffer must be a flat byte buffer (mmap, bytearray)")
         if view.readonly:
             raise SegmentError(f"{name}: buffer is read-only")
         if offset < 0 or offset & 7:
