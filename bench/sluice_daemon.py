@@ -1,0 +1,256 @@
+"""A Sluice daemon for one benchmark case: config, start, readiness, counters, CPU, stop.
+
+The harness starts a fresh daemon per Sluice case (its worker count is what ``--workers``
+sweeps), with one profile that holds the case's delivery settings and one topic rule for the
+case's topic. While the daemon cannot be built or started, the case is *unavailable*: reported
+as such, never as failed, and never plotted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.scenarios import Delivery
+
+__all__ = ["DaemonUnavailable", "SluiceDaemon", "sluice_unavailable_reason", "produce_requests_from_stats"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_CHECK = """
+import importlib, importlib.util, sys
+need = sys.argv[1:]
+missing = [m for m in need if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit("not built yet: " + ", ".join(missing))
+for m in need:
+    importlib.import_module(m)
+if "shm.producer" in need and not hasattr(sys.modules["shm.producer"], "Producer"):
+    sys.exit("shm.producer has no Producer")
+"""
+_NEEDS = {
+    "sluice-shm": ("shm.producer", "shm.control", "daemon.cli", "daemon.config"),
+    "sluice-socket": ("shm.control", "daemon.cli", "daemon.config"),
+}
+
+
+class DaemonUnavailable(Exception):
+    """The Sluice client library or daemon cannot be used (yet); the message says why."""
+
+
+def sluice_unavailable_reason(runner: str) -> str | None:
+    """Why a Sluice runner (``sluice-shm`` or ``sluice-socket``) cannot run here, or None.
+
+    Imports in a child process, so a half-written module cannot disturb the harness.
+    """
+    proc = subprocess.run([sys.executable, "-c", _CHECK, *_NEEDS[runner]], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    if proc.returncode == 0:
+        return None
+    lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else f"import check exited with {proc.returncode}"
+
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def config_text(*, socket_path: str, runtime_dir: str, workers: int, bootstrap: str,
+                delivery: Delivery, topic: str) -> str:
+    """The daemon's TOML config for one case."""
+    acks = '"all"' if delivery.acks == -1 else str(delivery.acks)
+    return f"""# Written by bench/sluice_daemon.py for one benchmark case.
+[daemon]
+socket_path = {_toml_str(socket_path)}
+runtime_dir = {_toml_str(runtime_dir)}
+workers = {workers}
+log_level = "warning"
+shutdown_timeout_ms = 10000
+
+[kafka]
+bootstrap_servers = {_toml_str(bootstrap)}
+
+[profiles.bench]
+acks = {acks}
+enable_idempotence = {"true" if delivery.idempotent else "false"}
+linger_ms = {delivery.linger_ms}
+batch_size = {delivery.batch_size}
+compression_type = {_toml_str(delivery.compression)}
+
+[[topics]]
+match = {_toml_str(topic)}
+profile = "bench"
+"""
+
+
+def _daemon_command(config: Path) -> list[str]:
+    script = Path(sys.executable).with_name("sluice")
+    if script.exists():
+        return [str(script), "run", "--config", str(config)]
+    return [sys.executable, "-m", "daemon", "run", "--config", str(config)]
+
+
+def _sum_leaves(stats: Any, names: tuple[str, ...], within: tuple[str, ...] = ()) -> tuple[int, list[str]] | None:
+    """Sum the numeric leaves named one of ``names`` (under a path holding one of ``within``),
+    taking only the shallowest ones, so a total is not added to the per-worker numbers it sums."""
+    found: list[tuple[int, str, float]] = []
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, (*path, str(k)))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, (*path, str(i)))
+        elif isinstance(node, (int, float)) and not isinstance(node, bool) and path and path[-1] in names:
+            if not within or any(any(w in p for w in within) for p in path[:-1]):
+                found.append((len(path), ".".join(path), float(node)))
+
+    walk(stats, ())
+    if not found:
+        return None
+    depth = min(d for d, _, _ in found)
+    chosen = [(p, v) for d, p, v in found if d == depth]
+    return int(sum(v for _, v in chosen)), [p for p, _ in chosen]
+
+
+def produce_requests_from_stats(stats: dict[str, Any] | None) -> tuple[int, str] | None:
+    """The Produce requests the daemon sent, from its stats, and the keys it came from."""
+    if not stats:
+        return None
+    hit = _sum_leaves(stats, ("produce_requests",)) or _sum_leaves(stats, ("requests",), ("sender", "produce"))
+    if hit is None:
+        return None
+    value, paths = hit
+    return value, "sluice stats: " + " + ".join(paths[:4]) + (" ..." if len(paths) > 4 else "")
+
+
+class SluiceDaemon:
+    """One daemon process and its workers, configured for one case."""
+
+    def __init__(self, workdir: Path, *, workers: int, bootstrap: str, delivery: Delivery, topic: str) -> None:
+        self.workdir = workdir
+        self.socket_path = str(workdir / "sluice.sock")
+        self.config_path = workdir / "sluice.toml"
+        self.log_path = workdir / "daemon.log"
+        self.config_path.write_text(config_text(
+            socket_path=self.socket_path, runtime_dir=str(workdir), workers=workers,
+            bootstrap=bootstrap, delivery=delivery, topic=topic))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._ps: psutil.Process | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the daemon and wait until it answers a handshake.
+
+        Raises:
+            DaemonUnavailable: the config is refused, the daemon exits, or it never answers.
+        """
+        check = subprocess.run(
+            [sys.executable, "-c", "import sys, daemon.config as c; c.load(sys.argv[1])", str(self.config_path)],
+            capture_output=True, text=True, cwd=ROOT, timeout=60)
+        if check.returncode != 0:
+            raise DaemonUnavailable("config refused: " + _last_line(check.stderr))
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(_daemon_command(self.config_path), stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=ROOT, env=env, start_new_session=True)
+        self._ps = psutil.Process(self.proc.pid)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise DaemonUnavailable(f"daemon exited with {self.proc.returncode}: {self.log_tail()}")
+            if os.path.exists(self.socket_path):
+                try:
+                    self.stats()
+                    return
+                except (OSError, DaemonUnavailable):
+                    pass
+            time.sleep(0.1)
+        self.stop()
+        raise DaemonUnavailable(f"daemon did not answer on {self.socket_path} within {timeout:.0f} s: {self.log_tail()}")
+
+    def log_tail(self, lines: int = 5) -> str:
+        """The last lines of the daemon's log."""
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])
+
+    def pids(self) -> list[int]:
+        """The daemon and its children (the workers)."""
+        if self._ps is None:
+            return []
+        try:
+            return [self._ps.pid, *(c.pid for c in self._ps.children(recursive=True))]
+        except psutil.NoSuchProcess:
+            return []
+
+    def cpu_seconds(self) -> float:
+        """User+system CPU of the daemon, its live children and its reaped children."""
+        if self._ps is None:
+            return 0.0
+        try:
+            t = self._ps.cpu_times()
+            total = t.user + t.system + t.children_user + t.children_system
+            for child in self._ps.children(recursive=True):
+                try:
+                    ct = child.cpu_times()
+                    total += ct.user + ct.system
+                except psutil.NoSuchProcess:
+                    pass
+            return total
+        except psutil.NoSuchProcess:
+            return 0.0
+
+    def stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The daemon's counters, asked over its socket (StatsRequest)."""
+        from shm import control
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(self.socket_path)
+            sock.sendall(control.encode(control.Hello(version=control.PROTOCOL_VERSION, client_name="bench-stats",
+                                                      pid=os.getpid())))
+            sock.sendall(control.encode(control.StatsRequest()))
+            reader = control.FrameReader(control.DaemonMessage)
+            while True:
+                data = sock.recv(1 << 16)
+                if not data:
+                    raise DaemonUnavailable("daemon closed the stats connection")
+                for msg in reader.feed(data):
+                    if isinstance(msg, control.StatsReply):
+                        try:
+                            sock.sendall(control.encode(control.Goodbye()))
+                        except OSError:
+                            pass
+                        return msg.stats
+                    if isinstance(msg, control.ErrorReply):
+                        raise DaemonUnavailable(f"stats refused: {msg.name}: {msg.message}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (graceful drain), then SIGKILL to the whole session after ``timeout``."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "(no output)"
