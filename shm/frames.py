@@ -100,6 +100,12 @@ def zigzag_varint(value: int) -> bytes:
 _TABLE = 8192
 _ZZ: tuple[bytes, ...] = tuple(zigzag_varint(n) for n in range(-1, _TABLE))  # index n + 1
 _NULL = b"\x01"  # varint(-1)
+# Bytes a length field occupies plus the bytes it announces, by the varint's first byte, for
+# one-byte varints: 1 + n for n >= 0, 1 for null (-1); 0 marks a longer varint, -1 an invalid
+# length (< -1). Drives the validator's fast path.
+_SKIP: tuple[int, ...] = tuple(
+    0 if b >= 0x80 else (1 + (b >> 1) if not b & 1 else (1 if b == 1 else -1)) for b in range(256)
+)
 
 
 def encode_record_body(key: _Bytes | None, value: _Bytes | None, headers: Headers = None) -> bytes:
@@ -341,8 +347,10 @@ def iter_records(
         partition_limits: for each topic id the client may use, its partition count; a
             topic id ``>= len(partition_limits)`` or a partition outside ``[0, limit)`` is
             corrupt.
-        check_body: also parse each body (:func:`record_body_valid`); costs a few hundred ns
-            per record and protects batches shared with other clients.
+        check_body: also parse each body (an inline fast path for the usual shape, else
+            :func:`record_body_valid`); about 200 ns per record, and it keeps one client's
+            malformed record out of batches shared with other clients (Kafka would reject
+            the whole batch).
 
     Yields:
         ``(frame_end, topic_id, partition, timestamp_ms, body)``: ``body`` is a memoryview
@@ -356,6 +364,7 @@ def iter_records(
     view = ring.view
     data_end = ring.data_end
     ntopics = len(partition_limits)
+    skip = _SKIP
     pos = start
     while pos < end:
         if end - pos < 8:
@@ -383,8 +392,36 @@ def iter_records(
                 raise _frame_error(ring, pos, f"unknown RECORD flags {flags:#x}")
             bstart = pos + 24
             bend = pos + 8 + plen
-            if check_body and not record_body_valid(view, bstart, bend):
-                raise _frame_error(ring, pos, "malformed record body")
+            if check_body:
+                # Fast path, inline: key and value lengths as 1- or 2-byte varints and no
+                # headers. Anything else (or anything odd) goes to record_body_valid.
+                ok = False
+                p = bstart
+                if p < bend:
+                    b = view[p]
+                    s = skip[b]
+                    if not s and p + 1 < bend:
+                        c = view[p + 1]
+                        if c < 0x80:
+                            v = (b & 0x7F) | (c << 7)
+                            if not v & 1:
+                                s = 2 + (v >> 1)
+                    if s > 0:
+                        p += s
+                        if p < bend:
+                            b = view[p]
+                            s = skip[b]
+                            if not s and p + 1 < bend:
+                                c = view[p + 1]
+                                if c < 0x80:
+                                    v = (b & 0x7F) | (c << 7)
+                                    if not v & 1:
+                                        s = 2 + (v >> 1)
+                            if s > 0:
+                                p += s
+                                ok = p + 1 == bend and view[p] == 0
+                if not ok and not record_body_valid(view, bstart, bend):
+                    raise _frame_error(ring, pos, "malformed record body")
             yield fend, topic_id, partition, ts, view[bstart:bend]
         elif ftype == FRAME_PADDING:
             if fend != data_end:

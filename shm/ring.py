@@ -96,6 +96,7 @@ class SpscRing:
         "_pending",
         "_published",
         "_tail_cache",
+        "_limit",
         "_full",
         "_tail",
         "_head_seen",
@@ -183,6 +184,7 @@ class SpscRing:
         self._pending = head
         self._published = head
         self._tail_cache = tail
+        self._limit = tail + capacity  # the writer may advance its head up to here
         self._full = _unpack_u64(view, self._full_off)[0]
         # Reader half.
         self._tail = tail
@@ -200,7 +202,7 @@ class SpscRing:
             ValueError: the frame is larger than :attr:`max_frame` (it could never fit).
         """
         size = (payload_length + 15) & -8
-        if size > self.max_frame or payload_length < 0:
+        if size > self.max_frame:
             raise ValueError(
                 f"{self.name}: {payload_length}-byte payload exceeds the largest frame "
                 f"({self.max_frame - 8} bytes of payload)"
@@ -209,14 +211,12 @@ class SpscRing:
         off = head & self._mask
         room = self.capacity - off
         if size <= room:
-            if head + size - self._tail_cache > self.capacity and not self._room_for(head + size):
+            if head + size > self._limit and not self._room_for(head + size):
                 return -1
             pos = self.data_start + off
         else:
             # The frame does not fit before the end: pad to the end and start over at 0.
-            if head + room + size - self._tail_cache > self.capacity and not self._room_for(
-                head + room + size
-            ):
+            if head + room + size > self._limit and not self._room_for(head + room + size):
                 return -1
             _pack_frame_header(self.view, self.data_start + off, room - 8, FRAME_PADDING)
             head += room
@@ -234,6 +234,7 @@ class SpscRing:
                 f"{self._published}] or unaligned"
             )
         self._tail_cache = tail
+        self._limit = tail + self.capacity
         if new_head - tail <= self.capacity:
             return True
         self._full += 1

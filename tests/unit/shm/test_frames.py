@@ -284,3 +284,25 @@ def test_record_frame_in_completion_ring_is_corrupt() -> None:
     start, end = raw_frame(ring, FRAME_RECORD, record_payload())
     with pytest.raises(CorruptFrameError, match="frame type 1 in a completion ring"):
         list(iter_completions(ring, start, end, [1]))
+
+
+bodies = st.one_of(
+    st.binary(max_size=40),  # mostly malformed
+    st.builds(encode_record_body, blobs, blobs, headers),
+    st.builds(lambda b, i, x: b[:i] + bytes([x]) + b[i + 1 :], st.builds(encode_record_body, blobs, blobs), st.integers(0, 5), st.integers(0, 255)),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=bodies)
+def test_iter_records_body_check_agrees_with_validator(body: bytes) -> None:
+    """iter_records' inline fast path accepts exactly what record_body_valid accepts."""
+    ring = make_ring(1 << 15)
+    start, end = raw_frame(ring, FRAME_RECORD, record_payload(body=body))
+    if record_body_valid(memoryview(body), 0, len(body)):
+        [(_, _, _, _, got)] = list(iter_records(ring, start, end, [1]))
+        assert bytes(got) == body
+        del got
+    else:
+        with pytest.raises(CorruptFrameError, match="malformed record body"):
+            list(iter_records(ring, start, end, [1]))
