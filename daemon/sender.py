@@ -183,12 +183,14 @@ class _Connection(asyncio.Protocol):
     def _on_frame(self, frame_bytes: bytes) -> None:
         if not self.outstanding:
             raise ProtocolError(f"unsolicited response from broker {self.node_id}")
-        req = self.outstanding.popleft()
+        req = self.outstanding[0]
         header = m.decode_response_header(frame_bytes, m.response_header_version(req.api_key))
         if header.correlation_id != req.correlation_id:
+            # Left in ``outstanding`` so the close that follows fails it like the others.
             raise ProtocolError(
                 f"correlation id {header.correlation_id} from broker {self.node_id}, expected {req.correlation_id}"
             )
+        self.outstanding.popleft()
         body = memoryview(frame_bytes)[header.body_offset :]
         self.sender.stats["in_flight"] -= 1
         if req.future is not None:
@@ -973,6 +975,8 @@ class Sender:
             try:
                 self._bootstrap_conn = await self._open(-1, host, port)
                 return self._bootstrap_conn
+            except m.UnsupportedVersionError:
+                raise  # not a reachability problem: another bootstrap server will not differ
             except KafkaError as exc:
                 last = exc
         raise KafkaError.for_code(ec.NETWORK_EXCEPTION, f"no bootstrap server reachable: {last}")
