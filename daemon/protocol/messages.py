@@ -40,7 +40,6 @@ from daemon.protocol.primitives import (
     int64,
     string,
     tagged_fields,
-    uvarint,
 )
 from shm.errors import KafkaError, ProtocolError
 
