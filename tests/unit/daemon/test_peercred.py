@@ -126,11 +126,11 @@ def test_proc_groups_parsing() -> None:
 # A real other user (needs root and the right to setuid in a forked child).
 
 
-def _connect_as(path: str, uid: int, gid: int, extra_groups: list[int]) -> tuple[int, str]:
+def _spawn_client(path: str, uid: int, gid: int, extra_groups: list[int]) -> tuple[int, int]:
     """Fork a child that becomes uid/gid, connects to ``path`` and reports what it got back.
 
-    Returns (child pid, report). The report is "reply:<bytes the server sent>" or
-    "error:<ExceptionName>:<errno>". The child never returns into pytest: it always _exits.
+    Returns (child pid, read end of its report pipe); see :func:`_collect` for the report.
+    The child never returns into pytest: it always _exits. No thread runs while forking.
     """
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -157,6 +157,11 @@ def _connect_as(path: str, uid: int, gid: int, extra_groups: list[int]) -> tuple
         finally:
             os._exit(0)
     os.close(wfd)
+    return pid, rfd
+
+
+def _collect(pid: int, rfd: int) -> str:
+    """The child's report: "reply:<what the server sent>" or "error:<ExceptionName>:<errno>"."""
     chunks = []
     while True:
         ready, _, _ = select.select([rfd], [], [], 10)
@@ -168,7 +173,12 @@ def _connect_as(path: str, uid: int, gid: int, extra_groups: list[int]) -> tuple
         chunks.append(data)
     os.close(rfd)
     os.waitpid(pid, 0)
-    return pid, b"".join(chunks).decode()
+    return b"".join(chunks).decode()
+
+
+def _connect_as(path: str, uid: int, gid: int, extra_groups: list[int]) -> tuple[int, str]:
+    pid, rfd = _spawn_client(path, uid, gid, extra_groups)
+    return pid, _collect(pid, rfd)
 
 
 class Listener:
@@ -189,31 +199,18 @@ class Listener:
 
 def _serve_one(listener: Listener, allowed_uids, allowed_gids, uid, gid, extra):
     """Accept one connection from a child running as uid, answer with the check's verdict."""
-    import threading
-
     verdict: dict[str, object] = {}
-
-    def accept() -> None:
-        try:
-            conn, _ = listener.sock.accept()
-        except OSError as exc:
-            verdict["accept_error"] = exc
-            return
+    child, rfd = _spawn_client(listener.path, uid, gid, extra)
+    # Either the child connects (the listener turns readable) or it reports an error first.
+    ready, _, _ = select.select([listener.sock, rfd], [], [], 10)
+    if listener.sock in ready:
+        conn, _ = listener.sock.accept()
         with conn:
             verdict["creds"] = peercred.peer_credentials(conn)
             reason = peercred.check_peer(conn, allowed_uids, allowed_gids)
             verdict["reason"] = reason
             conn.sendall(b"ALLOWED" if reason is None else b"DENIED")
-
-    t = threading.Thread(target=accept)
-    t.start()
-    child, report = _connect_as(listener.path, uid, gid, extra)
-    if report.startswith("error:") and not report.startswith("error:PermissionError:13"):
-        # Unblock accept() so the thread ends, then decide whether to skip.
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.connect(listener.path)
-    t.join(10)
-    return child, report, verdict
+    return child, _collect(child, rfd), verdict
 
 
 def _need_setuid() -> None:
