@@ -108,7 +108,7 @@ def make_values(spec: ClientSpec) -> list[bytes]:
         for _ in range(min(POOL, spec.records)):
             words: list[str] = []
             n = 0
-            while n < size:
+            while n <= size:
                 w = rng.choice(vocab)
                 words.append(w)
                 n += len(w) + 1

@@ -84,7 +84,8 @@ def percentiles(samples: Sequence[float], qs: Sequence[float] = (50.0, 99.0, 99.
         return None
     ordered = sorted(samples)
     n = len(ordered)
-    return [ordered[min(n - 1, max(0, math.ceil(q / 100.0 * n) - 1))] for q in qs]
+    # The epsilon keeps float noise (99.9 / 100 * 1000 = 999.0000000000001) from moving a rank.
+    return [ordered[min(n - 1, max(0, math.ceil(q * n / 100.0 - 1e-9) - 1))] for q in qs]
 
 
 def _cpu_model() -> str:

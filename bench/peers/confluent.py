@@ -48,6 +48,17 @@ def _produce_requests(stats_json: str | None) -> int | None:
     return total
 
 
+def _await_producer_id(poll: Any, last_stats: list[str], timeout: float = 20.0) -> None:
+    """Idempotent: wait (outside timing) until librdkafka holds its producer id, as the other
+    runners do in their start-up (aiokafka's start(), the daemon's InitProducerId)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        poll(0.05)
+        if last_stats and json.loads(last_stats[-1]).get("eos", {}).get("idemp_state") == "Assigned":
+            return
+    raise TimeoutError("librdkafka did not get a producer id")
+
+
 def run_client(spec: ClientSpec, conn: Any, start: Any, counters: Any) -> None:
     """One producer process (see bench/client.py for the protocol with the harness)."""
     from confluent_kafka import Producer
@@ -71,8 +82,10 @@ def run_client(spec: ClientSpec, conn: Any, start: Any, counters: Any) -> None:
     conf = dict(spec.settings)
     conf["stats_cb"] = on_stats
     producer = Producer(conf)
-    producer.list_topics(spec.topic, timeout=30)  # metadata before timing
     produce, poll = producer.produce, producer.poll
+    producer.list_topics(spec.topic, timeout=30)  # metadata before timing
+    if spec.settings.get("enable.idempotence"):
+        _await_producer_id(poll, last_stats)
     topic = spec.topic
     n = spec.records
     pacer = Pacer(counters, spec.index, spec.rate, spec.deadline_s)
