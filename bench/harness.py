@@ -18,6 +18,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -86,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where the dated results JSON goes (default bench/results)")
     p.add_argument("--case-timeout", type=float, default=None, help="seconds before a case is killed and failed")
     p.add_argument("--keep-topics", action="store_true", help="do not delete the cases' topics")
+    p.add_argument("--daemon-cmd", default=None,
+                   help="run this instead of `sluice` as the daemon (it gets `run --config FILE`); for testing the harness")
     args = p.parse_args(argv)
     names = _split(args.scenario) or list(sc.SCENARIO_NAMES)
     unknown = [n for n in names if n not in sc.SCENARIO_NAMES]
@@ -139,8 +142,9 @@ def _settings_for(runner: str, delivery: sc.Delivery, bootstrap: str) -> dict[st
 class Availability:
     """Why a runner cannot run (None = it can), checked once per invocation."""
 
-    def __init__(self) -> None:
+    def __init__(self, own_daemon: bool = True) -> None:
         self._cache: dict[str, str | None] = {}
+        self._own_daemon = own_daemon
 
     def reason(self, runner: str, scenario: sc.Scenario) -> str | None:
         if runner == "java":
@@ -151,8 +155,7 @@ class Availability:
             self._cache[runner] = self._check(runner)
         return self._cache[runner]
 
-    @staticmethod
-    def _check(runner: str) -> str | None:
+    def _check(self, runner: str) -> str | None:
         import importlib.util
 
         if runner == "aiokafka":
@@ -161,7 +164,7 @@ class Availability:
             return None
         from bench.sluice_daemon import sluice_unavailable_reason
 
-        reason = sluice_unavailable_reason(runner)
+        reason = sluice_unavailable_reason(runner, own_daemon=self._own_daemon)
         return None if reason is None else f"Sluice client or daemon not available: {reason}"
 
 
@@ -335,7 +338,8 @@ def run_case(case: Case, args: argparse.Namespace, topics: Any, availability: Av
 
             progress.stage(f"starting daemon ({case.workers} workers)")
             daemon = SluiceDaemon(workdir, workers=case.workers or 1, bootstrap=args.bootstrap,
-                                  delivery=s.delivery, topic=topic)
+                                  delivery=s.delivery, topic=topic,
+                                  command=shlex.split(args.daemon_cmd) if args.daemon_cmd else None)
             try:
                 daemon.start()
             except DaemonUnavailable as e:
@@ -597,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": [],
     }
-    availability = Availability()
+    availability = Availability(own_daemon=args.daemon_cmd is None)
     progress = Progress(len(cases))
     workroot = Path(tempfile.mkdtemp(prefix="sluice-bench-", dir="/tmp"))
     results: list[dict[str, Any]] = doc["results"]

@@ -46,12 +46,14 @@ class DaemonUnavailable(Exception):
     """The Sluice client library or daemon cannot be used (yet); the message says why."""
 
 
-def sluice_unavailable_reason(runner: str) -> str | None:
+def sluice_unavailable_reason(runner: str, *, own_daemon: bool = True) -> str | None:
     """Why a Sluice runner (``sluice-shm`` or ``sluice-socket``) cannot run here, or None.
 
     Imports in a child process, so a half-written module cannot disturb the harness.
+    ``own_daemon`` False (``--daemon-cmd`` given): the daemon's CLI is not required.
     """
-    proc = subprocess.run([sys.executable, "-c", _CHECK, *_NEEDS[runner]], capture_output=True, text=True,
+    needs = [m for m in _NEEDS[runner] if own_daemon or m != "daemon.cli"]
+    proc = subprocess.run([sys.executable, "-c", _CHECK, *needs], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
     if proc.returncode == 0:
         return None
@@ -91,7 +93,9 @@ profile = "bench"
 """
 
 
-def _daemon_command(config: Path) -> list[str]:
+def _daemon_command(config: Path, prefix: list[str] | None = None) -> list[str]:
+    if prefix:
+        return [*prefix, "run", "--config", str(config)]
     script = Path(sys.executable).with_name("sluice")
     if script.exists():
         return [str(script), "run", "--config", str(config)]
@@ -136,8 +140,11 @@ def produce_requests_from_stats(stats: dict[str, Any] | None) -> tuple[int, str]
 class SluiceDaemon:
     """One daemon process and its workers, configured for one case."""
 
-    def __init__(self, workdir: Path, *, workers: int, bootstrap: str, delivery: Delivery, topic: str) -> None:
+    def __init__(self, workdir: Path, *, workers: int, bootstrap: str, delivery: Delivery, topic: str,
+                 command: list[str] | None = None) -> None:
+        """``command``: the program to run instead of ``sluice`` (it gets ``run --config FILE``)."""
         self.workdir = workdir
+        self.command = command
         self.socket_path = str(workdir / "sluice.sock")
         self.config_path = workdir / "sluice.toml"
         self.log_path = workdir / "daemon.log"
@@ -160,7 +167,7 @@ class SluiceDaemon:
             raise DaemonUnavailable("config refused: " + _last_line(check.stderr))
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(_daemon_command(self.config_path), stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(_daemon_command(self.config_path, self.command), stdout=log, stderr=subprocess.STDOUT,
                                          cwd=ROOT, env=env, start_new_session=True)
         self._ps = psutil.Process(self.proc.pid)
         deadline = time.monotonic() + timeout
