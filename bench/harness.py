@@ -41,6 +41,7 @@ PEERS = ("confluent", "aiokafka", "java")
 RUNNERS = SLUICE_RUNNERS + PEERS
 DEFAULT_SEED = 20_240_601
 BASELINE = "confluent"
+STATS_SETTLE_S = 1.5
 
 VALID, INVALID, FAILED, UNAVAILABLE = "valid", "invalid", "failed", "unavailable"
 
@@ -263,6 +264,8 @@ def _run_python_clients(case: Case, specs: list[ClientSpec], daemon: Any, progre
         progress.update(sum(counters), sending_since)
         if daemon is not None:
             extra["daemon_cpu_after"] = daemon.cpu_seconds()
+            # Workers report their counters to the supervisor about once a second.
+            time.sleep(STATS_SETTLE_S)
             extra["stats_after"] = _stats(daemon)
         for proc in procs:
             proc.join(30)

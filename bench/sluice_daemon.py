@@ -130,7 +130,10 @@ def produce_requests_from_stats(stats: dict[str, Any] | None) -> tuple[int, str]
     """The Produce requests the daemon sent, from its stats, and the keys it came from."""
     if not stats:
         return None
-    hit = _sum_leaves(stats, ("produce_requests",)) or _sum_leaves(stats, ("requests",), ("sender", "produce"))
+    # The daemon's workers count Produce requests as ``requests`` (metadata and producer-id
+    # requests have their own names); a total sits shallower than the per-worker numbers.
+    hit = (_sum_leaves(stats, ("produce_requests",)) or _sum_leaves(stats, ("requests",), ("sender", "produce"))
+           or _sum_leaves(stats, ("requests",)))
     if hit is None:
         return None
     value, paths = hit

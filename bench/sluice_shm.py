@@ -51,9 +51,9 @@ class _Sample:
         self.t1 = 0.0
         self.err: str = ""
 
-    def __call__(self, *args: Any) -> None:
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
         self.t1 = time.monotonic()
-        for a in args:
+        for a in (*args, *kwargs.values()):
             if isinstance(a, BaseException):
                 self.err = repr(a)
 

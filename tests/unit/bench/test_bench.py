@@ -36,6 +36,8 @@ def test_produce_requests_prefer_the_total_over_per_worker_counts():
     per_worker = {"workers": [{"sender": {"requests": 3}}, {"sender": {"requests": 5}}], "clients": {"requests": 99}}
     value, source = produce_requests_from_stats(per_worker)
     assert value == 8 and "sender" in source
+    totals = {"total": {"requests": 12, "metadata_requests": 3}, "workers": {"0": {"requests": 5}, "1": {"requests": 7}}}
+    assert produce_requests_from_stats(totals)[0] == 12
     assert produce_requests_from_stats({"uptime": 3}) is None
     assert produce_requests_from_stats(None) is None
 
