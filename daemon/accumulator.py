@@ -90,6 +90,7 @@ class Batch:
         "producer_epoch",
         "base_sequence",
         "attempts",
+        "ordinal",
         "size",
         "codec",
         "slot",
@@ -129,6 +130,7 @@ class Batch:
         self.producer_epoch = -1
         self.base_sequence = -1
         self.attempts = 0
+        self.ordinal = 0  # creation order in its accumulator: a partition's batches ascend
         self.size = 0
         self.codec = CODECS[profile.compression_type]
         self.slot = slot
@@ -228,6 +230,9 @@ class Accumulator:
         self._flush_requested = False
         self._dirty: list[Batch] = []  # batches with pending pieces during an append call
         self._cid = 0  # the client of the append call in progress
+        # Records taken by append calls since the caller last set this to 0 (the worker counts
+        # each ring drain with it).
+        self.appended = 0
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -404,6 +409,7 @@ class Accumulator:
         # the call extend (or start) one run.
         k = b.record_count - b._n0
         if k:
+            self.appended += k
             b._n0 = b.record_count
             cid = self._cid
             runs = b.runs
@@ -472,6 +478,7 @@ class Accumulator:
         b = Batch(arena, slot, topic, partition, profile, want, ts, now_ms)
         self._open[(topic, partition)] = b
         self._seq += 1
+        b.ordinal = self._seq
         heapq.heappush(self._deadlines, (b._deadline, self._seq, b))
         return b
 

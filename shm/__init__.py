@@ -1,4 +1,10 @@
-"""Sluice's client side: shared-memory rings, segments, frames and the partitioner.
+"""Sluice's client side: shared-memory rings, segments, frames, the partitioner and the
+client library (:class:`shm.Producer`).
 
 Applications import only this package. It never imports :mod:`daemon`.
 """
+
+from shm.errors import BufferFullError, KafkaError, SluiceError
+from shm.producer import DeliveryFuture, Producer, RecordMetadata
+
+__all__ = ["Producer", "RecordMetadata", "DeliveryFuture", "SluiceError", "KafkaError", "BufferFullError"]

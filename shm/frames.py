@@ -38,6 +38,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from shm.errors import CorruptFrameError
 from shm.layout import (
+    FRAME_CHUNK_DONE,
     FRAME_COMPLETION,
     FRAME_HEADER,
     FRAME_PADDING,
@@ -46,6 +47,8 @@ from shm.layout import (
 from shm.ring import SpscRing
 
 __all__ = [
+    "CHUNK_DONE_TOPIC",
+    "chunk_done_end",
     "FRAME_PADDING",
     "FRAME_RECORD",
     "FRAME_COMPLETION",
@@ -79,6 +82,7 @@ _FRAME_AND_RECORD = struct.Struct("<IIHHiq")  # frame header + RECORD prefix, on
 _FRAME_AND_COMPLETION = struct.Struct("<IIHhiqqII")
 _REC_PREFIX = RECORD_HEADER.size
 _unpack_frame = FRAME_HEADER.unpack_from
+_unpack_u64 = struct.Struct("<Q").unpack_from
 _unpack_frame_record = _FRAME_AND_RECORD.unpack_from
 _unpack_frame_completion = _FRAME_AND_COMPLETION.unpack_from
 _pack_record = RECORD_HEADER.pack_into
@@ -327,7 +331,7 @@ def iter_frames(ring: SpscRing, start: int, end: int) -> Iterator[tuple[int, int
         if ftype == FRAME_PADDING:
             if fend != data_end:
                 raise _frame_error(ring, pos, "padding frame does not end at the wrap")
-        elif ftype == FRAME_RECORD or ftype == FRAME_COMPLETION:
+        elif ftype == FRAME_RECORD or ftype == FRAME_COMPLETION or ftype == FRAME_CHUNK_DONE:
             yield fend, ftype, pos + 8, pos + 8 + plen
         else:
             raise _frame_error(ring, pos, f"unknown frame type {ftype}")
@@ -440,7 +444,9 @@ def iter_completions(
         partition_limits: as for :func:`iter_records`, from the client's topic table.
 
     Yields:
-        ``(frame_end, topic_id, error_code, partition, base_offset, timestamp_ms, count)``.
+        ``(frame_end, topic_id, error_code, partition, base_offset, timestamp_ms, count)``;
+        a CHUNK_DONE frame yields ``topic_id == CHUNK_DONE_TOPIC`` (-1) with the request-ring
+        position it releases in ``base_offset``.
 
     Raises:
         CorruptFrameError: on any bad frame (length, type, topic id, partition, count 0).
@@ -474,9 +480,46 @@ def iter_completions(
             if count == 0:
                 raise _frame_error(ring, pos, "COMPLETION with count 0")
             yield fend, topic_id, error_code, partition, base_offset, ts, count
+        elif ftype == FRAME_CHUNK_DONE:
+            if plen != 8:
+                raise _frame_error(ring, pos, f"CHUNK_DONE payload of {plen} bytes, expected 8")
+            yield fend, CHUNK_DONE_TOPIC, 0, 0, _unpack_u64(view, pos + 8)[0], -1, 0
         elif ftype == FRAME_PADDING:
             if fend != data_end:
                 raise _frame_error(ring, pos, "padding frame does not end at the wrap")
         else:
             raise _frame_error(ring, pos, f"frame type {ftype} in a completion ring")
         pos = fend
+
+
+CHUNK_DONE_TOPIC = -1
+"""The topic id :func:`iter_completions` reports for a CHUNK_DONE frame."""
+
+
+def chunk_done_end(ring: SpscRing) -> int | None:
+    """The largest position in a CHUNK_DONE frame the completion ring's reader has not consumed.
+
+    Used by a restarted worker (the ring's *writer*) to learn how far the dead worker had
+    completed: it reads the unconsumed frames between the stored tail and head without moving
+    anything. None when there is no such frame.
+
+    Raises:
+        CorruptFrameError: the unconsumed frames do not parse.
+    """
+    view = ring.view
+    tail, head = ring.tail, ring.head
+    if tail > head or head - tail > ring.capacity or tail & 7 or head & 7:
+        raise CorruptFrameError(f"{ring.name}: inconsistent positions head={head} tail={tail}")
+    mask = ring.capacity - 1
+    found: int | None = None
+    pos = tail
+    while pos < head:
+        at = ring.data_start + (pos & mask)
+        plen, ftype = _unpack_frame(view, at)
+        size = (plen + 15) & -8
+        if size > head - pos or at + size > ring.data_end:
+            raise _frame_error(ring, at, f"payload length {plen} runs past the committed end")
+        if ftype == FRAME_CHUNK_DONE and plen == 8:
+            found = _unpack_u64(view, at + 8)[0]
+        pos += size
+    return found

@@ -88,8 +88,9 @@ Frames
 Each frame starts at an 8-byte-aligned position with an 8-byte header ``<II`` =
 (payload_length, frame_type) followed by the payload; the next frame starts at
 ``pos + align8(8 + payload_length)``. Frame types: 0 PADDING (fills the data area to its end,
-the next frame is at the start of the data area), 1 RECORD, 2 COMPLETION (payloads in
-:mod:`shm.frames`). A frame never wraps: when it does not fit before the end of the data area,
+the next frame is at the start of the data area), 1 RECORD, 2 COMPLETION, 3 CHUNK_DONE
+(payloads in :mod:`shm.frames`; CHUNK_DONE ends a worker's completions for one drained chunk
+and carries the request-ring position up to which the client may free its ring). A frame never wraps: when it does not fit before the end of the data area,
 the writer fills the rest with one padding frame (the rest is always >= 8 bytes, because
 positions and the capacity are multiples of 8) and puts the frame at the start. The largest
 frame is ``capacity // 2`` bytes, so a frame always fits into an empty ring, padding included.
@@ -148,6 +149,7 @@ __all__ = [
     "FRAME_PADDING",
     "FRAME_RECORD",
     "FRAME_COMPLETION",
+    "FRAME_CHUNK_DONE",
     "MIN_RING_BYTES",
     "MAX_RING_BYTES",
     "MAX_WORKERS",
@@ -228,6 +230,7 @@ FRAME_ALIGN = 8
 FRAME_PADDING = 0
 FRAME_RECORD = 1
 FRAME_COMPLETION = 2
+FRAME_CHUNK_DONE = 3
 
 MIN_RING_BYTES = 64
 """Smallest ring data area (tests use tiny rings to wrap often; real clients use far more)."""

@@ -340,6 +340,58 @@ class SpscRing:
         self._tail = tail
         _pack_u64(self.view, self._tail_off, tail)
 
+    # Deferred release. A request ring's reader (the worker) reads with a private cursor and
+    # does not free what it read; the *writer* (the client) frees space once the worker has
+    # reported the records' outcome (a CHUNK_DONE frame). So the ring always holds every record
+    # whose outcome its writer has not seen, and a restarted reader can read it again.
+
+    def advance(self, nbytes: int) -> None:
+        """Move the private read cursor past ``nbytes`` of whole frames without freeing them.
+
+        Raises:
+            ValueError: ``nbytes`` is negative, unaligned or more than was committed.
+        """
+        tail = self._tail + nbytes
+        if nbytes < 0 or nbytes & 7 or tail > self._head_seen:
+            raise ValueError(f"{self.name}: cannot advance {nbytes} bytes")
+        self._tail = tail
+
+    def seek(self, position: int) -> None:
+        """Start reading at ``position`` (between the stored tail and the published head).
+
+        Raises:
+            CorruptFrameError: ``position`` is outside ``[tail, head]`` or unaligned.
+        """
+        tail = _unpack_u64(self.view, self._tail_off)[0]
+        head = _unpack_u64(self.view, self._head_off)[0]
+        if position & 7 or not tail <= position <= head or head - tail > self.capacity:
+            raise CorruptFrameError(
+                f"{self.name}: cannot resume at {position} (tail {tail}, head {head})"
+            )
+        self._tail = position
+        self._head_seen = head
+
+    @property
+    def cursor(self) -> int:
+        """The reader's private position (what :meth:`region` reads from)."""
+        return self._tail
+
+    def position_after(self, nbytes: int) -> int:
+        """The ring position ``nbytes`` past the private cursor."""
+        return self._tail + nbytes
+
+    def free_to(self, position: int) -> bool:
+        """Writer side, deferred release: store the tail at ``position`` (monotonic).
+
+        Returns False (and stores nothing) when ``position`` is behind the stored tail or past
+        what this writer published: a peer reporting such a position is broken.
+        """
+        tail = _unpack_u64(self.view, self._tail_off)[0]
+        if position < tail or position > self._published or position & 7:
+            return False
+        _pack_u64(self.view, self._tail_off, position)
+        return True
+
     def readable(self) -> int:
         """Committed bytes not yet consumed (validated like :meth:`region`)."""
         self.region()

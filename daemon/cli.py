@@ -1,0 +1,207 @@
+"""The ``sluice`` command: ``run`` the daemon, ``send`` lines from stdin, show ``stats``.
+
+``sluice send`` and ``sluice stats`` speak the socket protocol of docs/PROTOCOL.md, like any
+non-Python client would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from shm import control
+from shm.producer import DEFAULT_SOCKET
+
+__all__ = ["main"]
+
+_LINES_PER_FRAME = 1000
+_MAX_UNACKED_FRAMES = 8
+
+
+def _socket_path(arg: str | None) -> str:
+    return arg or os.environ.get("SLUICE_SOCKET") or DEFAULT_SOCKET
+
+
+class _Conn:
+    """A blocking socket-protocol connection."""
+
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.reader = control.FrameReader(control.DaemonMessage)
+        self.inbox: list[Any] = []
+        self.send(control.Hello(version=control.PROTOCOL_VERSION, client_name="sluice-cli", pid=os.getpid()))
+        self.expect(control.Welcome)
+
+    def send(self, msg: Any) -> None:
+        self.sock.sendall(control.encode(msg))
+
+    def recv(self) -> Any:
+        while not self.inbox:
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise ConnectionError("the daemon closed the connection")
+            self.inbox.extend(self.reader.feed(data))
+        return self.inbox.pop(0)
+
+    def expect(self, kind: type) -> Any:
+        msg = self.recv()
+        if isinstance(msg, control.ErrorReply):
+            raise SystemExit(f"sluice: {msg.name}: {msg.message}")
+        if not isinstance(msg, kind):
+            raise SystemExit(f"sluice: expected {kind.__name__}, got {type(msg).__name__}")
+        return msg
+
+
+def _records(lines: Iterator[bytes], sep: bytes | None) -> Iterator[control.Rec]:
+    for raw in lines:
+        line = raw.rstrip(b"\n")
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if sep is not None and sep in line:
+            key, value = line.split(sep, 1)
+            yield control.Rec(key=key, value=value)
+        else:
+            yield control.Rec(value=line)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    conn = _Conn(_socket_path(args.socket))
+    sep = args.key_delimiter.encode() if args.key_delimiter else None
+    seq = 0
+    sent = ok = failed = 0
+    unacked: set[int] = set()
+    errors: dict[str, int] = {}
+    offsets: dict[int, tuple[int, int]] = {}
+
+    def take_ack() -> None:
+        nonlocal ok, failed
+        msg = conn.recv()
+        if isinstance(msg, control.ErrorReply):
+            raise SystemExit(f"sluice: {msg.name}: {msg.message}")
+        if not isinstance(msg, control.ProduceAck):
+            return
+        unacked.discard(msg.seq)
+        for r in msg.results:
+            if r.error_code == 0:
+                ok += 1
+                lo, hi = offsets.get(r.partition, (r.offset, r.offset))
+                offsets[r.partition] = (min(lo, r.offset), max(hi, r.offset))
+            else:
+                failed += 1
+                errors[r.error_name] = errors.get(r.error_name, 0) + 1
+
+    batch: list[control.Rec] = []
+
+    def flush_batch() -> None:
+        nonlocal seq, sent
+        if not batch:
+            return
+        seq += 1
+        conn.send(control.Produce(topic=args.topic, records=list(batch), ack=args.acks, seq=seq))
+        sent += len(batch)
+        batch.clear()
+        if args.acks:
+            unacked.add(seq)
+            while len(unacked) >= _MAX_UNACKED_FRAMES:
+                take_ack()
+
+    for rec in _records(iter(sys.stdin.buffer.readline, b""), sep):
+        if args.partition is not None:
+            rec.partition = args.partition
+        batch.append(rec)
+        if len(batch) >= _LINES_PER_FRAME:
+            flush_batch()
+    flush_batch()
+    while unacked:
+        take_ack()
+    conn.send(control.Flush(timeout_ms=int(args.timeout * 1000)))
+    done = conn.expect(control.FlushDone)
+    conn.send(control.Goodbye())
+    if args.acks:
+        parts = ", ".join(f"p{p}:{lo}..{hi}" for p, (lo, hi) in sorted(offsets.items()))
+        print(f"sent {sent} records to {args.topic}: {ok} acknowledged, {failed} failed" + (f" ({parts})" if parts else ""), file=sys.stderr)
+        for name, n in sorted(errors.items()):
+            print(f"  {name}: {n}", file=sys.stderr)
+        return 0 if failed == 0 else 1
+    print(f"sent {sent} records to {args.topic}" + ("" if done.complete else f" ({done.pending} batches still pending)"), file=sys.stderr)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from daemon.stats import format_table
+
+    conn = _Conn(_socket_path(args.socket))
+    conn.send(control.StatsRequest())
+    reply = conn.expect(control.StatsReply)
+    conn.send(control.Goodbye())
+    if args.json:
+        print(json.dumps(reply.stats, indent=2, sort_keys=True))
+    else:
+        print(format_table(reply.stats))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from daemon.supervisor import run
+
+    return run(args.config)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from daemon.config import ConfigError, load
+
+    try:
+        cfg = load(args.config)
+    except ConfigError as exc:
+        print(f"sluice: {exc}", file=sys.stderr)
+        return 78
+    print(f"{args.config}: ok ({cfg.daemon.worker_count()} workers, profiles: {', '.join(sorted(cfg.profiles))})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sluice", description="Sluice: a local ingestion daemon for Apache Kafka.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the daemon in the foreground")
+    p.add_argument("--config", "-c", required=True, help="TOML config file")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("send", help="send stdin lines as records (like kcat -P)")
+    p.add_argument("-t", "--topic", required=True)
+    p.add_argument("-K", "--key-delimiter", help="split each line into key and value at this string")
+    p.add_argument("-p", "--partition", type=int, default=None)
+    p.add_argument("--acks", action="store_true", help="wait for every record's outcome and report offsets")
+    p.add_argument("--socket", help="daemon socket (default $SLUICE_SOCKET or /run/sluice/sluice.sock)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for delivery at the end")
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("stats", help="show the daemon's counters")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--socket")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("check-config", help="validate a config file and exit")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_check)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
+        print(f"sluice: cannot reach the daemon: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

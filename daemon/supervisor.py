@@ -1,0 +1,813 @@
+"""The supervisor: config, the Unix socket, worker lifecycle, topics, stats and systemd.
+
+It moves no records itself. Shared-memory clients write straight into the rings the workers
+drain; records that arrive over the socket (any language, ``sluice send``) go through an
+ordinary :class:`shm.Producer` that the supervisor holds, connected to its own socket, so
+socket ingest has exactly the semantics of a shared-memory client.
+
+Lifecycle: :meth:`Supervisor.startup` (socket, workers, Kafka metadata, READY=1),
+:meth:`Supervisor.main_loop` (serve until a signal asks to stop), :meth:`Supervisor.shutdown`
+(stop accepting, workers drain rings, flush and wait for acks up to the deadline, exit 0).
+Signal handlers only enqueue; the loop dispatches.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import faulthandler
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+from daemon import channel as ch
+from daemon import systemd
+from daemon.config import Config, ConfigError, diff_live, loads
+from daemon.metrics import start_metrics
+from daemon.peercred import check_peer, peer_credentials
+from daemon.protocol import errors as ec
+from daemon.sender import Sender
+from daemon.stats import aggregate
+from shm import control
+from shm.errors import BufferFullError, KafkaError, SegmentError, SluiceError
+from shm.layout import MAX_WORKERS
+from shm.segment import Segment
+
+__all__ = ["Supervisor", "run"]
+
+log = logging.getLogger("sluice.supervisor")
+
+EXIT_CONFIG = 78  # EX_CONFIG: the unit's RestartPreventExitStatus, so a bad config does not loop
+_HEARTBEAT_STALE_S = 5.0
+_RESTART_BACKOFF_MAX_S = 10.0
+_MAX_ANCILLARY = socket.CMSG_SPACE(253 * 4)
+
+
+class _NoBatches:
+    """The metadata-only Sender of the supervisor has no accumulator."""
+
+    def ready(self, now_ms: float) -> list[Any]:
+        return []
+
+    def next_deadline(self) -> float | None:
+        return None
+
+    def flush(self) -> None:
+        pass
+
+    def release(self, batch: Any) -> None:
+        pass
+
+
+class _WorkerHandle:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.chan: ch.Channel | None = None
+        self.ready = False
+        self.last_beat = 0.0
+        self.snapshot: dict[str, Any] = {}
+        self.restarts = 0
+        self.bye = False
+        self.next_start = 0.0
+
+
+class _Client:
+    """A socket connection; with a segment when it is a shared-memory client."""
+
+    def __init__(self, client_id: int, sock: socket.socket) -> None:
+        self.client_id = client_id
+        self.sock = sock
+        self.name = ""
+        self.pid = 0
+        self.segment: Segment | None = None
+        self.detached: set[int] = set()
+        self.pending: set[asyncio.Future[Any]] = set()
+        self.inbox: list[Any] = []
+
+
+class Supervisor:
+    """One daemon. ``config_path`` is re-read on SIGHUP."""
+
+    def __init__(self, config_path: str, config: Config, config_text: str) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.config_text = config_text
+        self.workers = [_WorkerHandle(i) for i in range(min(config.daemon.worker_count(), MAX_WORKERS))]
+        self.topics: dict[str, tuple[int, int]] = {}  # name -> (topic_id, partitions)
+        self.clients: dict[int, _Client] = {}
+        self._next_client = 1
+        self._listener: socket.socket | None = None
+        self._events: asyncio.Queue[str] = asyncio.Queue()
+        self._stopping = False
+        self._started = time.monotonic()
+        self._reloads = 0
+        self._meta: Sender | None = None
+        self._ingest: Any = None
+        self._watchdog: systemd.Watchdog | None = None
+        self._metrics: Any = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._lookup_lock = asyncio.Lock()
+
+    # --- startup ---------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig, name in ((signal.SIGTERM, "stop"), (signal.SIGINT, "stop"), (signal.SIGHUP, "reload")):
+            loop.add_signal_handler(sig, self._events.put_nowait, name)
+        cfg = self.config.daemon
+        systemd.status("starting: connecting to Kafka")
+        self._meta = Sender(self.config.kafka, _NoBatches(), self.config.profile_for, lambda *a: None)
+        await self._connect_kafka()
+        self._open_socket(cfg.socket_path, cfg.socket_mode)
+        runtime = cfg.runtime_path()
+        if runtime:
+            os.makedirs(runtime, exist_ok=True)
+        for handle in self.workers:
+            self._spawn(handle)
+        await self._await_workers_ready(60.0)
+        self._serve_task = self._spawn_task(self._accept_loop(), "accept")
+        self._spawn_task(self._monitor_workers(), "monitor")
+        self._ingest = await self._start_ingest()
+        self._watchdog = systemd.Watchdog(self._healthy)
+        self._watchdog.start()
+        if cfg.metrics_port:
+            self._metrics = await start_metrics(self.stats, cfg.metrics_port, host=cfg.metrics_address)
+        systemd.ready(self._status_line())
+        log.info(
+            "ready: %d workers, socket %s, kafka %s",
+            len(self.workers),
+            cfg.socket_path,
+            self.config.kafka.bootstrap_servers,
+        )
+
+    async def _connect_kafka(self) -> None:
+        delay = 0.2
+        deadline = time.monotonic() + 60.0
+        while True:
+            try:
+                await asyncio.wait_for(self._meta.start(), 15.0)
+                return
+            except (OSError, asyncio.TimeoutError, SluiceError) as exc:
+                if time.monotonic() > deadline:
+                    raise SluiceError(f"cannot reach Kafka at {self.config.kafka.bootstrap_servers}: {exc}") from exc
+                log.warning("Kafka not reachable yet (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _open_socket(self, path: str, mode: int) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale, from a daemon that died
+            else:
+                probe.close()
+                raise SluiceError(f"another daemon is serving {path}")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(512)
+        sock.setblocking(False)
+        self._listener = sock
+
+    def _spawn_task(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    # --- workers ---------------------------------------------------------------------------
+
+    def _spawn(self, handle: _WorkerHandle) -> None:
+        parent, child = ch.Channel.pair()
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        handle.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.worker", str(child.fileno())],
+            pass_fds=[child.fileno()],
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        child.close()
+        handle.chan = ch.Channel(parent, ch.ToSupervisor)
+        handle.ready = False
+        handle.bye = False
+        handle.last_beat = time.monotonic()
+        self._pin(handle)
+        chan = handle.chan
+        chan.send(
+            ch.Start(
+                worker=handle.index,
+                workers=len(self.workers),
+                config_text=self.config_text,
+                config_source=self.config_path,
+            )
+        )
+        for name, (tid, parts) in self.topics.items():
+            chan.send(ch.AddTopic(topic_id=tid, name=name, partitions=parts))
+        for client in self.clients.values():
+            if client.segment is not None and handle.index not in client.detached:
+                chan.send(ch.AddClient(client_id=client.client_id, pid=client.pid, name=client.name), client.segment.fds())
+        asyncio.get_running_loop().add_reader(chan.fileno(), self._on_worker, handle)
+        log.info("worker %d started (pid %d)", handle.index, handle.proc.pid)
+
+    def _pin(self, handle: _WorkerHandle) -> None:
+        if not self.config.daemon.pin_workers or handle.proc is None:
+            return
+        try:
+            cpus = psutil.Process().cpu_affinity()
+            if len(cpus) > 1:
+                psutil.Process(handle.proc.pid).cpu_affinity([cpus[handle.index % len(cpus)]])
+        except (psutil.Error, OSError, AttributeError) as exc:
+            log.warning("cannot pin worker %d: %s", handle.index, exc)
+
+    def _on_worker(self, handle: _WorkerHandle) -> None:
+        chan = handle.chan
+        if chan is None:
+            return
+        try:
+            msgs = chan.receive()
+        except (EOFError, OSError):
+            self._worker_gone(handle)
+            return
+        for msg, fds in msgs:
+            for fd in fds:
+                os.close(fd)
+            match msg:
+                case ch.Ready():
+                    handle.ready = True
+                case ch.Stats(snapshot=snap):
+                    handle.snapshot = snap
+                    handle.last_beat = time.monotonic()
+                case ch.PartitionCount(topic=topic, partitions=parts):
+                    self._partitions_changed(topic, parts)
+                case ch.ClientDropped(client_id=cid, reason=reason):
+                    self._drop_client(cid, reason)
+                case ch.ClientDetached(client_id=cid):
+                    self._client_detached(cid, handle.index)
+                case ch.Bye(undelivered=n):
+                    handle.bye = True
+                    if n:
+                        log.warning("worker %d stopped with %d records undelivered", handle.index, n)
+
+    def _worker_gone(self, handle: _WorkerHandle) -> None:
+        loop = asyncio.get_running_loop()
+        if handle.chan is not None:
+            loop.remove_reader(handle.chan.fileno())
+            handle.chan.close()
+            handle.chan = None
+        code = handle.proc.wait() if handle.proc is not None else None
+        if self._stopping:
+            return
+        handle.restarts += 1
+        delay = min(_RESTART_BACKOFF_MAX_S, 0.1 * 2 ** min(handle.restarts - 1, 7))
+        handle.next_start = time.monotonic() + delay
+        log.error("worker %d died (exit %s); restarting in %.1fs", handle.index, code, delay)
+        loop.call_later(delay, self._respawn, handle)
+
+    def _respawn(self, handle: _WorkerHandle) -> None:
+        if not self._stopping and handle.chan is None:
+            self._spawn(handle)
+
+    async def _await_workers_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(h.ready for h in self.workers):
+            if time.monotonic() > deadline:
+                raise SluiceError("workers did not become ready in time")
+            for h in self.workers:
+                if h.proc is not None and h.proc.poll() is not None and h.chan is not None:
+                    raise SluiceError(f"worker {h.index} exited with {h.proc.returncode} during start-up")
+            await asyncio.sleep(0.02)
+
+    async def _monitor_workers(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(1.0)
+            for h in self.workers:
+                if h.proc is not None and h.chan is not None and h.proc.poll() is not None:
+                    self._worker_gone(h)
+            systemd.status(self._status_line())
+
+    def _healthy(self) -> bool:
+        now = time.monotonic()
+        return all(h.chan is not None and now - h.last_beat < _HEARTBEAT_STALE_S for h in self.workers)
+
+    def _broadcast(self, msg: Any, fds: list[int] | None = None) -> None:
+        for h in self.workers:
+            if h.chan is not None:
+                h.chan.send(msg, fds)
+
+    # --- topics ----------------------------------------------------------------------------
+
+    async def topic(self, name: str) -> tuple[int, int]:
+        """The topic's (id, partitions), registering it with every worker on first use."""
+        known = self.topics.get(name)
+        if known is not None:
+            return known
+        async with self._lookup_lock:
+            known = self.topics.get(name)
+            if known is not None:
+                return known
+            parts = await self._meta.partitions_for(name, timeout=5.0)
+            if len(self.topics) >= 0xFFFF:
+                raise SluiceError("too many topics (65535)")
+            tid = len(self.topics)
+            self.topics[name] = (tid, parts)
+            # Every worker hears of the topic before any client can use its id.
+            self._broadcast(ch.AddTopic(topic_id=tid, name=name, partitions=parts))
+            return tid, parts
+
+    def _partitions_changed(self, name: str, parts: int) -> None:
+        known = self.topics.get(name)
+        if known is None or parts <= known[1]:
+            return
+        log.info("topic %s grew to %d partitions", name, parts)
+        self.topics[name] = (known[0], parts)
+        self._broadcast(ch.AddTopic(topic_id=known[0], name=name, partitions=parts))
+
+    def topic_info(self, name: str, tid: int, parts: int) -> control.TopicInfo:
+        profile = self.config.profile_for(name)
+        return control.TopicInfo(
+            topic=name,
+            topic_id=tid,
+            partitions=parts,
+            profile=self.config.profile_name_for(name),
+            max_request_size=profile.max_request_size,
+            on_full=profile.on_full,
+            max_block_ms=profile.max_block_ms,
+            batch_size=profile.batch_size,
+            linger_ms=profile.linger_ms,
+        )
+
+    # --- socket ----------------------------------------------------------------------------
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        listener = self._listener
+        while not self._stopping and listener is not None:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except (OSError, asyncio.CancelledError):
+                return
+            sock.setblocking(False)
+            cid = self._next_client
+            self._next_client += 1
+            client = _Client(cid, sock)
+            self.clients[cid] = client
+            self._spawn_task(self._serve(client), f"client-{cid}")
+
+    async def _read(self, client: _Client, reader: control.FrameReader) -> Any:
+        """The next message of ``client`` (fds that came with it in ``client.inbox`` fds)."""
+        loop = asyncio.get_running_loop()
+        while not client.inbox:
+            fut = loop.create_future()
+            fd = client.sock.fileno()
+            loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+            try:
+                await fut
+            finally:
+                loop.remove_reader(fd)
+            try:
+                data, anc, _flags, _ = client.sock.recvmsg(262144, _MAX_ANCILLARY)
+            except (BlockingIOError, InterruptedError):
+                continue
+            fds = _fds_of(anc)
+            if not data:
+                for fd_ in fds:
+                    os.close(fd_)
+                return None
+            msgs = list(reader.feed(data))
+            if fds:
+                if len(msgs) == 1 and isinstance(msgs[0], control.SegmentOffer):
+                    client.inbox.append((msgs[0], fds))
+                    continue
+                for fd_ in fds:
+                    os.close(fd_)
+            client.inbox.extend((m, []) for m in msgs)
+        return client.inbox.pop(0)
+
+    async def _send(self, client: _Client, msg: Any) -> None:
+        await asyncio.get_running_loop().sock_sendall(client.sock, control.encode(msg))
+
+    async def _serve(self, client: _Client) -> None:
+        reader = control.FrameReader(control.ClientMessage)
+        try:
+            refused = self._check_peer(client)
+            if refused:
+                await self._send(client, control.error_reply(control.ERR_NOT_ALLOWED, refused, fatal=True))
+                return
+            while True:
+                try:
+                    item = await self._read(client, reader)
+                except SluiceError as exc:  # ProtocolError: a malformed frame
+                    log.warning("client %d (%s): bad frame: %s", client.client_id, client.name, exc)
+                    await self._send(client, control.error_reply(control.ERR_BAD_FRAME, str(exc), fatal=True))
+                    return
+                if item is None:
+                    return
+                msg, fds = item
+                if not await self._dispatch(client, msg, fds):
+                    return
+        except (ConnectionError, OSError) as exc:
+            log.info("client %d (%s): connection lost: %s", client.client_id, client.name, exc)
+        finally:
+            await self._close_client(client)
+
+    def _check_peer(self, client: _Client) -> str | None:
+        cfg = self.config.daemon
+        try:
+            pid, uid, gid = peer_credentials(client.sock)
+        except OSError:
+            return None
+        client.pid = pid
+        reason = check_peer(client.sock, cfg.allowed_uids, cfg.allowed_gids)
+        if reason:
+            log.warning("refused peer pid %d uid %d gid %d: %s", pid, uid, gid, reason)
+        return reason
+
+    async def _dispatch(self, client: _Client, msg: Any, fds: list[int]) -> bool:
+        """Handle one message; False to close the connection."""
+        match msg:
+            case control.Hello(version=version, client_name=name, pid=pid):
+                if version < control.MIN_PROTOCOL_VERSION:
+                    await self._send(
+                        client,
+                        control.error_reply(control.ERR_UNSUPPORTED_PROTOCOL_VERSION, f"version {version} < {control.MIN_PROTOCOL_VERSION}", fatal=True),
+                    )
+                    return False
+                client.name = name or f"client-{client.client_id}"
+                client.pid = client.pid or pid
+                cfg = self.config.daemon
+                await self._send(
+                    client,
+                    control.Welcome(
+                        version=min(version, control.PROTOCOL_VERSION),
+                        workers=len(self.workers),
+                        request_ring_bytes=cfg.request_ring_bytes,
+                        completion_ring_bytes=cfg.completion_ring_bytes,
+                        client_id=client.client_id,
+                    ),
+                )
+            case control.SegmentOffer(workers=workers):
+                return await self._adopt_segment(client, workers, fds)
+            case control.TopicLookup(topic=name):
+                try:
+                    tid, parts = await self.topic(name)
+                except KafkaError as exc:
+                    await self._send(client, control.ErrorReply(code=exc.code, name=exc.name, message=str(exc), fatal=False))
+                    return True
+                except SluiceError as exc:
+                    await self._send(client, control.error_reply(control.ERR_UNEXPECTED_MESSAGE, str(exc)))
+                    return True
+                await self._send(client, self.topic_info(name, tid, parts))
+            case control.Produce():
+                await self._produce(client, msg)
+            case control.Flush(timeout_ms=ms):
+                pending = list(client.pending)
+                done = True
+                if pending:
+                    _, still = await asyncio.wait(pending, timeout=ms / 1000.0)
+                    done = not still
+                await self._send(client, control.FlushDone(complete=done, pending=sum(1 for f in pending if not f.done())))
+            case control.StatsRequest():
+                await self._send(client, control.StatsReply(stats=self.stats()))
+            case control.Goodbye():
+                if client.pending:
+                    await asyncio.wait(list(client.pending), timeout=self.config.daemon.shutdown_timeout_ms / 1000.0)
+                return False
+            case _:
+                await self._send(client, control.error_reply(control.ERR_UNEXPECTED_MESSAGE, type(msg).__name__))
+        return True
+
+    async def _adopt_segment(self, client: _Client, workers: int, fds: list[int]) -> bool:
+        if client.segment is not None or not fds:
+            for fd in fds:
+                os.close(fd)
+            await self._send(client, control.error_reply(control.ERR_SEGMENT_REFUSED, "no segment fds, or a second segment", fatal=True))
+            return False
+        try:
+            if workers != len(self.workers):
+                raise SegmentError(f"segment built for {workers} workers, the daemon runs {len(self.workers)}")
+            segment = Segment.attach(fds[0], fds[1:])
+            if segment.workers != len(self.workers) or not fds[1:]:
+                segment.close()
+                raise SegmentError("segment layout does not match the Welcome")
+        except SluiceError as exc:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            log.warning("client %d (%s): segment refused: %s", client.client_id, client.name, exc)
+            await self._send(client, control.error_reply(control.ERR_SEGMENT_REFUSED, str(exc), fatal=True))
+            return False
+        client.segment = segment
+        msg = ch.AddClient(client_id=client.client_id, pid=client.pid, name=client.name)
+        for h in self.workers:
+            if h.chan is not None:
+                h.chan.send(msg, segment.fds())
+        log.info("client %d (%s, pid %d) attached its segment", client.client_id, client.name, client.pid)
+        await self._send(client, control.SegmentAccepted(client_id=client.client_id))
+        return True
+
+    def _drop_client(self, cid: int, reason: str) -> None:
+        client = self.clients.get(cid)
+        log.error("client %d dropped: %s", cid, reason)
+        if client is None:
+            return
+        try:
+            client.sock.send(control.encode(control.error_reply(control.ERR_BAD_FRAME, reason, fatal=True)))
+        except OSError:
+            pass
+        try:
+            client.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    async def _close_client(self, client: _Client) -> None:
+        try:
+            client.sock.close()
+        except OSError:
+            pass
+        if client.segment is None:
+            self.clients.pop(client.client_id, None)
+            return
+        # Workers drain what it committed, then detach; the segment goes when all have.
+        self._broadcast(ch.RemoveClient(client_id=client.client_id))
+
+    def _client_detached(self, cid: int, worker: int) -> None:
+        client = self.clients.get(cid)
+        if client is None:
+            return
+        client.detached.add(worker)
+        if len(client.detached) >= len(self.workers) and client.segment is not None:
+            client.segment.close()
+            client.segment = None
+            self.clients.pop(cid, None)
+            log.info("client %d (%s): segment released", cid, client.name)
+
+    # --- socket ingest ---------------------------------------------------------------------
+
+    async def _start_ingest(self) -> Any:
+        from shm.producer import Producer
+
+        producer = await asyncio.to_thread(
+            Producer, self.config.daemon.socket_path, client_name="sluice-socket-ingest"
+        )
+        producer._never_block = True
+        return producer
+
+    async def _produce(self, client: _Client, msg: control.Produce) -> None:
+        producer = self._ingest
+        results: list[control.RecordResult | None] = [None] * len(msg.records)
+        futures: list[tuple[int, Any]] = []
+        try:
+            if msg.topic not in producer._topics:
+                await asyncio.to_thread(producer.lookup, msg.topic)
+        except KafkaError as exc:
+            self._fail_all(results, exc.code, exc.name)
+            if msg.ack:
+                await self._send(client, control.ProduceAck(seq=msg.seq, results=results))
+            else:
+                await self._send(client, control.ErrorReply(code=exc.code, name=exc.name, message=str(exc), fatal=False))
+            return
+        info = producer._topics[msg.topic].info
+        for i, rec in enumerate(msg.records):
+            deadline = time.monotonic() + info.max_block_ms / 1000.0
+            while True:
+                try:
+                    fut = producer.send(
+                        msg.topic, rec.value, rec.key, partition=rec.partition, headers=rec.headers, timestamp=rec.timestamp
+                    )
+                except BufferFullError as exc:
+                    if info.on_full == "block" and time.monotonic() < deadline:
+                        await asyncio.sleep(0.002)
+                        continue
+                    results[i] = _result(-1, control.ERR_BUFFER_FULL, str(exc))
+                    break
+                except KafkaError as exc:
+                    results[i] = _result(-1, exc.code, exc.name)
+                    break
+                futures.append((i, fut))
+                break
+        if not msg.ack:
+            if futures:
+                waiter = asyncio.ensure_future(_gather_quiet([f for _, f in futures]))
+                client.pending.add(waiter)
+                waiter.add_done_callback(client.pending.discard)
+            return
+        waiter = asyncio.ensure_future(self._ack(client, msg.seq, results, futures))
+        client.pending.add(waiter)
+        waiter.add_done_callback(client.pending.discard)
+
+    async def _ack(self, client: _Client, seq: int, results: list[Any], futures: list[tuple[int, Any]]) -> None:
+        for i, fut in futures:
+            try:
+                meta = await fut
+                results[i] = control.RecordResult(
+                    partition=meta.partition, offset=meta.offset, timestamp=meta.timestamp, error_code=0, error_name="NONE"
+                )
+            except KafkaError as exc:
+                results[i] = control.RecordResult(partition=fut.partition, offset=-1, timestamp=-1, error_code=exc.code, error_name=exc.name)
+            except SluiceError as exc:
+                results[i] = control.RecordResult(partition=fut.partition, offset=-1, timestamp=-1, error_code=control.ERR_SHUTTING_DOWN, error_name=type(exc).__name__)
+        try:
+            await self._send(client, control.ProduceAck(seq=seq, results=results))
+        except OSError:
+            pass
+
+    @staticmethod
+    def _fail_all(results: list[Any], code: int, name: str) -> None:
+        for i in range(len(results)):
+            results[i] = control.RecordResult(partition=-1, offset=-1, timestamp=-1, error_code=code, error_name=name)
+
+    # --- stats -----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        workers: dict[str, Any] = {}
+        for h in self.workers:
+            snap = dict(h.snapshot)
+            snap["alive"] = h.chan is not None and now - h.last_beat < _HEARTBEAT_STALE_S
+            snap["restarts"] = h.restarts
+            workers[str(h.index)] = snap
+        drops = dict(self._ingest.drops) if self._ingest is not None else {}
+        return {
+            "workers": workers,
+            "totals": aggregate(workers),
+            "clients": sum(1 for c in self.clients.values() if c.segment is not None),
+            "connections": len(self.clients),
+            "topics": len(self.topics),
+            "restarts": sum(h.restarts for h in self.workers),
+            "reloads": self._reloads,
+            "uptime_s": round(now - self._started, 1),
+            "drops": drops,
+        }
+
+    def _status_line(self) -> str:
+        t = aggregate({str(h.index): h.snapshot for h in self.workers})
+        return (
+            f"{len(self.workers)} workers, {len(self.clients)} connections, "
+            f"{t['records_out']} records out, {t['records_failed']} failed, {t['in_flight']} in flight"
+        )
+
+    # --- main loop, reload, shutdown ---------------------------------------------------------
+
+    async def main_loop(self) -> None:
+        while True:
+            event = await self._events.get()
+            if event == "stop":
+                return
+            if event == "reload":
+                self.reload()
+
+    def reload(self) -> None:
+        systemd.reloading("reloading configuration")
+        try:
+            with open(self.config_path, encoding="utf-8") as f:
+                text = f.read()
+            new = loads(text, source=self.config_path)
+        except (OSError, ConfigError) as exc:
+            log.error("reload refused, nothing changed: %s", exc)
+            systemd.ready(self._status_line())
+            return
+        diff = diff_live(self.config, new)
+        if diff.needs_restart:
+            log.error(
+                "reload refused, nothing changed: these keys need a restart: %s", ", ".join(diff.restart)
+            )
+            systemd.ready(self._status_line())
+            return
+        self.config = new
+        self.config_text = text
+        self._reloads += 1
+        logging.getLogger().setLevel(new.daemon.log_level.upper())
+        self._broadcast(ch.Reload(config_text=text, config_source=self.config_path))
+        log.info("reloaded: %s", ", ".join(diff.live) or "no changes")
+        systemd.ready(self._status_line())
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        timeout_s = self.config.daemon.shutdown_timeout_ms / 1000.0
+        systemd.stopping("draining")
+        systemd.extend_timeout(int((timeout_s + 10) * 1e6))
+        log.info("stopping: draining rings and waiting for acks (up to %.0fs)", timeout_s)
+        if self._listener is not None:
+            try:
+                os.unlink(self.config.daemon.socket_path)
+            except OSError:
+                pass
+            self._listener.close()
+            self._listener = None
+        if self._ingest is not None:
+            await asyncio.to_thread(self._ingest.flush, min(timeout_s, 10.0))
+        self._broadcast(ch.Shutdown(timeout_ms=int(timeout_s * 1000)))
+        deadline = time.monotonic() + timeout_s + 5.0
+        while any(h.proc is not None and h.proc.poll() is None for h in self.workers):
+            if time.monotonic() > deadline:
+                for h in self.workers:
+                    if h.proc is not None and h.proc.poll() is None:
+                        log.error("worker %d did not stop in time; killing it", h.index)
+                        h.proc.kill()
+                break
+            systemd.extend_timeout(5_000_000)
+            await asyncio.sleep(0.05)
+        for h in self.workers:
+            if h.proc is not None:
+                h.proc.wait()
+            if h.chan is not None:
+                asyncio.get_running_loop().remove_reader(h.chan.fileno())
+                h.chan.close()
+                h.chan = None
+        if self._ingest is not None:
+            try:
+                self._ingest.close(timeout=0.5)
+            except Exception:  # noqa: BLE001 - the workers are gone; nothing left to lose here
+                pass
+        for client in list(self.clients.values()):
+            try:
+                client.sock.close()
+            except OSError:
+                pass
+            if client.segment is not None:
+                client.segment.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._watchdog is not None:
+            await self._watchdog.stop()
+        if self._metrics is not None:
+            await self._metrics.close()
+        if self._meta is not None:
+            await self._meta.close(0.1)
+        log.info("stopped")
+
+
+def _result(partition: int, code: int, name: str) -> control.RecordResult:
+    return control.RecordResult(partition=partition, offset=-1, timestamp=-1, error_code=code, error_name=name)
+
+
+async def _gather_quiet(futs: list[Any]) -> None:
+    for f in futs:
+        try:
+            await f
+        except Exception:  # noqa: BLE001 - fire-and-forget: outcomes are counted by the workers
+            pass
+
+
+def _fds_of(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+async def _amain(sup: Supervisor) -> int:
+    try:
+        await sup.startup()
+    except SluiceError as exc:
+        log.error("start-up failed: %s", exc)
+        await sup.shutdown()
+        return 1
+    await sup.main_loop()
+    await sup.shutdown()
+    return 0
+
+
+def run(config_path: str) -> int:
+    """``sluice run --config FILE``: the daemon in the foreground. Returns the exit status."""
+    faulthandler.enable()
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            text = f.read()
+        config = loads(text, source=config_path)
+    except (OSError, ConfigError) as exc:
+        print(f"sluice: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(
+        level=config.daemon.log_level.upper(),
+        format="%(asctime)s %(levelname)s supervisor %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    import uvloop
+
+    sup = Supervisor(config_path, config, text)
+    return uvloop.run(_amain(sup))

@@ -1,0 +1,582 @@
+"""A worker process: drains its request ring of every client, batches, sends, completes.
+
+Each worker owns the partitions that :func:`shm.partitioner.owner` gives it, so one
+partition's records and idempotent sequence numbers stay with one process.
+
+Ring space and completions (why nothing is lost when a worker dies)
+--------------------------------------------------------------------
+The worker reads a request ring with a private cursor and does *not* free what it read. Each
+drain of a ring is a *chunk* ``[start, end)``; the chunk's records go into batches whose
+``runs`` name the chunk. When every record of a chunk has its outcome (offset or error), and
+every earlier chunk of that ring is complete too, the worker writes the chunk's COMPLETION
+frames and then one CHUNK_DONE frame carrying ``end`` into the client's completion ring, all
+published with one head store. The client resolves the records, then stores the request
+ring's tail at ``end``: only then is the space reused.
+
+So a request ring holds every record that is not yet complete. A restarted worker starts its
+cursor at the larger of the request ring's tail and the last CHUNK_DONE still unread in the
+completion ring, and re-reads exactly the records whose outcome the client has not been
+told. Those records are delivered at least once; a record can be duplicated in Kafka if the
+dead worker had sent it and the broker wrote it (making that exactly-once is crash recovery
+from the arena, a later step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from collections import deque
+from typing import Any
+
+from daemon import channel as ch
+from daemon.accumulator import (
+    APPEND_FULL,
+    APPEND_INVALID,
+    APPEND_OK,
+    APPEND_TOO_LARGE,
+    Accumulator,
+    Batch,
+)
+from daemon.arena import Arena
+from daemon.config import Config, loads
+from daemon.protocol import errors as ec
+from daemon.sender import Sender
+from daemon.stats import LatencyHistogram
+from shm.errors import CorruptFrameError, SegmentError
+from shm.frames import COMPLETION, chunk_done_end
+from shm.layout import FRAME_CHUNK_DONE, FRAME_COMPLETION, FRAME_HEADER
+from shm.segment import Segment
+
+__all__ = ["Worker", "main"]
+
+log = logging.getLogger("sluice.worker")
+
+_STATS_INTERVAL_S = 1.0
+_RECORD_PREFIX = struct.Struct("<IIHHiq")  # frame header + RECORD prefix
+_CHUNK_DONE = struct.Struct("<Q")
+_pack_completion = COMPLETION.pack_into
+_pack_chunk_done = _CHUNK_DONE.pack_into
+
+
+class _Chunk:
+    """One drain of one client's ring; complete when ``pending`` reaches zero."""
+
+    __slots__ = ("end", "pending", "results")
+
+    def __init__(self, end: int, pending: int) -> None:
+        self.end = end
+        self.pending = pending
+        # (order, topic_id, error_code, partition, base_offset, timestamp, count)
+        self.results: list[tuple[int, int, int, int, int, int, int]] = []
+
+
+class _Client:
+    __slots__ = (
+        "client_id",
+        "name",
+        "segment",
+        "req",
+        "cmp",
+        "bell",
+        "chunks",
+        "removing",
+        "dead",
+        "blocked",
+    )
+
+    def __init__(self, client_id: int, name: str, segment: Segment, worker: int) -> None:
+        self.client_id = client_id
+        self.name = name
+        self.segment = segment
+        self.req = segment.request_ring(worker)
+        self.cmp = segment.completion_ring(worker)
+        self.bell = segment.request_doorbell(worker)
+        self.chunks: deque[_Chunk] = deque()
+        self.removing = False  # the client is gone: drain what it committed, then detach
+        self.dead = False  # its ring was corrupt: read nothing more
+        self.blocked = False  # the completion ring was full at the last emit
+
+
+class Worker:
+    """The worker's state and its asyncio main loop."""
+
+    def __init__(self, index: int, workers: int, config: Config, chan: ch.Channel) -> None:
+        self.index = index
+        self.workers = workers
+        self.config = config
+        self.chan = chan
+        self.clients: dict[int, _Client] = {}
+        self.topic_names: list[str | None] = []
+        self.topic_ids: dict[str, int] = {}
+        self.partition_counts: list[int] = []
+        self._chunk_seq = 0
+        self._chunks: dict[int, tuple[_Client, _Chunk]] = {}
+        self._dirty: set[_Client] = set()
+        self._arena_full = False
+        self._wake: asyncio.Event | None = None
+        self._stopping = False
+        self._shutdown_timeout_ms = 0
+        self.latency = LatencyHistogram()
+        self.counters: dict[str, Any] = {
+            "records_in": 0,
+            "bytes_in": 0,
+            "records_out": 0,
+            "records_failed": 0,
+            "chunks": 0,
+            "errors": {},
+            "dropped_clients": 0,
+        }
+        runtime = config.daemon.runtime_path()
+        arena_path = os.path.join(runtime, f"arena-{index}") if runtime else None
+        try:
+            self.arena = Arena(config.kafka.buffer_memory, path=arena_path)
+        except OSError:
+            log.warning("cannot create arena file %s; using anonymous memory", arena_path)
+            self.arena = Arena(config.kafka.buffer_memory)
+        self.acc = Accumulator(
+            buffer_memory=config.kafka.buffer_memory,
+            profile_for=self._profile_for,
+            arena=self.arena,
+        )
+        self.sender = Sender(
+            config.kafka,
+            self.acc,
+            self._profile_for,
+            self._on_complete,
+            on_partition_count=self._on_partition_count,
+        )
+
+    def _profile_for(self, topic: str):  # noqa: ANN202 - Profile
+        return self.config.profile_for(topic)
+
+    # --- control channel ------------------------------------------------------------------
+
+    def _on_control(self) -> None:
+        try:
+            msgs = self.chan.receive()
+        except EOFError:
+            log.warning("worker %d: supervisor is gone; shutting down", self.index)
+            self._begin_shutdown(self.config.daemon.shutdown_timeout_ms)
+            return
+        for msg, fds in msgs:
+            self._handle(msg, fds)
+        self._poke()
+
+    def _handle(self, msg: Any, fds: list[int]) -> None:
+        match msg:
+            case ch.AddTopic(topic_id=tid, name=name, partitions=parts):
+                while len(self.topic_names) <= tid:
+                    self.topic_names.append(None)
+                    self.partition_counts.append(0)
+                self.topic_names[tid] = name
+                self.partition_counts[tid] = parts
+                self.topic_ids[name] = tid
+            case ch.AddClient(client_id=cid, name=name):
+                self._add_client(cid, name, fds)
+            case ch.RemoveClient(client_id=cid):
+                client = self.clients.get(cid)
+                if client is not None:
+                    client.removing = True
+            case ch.Reload(config_text=text, config_source=source):
+                try:
+                    self.config = loads(text, source=source)
+                except Exception as exc:  # noqa: BLE001 - the supervisor validated it already
+                    log.error("worker %d: reload refused: %s", self.index, exc)
+            case ch.Shutdown(timeout_ms=ms):
+                self._begin_shutdown(ms)
+            case _:
+                for fd in fds:
+                    os.close(fd)
+                log.error("worker %d: unexpected control message %r", self.index, msg)
+
+    def _add_client(self, cid: int, name: str, fds: list[int]) -> None:
+        if not fds:
+            log.error("worker %d: client %d came without its segment", self.index, cid)
+            return
+        try:
+            segment = Segment.attach(fds[0], fds[1:])
+        except SegmentError as exc:
+            for fd in fds:
+                os.close(fd)
+            self.chan.send(ch.ClientDropped(client_id=cid, reason=str(exc)))
+            return
+        client = _Client(cid, name, segment, self.index)
+        try:
+            start = _resume_position(client)
+        except CorruptFrameError as exc:
+            segment.close()
+            self.chan.send(ch.ClientDropped(client_id=cid, reason=str(exc)))
+            return
+        client.req.seek(start)
+        self.clients[cid] = client
+        if client.bell is not None:
+            asyncio.get_running_loop().add_reader(client.bell.fd, self._on_bell, client)
+
+    def _on_bell(self, client: _Client) -> None:
+        if client.bell is not None:
+            client.bell.drain()
+        self._poke()
+
+    def _on_partition_count(self, topic: str, count: int) -> None:
+        self.chan.send(ch.PartitionCount(topic=topic, partitions=count))
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    # --- draining -------------------------------------------------------------------------
+
+    def drain(self) -> bool:
+        """One pass over every client's request ring; True if any record was taken."""
+        if self._arena_full:
+            return False
+        took = False
+        now = time.monotonic() * 1000.0
+        for client in list(self.clients.values()):
+            if client.dead:
+                continue
+            try:
+                if self._drain_client(client, now):
+                    took = True
+            except CorruptFrameError as exc:
+                self._drop(client, str(exc))
+            if self._arena_full:
+                break
+        if took:
+            self.sender.wakeup()
+        return took
+
+    def _drain_client(self, client: _Client, now: float) -> bool:
+        ring = client.req
+        took = False
+        while True:
+            start, end = ring.region()
+            if start == end:
+                return took
+            self._chunk_seq += 1
+            key = self._chunk_seq
+            acc = self.acc
+            acc.appended = 0
+            code, pos = acc.append_region(
+                ring.view, start, end, self.topic_names, self.partition_counts, key, now
+            )
+            count = acc.appended
+            if count:
+                chunk = _Chunk(ring.position_after(pos - start), count)
+                client.chunks.append(chunk)
+                self._chunks[key] = (client, chunk)
+                self.counters["records_in"] += count
+                self.counters["bytes_in"] += pos - start
+                took = True
+            if pos > start:
+                ring.advance(pos - start)
+            if code == APPEND_OK:
+                continue
+            if code == APPEND_FULL:
+                self._arena_full = True
+                return took
+            if code == APPEND_TOO_LARGE:
+                self._fail_frame(client, ring, pos, ec.MESSAGE_TOO_LARGE)
+                took = True
+                continue
+            if code == APPEND_INVALID:
+                # Let a topic announced a moment ago land before judging the frame.
+                self._on_control()
+                acc.appended = 0
+                code2, pos2 = acc.append_region(
+                    ring.view, pos, end, self.topic_names, self.partition_counts, key, now
+                )
+                if code2 == APPEND_INVALID and pos2 == pos:
+                    raise CorruptFrameError(
+                        f"client {client.client_id} ({client.name}): invalid frame at ring "
+                        f"position {ring.position_after(pos - start)}"
+                    )
+                # The topic was only late: account for what was taken and go on.
+                if acc.appended:
+                    chunk = _Chunk(ring.position_after(pos2 - pos), acc.appended)
+                    client.chunks.append(chunk)
+                    self._chunks[key] = (client, chunk)
+                    self.counters["records_in"] += acc.appended
+                if pos2 > pos:
+                    ring.advance(pos2 - pos)
+                took = True
+                continue
+            return took
+
+    def _fail_frame(self, client: _Client, ring: Any, pos: int, code: int) -> None:
+        """Complete the record frame at ``pos`` with ``code`` (it never enters a batch)."""
+        plen, _ftype, tid, _flags, part, _ts = _RECORD_PREFIX.unpack_from(ring.view, pos)
+        size = (plen + 15) & -8
+        chunk = _Chunk(ring.position_after(size), 0)
+        chunk.results.append((0, tid, code, part, -1, -1, 1))
+        ring.advance(size)
+        client.chunks.append(chunk)
+        self._count_error(code, 1)
+        self._dirty.add(client)
+
+    def _drop(self, client: _Client, reason: str) -> None:
+        log.error("worker %d: dropping client %d (%s): %s", self.index, client.client_id, client.name, reason)
+        client.dead = True
+        self.counters["dropped_clients"] += 1
+        self.chan.send(ch.ClientDropped(client_id=client.client_id, reason=reason))
+
+    # --- completions ----------------------------------------------------------------------
+
+    def _on_complete(self, batch: Batch, error_code: int, base_offset: int, log_append_ms: int) -> None:
+        tid = self.topic_ids.get(batch.topic, -1)
+        offset = base_offset
+        order = batch.ordinal
+        chunks = self._chunks
+        for key, count in batch.runs:
+            entry = chunks.get(key)
+            if entry is not None:
+                client, chunk = entry
+                chunk.results.append(
+                    (order, tid, error_code, batch.partition, offset if error_code == 0 else -1, log_append_ms, count)
+                )
+                chunk.pending -= count
+                if chunk.pending <= 0:
+                    del chunks[key]
+                    self._dirty.add(client)
+            if offset >= 0:
+                offset += count
+        if error_code:
+            self._count_error(error_code, batch.record_count)
+        else:
+            self.counters["records_out"] += batch.record_count
+            self.latency.add(time.monotonic() * 1000.0 - batch.created_ms)
+        if self._arena_full:
+            self._arena_full = False
+        self._poke()
+
+    def _count_error(self, code: int, records: int) -> None:
+        name = ec.error_name(code)
+        errs = self.counters["errors"]
+        errs[name] = errs.get(name, 0) + records
+        self.counters["records_failed"] += records
+
+    def emit(self) -> None:
+        """Write the completions of every finished chunk, in chunk order, per client."""
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, set()
+        for client in dirty:
+            if not self._emit_client(client):
+                self._dirty.add(client)
+
+    def _emit_client(self, client: _Client) -> bool:
+        ring = client.cmp
+        view = ring.view
+        chunks = client.chunks
+        wrote = False
+        ok = True
+        while chunks and chunks[0].pending <= 0:
+            chunk = chunks[0]
+            results = chunk.results
+            if len(results) > 1:
+                results.sort()
+            claimed = 0
+            for _order, tid, err, part, base, ts, count in results:
+                pos = ring.claim(FRAME_COMPLETION, 32)
+                if pos < 0:
+                    break
+                _pack_completion(view, pos, tid, err, part, base, ts, count, 0)
+                claimed += 1
+            if claimed == len(results):
+                pos = ring.claim(FRAME_CHUNK_DONE, 8)
+            else:
+                pos = -1
+            if pos < 0:
+                # Completion ring full: publish nothing of this chunk, retry after the client reads.
+                ring.rollback()
+                ok = False
+                break
+            _pack_chunk_done(view, pos, chunk.end)
+            chunks.popleft()
+            self.counters["chunks"] += 1
+            wrote = True
+            # Publish per chunk, so a later full ring never holds back a complete one.
+            ring.publish_head()
+        if client.dead or client.removing:
+            self._maybe_detach(client)
+        return ok
+
+    def _maybe_detach(self, client: _Client) -> None:
+        if client.chunks:
+            return
+        if not client.dead and client.req.readable():
+            return
+        if client.client_id not in self.clients:
+            return
+        del self.clients[client.client_id]
+        if client.bell is not None:
+            asyncio.get_running_loop().remove_reader(client.bell.fd)
+        for ring in (client.req, client.cmp):
+            ring.release()
+        client.segment.close()
+        self.chan.send(ch.ClientDetached(client_id=client.client_id))
+
+    # --- main loop ------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        s = self.sender.stats
+        arena = self.arena
+        ring_fill = 0.0
+        for client in self.clients.values():
+            ring_fill = max(ring_fill, client.req.used() / client.req.capacity)
+        c = self.counters
+        return {
+            "records_in": c["records_in"],
+            "bytes_in": c["bytes_in"],
+            "records_out": c["records_out"],
+            "records_failed": c["records_failed"],
+            "bytes_out": s["bytes"],
+            "batches": s["batches"],
+            "requests": s["requests"],
+            "in_flight": s["in_flight"],
+            "retries": s["retries"],
+            "errors": dict(c["errors"]),
+            "clients": len(self.clients),
+            "dropped_clients": c["dropped_clients"],
+            "ring_fill": ring_fill,
+            "arena_fill": arena.used_bytes / arena.size if arena.size else 0.0,
+            "open_batches": self.acc.open_batches,
+            "latency_ms": self.latency.percentiles(),
+            "alive": True,
+            "pid": os.getpid(),
+        }
+
+    def _send_stats(self) -> None:
+        for client in self.clients.values():
+            client.segment.beat_daemon()
+        self.chan.send(ch.Stats(worker=self.index, snapshot=self.snapshot()))
+        if not self._stopping:
+            asyncio.get_running_loop().call_later(_STATS_INTERVAL_S, self._send_stats)
+
+    def _begin_shutdown(self, timeout_ms: int) -> None:
+        self._stopping = True
+        self._shutdown_timeout_ms = timeout_ms
+        self._poke()
+
+    async def main_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        loop.add_reader(self.chan.fileno(), self._on_control)
+        await self.sender.start()
+        sender_task = asyncio.create_task(self.sender.run(), name=f"sender-{self.index}")
+        self.chan.send(ch.Ready(worker=self.index))
+        self._send_stats()
+        try:
+            while not self._stopping:
+                took = self.drain()
+                self.emit()
+                if not self.chan.flush():
+                    pass
+                if took:
+                    await asyncio.sleep(0)
+                    continue
+                if self._arm_all():
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), 0.02)
+                    except asyncio.TimeoutError:
+                        pass
+                    self._disarm_all()
+            await self._drain_and_stop(sender_task)
+        finally:
+            loop.remove_reader(self.chan.fileno())
+
+    def _arm_all(self) -> bool:
+        """Tell every writer we sleep; False when some ring has data after all."""
+        if self._dirty or self._arena_full:
+            return not self._dirty
+        for client in self.clients.values():
+            if not client.dead and not client.req.arm():
+                self._disarm_all()
+                return False
+        return True
+
+    def _disarm_all(self) -> None:
+        for client in self.clients.values():
+            if not client.dead:
+                client.req.disarm()
+
+    async def _drain_and_stop(self, sender_task: asyncio.Task[None]) -> None:
+        deadline = time.monotonic() + self._shutdown_timeout_ms / 1000.0
+        # Take in everything clients committed, as the arena allows.
+        while time.monotonic() < deadline:
+            took = self.drain()
+            self.emit()
+            if not took and not self._arena_full:
+                break
+            await asyncio.sleep(0.001 if not took else 0)
+        remaining = max(0.0, deadline - time.monotonic())
+        await self.sender.close(remaining)
+        self.emit()
+        try:
+            await asyncio.wait_for(sender_task, 1.0)
+        except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+            sender_task.cancel()
+        undelivered = sum(c.pending for _, c in self._chunks.values())
+        self.chan.send(ch.Bye(worker=self.index, undelivered=undelivered))
+        self.chan.flush()
+
+
+def _resume_position(client: _Client) -> int:
+    """Where to start reading: past the last chunk whose CHUNK_DONE the client has not read."""
+    start = client.req.tail
+    end = chunk_done_end(client.cmp)
+    if end is not None and end > start:
+        start = end
+    return start
+
+
+async def _run(index: int, workers: int, chan: ch.Channel, config: Config) -> None:
+    worker = Worker(index, workers, config, chan)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # The supervisor decides when workers stop; a terminal's Ctrl-C reaches it too.
+        loop.add_signal_handler(sig, lambda: None)
+    await worker.main_loop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m daemon.worker FD``: the fd is this worker's channel end."""
+    argv = sys.argv[1:] if argv is None else argv
+    fd = int(argv[0])
+    sock = socket.socket(fileno=fd)
+    chan = ch.Channel(sock, ch.ToWorker)
+    # Wait (blocking, bounded) for Start.
+    sock.setblocking(True)
+    sock.settimeout(30.0)
+    data, anc, _, _ = sock.recvmsg(ch.MAX_MESSAGE)
+    sock.setblocking(False)
+    import msgspec
+
+    start = msgspec.msgpack.decode(data, type=ch.ToWorker)
+    if not isinstance(start, ch.Start):
+        print("worker: first message was not Start", file=sys.stderr)
+        return 2
+    config = loads(start.config_text, source=start.config_source)
+    logging.basicConfig(
+        level=config.daemon.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s worker-{start.worker} %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        import uvloop
+
+        uvloop.run(_run(start.worker, start.workers, chan, config))
+    except KeyboardInterrupt:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
