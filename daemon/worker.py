@@ -118,6 +118,7 @@ class Worker:
         self._chunk_seq = 0
         self._chunks: dict[int, tuple[_Client, _Chunk]] = {}
         self._dirty: set[_Client] = set()
+        self._removing: set[_Client] = set()  # gone clients still being drained
         self._arena_full = False
         self._wake: asyncio.Event | None = None
         self._stopping = False
@@ -183,6 +184,7 @@ class Worker:
                 client = self.clients.get(cid)
                 if client is not None:
                     client.removing = True
+                    self._removing.add(client)
             case ch.Reload(config_text=text, config_source=source):
                 try:
                     self.config = loads(text, source=source)
@@ -323,6 +325,7 @@ class Worker:
     def _drop(self, client: _Client, reason: str) -> None:
         log.error("worker %d: dropping client %d (%s): %s", self.index, client.client_id, client.name, reason)
         client.dead = True
+        self._removing.add(client)
         self.counters["dropped_clients"] += 1
         self.chan.send(ch.ClientDropped(client_id=client.client_id, reason=reason))
 
@@ -363,6 +366,9 @@ class Worker:
 
     def emit(self) -> None:
         """Write the completions of every finished chunk, in chunk order, per client."""
+        if self._removing:
+            for client in list(self._removing):
+                self._maybe_detach(client)
         if not self._dirty:
             return
         dirty, self._dirty = self._dirty, set()
@@ -415,6 +421,8 @@ class Worker:
         if client.client_id not in self.clients:
             return
         del self.clients[client.client_id]
+        self._removing.discard(client)
+        self._dirty.discard(client)
         if client.bell is not None:
             asyncio.get_running_loop().remove_reader(client.bell.fd)
         for ring in (client.req, client.cmp):
