@@ -35,5 +35,14 @@ test: venv
 	if [ $$rc = 5 ]; then echo "pytest collected no tests"; fi; \
 	exit $$rc
 
+# The whole product in one command: a local Kafka, the daemon, clients over shared memory and
+# the socket, stats, and an independent read-back. Stops only what it started.
+demo: venv
+	@started=0; \
+	if ! scripts/kafka.sh status >/dev/null 2>&1; then scripts/kafka.sh up >/dev/null || exit 1; started=1; fi; \
+	SLUICE_BOOTSTRAP=127.0.0.1:$(KAFKA_PORT) $(PY) scripts/demo.py; rc=$$?; \
+	if [ $$started = 1 ]; then scripts/kafka.sh down; fi; \
+	exit $$rc
+
 clean: kafka-down
 	rm -rf $(VENV) .run .pytest_cache .hypothesis
