@@ -1,0 +1,61 @@
+"""Fixtures for the daemon end to end: a real ``sluice run`` and a spawn multiprocessing context.
+
+``sluice_daemon`` yields a :class:`daemon_fixture.SluiceDaemon` (unpacks as socket path,
+process, config path) with two workers against the test broker; its teardown sends SIGTERM and
+fails the test unless the daemon exits 0 in time. ``start_sluice(**kw)`` starts more (or
+differently configured) daemons with the same teardown.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# The client programs live in daemon_fixture; spawned processes import it by this path.
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+import daemon_fixture  # noqa: E402
+
+
+@pytest.fixture
+def start_sluice(kafka_bootstrap: str) -> Iterator[Callable[..., daemon_fixture.SluiceDaemon]]:
+    started: list[daemon_fixture.SluiceDaemon] = []
+
+    def start(**kw: Any) -> daemon_fixture.SluiceDaemon:
+        d = daemon_fixture.start_daemon(kafka_bootstrap, **kw)
+        started.append(d)
+        return d
+
+    yield start
+    problems = []
+    for d in started:
+        try:
+            code = d.stop()
+        except AssertionError as exc:
+            problems.append(str(exc))
+            continue
+        if code != 0:
+            problems.append(f"sluice exited with {code}; log:\n{d.log()[-6000:]}")
+        else:
+            shutil.rmtree(d.workdir, ignore_errors=True)
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def sluice_daemon(start_sluice: Callable[..., daemon_fixture.SluiceDaemon]) -> daemon_fixture.SluiceDaemon:
+    return start_sluice()
+
+
+@pytest.fixture(scope="session")
+def spawn() -> Any:
+    """A multiprocessing context that spawns (no fork of a process with threads)."""
+    return multiprocessing.get_context("spawn")
