@@ -16,6 +16,7 @@ from __future__ import annotations
 import array
 import asyncio
 import faulthandler
+import importlib.metadata
 import logging
 import os
 import signal
@@ -46,9 +47,30 @@ __all__ = ["Supervisor", "run"]
 log = logging.getLogger("sluice.supervisor")
 
 EXIT_CONFIG = 78  # EX_CONFIG: the unit's RestartPreventExitStatus, so a bad config does not loop
-_HEARTBEAT_STALE_S = 5.0
+# Workers send a Stats heartbeat every second (daemon/worker.py _STATS_INTERVAL_S). A worker is
+# stale after missing a few of them, or after one systemd watchdog period when that is longer:
+# judging faster than the pings go out would gain nothing, and three beats leave room for a
+# loaded host. With WatchdogSec=10s that is 5 s; a test's WATCHDOG_USEC=2s gives 3 s.
+_HEARTBEAT_S = 1.0
+_HEARTBEAT_MIN_STALE_S = 3 * _HEARTBEAT_S
+_HEARTBEAT_STALE_S = 5.0  # without a watchdog: only the stats' "alive" flag depends on it
+_EXTEND_EVERY_S = 1.0  # EXTEND_TIMEOUT_USEC during the drain: once a second is plenty
+_RELOAD_APPLY_TIMEOUT_S = 5.0  # READY=1 after a reload waits this long at most for the workers
 _RESTART_BACKOFF_MAX_S = 10.0
 _MAX_ANCILLARY = socket.CMSG_SPACE(253 * 4)
+# How long a refused connection stays open for the client's Hello: closing before it arrives
+# would hand the client EPIPE on its Hello instead of the NOT_ALLOWED reply.
+_REFUSE_LINGER_S = 1.0
+
+
+def _installed_version() -> str:
+    try:
+        return importlib.metadata.version("sluice")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+_VERSION = _installed_version()
 
 
 class _NoBatches:
@@ -78,6 +100,8 @@ class _WorkerHandle:
         self.restarts = 0
         self.bye = False
         self.next_start = 0.0
+        # Reloads done before this process started: its Start already carried their config.
+        self.reloads_at_spawn = 0
 
 
 class _Client:
@@ -109,7 +133,10 @@ class Supervisor:
         self._events: asyncio.Queue[str] = asyncio.Queue()
         self._stopping = False
         self._started = time.monotonic()
+        self._started_wall = time.time()
         self._reloads = 0
+        self._stale_s = _HEARTBEAT_STALE_S
+        self._startup_task: asyncio.Task[Any] | None = None
         self._meta: Sender | None = None
         self._ingest: Any = None
         self._watchdog: systemd.Watchdog | None = None
@@ -121,8 +148,9 @@ class Supervisor:
 
     async def startup(self) -> None:
         loop = asyncio.get_running_loop()
+        self._startup_task = asyncio.current_task()
         for sig, name in ((signal.SIGTERM, "stop"), (signal.SIGINT, "stop"), (signal.SIGHUP, "reload")):
-            loop.add_signal_handler(sig, self._events.put_nowait, name)
+            loop.add_signal_handler(sig, self._on_signal, name)
         cfg = self.config.daemon
         systemd.status("starting: connecting to Kafka")
         self._meta = Sender(self.config.kafka, _NoBatches(), self.config.profile_for, lambda *a: None)
@@ -137,10 +165,18 @@ class Supervisor:
         self._serve_task = self._spawn_task(self._accept_loop(), "accept")
         self._spawn_task(self._monitor_workers(), "monitor")
         self._ingest = await self._start_ingest()
-        self._watchdog = systemd.Watchdog(self._healthy)
-        self._watchdog.start()
         if cfg.metrics_port:
             self._metrics = await start_metrics(self.stats, cfg.metrics_port, host=cfg.metrics_address)
+        self._watchdog = systemd.Watchdog(self._healthy)
+        if self._watchdog.period is not None:
+            self._stale_s = max(_HEARTBEAT_MIN_STALE_S, self._watchdog.period)
+            log.info(
+                "systemd watchdog: a ping every %.1fs while every worker beat in the last %.1fs",
+                self._watchdog.period,
+                self._stale_s,
+            )
+        self._watchdog.start()
+        self._startup_task = None
         systemd.ready(self._status_line())
         log.info(
             "ready: %d workers, socket %s, kafka %s",
@@ -148,6 +184,14 @@ class Supervisor:
             cfg.socket_path,
             self.config.kafka.bootstrap_servers,
         )
+
+    def _on_signal(self, name: str) -> None:
+        # Handlers only enqueue; main_loop dispatches. The exception is a stop during start-up,
+        # which may sit in a minute of Kafka retries: cancel start-up so SIGTERM acts at once.
+        if name == "stop" and self._startup_task is not None:
+            self._startup_task.cancel()
+            self._startup_task = None
+        self._events.put_nowait(name)
 
     async def _connect_kafka(self) -> None:
         delay = 0.2
@@ -210,6 +254,7 @@ class Supervisor:
         handle.ready = False
         handle.bye = False
         handle.last_beat = time.monotonic()
+        handle.reloads_at_spawn = self._reloads
         self._pin(handle)
         chan = handle.chan
         chan.send(
@@ -304,9 +349,14 @@ class Supervisor:
                     self._worker_gone(h)
             systemd.status(self._status_line())
 
+    def _reloads_in_force(self, h: _WorkerHandle) -> int:
+        snap = h.snapshot
+        current = h.proc is not None and snap.get("pid") == h.proc.pid
+        return h.reloads_at_spawn + (snap.get("reloads_applied", 0) if current else 0)
+
     def _healthy(self) -> bool:
         now = time.monotonic()
-        return all(h.chan is not None and now - h.last_beat < _HEARTBEAT_STALE_S for h in self.workers)
+        return all(h.chan is not None and now - h.last_beat < self._stale_s for h in self.workers)
 
     def _broadcast(self, msg: Any, fds: list[int] | None = None) -> None:
         for h in self.workers:
@@ -411,6 +461,10 @@ class Supervisor:
             refused = self._check_peer(client)
             if refused:
                 await self._send(client, control.error_reply(control.ERR_NOT_ALLOWED, refused, fatal=True))
+                try:
+                    await asyncio.wait_for(self._read(client, reader), _REFUSE_LINGER_S)
+                except (asyncio.TimeoutError, SluiceError):
+                    pass
                 return
             while True:
                 try:
@@ -430,16 +484,21 @@ class Supervisor:
             await self._close_client(client)
 
     def _check_peer(self, client: _Client) -> str | None:
+        """None when the peer may stay; else what to tell it (the log gets the details)."""
         cfg = self.config.daemon
         try:
             pid, uid, gid = peer_credentials(client.sock)
         except OSError:
-            return None
+            pid, uid, gid = 0, -1, -1  # check_peer refuses it whenever an allow-list is set
         client.pid = pid
+        if pid == os.getpid():
+            return None  # the supervisor's own socket-ingest producer, whatever the lists say
         reason = check_peer(client.sock, cfg.allowed_uids, cfg.allowed_gids)
-        if reason:
-            log.warning("refused peer pid %d uid %d gid %d: %s", pid, uid, gid, reason)
-        return reason
+        if reason is None:
+            return None
+        log.warning("client %d refused (allowed_uids/allowed_gids): %s", client.client_id, reason)
+        # Not the lists themselves: a refused peer learns nothing about who is allowed.
+        return f"access denied: uid {uid} gid {gid} is not allowed to use this daemon"
 
     async def _dispatch(self, client: _Client, msg: Any, fds: list[int]) -> bool:
         """Handle one message; False to close the connection."""
@@ -644,7 +703,7 @@ class Supervisor:
         workers: dict[str, Any] = {}
         for h in self.workers:
             snap = dict(h.snapshot)
-            snap["alive"] = h.chan is not None and now - h.last_beat < _HEARTBEAT_STALE_S
+            snap["alive"] = h.chan is not None and now - h.last_beat < self._stale_s
             snap["restarts"] = h.restarts
             workers[str(h.index)] = snap
         drops = dict(self._ingest.drops) if self._ingest is not None else {}
@@ -657,6 +716,8 @@ class Supervisor:
             "restarts": sum(h.restarts for h in self.workers),
             "reloads": self._reloads,
             "uptime_s": round(now - self._started, 1),
+            "start_time": self._started_wall,
+            "version": _VERSION,
             "drops": drops,
         }
 
@@ -675,9 +736,14 @@ class Supervisor:
             if event == "stop":
                 return
             if event == "reload":
-                self.reload()
+                await self.reload()
 
-    def reload(self) -> None:
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config file and apply it, or refuse it and change nothing.
+
+        READY=1 follows RELOADING=1 either way (systemd waits for it); after an applied reload it
+        is sent once every worker confirmed the new config, so "ready" means it is in force.
+        """
         systemd.reloading("reloading configuration")
         try:
             with open(self.config_path, encoding="utf-8") as f:
@@ -699,8 +765,26 @@ class Supervisor:
         self._reloads += 1
         logging.getLogger().setLevel(new.daemon.log_level.upper())
         self._broadcast(ch.Reload(config_text=text, config_source=self.config_path))
+        await self._await_reload_applied(_RELOAD_APPLY_TIMEOUT_S)
         log.info("reloaded: %s", ", ".join(diff.live) or "no changes")
         systemd.ready(self._status_line())
+
+    async def _await_reload_applied(self, timeout: float) -> bool:
+        # Each worker answers a Reload with a Stats whose reloads_applied counts it (a snapshot
+        # left by a previous process of the same worker does not count: the pid tells).
+        deadline = time.monotonic() + timeout
+        while True:
+            behind = [h.index for h in self.workers if h.chan is not None and self._reloads_in_force(h) < self._reloads]
+            if not behind:
+                return True
+            if time.monotonic() > deadline:
+                log.warning(
+                    "worker(s) %s did not confirm the reload within %.0fs; they apply it when they catch up",
+                    ", ".join(map(str, behind)),
+                    timeout,
+                )
+                return False
+            await asyncio.sleep(0.01)
 
     async def shutdown(self) -> None:
         self._stopping = True
@@ -719,14 +803,19 @@ class Supervisor:
             await asyncio.to_thread(self._ingest.flush, min(timeout_s, 10.0))
         self._broadcast(ch.Shutdown(timeout_ms=int(timeout_s * 1000)))
         deadline = time.monotonic() + timeout_s + 5.0
+        extended = time.monotonic()
         while any(h.proc is not None and h.proc.poll() is None for h in self.workers):
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 for h in self.workers:
                     if h.proc is not None and h.proc.poll() is None:
                         log.error("worker %d did not stop in time; killing it", h.index)
                         h.proc.kill()
                 break
-            systemd.extend_timeout(5_000_000)
+            if now - extended >= _EXTEND_EVERY_S:
+                # Bounded by the deadline above, so a drain that hangs is still killed.
+                systemd.extend_timeout(5_000_000)
+                extended = now
             await asyncio.sleep(0.05)
         for h in self.workers:
             if h.proc is not None:
@@ -749,12 +838,13 @@ class Supervisor:
                 client.segment.close()
         for task in list(self._tasks):
             task.cancel()
-        if self._watchdog is not None:
-            await self._watchdog.stop()
         if self._metrics is not None:
             await self._metrics.close()
         if self._meta is not None:
             await self._meta.close(0.1)
+        # Fed through the whole drain (a hung drain must still be caught); stopped last.
+        if self._watchdog is not None:
+            await self._watchdog.stop()
         log.info("stopped")
 
 
@@ -783,7 +873,15 @@ def _fds_of(anc: list[tuple[int, int, bytes]]) -> list[int]:
 async def _amain(sup: Supervisor) -> int:
     try:
         await sup.startup()
-    except SluiceError as exc:
+    except asyncio.CancelledError:
+        # SIGTERM during start-up (Supervisor._on_signal): not a failure, so exit 0.
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        log.info("stop requested during start-up")
+        await sup.shutdown()
+        return 0
+    except (SluiceError, OSError) as exc:
         log.error("start-up failed: %s", exc)
         await sup.shutdown()
         return 1

@@ -24,6 +24,7 @@ from the arena, a later step).
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
@@ -132,6 +133,7 @@ class Worker:
             "chunks": 0,
             "errors": {},
             "dropped_clients": 0,
+            "reloads_applied": 0,
         }
         runtime = config.daemon.runtime_path()
         arena_path = os.path.join(runtime, f"arena-{index}") if runtime else None
@@ -190,6 +192,10 @@ class Worker:
                     self.config = loads(text, source=source)
                 except Exception as exc:  # noqa: BLE001 - the supervisor validated it already
                     log.error("worker %d: reload refused: %s", self.index, exc)
+                else:
+                    # The supervisor holds READY=1 until every worker reports this count.
+                    self.counters["reloads_applied"] += 1
+                    self.chan.send(ch.Stats(worker=self.index, snapshot=self.snapshot()))
             case ch.Shutdown(timeout_ms=ms):
                 self._begin_shutdown(ms)
             case _:
@@ -456,6 +462,9 @@ class Worker:
             "arena_fill": arena.used_bytes / arena.size if arena.size else 0.0,
             "open_batches": self.acc.open_batches,
             "latency_ms": self.latency.percentiles(),
+            "latency_count": self.latency.total,
+            "reloads_applied": c["reloads_applied"],
+            "latency_sum_ms": self.latency.sum_ms,
             "alive": True,
             "pid": os.getpid(),
         }
@@ -557,6 +566,8 @@ async def _run(index: int, workers: int, chan: ch.Channel, config: Config) -> No
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m daemon.worker FD``: the fd is this worker's channel end."""
     argv = sys.argv[1:] if argv is None else argv
+    # A hung worker (the watchdog stops) can be inspected with kill -ABRT/-SEGV: stacks to stderr.
+    faulthandler.enable()
     fd = int(argv[0])
     sock = socket.socket(fileno=fd)
     chan = ch.Channel(sock, ch.ToWorker)
