@@ -55,6 +55,7 @@ _HEARTBEAT_S = 1.0
 _HEARTBEAT_MIN_STALE_S = 3 * _HEARTBEAT_S
 _HEARTBEAT_STALE_S = 5.0  # without a watchdog: only the stats' "alive" flag depends on it
 _EXTEND_EVERY_S = 1.0  # EXTEND_TIMEOUT_USEC during the drain: once a second is plenty
+_WORKER_START_S = 60.0  # spawn to Ready (the worker's own Kafka connection included)
 _RELOAD_APPLY_TIMEOUT_S = 5.0  # READY=1 after a reload waits this long at most for the workers
 _RESTART_BACKOFF_MAX_S = 10.0
 _MAX_ANCILLARY = socket.CMSG_SPACE(253 * 4)
@@ -161,7 +162,7 @@ class Supervisor:
             os.makedirs(runtime, exist_ok=True)
         for handle in self.workers:
             self._spawn(handle)
-        await self._await_workers_ready(60.0)
+        await self._await_workers_ready(_WORKER_START_S)
         self._serve_task = self._spawn_task(self._accept_loop(), "accept")
         self._spawn_task(self._monitor_workers(), "monitor")
         self._ingest = await self._start_ingest()
@@ -355,8 +356,21 @@ class Supervisor:
         return h.reloads_at_spawn + (snap.get("reloads_applied", 0) if current else 0)
 
     def _healthy(self) -> bool:
+        """The watchdog's question: is every worker either beating or being repaired by us?
+
+        A worker that crashed waits out its restart backoff, and a new one connects to Kafka
+        before its first heartbeat: both are the supervisor's to fix, and withholding pings
+        for them would let one worker crash take the whole daemon down via systemd. A worker
+        that stops beating while its process lives (hung, stopped) is what systemd must see.
+        """
         now = time.monotonic()
-        return all(h.chan is not None and now - h.last_beat < self._stale_s for h in self.workers)
+        for h in self.workers:
+            if h.chan is None:
+                continue  # crashed: _worker_gone scheduled its restart
+            limit = self._stale_s if h.ready else _WORKER_START_S
+            if now - h.last_beat >= limit:
+                return False
+        return True
 
     def _broadcast(self, msg: Any, fds: list[int] | None = None) -> None:
         for h in self.workers:

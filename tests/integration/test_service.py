@@ -214,6 +214,21 @@ def test_ready_status_watchdog_and_stop(service, new_topic) -> None:
         time.sleep(0.05)
     d.wait_log("resuming systemd watchdog pings", after=log_at, timeout=2)
 
+    # A crashed worker is the supervisor's to restart: the pings go on meanwhile.
+    t_kill = time.monotonic()
+    os.kill(pids[1], signal.SIGKILL)
+    deadline = t_kill + 15
+    while True:
+        workers = d.stats()["workers"]
+        if workers["1"]["restarts"] == 1 and workers["1"].get("pid") not in (None, pids[1]) and workers["1"]["alive"]:
+            break
+        assert time.monotonic() < deadline, f"worker 1 not back 15 s after SIGKILL: {workers['1']}"
+        time.sleep(0.2)
+    time.sleep(max(0.0, t_kill + 3.0 - time.monotonic()))
+    around = [t_cont, *_pings(notify, t_cont)]
+    gaps = [b - a for a, b in zip(around, around[1:])]
+    assert max(gaps) < WATCHDOG_USEC / 1e6, f"ping gaps around a worker crash: {gaps}"
+
     assert sum(1 for m in notify.messages if m.fields.get("READY") == "1") == 1, "READY=1 more than once"
 
     # SIGTERM: STOPPING=1, the stop timeout extended for the drain, exit 0.
