@@ -12,7 +12,8 @@ What Sluice sends, and when (the supervisor drives it):
 ==========================  ==================================================================
 call                        when
 ==========================  ==================================================================
-``ready(status)``           the control socket listens and every worker has started
+``ready(status)``           the control socket answers, every worker runs and Kafka's
+                            metadata was fetched (never before: systemd starts dependents then)
 ``status(text)``            human-readable state for ``systemctl status`` (clients, drops, ...)
 ``reloading()``             SIGHUP received, before the new config is applied; ``ready()``
                             again when done (systemd keeps the unit in "reloading" until then)
@@ -22,9 +23,10 @@ call                        when
 ==========================  ==================================================================
 
 The unit uses ``NotifyAccess=main``: systemd drops datagrams from any other PID, so only the
-supervisor (the main process) may call these. Worker processes inherit ``NOTIFY_SOCKET``; the
-supervisor should remove it (and ``WATCHDOG_*``) from their environment so that a worker's
-message is not silently discarded and confused for a working notification.
+supervisor (the main process) may call these. The supervisor starts its workers without
+``NOTIFY_SOCKET`` and ``WATCHDOG_*`` in their environment, so that a worker's message cannot be
+silently discarded and confused for a working notification (tests/integration/test_service.py
+checks both the workers' environment and the sender of every datagram).
 """
 
 from __future__ import annotations
