@@ -476,9 +476,13 @@ class Supervisor:
             if refused:
                 await self._send(client, control.error_reply(control.ERR_NOT_ALLOWED, refused, fatal=True))
                 try:
-                    await asyncio.wait_for(self._read(client, reader), _REFUSE_LINGER_S)
+                    item = await asyncio.wait_for(self._read(client, reader), _REFUSE_LINGER_S)
                 except (asyncio.TimeoutError, SluiceError):
-                    pass
+                    item = None
+                for _msg, fds in ([item] if item else []) + client.inbox:
+                    for fd in fds:  # a SegmentOffer sent ahead of the reply: not ours to keep
+                        os.close(fd)
+                client.inbox.clear()
                 return
             while True:
                 try:
