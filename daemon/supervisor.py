@@ -140,6 +140,9 @@ class Supervisor:
         self._startup_task: asyncio.Task[Any] | None = None
         self._meta: Sender | None = None
         self._ingest: Any = None
+        # The socket answers before the ingest producer is attached (it connects to that very
+        # socket), so a Produce that arrives in between waits for it.
+        self._ingest_ready = asyncio.Event()
         self._watchdog: systemd.Watchdog | None = None
         self._metrics: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -166,6 +169,7 @@ class Supervisor:
         self._serve_task = self._spawn_task(self._accept_loop(), "accept")
         self._spawn_task(self._monitor_workers(), "monitor")
         self._ingest = await self._start_ingest()
+        self._ingest_ready.set()
         if cfg.metrics_port:
             self._metrics = await start_metrics(self.stats, cfg.metrics_port, host=cfg.metrics_address)
         self._watchdog = systemd.Watchdog(self._healthy)
@@ -651,6 +655,8 @@ class Supervisor:
         return producer
 
     async def _produce(self, client: _Client, msg: control.Produce) -> None:
+        if self._ingest is None:
+            await self._ingest_ready.wait()
         producer = self._ingest
         results: list[control.RecordResult | None] = [None] * len(msg.records)
         futures: list[tuple[int, Any]] = []
