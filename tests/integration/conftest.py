@@ -25,8 +25,16 @@ if _HERE not in sys.path:
 import daemon_fixture  # noqa: E402
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    # Remembered so the daemon fixture can show the daemon's log when the test failed.
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
+
+
 @pytest.fixture
-def start_sluice(kafka_bootstrap: str) -> Iterator[Callable[..., daemon_fixture.SluiceDaemon]]:
+def start_sluice(kafka_bootstrap: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., daemon_fixture.SluiceDaemon]]:
     started: list[daemon_fixture.SluiceDaemon] = []
 
     def start(**kw: Any) -> daemon_fixture.SluiceDaemon:
@@ -35,6 +43,10 @@ def start_sluice(kafka_bootstrap: str) -> Iterator[Callable[..., daemon_fixture.
         return d
 
     yield start
+    call = getattr(request.node, "rep_call", None)
+    if call is not None and call.failed:
+        for d in started:
+            print(f"--- log of sluice at {d.socket_path} ---\n{d.log()[-20000:]}", file=sys.stderr)
     problems = []
     for d in started:
         try:

@@ -201,7 +201,7 @@ def start_daemon(bootstrap: str, *, workers: int = 2, extra: str = "", daemon_ex
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [SLUICE, "run", "--config", config],
-            cwd=str(ROOT),
+            cwd=workdir,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
