@@ -99,11 +99,15 @@ Ordering
 --------
 - **Which store commits.** The writer writes the frame (its header, its payload, and any
   padding frame before it) and then *publishes the head*: one aligned 8-byte store of the new
-  head position (``struct.pack_into('<Q', mapping, head_offset, head)``, head_offset a
-  multiple of 8 in a page-aligned mapping). On a little-endian build CPython packs ``'<Q'``
-  with its native packer, a ``memcpy`` of an 8-byte ``unsigned long long``, which the C
-  compiler emits as a single 8-byte ``mov``; an aligned 8-byte store is atomic on x86-64, so
-  a reader never sees a torn head. Bulk writes write many frames and publish once.
+  head position, made by item assignment into a ``'Q'``-typed memoryview of the ring header
+  (``words[head_index] = head``). CPython implements that as a ``memcpy`` of one
+  ``unsigned long long`` into an 8-aligned address, which the C compiler emits as a single
+  8-byte ``mov``; an aligned 8-byte store is atomic on x86-64, so a reader never sees a torn
+  head. Positions must never be stored with ``struct.pack_into``: CPython zeroes the
+  destination before packing, so a concurrent reader can load a transient 0 (seen in testing:
+  a worker read head 0 between the memset and the memcpy). Bulk writes publish once.
+  The reader's tail (and the client's deferred release of a request ring, see
+  :meth:`shm.ring.SpscRing.free_to`) is stored the same way.
 - **Platform assumption: x86-64 TSO.** Stores become visible to other cores in program order,
   and loads are not reordered with older loads. So a reader that loads a head value also sees
   every frame byte stored before that head was published; and a writer that loads a tail sees
@@ -114,7 +118,9 @@ Ordering
 - **Writer dies mid-frame.** The reader never reads past the last published head: a
   half-written frame (or a padding frame whose successor was not finished) is invisible. What
   the reader gets is exactly the frames committed before the crash, each complete.
-- **Reader state.** The reader stores the tail after it has copied a frame out; a restarted
+- **Reader state.** A completion ring's reader stores the tail after it has copied a frame
+  out. A request ring's reader (the worker) reads with a private cursor and the *writer*
+  stores the tail once the worker has reported the records' outcomes (CHUNK_DONE); a restarted
   reader resumes from the stored tail (frames after it are read again, never skipped).
 - **The doorbell race.** The reader stores ``reader_sleeping = 1`` and then re-loads the head;
   the writer stores the head and then loads ``reader_sleeping``. x86-64 may reorder a store

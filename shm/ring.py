@@ -100,6 +100,10 @@ class SpscRing:
         "_full",
         "_tail",
         "_head_seen",
+        "_words",
+        "_head_i",
+        "_tail_i",
+        "_full_i",
     )
 
     def __init__(
@@ -175,17 +179,27 @@ class SpscRing:
         self._tail_off = offset + RING_OFFSETS["tail"]
         self._full_off = offset + RING_OFFSETS["full_count"]
         self._flag_off = offset + RING_OFFSETS["reader_sleeping"]
+        # Positions are stored through a 'Q'-typed memoryview: item assignment is one aligned
+        # 8-byte memcpy. struct.pack_into is NOT safe here: CPython zeroes the destination before
+        # packing into it, so a concurrent reader could see a transient 0 (we saw it happen).
+        self._words = view[offset : offset + RING_HEADER_BYTES].cast("Q")
+        self._head_i = RING_OFFSETS["head"] // 8
+        self._tail_i = RING_OFFSETS["tail"] // 8
+        self._full_i = RING_OFFSETS["full_count"] // 8
 
-        head = _unpack_u64(view, self._head_off)[0]
-        tail = _unpack_u64(view, self._tail_off)[0]
+        head = self._words[self._head_i]
+        tail = self._words[self._tail_i]
         if tail > head or head - tail > capacity or head & 7 or tail & 7:
+            # Release our views, or the caller could never close the mapping.
+            self._words.release()
+            view.release()
             raise CorruptFrameError(f"{name}: inconsistent positions head={head} tail={tail}")
         # Writer half.
         self._pending = head
         self._published = head
         self._tail_cache = tail
         self._limit = tail + capacity  # the writer may advance its head up to here
-        self._full = _unpack_u64(view, self._full_off)[0]
+        self._full = self._words[self._full_i]
         # Reader half.
         self._tail = tail
         self._head_seen = head
@@ -227,7 +241,7 @@ class SpscRing:
 
     def _room_for(self, new_head: int) -> bool:
         """Reload the reader's tail; True if the writer may advance to ``new_head``."""
-        tail = _unpack_u64(self.view, self._tail_off)[0]
+        tail = self._words[self._tail_i]
         if tail < self._tail_cache or tail > self._published or tail & 7:
             raise CorruptFrameError(
                 f"{self.name}: reader's tail {tail} is outside [{self._tail_cache}, "
@@ -238,7 +252,7 @@ class SpscRing:
         if new_head - tail <= self.capacity:
             return True
         self._full += 1
-        _pack_u64(self.view, self._full_off, self._full)
+        self._words[self._full_i] = self._full
         return False
 
     def publish_head(self) -> None:
@@ -250,7 +264,7 @@ class SpscRing:
         head = self._pending
         if head == self._published:
             return
-        _pack_u64(view, self._head_off, head)
+        self._words[self._head_i] = head
         self._published = head
         if view[self._flag_off]:
             view[self._flag_off] = 0
@@ -298,7 +312,7 @@ class SpscRing:
     @property
     def full_count(self) -> int:
         """How often the writer found the ring too full (from shared memory)."""
-        return _unpack_u64(self.view, self._full_off)[0]
+        return self._words[self._full_i]
 
     # ------------------------------------------------------------------ reader half
 
@@ -313,7 +327,7 @@ class SpscRing:
             CorruptFrameError: the writer's head moved backwards, ran more than ``capacity``
                 ahead of the tail, or is unaligned.
         """
-        head = _unpack_u64(self.view, self._head_off)[0]
+        head = self._words[self._head_i]
         tail = self._tail
         if head != self._head_seen:
             if head < self._head_seen or head - tail > self.capacity or head & 7:
@@ -338,7 +352,7 @@ class SpscRing:
         if nbytes < 0 or nbytes & 7 or tail > self._head_seen:
             raise ValueError(f"{self.name}: cannot consume {nbytes} bytes")
         self._tail = tail
-        _pack_u64(self.view, self._tail_off, tail)
+        self._words[self._tail_i] = tail
 
     # Deferred release. A request ring's reader (the worker) reads with a private cursor and
     # does not free what it read; the *writer* (the client) frees space once the worker has
@@ -362,8 +376,8 @@ class SpscRing:
         Raises:
             CorruptFrameError: ``position`` is outside ``[tail, head]`` or unaligned.
         """
-        tail = _unpack_u64(self.view, self._tail_off)[0]
-        head = _unpack_u64(self.view, self._head_off)[0]
+        tail = self._words[self._tail_i]
+        head = self._words[self._head_i]
         if position & 7 or not tail <= position <= head or head - tail > self.capacity:
             raise CorruptFrameError(
                 f"{self.name}: cannot resume at {position} (tail {tail}, head {head})"
@@ -386,10 +400,10 @@ class SpscRing:
         Returns False (and stores nothing) when ``position`` is behind the stored tail or past
         what this writer published: a peer reporting such a position is broken.
         """
-        tail = _unpack_u64(self.view, self._tail_off)[0]
+        tail = self._words[self._tail_i]
         if position < tail or position > self._published or position & 7:
             return False
-        _pack_u64(self.view, self._tail_off, position)
+        self._words[self._tail_i] = position
         return True
 
     def readable(self) -> int:
@@ -434,8 +448,8 @@ class SpscRing:
 
     def used(self) -> int:
         """Bytes written and not yet consumed, as both positions in shared memory say now."""
-        tail = _unpack_u64(self.view, self._tail_off)[0]
-        head = _unpack_u64(self.view, self._head_off)[0]
+        tail = self._words[self._tail_i]
+        head = self._words[self._head_i]
         return max(0, head - tail)
 
     def free(self) -> int:
@@ -445,15 +459,16 @@ class SpscRing:
     @property
     def head(self) -> int:
         """The published head position (from shared memory)."""
-        return _unpack_u64(self.view, self._head_off)[0]
+        return self._words[self._head_i]
 
     @property
     def tail(self) -> int:
         """The stored tail position (from shared memory)."""
-        return _unpack_u64(self.view, self._tail_off)[0]
+        return self._words[self._tail_i]
 
     def release(self) -> None:
-        """Drop this ring's view of the buffer (needed before the mmap can be closed)."""
+        """Drop this ring's views of the buffer (needed before the mmap can be closed)."""
+        self._words.release()
         self.view.release()
 
     def __repr__(self) -> str:
