@@ -235,6 +235,7 @@ class Producer:
         self._vser = _serializer(value_serializer)
         self._kser = _serializer(key_serializer)
         self._closed = False
+        self._gone = False  # the daemon closed the connection: nothing sent now can be delivered
         self._ctl_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._space = threading.Condition(threading.Lock())
@@ -482,8 +483,8 @@ class Producer:
         return deadline
 
     def _check_open(self) -> None:
-        if self._closed:
-            raise ProducerClosedError("the producer is closed")
+        if self._closed or self._gone:
+            raise ProducerClosedError("the producer is closed" if self._closed else "the daemon closed the connection")
 
     # --- completions ----------------------------------------------------------------------
 
@@ -496,6 +497,10 @@ class Producer:
                 poll.register(bell.fd, select.POLLIN)
                 bells.append(bell)
         rings = self._cmp
+        # The daemon closing the connection (it stopped, or dropped this client) shows as
+        # POLLHUP on the socket; no POLLIN, so replies stay for the control requests.
+        sock_fd = self._sock.fileno()
+        poll.register(sock_fd, 0)
         last_beat = 0.0
         try:
             while not self._closed:
@@ -510,12 +515,21 @@ class Producer:
                 if took:
                     continue
                 armed = all(ring.arm() for ring in rings)
+                hangup = False
                 if armed:
-                    poll.poll(_COMPLETION_POLL_MS)
+                    for fd, ev in poll.poll(_COMPLETION_POLL_MS):
+                        if fd == sock_fd and ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                            hangup = True
                     for bell in bells:
                         bell.drain()
                 for ring in rings:
                     ring.disarm()
+                if hangup and not self._closed:
+                    # The daemon wrote its last completions before closing: take them first.
+                    for w, ring in enumerate(rings):
+                        self._read_ring(w, ring)
+                    self._daemon_gone()
+                    return
         except Exception as exc:  # noqa: BLE001 - corrupt completions: fail everything loudly
             self._fail_all(ProtocolError(f"completion ring unreadable: {exc}"))
 
@@ -560,6 +574,18 @@ class Producer:
             with self._space:
                 self._space.notify_all()
         return took
+
+    def _daemon_gone(self) -> None:
+        """Fail every pending record: its outcome can no longer come (the daemon's mapping of
+        the segment is gone with the connection). Later sends raise ProducerClosedError."""
+        with self._send_lock:
+            self._gone = True
+            self._fail_all(ProducerClosedError("the daemon closed the connection before the outcome came"))
+            self._pending_total = 0
+        with self._idle:
+            self._idle.notify_all()
+        with self._space:
+            self._space.notify_all()
 
     def _fail_all(self, exc: BaseException) -> None:
         for t in self._topics.values():
