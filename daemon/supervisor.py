@@ -146,7 +146,7 @@ class Supervisor:
         self._watchdog: systemd.Watchdog | None = None
         self._metrics: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._lookup_lock = asyncio.Lock()
+        self._lookup_locks: dict[str, asyncio.Lock] = {}
 
     # --- startup ---------------------------------------------------------------------------
 
@@ -388,18 +388,28 @@ class Supervisor:
         known = self.topics.get(name)
         if known is not None:
             return known
-        async with self._lookup_lock:
-            known = self.topics.get(name)
-            if known is not None:
-                return known
-            parts = await self._meta.partitions_for(name, timeout=5.0)
-            if len(self.topics) >= 0xFFFF:
-                raise SluiceError("too many topics (65535)")
-            tid = len(self.topics)
-            self.topics[name] = (tid, parts)
-            # Every worker hears of the topic before any client can use its id.
-            self._broadcast(ch.AddTopic(topic_id=tid, name=name, partitions=parts))
-            return tid, parts
+        # One metadata lookup per name at a time, but names do not wait for each other: an
+        # unknown topic takes its whole timeout, and must not stall every other client's lookup.
+        lock = self._lookup_locks.setdefault(name, asyncio.Lock())
+        try:
+            async with lock:
+                known = self.topics.get(name)
+                if known is not None:
+                    return known
+                parts = await self._meta.partitions_for(name, timeout=5.0)
+                known = self.topics.get(name)
+                if known is not None:
+                    return known
+                if len(self.topics) >= 0xFFFF:
+                    raise SluiceError("too many topics (65535)")
+                tid = len(self.topics)
+                self.topics[name] = (tid, parts)
+                # Every worker hears of the topic before any client can use its id.
+                self._broadcast(ch.AddTopic(topic_id=tid, name=name, partitions=parts))
+                return tid, parts
+        finally:
+            if not lock.locked():
+                self._lookup_locks.pop(name, None)
 
     def _partitions_changed(self, name: str, parts: int) -> None:
         known = self.topics.get(name)

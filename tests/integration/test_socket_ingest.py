@@ -162,3 +162,15 @@ def test_malformed_frame_closes_only_that_connection(sluice_daemon, new_topic, r
     # The daemon still serves new connections.
     with RawClient(sluice_daemon.socket_path) as again:
         assert again.stats()["connections"] >= 1
+
+
+def test_unknown_topic_lookup_does_not_stall_other_lookups(sluice_daemon, new_topic) -> None:
+    topic = new_topic(partitions=1)
+    with RawClient(sluice_daemon.socket_path, name="asks-missing") as a, RawClient(sluice_daemon.socket_path, name="asks-real") as b:
+        a.send(control.TopicLookup(topic="missing-" + topic))
+        time.sleep(0.2)  # a's metadata retries are under way
+        t0 = time.monotonic()
+        b.send(control.TopicLookup(topic=topic))
+        assert b.expect(control.TopicInfo).topic == topic
+        assert time.monotonic() - t0 < 2.0  # not behind a's lookup (which retries for 5 s)
+        assert a.expect(control.ErrorReply).name == "UNKNOWN_TOPIC_OR_PARTITION"
