@@ -63,6 +63,7 @@ _FRAME = struct.Struct("<IIH2xiq")  # flags (reserved, 0) skipped
 _FRAME_HEADER_SIZE = 8
 _RECORD_HEADER_SIZE = _FRAME.size - _FRAME_HEADER_SIZE  # 16
 FRAME_PADDING, FRAME_RECORD = 0, 1
+_FRAME_TYPE = struct.Struct("<4xI")  # the type word of a frame header
 
 _MAX_RECORDS = VARINT_TABLE_SIZE  # offset deltas stay inside the varint table
 # The fast path covers at most _FAST_SPAN bytes of frames per load, so a record's length stays
@@ -321,7 +322,11 @@ class Accumulator:
         pos = start
         while pos < end:
             if pos + 24 > end:
-                code = APPEND_INVALID
+                # Only a padding frame (at the wrap) may be shorter than a RECORD's 24 bytes.
+                if pos + 8 <= end and _FRAME_TYPE.unpack_from(data, pos)[0] == FRAME_PADDING:
+                    pos = end
+                else:
+                    code = APPEND_INVALID
                 break
             plen, ftype, tid, part, ts = unpack(data, pos)
             be = pos + 8 + plen  # end of the body

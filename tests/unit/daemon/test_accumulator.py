@@ -298,3 +298,14 @@ def test_region_round_trip_random(recs: list, batch_size: int, codec: str, chunk
     for b in out:
         acc.release(b)
     assert acc.buffered_bytes == 0
+
+
+@pytest.mark.parametrize("pad_payload", [0, 8])
+def test_region_ending_in_a_short_padding_frame(pad_payload: int) -> None:
+    # At the wrap the writer may leave 8 or 16 bytes: a padding frame shorter than a RECORD
+    # header. It must be consumed, not taken for a corrupt frame (seen with keyed traffic).
+    acc = make(linger_ms=0)
+    good = frame(0, 0, T0, body(b"k", b"a"))
+    data = good + struct.pack("<II", pad_payload, 0) + b"\0" * pad_payload
+    assert acc.append_region(data, 0, len(data), ["t"], [1], 1, 0.0) == (APPEND_OK, len(data))
+    assert values_of(acc.ready(0.0)) == [b"a"]
