@@ -117,6 +117,9 @@ class _Client:
         self.detached: set[int] = set()
         self.pending: set[asyncio.Future[Any]] = set()
         self.inbox: list[Any] = []
+        # Replies come from several tasks (the serve loop, one per acknowledged Produce); a
+        # large frame may go out in pieces, so one frame is written at a time.
+        self.send_lock = asyncio.Lock()
 
 
 class Supervisor:
@@ -481,7 +484,9 @@ class Supervisor:
         return client.inbox.pop(0)
 
     async def _send(self, client: _Client, msg: Any) -> None:
-        await asyncio.get_running_loop().sock_sendall(client.sock, control.encode(msg))
+        data = control.encode(msg)
+        async with client.send_lock:
+            await asyncio.get_running_loop().sock_sendall(client.sock, data)
 
     async def _serve(self, client: _Client) -> None:
         reader = control.FrameReader(control.ClientMessage)

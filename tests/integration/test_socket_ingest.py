@@ -21,7 +21,8 @@ pytestmark = pytest.mark.integration
 
 def test_sluice_send_cli_with_acks(sluice_daemon, new_topic, read_topic) -> None:
     topic = new_topic(partitions=3)
-    lines = [f"key-{i}:value-{i}" for i in range(2500)] + ["no-key-line", "k:v:with:colons"]
+    # Enough lines that several 1000-record ProduceAcks are outstanding at once (large frames).
+    lines = [f"key-{i}:value-{i}" for i in range(30000)] + ["no-key-line", "k:v:with:colons"]
     out = subprocess.run(
         [SLUICE, "send", "-t", topic, "-K", ":", "--acks", "--socket", sluice_daemon.socket_path],
         input="\n".join(lines) + "\n",
@@ -34,7 +35,7 @@ def test_sluice_send_cli_with_acks(sluice_daemon, new_topic, read_topic) -> None
     records = read_topic(topic, len(lines), timeout=20)
     assert len(records) == len(lines)
     got = {(r.key, r.value): r for r in records}
-    for i in range(2500):
+    for i in range(30000):
         r = got[(b"key-%d" % i, b"value-%d" % i)]
         assert r.partition == partition_for_key(b"key-%d" % i, 3)
     assert (None, b"no-key-line") in got
