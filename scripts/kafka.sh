@@ -4,9 +4,13 @@
 #   scripts/kafka.sh up      fetch the pinned jars (cached), format and start one KRaft node on
 #                            127.0.0.1, wait until it answers a real request, print the bootstrap
 #   scripts/kafka.sh down    stop it and remove its data
+#   scripts/kafka.sh stop    stop it and keep its data (an outage, for chaos tests)
+#   scripts/kafka.sh start   start a stopped broker again with the data it had
 #   scripts/kafka.sh status  exit 0 and print the bootstrap if it answers
 #
 # Environment: KAFKA_PORT (default 9092), KAFKA_CONTROLLER_PORT (default KAFKA_PORT+1),
+# KAFKA_ADVERTISED_PORT (default KAFKA_PORT: the port the broker tells clients to use; chaos
+# tests point it at a fault-injecting proxy in front of KAFKA_PORT),
 # KAFKA_STATE_DIR (default .run/kafka-$KAFKA_PORT in the repository), KAFKA_HEAP (default 1g).
 # The broker's version is pinned in kafka/pom.xml; Maven fetches it from Maven Central once.
 set -euo pipefail
@@ -14,6 +18,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PORT=${KAFKA_PORT:-9092}
 CPORT=${KAFKA_CONTROLLER_PORT:-$((PORT + 1))}
+APORT=${KAFKA_ADVERTISED_PORT:-$PORT}
 STATE=${KAFKA_STATE_DIR:-$ROOT/.run/kafka-$PORT}
 JARS=$ROOT/kafka/.jars
 HEAP=${KAFKA_HEAP:-1g}
@@ -48,7 +53,7 @@ process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$CPORT
 listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$APORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
@@ -93,19 +98,9 @@ fail_start() {
   exit 1
 }
 
-up() {
-  if alive && probe; then echo "$BOOTSTRAP"; return 0; fi
-  if probe; then log "something else already answers on $BOOTSTRAP"; echo "$BOOTSTRAP"; return 0; fi
-  if alive; then log "stale broker process, stopping it"; down_quiet; fi
-  fetch_jars
-  rm -rf "$STATE"
-  write_config
-  local t0 cluster
-  t0=$(date +%s.%N)
-  cluster=$("$PY" -c 'import base64,os;print(base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode())')
-  java -cp "$JARS/*" -Dlog4j2.configurationFile="$STATE/log4j2.properties" \
-      kafka.tools.StorageTool format -t "$cluster" -c "$STATE/server.properties" \
-      > "$STATE/logs/format.log" 2>&1 || { cat "$STATE/logs/format.log" >&2; fail_start "format failed"; }
+# Starts the broker on the state in $STATE (written by up) and waits until it answers.
+launch() {
+  local t0=$1
   # setsid: the broker must outlive the make or pytest process that started it.
   setsid java -Xms256m -Xmx"$HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
       -Dlog4j2.configurationFile="$STATE/log4j2.properties" -Dkafka.logs.dir="$STATE/logs" \
@@ -122,6 +117,22 @@ up() {
   echo "$BOOTSTRAP"
 }
 
+up() {
+  if alive && probe; then echo "$BOOTSTRAP"; return 0; fi
+  if probe; then log "something else already answers on $BOOTSTRAP"; echo "$BOOTSTRAP"; return 0; fi
+  if alive; then log "stale broker process, stopping it"; down_quiet; fi
+  fetch_jars
+  rm -rf "$STATE"
+  write_config
+  local t0 cluster
+  t0=$(date +%s.%N)
+  cluster=$("$PY" -c 'import base64,os;print(base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode())')
+  java -cp "$JARS/*" -Dlog4j2.configurationFile="$STATE/log4j2.properties" \
+      kafka.tools.StorageTool format -t "$cluster" -c "$STATE/server.properties" \
+      > "$STATE/logs/format.log" 2>&1 || { cat "$STATE/logs/format.log" >&2; fail_start "format failed"; }
+  launch "$t0"
+}
+
 down_quiet() {
   if [ -f "$STATE/pid" ]; then
     local pid
@@ -134,6 +145,22 @@ down_quiet() {
   fi
 }
 
+# An outage that keeps the data: the broker is stopped (TERM, then KILL after 10 s) and its
+# state directory stays, so start() brings back the same cluster, topics and records.
+stop() {
+  down_quiet
+  rm -f "$STATE/pid"
+  log "stopped; kept $STATE"
+}
+
+start() {
+  if alive && probe; then echo "$BOOTSTRAP"; return 0; fi
+  [ -f "$STATE/server.properties" ] || { log "no broker state in $STATE: use up"; exit 1; }
+  if alive; then down_quiet; fi
+  fetch_jars
+  launch "$(date +%s.%N)"
+}
+
 down() {
   down_quiet
   rm -rf "$STATE"
@@ -143,6 +170,8 @@ down() {
 case "${1:-}" in
   up) up ;;
   down) down ;;
+  stop) stop ;;
+  start) start ;;
   status) if probe; then echo "$BOOTSTRAP"; else log "not running on $BOOTSTRAP"; exit 1; fi ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|stop|start|status" >&2; exit 2 ;;
 esac
