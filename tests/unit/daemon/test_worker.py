@@ -1,0 +1,278 @@
+"""daemon.worker without Kafka: rings in, completions out.
+
+A real client segment (shm.Segment.create) and a real Worker with its accumulator; the sender
+is not started: the test plays its part by taking sealed batches from the accumulator and
+calling the worker's completion callback, so the chunk bookkeeping (COMPLETION frames in
+order, CHUNK_DONE only for complete prefixes, resume after a restart, detach, drop) is checked
+frame by frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from daemon import channel as ch
+from daemon.config import loads
+from daemon.protocol import errors as ec
+from daemon.worker import Worker
+from shm.frames import CHUNK_DONE_TOPIC, encode_record_body, iter_completions, put_record
+from shm.partitioner import owner
+from shm.segment import Segment
+
+SEED = 1729
+TOPIC = "orders"
+PARTITIONS = 6
+WORKERS = 2
+
+
+def _config(tmp_path: Path) -> Any:
+    return loads(
+        f'[daemon]\nsocket_path = "{tmp_path}/s.sock"\nworkers = {WORKERS}\n'
+        "[kafka]\nbuffer_memory = 1048576\n",
+        source="test",
+    )
+
+
+def _worker(config: Any, segment: Segment) -> tuple[Worker, ch.Channel]:
+    a, b = ch.Channel.pair()
+    w = Worker(0, WORKERS, config, ch.Channel(a, ch.ToWorker))
+    w._handle(ch.AddTopic(topic_id=0, name=TOPIC, partitions=PARTITIONS), [])
+    w._handle(ch.AddClient(client_id=7, pid=os.getpid(), name="t"), [os.dup(fd) for fd in segment.fds()])
+    return w, ch.Channel(b, ch.ToSupervisor)
+
+
+def _close_worker(w: Worker, sup: ch.Channel) -> None:
+    for c in list(w.clients.values()):
+        if c.bell is not None:
+            asyncio.get_running_loop().remove_reader(c.bell.fd)
+        c.req.release()
+        c.cmp.release()
+        c.segment.close()
+    w.arena.close()
+    w.chan.close()
+    sup.close()
+
+
+class Harness:
+    """One worker (index 0), one client segment, the supervisor's end of the channel."""
+
+    def __init__(self, tmp_path: Path, segment: Segment | None = None) -> None:
+        self.config = _config(tmp_path)
+        self.segment = segment or Segment.create(
+            WORKERS, self.config.daemon.request_ring_bytes, self.config.daemon.completion_ring_bytes
+        )
+        self.req = self.segment.request_ring(0)
+        self.cmp = self.segment.completion_ring(0)
+        self.worker, self.sup = _worker(self.config, self.segment)
+        self.owned = [p for p in range(PARTITIONS) if owner(TOPIC, p, WORKERS) == 0]
+        self.sent: dict[int, list[bytes]] = {p: [] for p in self.owned}
+
+    def write(self, n: int, rng: random.Random, *, tid: int = 0) -> None:
+        for _ in range(n):
+            p = rng.choice(self.owned)
+            value = b"v%d" % rng.randrange(10**9)
+            if not put_record(self.req, tid, p, 1_700_000_000_000, encode_record_body(b"k", value, None)):
+                raise AssertionError("request ring full")
+            self.sent[p].append(value)
+        self.req.publish_head()
+
+    def seal(self) -> list[Any]:
+        self.worker.acc.flush()
+        return self.worker.acc.ready(time.monotonic() * 1000.0)
+
+    def complete(self, batch: Any, error: int = 0, base: int = 100) -> None:
+        self.worker._on_complete(batch, error, base if not error else -1, -1)
+        self.worker.acc.release(batch)
+
+    def completions(self) -> list[tuple[int, int, int, int, int]]:
+        """Everything in the completion ring now (consumed): (tid, err, part, base, count)."""
+        out = []
+        while True:
+            start, end = self.cmp.region()
+            if start == end:
+                return out
+            for _fend, tid, err, part, base, _ts, count in iter_completions(self.cmp, start, end, [PARTITIONS]):
+                out.append((tid, err, part, base, count))
+            self.cmp.consume(end - start)
+
+    def messages(self) -> list[Any]:
+        self.worker.chan.flush()
+        return [m for m, _ in self.sup.receive()]
+
+    def close(self) -> None:
+        _close_worker(self.worker, self.sup)
+        self.segment.close()
+
+
+def _run(body: Callable[[Harness], None], tmp_path: Path) -> None:
+    async def main() -> None:
+        h = Harness(tmp_path)
+        try:
+            body(h)
+        finally:
+            h.close()
+
+    asyncio.run(main())
+
+
+def test_completions_per_batch_then_chunk_done(tmp_path: Path) -> None:
+    rng = random.Random(SEED)
+    print("seed", SEED)
+
+    def body(h: Harness) -> None:
+        h.write(40, rng)
+        assert h.worker.drain()
+        assert h.worker.counters["records_in"] == 40
+        batches = h.seal()
+        assert sum(b.record_count for b in batches) == 40
+        # Nothing is written until every record of the chunk has its outcome.
+        for b in batches[:-1]:
+            h.complete(b, base=1000 + b.partition)
+        h.worker.emit()
+        assert h.completions() == []
+        h.complete(batches[-1], base=1000 + batches[-1].partition)
+        h.worker.emit()
+        got = h.completions()
+        assert got[-1][0] == CHUNK_DONE_TOPIC and got[-1][3] == h.req.head
+        per_part = {p: c for (_t, _e, p, _b, c) in got[:-1]}
+        assert per_part == {p: len(v) for p, v in h.sent.items() if v}
+        assert all(base == 1000 + p for (_t, err, p, base, _c) in got[:-1] if err == 0)
+        # The request ring is not freed by the worker: the client frees it on CHUNK_DONE.
+        assert h.req.tail == 0
+
+    _run(body, tmp_path)
+
+
+def test_later_chunk_waits_for_earlier_one(tmp_path: Path) -> None:
+    rng = random.Random(SEED + 1)
+
+    def body(h: Harness) -> None:
+        h.write(5, rng)
+        h.worker.drain()
+        first = h.seal()
+        end1 = h.req.head
+        h.write(7, rng)
+        h.worker.drain()
+        second = h.seal()
+        end2 = h.req.head
+        for b in second:
+            h.complete(b)
+        h.worker.emit()
+        assert h.completions() == []  # chunk 2 is done, chunk 1 is not: nothing may be freed
+        for b in first:
+            h.complete(b, error=ec.MESSAGE_TOO_LARGE)
+        h.worker.emit()
+        got = h.completions()
+        dones = [base for (tid, _e, _p, base, _c) in got if tid == CHUNK_DONE_TOPIC]
+        assert dones == [end1, end2]
+        # Chunk 1's records failed, chunk 2's succeeded; counts add up per chunk.
+        cut = next(i for i, f in enumerate(got) if f[0] == CHUNK_DONE_TOPIC)
+        assert sum(c for (_t, err, _p, _b, c) in got[:cut]) == 5
+        assert all(err == ec.MESSAGE_TOO_LARGE and base == -1 for (_t, err, _p, base, _c) in got[:cut])
+        assert sum(c for (t, err, _p, _b, c) in got[cut + 1 :] if t != CHUNK_DONE_TOPIC and err == 0) == 7
+        assert h.worker.counters["records_failed"] == 5
+        assert h.worker.counters["records_out"] == 7
+
+    _run(body, tmp_path)
+
+
+def test_restarted_worker_resumes_after_last_unread_chunk_done(tmp_path: Path) -> None:
+    rng = random.Random(SEED + 2)
+
+    async def main() -> None:
+        h = Harness(tmp_path)
+        w2 = None
+        try:
+            h.write(10, rng)
+            h.worker.drain()
+            for b in h.seal():
+                h.complete(b)
+            h.worker.emit()
+            done_at = h.req.head
+            h.write(4, rng)  # read by the first worker, never completed
+            h.worker.drain()
+            assert h.worker.counters["records_in"] == 14
+            # The worker dies here; the client has not read the CHUNK_DONE yet (tail is 0).
+            assert h.req.tail == 0
+            # A restarted worker over the same segment re-reads only the 4 incomplete records.
+            w2, sup2 = _worker(h.config, h.segment)
+            assert w2.clients[7].req.cursor == done_at
+            assert w2.drain()
+            assert w2.counters["records_in"] == 4
+        finally:
+            if w2 is not None:
+                _close_worker(w2, sup2)
+            h.close()
+
+    asyncio.run(main())
+
+
+def test_corrupt_frame_drops_the_client_only(tmp_path: Path) -> None:
+    rng = random.Random(SEED + 3)
+
+    def body(h: Harness) -> None:
+        h.write(3, rng)
+        # A RECORD frame naming a topic id the worker never heard of.
+        put_record(h.req, 42, h.owned[0], 0, encode_record_body(None, b"x", None))
+        h.req.publish_head()
+        h.worker.drain()
+        msgs = h.messages()
+        dropped = [m for m in msgs if isinstance(m, ch.ClientDropped)]
+        assert len(dropped) == 1 and dropped[0].client_id == 7
+        assert "invalid frame" in dropped[0].reason
+        assert h.worker.clients[7].dead
+        assert h.worker.counters["dropped_clients"] == 1
+        # The 3 good records before it still complete, then the client is detached.
+        for b in h.seal():
+            h.complete(b)
+        h.worker.emit()
+        assert sum(c for (t, _e, _p, _b, c) in h.completions() if t != CHUNK_DONE_TOPIC) == 3
+        assert 7 not in h.worker.clients
+        assert any(isinstance(m, ch.ClientDetached) and m.client_id == 7 for m in h.messages())
+
+    _run(body, tmp_path)
+
+
+def test_removed_client_detaches_once_drained_and_complete(tmp_path: Path) -> None:
+    rng = random.Random(SEED + 4)
+
+    def body(h: Harness) -> None:
+        h.write(6, rng)
+        h.worker._handle(ch.RemoveClient(client_id=7), [])
+        h.worker.emit()
+        assert 7 in h.worker.clients  # committed records are still to be read
+        h.worker.drain()
+        h.worker.emit()
+        assert 7 in h.worker.clients  # read, but not complete
+        assert not [m for m in h.messages() if isinstance(m, ch.ClientDetached)]
+        for b in h.seal():
+            h.complete(b)
+        h.worker.emit()
+        assert 7 not in h.worker.clients
+        assert [m.client_id for m in h.messages() if isinstance(m, ch.ClientDetached)] == [7]
+
+    _run(body, tmp_path)
+
+
+def test_snapshot_counts(tmp_path: Path) -> None:
+    rng = random.Random(SEED + 5)
+
+    def body(h: Harness) -> None:
+        h.write(9, rng)
+        h.worker.drain()
+        snap = h.worker.snapshot()
+        assert snap["records_in"] == 9 and snap["records_out"] == 0
+        assert snap["clients"] == 1 and snap["pid"] == os.getpid()
+        assert 0 < snap["ring_fill"] < 1
+        for b in h.seal():
+            h.complete(b)
+        snap = h.worker.snapshot()
+        assert snap["records_out"] == 9 and snap["records_failed"] == 0
+
+    _run(body, tmp_path)
