@@ -1,0 +1,300 @@
+"""shm.Producer against a stand-in daemon: the real handshake, segment and rings.
+
+The stand-in answers the socket protocol (Hello, SegmentOffer, TopicLookup, Goodbye) from a
+thread, attaches the client's segment as the daemon would, and the test plays the workers:
+it reads RECORD frames from the request rings and writes COMPLETION and CHUNK_DONE frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from shm import control
+from shm.errors import BufferFullError, MessageTooLargeError, UnknownTopicOrPartitionError  # type: ignore[attr-defined]
+from shm.frames import encode_record_body, iter_records, put_completion
+from shm.layout import FRAME_CHUNK_DONE
+from shm.partitioner import owner, partition_for_key
+from shm.producer import Producer, ProducerClosedError, RecordMetadata
+from shm.segment import Segment, recv_fds
+
+WORKERS = 2
+TOPICS = {"t": 4, "u": 1}
+
+
+class StandIn:
+    """A daemon's socket side, one client at a time; the test drives the rings."""
+
+    def __init__(self, path: str, *, request_ring_bytes: int = 1 << 16, on_full: str = "block",
+                 max_block_ms: int = 1000, max_request_size: int = 4096) -> None:
+        self.path = path
+        self.request_ring_bytes = request_ring_bytes
+        self.info = dict(on_full=on_full, max_block_ms=max_block_ms, max_request_size=max_request_size)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(4)
+        self.segment: Segment | None = None
+        self.conn: socket.socket | None = None
+        self.attached = threading.Event()
+        self.cursor = [0] * WORKERS
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        self.conn = conn
+        reader = control.FrameReader(control.ClientMessage)
+        try:
+            while True:
+                data, fds = recv_fds(conn, 1 << 16, 64)
+                if not data:
+                    return
+                for msg in reader.feed(data):
+                    if not self._handle(conn, msg, fds):
+                        return
+                    fds = []
+        except OSError:
+            return
+
+    def _handle(self, conn: socket.socket, msg: Any, fds: list[int]) -> bool:
+        match msg:
+            case control.Hello():
+                reply: Any = control.Welcome(version=1, workers=WORKERS, request_ring_bytes=self.request_ring_bytes,
+                                             completion_ring_bytes=4096, client_id=5)
+            case control.SegmentOffer():
+                self.segment = Segment.attach(fds[0], fds[1:])
+                reply = control.SegmentAccepted(client_id=5)
+                self.attached.set()
+            case control.TopicLookup(topic=name) if name in TOPICS:
+                reply = control.TopicInfo(topic=name, topic_id=list(TOPICS).index(name), partitions=TOPICS[name],
+                                          profile="default", batch_size=16384, linger_ms=5, **self.info)
+            case control.TopicLookup(topic=name):
+                reply = control.ErrorReply(code=3, name="UNKNOWN_TOPIC_OR_PARTITION", message=name, fatal=False)
+            case control.Goodbye():
+                return False
+            case _:
+                raise AssertionError(f"unexpected {msg!r}")
+        conn.sendall(control.encode(reply))
+        return True
+
+    # --- the workers' side ----------------------------------------------------------------
+
+    def take(self, w: int) -> list[tuple[int, int, int, bytes]]:
+        """Every RECORD published in request ring ``w`` since the last take."""
+        ring = self.segment.request_ring(w)
+        out = []
+        while True:
+            start, end = ring.region()
+            if start == end:
+                break
+            for _fend, tid, part, ts, body in iter_records(ring, start, end, list(TOPICS.values())):
+                out.append((tid, part, ts, bytes(body)))
+            ring.advance(end - start)
+        self.cursor[w] = ring.cursor
+        return out
+
+    def complete(self, w: int, tid: int, part: int, base: int, count: int, err: int = 0, ts: int = -1) -> None:
+        ring = self.segment.completion_ring(w)
+        assert put_completion(ring, tid, err, part, base, ts, count)
+        ring.publish_head()
+
+    def chunk_done(self, w: int) -> int:
+        ring = self.segment.completion_ring(w)
+        pos = ring.claim(FRAME_CHUNK_DONE, 8)
+        assert pos >= 0
+        ring.view[pos : pos + 8] = self.cursor[w].to_bytes(8, "little")
+        ring.publish_head()
+        return self.cursor[w]
+
+    def hang_up(self) -> None:
+        if self.conn is not None:
+            self.conn.shutdown(socket.SHUT_RDWR)
+            self.conn.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        if self.conn is not None:
+            self.conn.close()
+        self.thread.join(5)
+        if self.segment is not None:
+            self.segment.close()
+
+
+@pytest.fixture
+def sock_path() -> Iterator[str]:
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="slp-", dir="/tmp")
+    yield os.path.join(d, "s.sock")
+    for f in Path(d).iterdir():
+        f.unlink()
+    os.rmdir(d)
+
+
+@pytest.fixture
+def standin(sock_path: str) -> Iterator[StandIn]:
+    s = StandIn(sock_path)
+    yield s
+    s.close()
+
+
+def _wait(pred: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.005)
+
+
+def test_send_routes_to_the_owner_and_completions_resolve_in_order(standin: StandIn) -> None:
+    with Producer(standin.path, client_name="unit") as p:
+        assert standin.attached.is_set() and p.workers == WORKERS
+        keys = [b"key-%d" % i for i in range(60)]
+        futs = [p.send("t", b"value-%d" % i, k, headers=[("i", b"%d" % i)], timestamp=1000 + i) for i, k in enumerate(keys)]
+        assert p.pending == 60
+        by_part: dict[int, list[int]] = {}
+        for w in range(WORKERS):
+            for tid, part, ts, body in standin.take(w):
+                assert tid == 0 and owner("t", part, WORKERS) == w
+                i = ts - 1000
+                assert part == partition_for_key(keys[i], 4)
+                assert body == encode_record_body(keys[i], b"value-%d" % i, [("i", b"%d" % i)])
+                by_part.setdefault(part, []).append(i)
+        assert sorted(i for v in by_part.values() for i in v) == list(range(60))
+        # One completion per partition resolves its records in send order.
+        for part, idx in by_part.items():
+            standin.complete(owner("t", part, WORKERS), 0, part, 100 * part, len(idx), ts=-1)
+        for part, idx in by_part.items():
+            for n, i in enumerate(idx):
+                assert futs[i].result(timeout=5) == RecordMetadata("t", part, 100 * part + n, 1000 + i)
+        assert p.flush(5) == 0
+        # CHUNK_DONE frees the request ring up to its position, not before.
+        req = [standin.segment.request_ring(w) for w in range(WORKERS)]
+        assert all(r.tail == 0 for r in req)
+        ends = [standin.chunk_done(w) for w in range(WORKERS)]
+        _wait(lambda: [r.tail for r in req] == ends)
+
+
+def test_errors_the_client_knows_never_enter_the_ring(standin: StandIn) -> None:
+    with Producer(standin.path) as p:
+        with pytest.raises(UnknownTopicOrPartitionError):
+            p.send("missing", b"x")
+        with pytest.raises(MessageTooLargeError):
+            p.send("t", b"x" * 4096)
+        with pytest.raises(UnknownTopicOrPartitionError):
+            p.send("t", b"x", partition=4)
+        with pytest.raises(TypeError):
+            p.send("t", 12345)  # no serializer: bytes or str only
+        assert p.pending == 0
+        assert [standin.segment.request_ring(w).head for w in range(WORKERS)] == [0, 0]
+
+
+def test_error_completion_and_callbacks(standin: StandIn) -> None:
+    seen: list[Any] = []
+    with Producer(standin.path) as p:
+        futs = [p.send("u", b"a", on_delivery=seen.append), p.send("u", b"b", on_delivery=seen.append)]
+        w = owner("u", 0, WORKERS)
+        assert len(standin.take(w)) == 2
+        standin.complete(w, 1, 0, -1, 2, err=10)
+        for f in futs:
+            with pytest.raises(MessageTooLargeError):
+                f.result(timeout=5)
+        assert seen == futs
+        assert p.flush(1) == 0
+
+
+def test_daemon_hang_up_fails_pending_and_later_sends(standin: StandIn) -> None:
+    p = Producer(standin.path)
+    try:
+        done = p.send("u", b"done")
+        lost = [p.send("u", b"lost-%d" % i) for i in range(5)]
+        w = owner("u", 0, WORKERS)
+        standin.take(w)
+        standin.complete(w, 1, 0, 41, 1)
+        assert done.result(timeout=5).offset == 41
+        t0 = time.monotonic()
+        standin.hang_up()
+        for f in lost:
+            with pytest.raises(ProducerClosedError):
+                f.result(timeout=5)
+        assert time.monotonic() - t0 < 2
+        assert p.flush(1) == 0 and p.pending == 0
+        with pytest.raises(ProducerClosedError):
+            p.send("u", b"after")
+    finally:
+        p.close(timeout=1)
+
+
+def test_ring_full_drop_policy_counts_and_fails(sock_path: str) -> None:
+    s = StandIn(sock_path, request_ring_bytes=1024, on_full="drop", max_request_size=400)
+    try:
+        with Producer(sock_path) as p:
+            futs = [p.send("u", b"x" * 200) for _ in range(20)]
+            dropped = [f for f in futs if f.done()]
+            assert dropped and p.drops == {"u": len(dropped)}
+            for f in dropped:
+                assert isinstance(f.exception(0), BufferFullError)
+            kept = len(futs) - len(dropped)
+            w = owner("u", 0, WORKERS)
+            assert len(s.take(w)) == kept
+            s.complete(w, 1, 0, 0, kept)
+            assert p.flush(5) == 0
+            s.chunk_done(w)
+    finally:
+        s.close()
+
+
+def test_ring_full_block_policy_raises_after_max_block(sock_path: str) -> None:
+    s = StandIn(sock_path, request_ring_bytes=1024, on_full="block", max_block_ms=100, max_request_size=400)
+    try:
+        with Producer(sock_path) as p:
+            sent = 0
+            t0 = time.monotonic()
+            with pytest.raises(BufferFullError):
+                for _ in range(20):
+                    p.send("u", b"x" * 200)
+                    sent += 1
+            assert 0.09 < time.monotonic() - t0 < 2
+            # Room comes back when the worker completes and frees the ring: sending goes on.
+            w = owner("u", 0, WORKERS)
+            assert len(s.take(w)) == sent
+            s.complete(w, 1, 0, 0, sent)
+            s.chunk_done(w)
+            _wait(lambda: s.segment.request_ring(w).tail == s.cursor[w])
+            f = p.send("u", b"again")
+            assert len(s.take(w)) == 1
+            s.complete(w, 1, 0, sent, 1)
+            assert f.result(timeout=5).offset == sent
+    finally:
+        s.close()
+
+
+def test_serializers_and_await(standin: StandIn) -> None:
+    with Producer(standin.path, value_serializer="json", key_serializer="msgpack") as p:
+        doc = {"a": [1, 2, None], "b": "\u00e9"}
+
+        async def main() -> RecordMetadata:
+            fut = p.send("u", doc, key=7)
+            w = owner("u", 0, WORKERS)
+            (tid, part, _ts, body), = standin.take(w)
+            assert body == encode_record_body(msgspec.msgpack.encode(7), json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode(), None)
+            standin.complete(w, tid, part, 9, 1, ts=123)
+            return await fut
+
+        meta = asyncio.run(asyncio.wait_for(main(), 5))
+        assert meta == RecordMetadata("u", 0, 9, 123)  # log-append time wins over CreateTime
+    with pytest.raises(ValueError):
+        Producer(standin.path, value_serializer="yaml")
