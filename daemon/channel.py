@@ -144,6 +144,12 @@ class Channel:
                     self.sock.send(data)
             except (BlockingIOError, InterruptedError):
                 return False
+            except (BrokenPipeError, ConnectionResetError):
+                # The peer is dead. Its reader sees EOF and handles that (the supervisor
+                # restarts a worker, a worker shuts down); what was queued is for nobody now
+                # (queued fds belong to the caller: the kernel duplicates them only on send).
+                self._outbox.clear()
+                return True
             self._outbox.pop(0)
         return True
 

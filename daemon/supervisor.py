@@ -116,6 +116,7 @@ class _Client:
         self.segment: Segment | None = None
         self.detached: set[int] = set()
         self.pending: set[asyncio.Future[Any]] = set()
+        self.gone = False  # its connection closed: workers drain its segment, then detach
         self.inbox: list[Any] = []
         # Replies come from several tasks (the serve loop, one per acknowledged Produce); a
         # large frame may go out in pieces, so one frame is written at a time.
@@ -278,6 +279,9 @@ class Supervisor:
         for client in self.clients.values():
             if client.segment is not None and handle.index not in client.detached:
                 chan.send(ch.AddClient(client_id=client.client_id, pid=client.pid, name=client.name), client.segment.fds())
+                if client.gone:
+                    # The RemoveClient its predecessor got (or missed, being dead) dies with it.
+                    chan.send(ch.RemoveClient(client_id=client.client_id))
         asyncio.get_running_loop().add_reader(chan.fileno(), self._on_worker, handle)
         log.info("worker %d started (pid %d)", handle.index, handle.proc.pid)
 
@@ -641,6 +645,7 @@ class Supervisor:
             client.sock.close()
         except OSError:
             pass
+        client.gone = True
         if client.segment is None:
             self.clients.pop(client.client_id, None)
             return

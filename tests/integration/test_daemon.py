@@ -181,3 +181,32 @@ def test_stats_counters_and_table(sluice_daemon, new_topic, read_topic) -> None:
     total = next(line for line in lines if line.split()[:1] == ["total"])
     assert int(total.split()[1]) == after["totals"]["records_in"]
     assert int(total.split()[2]) == after["totals"]["records_out"]
+
+
+def test_client_dies_while_a_worker_is_down(sluice_daemon, new_topic, read_topic, spawn) -> None:
+    topic = new_topic(partitions=4)
+    n = 1000
+    before = sluice_daemon.stats()["clients"]
+    victim = sluice_daemon.worker_pids()[0]
+    queue = spawn.Queue()
+    proc = spawn.Process(target=send_and_hang, args=(sluice_daemon.socket_path, topic, n, queue))
+    proc.start()
+    try:
+        assert _get(queue, 20)[:2] == ("sent", n)
+        # The worker dies, and the client dies before the worker is back (restart backoff).
+        os.kill(victim, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(5)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+    # The restarted worker drains what the client committed, then lets its segment go.
+    sluice_daemon.wait_stats(
+        lambda s: s["restarts"] == 1 and s["workers"]["0"]["pid"] != victim and s["clients"] == before,
+        timeout=10,
+        what="worker restarted and the dead client's segment released",
+    )
+    records = read_topic(topic, n, timeout=20)
+    assert {r.value for r in records} == {record_of(9, i)[1] for i in range(n)}
+    assert "task" not in sluice_daemon.log()  # no supervisor task died of it
