@@ -1,0 +1,150 @@
+"""Helpers shared by the chaos tests: sequence-numbered records, a paced sending thread that
+measures back-pressure, and the exactly-once check on what an independent reader saw."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shm import Producer
+from shm.errors import BufferFullError
+
+__all__ = ["seq_value", "seq_of", "SendLoop", "check_exactly_once", "wait_until"]
+
+_PAD = b"." * 64
+
+
+def seq_value(seq: int) -> bytes:
+    """The value of record ``seq``: its sequence number first, so the reader can count it."""
+    return b"%010d|" % seq + _PAD
+
+
+def seq_of(value: bytes | None) -> int:
+    if value is None or len(value) != 11 + len(_PAD) or value[10:11] != b"|" or value[11:] != _PAD:
+        raise AssertionError(f"a record that no test client wrote: {value!r}")
+    return int(value[:10])
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll ``pred`` until it holds; AssertionError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(interval)
+
+
+def check_exactly_once(values: Iterable[bytes | None], sent: int) -> None:
+    """Every sequence number 0..sent-1 exactly once: no gap, no duplicate, nothing else."""
+    counts = Counter(seq_of(v) for v in values)
+    dups = {s: c for s, c in counts.items() if c > 1}
+    missing = [s for s in range(sent) if s not in counts]
+    extra = [s for s in counts if not 0 <= s < sent]
+    assert not dups and not missing and not extra, (
+        f"of {sent} sent: {len(missing)} missing (first {missing[:10]}), {len(dups)} duplicated "
+        f"(first {sorted(dups.items())[:10]}), {len(extra)} never sent (first {extra[:10]})"
+    )
+
+
+@dataclass
+class SendLoop:
+    """A thread sending sequence-numbered records to ``topic`` at about ``rate`` per second.
+
+    ``send()`` that raises BufferFullError (on_full=block, max_block_ms ran out) is the
+    back-pressure an application sees: the loop counts it and sends the same sequence number
+    again, so sequence numbers stay dense. With on_full=drop a dropped record's future fails
+    at once with BufferFullError; it is remembered in ``dropped``.
+    """
+
+    producer: Producer
+    topic: str
+    rate: float = 2000.0
+    keys: int = 16
+    sent: int = 0  # sequence numbers handed to send() successfully (0..sent-1)
+    full_errors: int = 0  # BufferFullError raised by send()
+    longest_send_s: float = 0.0  # the longest single send() call
+    blocked_s: float = 0.0  # time spent in send() calls that took over 50 ms
+    futures: list[Any] = field(default_factory=list)
+    sent_at: list[float] = field(default_factory=list)
+    done_at: dict[int, float] = field(default_factory=dict)
+    error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"send-{self.topic}", daemon=True)
+
+    def start(self) -> SendLoop:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise AssertionError(f"the sending thread of {self.topic} did not stop within {timeout}s")
+        if self.error is not None:
+            raise AssertionError(f"sending to {self.topic} failed: {self.error!r}") from self.error
+
+    def _on_delivery(self, seq: int) -> Callable[[Any], None]:
+        def done(_f: Any) -> None:
+            self.done_at[seq] = time.monotonic()
+
+        return done
+
+    def _run(self) -> None:
+        p = self.producer
+        burst = max(1, int(self.rate / 100))  # bursts every 10 ms
+        try:
+            next_burst = time.monotonic()
+            while not self._stop.is_set():
+                for _ in range(burst):
+                    seq = self.sent
+                    t0 = time.monotonic()
+                    try:
+                        fut = p.send(self.topic, seq_value(seq), b"k%d" % (seq % self.keys),
+                                     on_delivery=self._on_delivery(seq))
+                    except BufferFullError:
+                        self.full_errors += 1
+                        fut = None
+                    dt = time.monotonic() - t0
+                    if dt > self.longest_send_s:
+                        self.longest_send_s = dt
+                    if dt > 0.05:
+                        self.blocked_s += dt
+                    if fut is None:
+                        break
+                    self.futures.append(fut)
+                    self.sent_at.append(t0)
+                    self.sent += 1
+                next_burst += 0.01
+                pause = next_burst - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+                else:
+                    next_burst = time.monotonic()
+        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+            self.error = exc
+
+    def outcomes(self) -> tuple[int, Counter[str], int]:
+        """(succeeded, failures by error name, still pending)."""
+        ok = 0
+        failed: Counter[str] = Counter()
+        pending = 0
+        for f in self.futures:
+            if not f.done():
+                pending += 1
+                continue
+            exc = f.exception()
+            if exc is None:
+                ok += 1
+            else:
+                failed[type(exc).__name__] += 1
+        return ok, failed, pending
+
+    def longest_outcome_s(self) -> float:
+        """The longest time from send() to the record's outcome, over resolved records."""
+        return max((self.done_at[s] - self.sent_at[s] for s in self.done_at if s < len(self.sent_at)), default=0.0)
