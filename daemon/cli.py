@@ -196,8 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
         print(f"sluice: cannot reach the daemon: {exc}", file=sys.stderr)
+        return 2
+    except ConnectionError as exc:  # it went away mid-session (stopped, or dropped us)
+        print(f"sluice: lost the connection to the daemon: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

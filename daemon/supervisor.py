@@ -873,6 +873,13 @@ class Supervisor:
                 self._ingest.close(timeout=0.5)
             except Exception:  # noqa: BLE001 - the workers are gone; nothing left to lose here
                 pass
+        # Stop the connection tasks before closing their sockets: closing an fd that still has
+        # a reader registered makes uvloop abort the whole process (SIGABRT, exit -6).
+        tasks = [t for t in self._tasks if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
         for client in list(self.clients.values()):
             try:
                 client.sock.close()
@@ -880,8 +887,6 @@ class Supervisor:
                 pass
             if client.segment is not None:
                 client.segment.close()
-        for task in list(self._tasks):
-            task.cancel()
         if self._metrics is not None:
             await self._metrics.close()
         if self._meta is not None:

@@ -5,6 +5,7 @@ confluent-kafka; errors over the socket; a malformed frame closes only its own c
 from __future__ import annotations
 
 import re
+import signal
 import struct
 import subprocess
 import threading
@@ -175,3 +176,46 @@ def test_unknown_topic_lookup_does_not_stall_other_lookups(sluice_daemon, new_to
         assert b.expect(control.TopicInfo).topic == topic
         assert time.monotonic() - t0 < 2.0  # not behind a's lookup (which retries for 5 s)
         assert a.expect(control.ErrorReply).name == "UNKNOWN_TOPIC_OR_PARTITION"
+
+
+@pytest.mark.parametrize("acks", [False, True], ids=["no-acks", "acks"])
+def test_sigterm_while_sluice_send_streams(start_sluice, new_topic, acks) -> None:
+    d = start_sluice()
+    topic = new_topic(partitions=2)
+    cli = subprocess.Popen(
+        [SLUICE, "send", "-t", topic, "-K", ":", "--socket", d.socket_path] + (["--acks"] if acks else []),
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    stop = threading.Event()
+
+    def feed() -> None:
+        line = b"k:streaming along\n" * 200
+        try:
+            while not stop.is_set():
+                cli.stdin.write(line)
+                cli.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+
+    t = threading.Thread(target=feed)
+    t.start()
+    try:
+        d.wait_stats(lambda s: s["totals"]["records_in"] > 1000, timeout=10, what="records flowing")
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(20) == 0, d.log()[-3000:]
+        d.stopped = True
+        # The CLI notices and exits with an error, it does not hang.
+        assert cli.wait(15) != 0
+        assert b"sluice:" in cli.stderr.read()
+    finally:
+        stop.set()
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(5)
+        t.join(5)
+        for f in (cli.stdin, cli.stderr):
+            try:
+                f.close()
+            except OSError:  # BrokenPipeError flushing stdin: the CLI is gone, as intended
+                pass
+    assert "Fatal Python error" not in d.log()
