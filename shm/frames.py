@@ -24,7 +24,10 @@ at the wrap) is described in :mod:`shm.layout`. The payloads, little-endian::
 
 Writers (:func:`put_record`, :func:`put_records`, :func:`put_completion`) pack straight into
 the ring with ``struct.pack_into`` and leave the commit (``ring.publish_head()``) to the
-caller, so a burst of frames costs one head store. Readers (:func:`iter_records`,
+caller, so a burst of frames costs one head store. The bulk path builds the frames of many
+records to one partition in one go (:func:`encode_record_frames`: per distinct length one
+prebuilt prefix and suffix, interleaved with the keys and values by slice assignment, then
+one ``b"".join``) and copies them into the ring with one claim (:func:`put_frames`). Readers (:func:`iter_records`,
 :func:`iter_completions`, :func:`iter_frames`) walk a region returned by
 :meth:`SpscRing.region <shm.ring.SpscRing.region>` and validate every frame: a bad one raises
 :class:`~shm.errors.CorruptFrameError` naming what was wrong, and the reading side drops the
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from shm.errors import CorruptFrameError
 from shm.layout import (
@@ -61,6 +65,9 @@ __all__ = [
     "encode_record",
     "put_record",
     "put_records",
+    "encode_headers",
+    "encode_record_frames",
+    "put_frames",
     "encode_completion",
     "decode_completion",
     "put_completion",
@@ -261,6 +268,158 @@ def put_records(ring: SpscRing, records: Iterable[tuple[int, int, int, _Bytes]])
     if count:
         ring.publish_head()
     return count
+
+
+def encode_headers(headers: Headers) -> bytes:
+    """The headers part of a record body (``varint count`` then each header); ``b"\\x00"``
+    (count 0) for ``None`` or no headers. See :func:`encode_record_body` for the types."""
+    if not headers:
+        return b"\x00"
+    body = encode_record_body(None, None, headers)
+    return body[2:]  # drop the null key and null value (one byte each)
+
+
+_PADS = tuple(bytes(i) for i in range(8))
+
+
+def _zz(n: int) -> bytes:
+    return _ZZ[n + 1] if n < _TABLE else zigzag_varint(n)
+
+
+def encode_record_frames(
+    topic_id: int,
+    partition: int,
+    timestamp_ms: int,
+    values: Sequence[_Bytes | None],
+    keys: Sequence[_Bytes | None] | None = None,
+    headers: Headers = None,
+) -> bytes:
+    """Consecutive RECORD frames (headers, payloads, padding), one per value, all to one
+    partition, ready to be copied into a ring by :func:`put_frames`.
+
+    The same bytes as a :func:`put_record` per record would write, built without a Python
+    step per record: records of equal key and value lengths share one prebuilt prefix (frame
+    header, RECORD header, key length) and one suffix (headers, padding), interleaved with
+    the keys and values by slice assignment and joined once.
+
+    Args:
+        values: bytes-like or None (a tombstone) per record.
+        keys: one per value (bytes-like or None), or None for no keys at all.
+        headers: the same headers for every record (see :func:`encode_record_body`).
+
+    Raises:
+        ValueError: ``keys`` and ``values`` differ in length.
+        struct.error: a field out of its type's range.
+    """
+    n = len(values)
+    if not n:
+        return b""
+    tail = encode_headers(headers)
+    hl = len(tail)
+    try:
+        vlens = list(map(len, values))
+    except TypeError:  # tombstones: length -1, no bytes
+        vlens = [-1 if v is None else len(v) for v in values]
+        values = [b"" if v is None else v for v in values]
+    pack = _FRAME_AND_RECORD.pack
+    if keys is not None and len(keys) != n:
+        raise ValueError(f"{len(keys)} keys for {n} values")
+    if keys is None:
+        # Per value length L: prefix = frame header, RECORD header, null key, varint L;
+        # suffix = headers and padding.
+        pre: dict[int, bytes] = {}
+        post: dict[int, bytes] = {}
+        for L in set(vlens):
+            vz = _zz(L)
+            plen = _REC_PREFIX + 1 + len(vz) + (L if L > 0 else 0) + hl
+            pre[L] = pack(plen, FRAME_RECORD, topic_id, 0, partition, timestamp_ms) + _NULL + vz
+            post[L] = tail + _PADS[-(plen + 8) & 7]
+        parts: list[_Bytes] = [b""] * (3 * n)
+        if len(pre) == 1:
+            parts[0::3] = [pre[vlens[0]]] * n
+            parts[2::3] = [post[vlens[0]]] * n
+        else:
+            parts[0::3] = list(map(pre.__getitem__, vlens))
+            parts[2::3] = list(map(post.__getitem__, vlens))
+        parts[1::3] = values
+        return b"".join(parts)
+    try:
+        klens = list(map(len, keys))
+    except TypeError:
+        klens = [-1 if k is None else len(k) for k in keys]
+        keys = [b"" if k is None else k for k in keys]
+    # Per (key length K, value length L): prefix = frame header, RECORD header, varint K;
+    # middle = varint L; suffix = headers and padding.
+    kmin = min(klens)
+    if kmin == max(klens):
+        sizes: list[Any] = vlens
+        combos = {(kmin, L): L for L in set(vlens)}
+    else:
+        sizes = list(zip(klens, vlens))
+        combos = {c: c for c in set(sizes)}
+    pre = {}
+    mid: dict[Any, bytes] = {}
+    post = {}
+    for (K, L), c in combos.items():
+        kz = _zz(K)
+        vz = _zz(L)
+        plen = _REC_PREFIX + len(kz) + (K if K > 0 else 0) + len(vz) + (L if L > 0 else 0) + hl
+        pre[c] = pack(plen, FRAME_RECORD, topic_id, 0, partition, timestamp_ms) + kz
+        mid[c] = vz
+        post[c] = tail + _PADS[-(plen + 8) & 7]
+    parts = [b""] * (5 * n)
+    if len(pre) == 1:
+        c = sizes[0]
+        parts[0::5] = [pre[c]] * n
+        parts[2::5] = [mid[c]] * n
+        parts[4::5] = [post[c]] * n
+    else:
+        parts[0::5] = list(map(pre.__getitem__, sizes))
+        parts[2::5] = list(map(mid.__getitem__, sizes))
+        parts[4::5] = list(map(post.__getitem__, sizes))
+    parts[1::5] = keys
+    parts[3::5] = values
+    return b"".join(parts)
+
+
+def put_frames(ring: SpscRing, frames: bytes, start: int, count: int) -> tuple[int, int]:
+    """Copy whole frames from ``frames[start:]`` (``count`` of them, e.g. from
+    :func:`encode_record_frames`) into ``ring``. Not committed until ``ring.publish_head()``.
+
+    Fast path: one :meth:`~shm.ring.SpscRing.claim` of the whole span as if it were one
+    frame, whose header is then overwritten by the first real frame's: frames are 8-byte
+    aligned and the span is their exact sum, so the ring holds the same frames as one claim
+    per frame would have made (a span never straddles the wrap; ``claim`` pads before it).
+    When the span does not fit (ring full, or larger than a frame may be) it copies frame
+    by frame as far as there is room.
+
+    Returns:
+        ``(next_start, written)``: where the first frame not written starts in ``frames``
+        and how many frames were written (0: the ring is full).
+    """
+    end = len(frames)
+    nbytes = end - start
+    if nbytes <= 0:
+        return start, 0
+    view = ring.view
+    src = memoryview(frames)
+    if nbytes <= ring.max_frame:
+        pos = ring.claim(FRAME_RECORD, nbytes - 8)
+        if pos >= 0:
+            view[pos - 8 : pos - 8 + nbytes] = src[start:end]
+            return end, count
+    written = 0
+    claim = ring.claim
+    at = start
+    while at < end:
+        plen = _unpack_frame(frames, at)[0]
+        pos = claim(FRAME_RECORD, plen)
+        if pos < 0:
+            break
+        view[pos : pos + plen] = src[at + 8 : at + 8 + plen]
+        at += (plen + 15) & -8
+        written += 1
+    return at, written
 
 
 def encode_completion(

@@ -18,6 +18,11 @@ A background thread reads the completion rings: each COMPLETION frame resolves t
 request ring up to the position it names (see :mod:`daemon.worker` for why the ring is freed
 only then).
 
+Bulk: ``send_many()`` returns one :class:`DeliveryGroup` for all its records. It encodes the
+records bound for one partition together, copies them into the ring with one claim, and
+registers them as one run in the partition's pending FIFO, so the completion thread settles
+a whole run with one call. The per-record costs left are a few C-level list operations.
+
 Thread safety: ``send()`` may be called from several threads (a lock keeps each ring single-
 producer). Futures are resolved on the completion thread; ``on_delivery`` callbacks run there
 too and must be quick.
@@ -29,17 +34,28 @@ import asyncio
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
 
 from shm import control
 from shm.errors import BufferFullError, KafkaError, ProtocolError, SluiceError
-from shm.frames import CHUNK_DONE_TOPIC, encode_record_body, iter_completions, put_record
+from shm.frames import (
+    CHUNK_DONE_TOPIC,
+    RECORD_HEADER,
+    encode_headers,
+    encode_record_body,
+    encode_record_frames,
+    iter_completions,
+    put_frames,
+    put_record,
+)
+from shm.layout import FRAME_HEADER, FRAME_RECORD
 from shm.partitioner import KeyHashCache, StickyPartitioner, owner
 from shm.segment import Segment, send_fds
 
@@ -47,6 +63,7 @@ __all__ = [
     "Producer",
     "RecordMetadata",
     "DeliveryFuture",
+    "DeliveryGroup",
     "DEFAULT_SOCKET",
     "ProducerClosedError",
 ]
@@ -55,6 +72,11 @@ DEFAULT_SOCKET = "/run/sluice/sluice.sock"
 _COMPLETION_POLL_MS = 20
 _UNKNOWN_TOPIC = 3
 _MESSAGE_TOO_LARGE = 10
+_BATCH_OVERHEAD = 90  # batch header and record prefix beyond the body, for the size check
+_BULK = 4096  # send_many encodes and copies at most this many records at a time
+_REC_PREFIX = RECORD_HEADER.size
+_pack_record = RECORD_HEADER.pack_into
+_unpack_frame = FRAME_HEADER.unpack_from
 
 
 class ProducerClosedError(SluiceError):
@@ -70,112 +92,312 @@ class RecordMetadata(NamedTuple):
     timestamp: int
 
 
-_PENDING, _OK, _FAILED = 0, 1, 2
+# Waiters (threading.Event) and done-callbacks of futures and groups are registered and run
+# under this lock: registration is rare, and the lock guarantees a callback runs exactly once
+# however a registration races with the completion thread's resolution.
+_wake_lock = threading.Lock()
 
 
-class DeliveryFuture:
-    """The outcome of one ``send()``: ``result(timeout)`` returns RecordMetadata or raises.
+def _run_callbacks(obj: Any, waiters: list[Any]) -> None:
+    for w in waiters:
+        if type(w) is threading.Event:
+            w.set()
+            continue
+        try:
+            w(obj)
+        except Exception:  # noqa: BLE001 - a user callback must not kill the completion thread
+            pass
 
-    Lighter than ``concurrent.futures.Future``: no lock or event unless someone waits.
-    Awaitable from asyncio code (``meta = await producer.send(...)``).
-    """
 
-    __slots__ = ("topic", "partition", "timestamp", "_state", "_value", "_waiter", "_callbacks")
+class _Awaitable:
+    """``await`` support shared by DeliveryFuture and DeliveryGroup (outcome relayed to the
+    loop by a done-callback)."""
 
-    def __init__(self, topic: str, partition: int, timestamp: int) -> None:
-        self.topic = topic
-        self.partition = partition
-        self.timestamp = timestamp
-        self._state = _PENDING
-        self._value: Any = None
-        self._waiter: threading.Event | None = None
-        self._callbacks: list[Callable[[DeliveryFuture], None]] | None = None
+    __slots__ = ()
 
-    def done(self) -> bool:
-        return self._state != _PENDING
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        """Call ``fn(self)`` once the outcome is known (at once if it is). Callbacks run on the
+        completion thread: keep them quick."""
+        with _wake_lock:
+            if self._outcome is None:  # type: ignore[attr-defined]
+                if self._waiters is None:  # type: ignore[attr-defined]
+                    self._waiters = []  # type: ignore[attr-defined]
+                self._waiters.append(fn)  # type: ignore[attr-defined]
+                return
+        fn(self)
 
-    def result(self, timeout: float | None = None) -> RecordMetadata:
-        """Block until the outcome; raise its error (a KafkaError subclass) or TimeoutError."""
-        if self._state == _PENDING:
-            self._wait(timeout)
-        if self._state == _OK:
-            return self._value
-        raise self._value
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        if self._state == _PENDING:
-            self._wait(timeout)
-        return self._value if self._state == _FAILED else None
+    def _wake(self) -> None:
+        """Run the waiters once, after ``_outcome`` was set (by the resolving thread)."""
+        with _wake_lock:
+            waiters = self._waiters  # type: ignore[attr-defined]
+            self._waiters = None  # type: ignore[attr-defined]
+        if waiters:
+            _run_callbacks(self, waiters)
 
     def _wait(self, timeout: float | None) -> None:
-        ev = self._waiter
-        if ev is None:
-            ev = threading.Event()
-            self._waiter = ev
-            if self._state != _PENDING:  # resolved while we made the event
-                return
-        if not ev.wait(timeout) and self._state == _PENDING:
-            raise TimeoutError(f"no outcome for a record to {self.topic} within {timeout}s")
-
-    def add_done_callback(self, fn: Callable[[DeliveryFuture], None]) -> None:
-        if self._state != _PENDING:
-            fn(self)
+        if self._outcome is not None:  # type: ignore[attr-defined]
             return
-        if self._callbacks is None:
-            self._callbacks = []
-        self._callbacks.append(fn)
-        if self._state != _PENDING and self._callbacks:  # raced with resolution
-            cbs, self._callbacks = self._callbacks, None
-            for cb in cbs:
-                cb(self)
-
-    def _resolve(self, state: int, value: Any) -> None:
-        self._value = value
-        self._state = state
-        ev = self._waiter
-        if ev is not None:
-            ev.set()
-        cbs = self._callbacks
-        if cbs:
-            self._callbacks = None
-            for cb in cbs:
-                try:
-                    cb(self)
-                except Exception:  # noqa: BLE001 - a user callback must not kill the completion thread
-                    pass
+        ev = threading.Event()
+        self.add_done_callback(lambda _: ev.set())
+        if not ev.wait(timeout) and self._outcome is None:  # type: ignore[attr-defined]
+            raise TimeoutError(f"no outcome for {self!r} within {timeout}s")
 
     def __await__(self):  # noqa: ANN204
         loop = asyncio.get_running_loop()
-        afut: asyncio.Future[RecordMetadata] = loop.create_future()
+        afut: asyncio.Future[Any] = loop.create_future()
 
-        def relay(f: DeliveryFuture) -> None:
+        def relay(f: Any) -> None:
             loop.call_soon_threadsafe(_settle, afut, f)
 
         self.add_done_callback(relay)
         return afut.__await__()
 
 
-def _settle(afut: asyncio.Future[RecordMetadata], f: DeliveryFuture) -> None:
+def _settle(afut: asyncio.Future[Any], f: Any) -> None:
     if afut.done():
         return
-    if f._state == _OK:
-        afut.set_result(f._value)
-    else:
-        afut.set_exception(f._value)
+    try:
+        afut.set_result(f.result(0))
+    except BaseException as exc:  # noqa: BLE001 - relayed to the awaiting task
+        afut.set_exception(exc)
+
+
+class DeliveryFuture(_Awaitable):
+    """The outcome of one ``send()``: ``result(timeout)`` returns RecordMetadata or raises.
+
+    Lighter than ``concurrent.futures.Future``: five slots, no lock or event unless someone
+    waits; the completion thread resolves it with one store (the offset, or the exception).
+    Awaitable from asyncio code (``meta = await producer.send(...)``).
+    """
+
+    __slots__ = ("topic", "partition", "timestamp", "_outcome", "_waiters")
+
+    def __init__(self, topic: str, partition: int, timestamp: int) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.timestamp = timestamp
+        # None while pending; the offset (int) on success; the exception on failure.
+        self._outcome: int | BaseException | None = None
+        self._waiters: list[Any] | None = None
+
+    def done(self) -> bool:
+        return self._outcome is not None
+
+    def result(self, timeout: float | None = None) -> RecordMetadata:
+        """Block until the outcome; raise its error (a KafkaError subclass) or TimeoutError."""
+        o = self._outcome
+        if o is None:
+            self._wait(timeout)
+            o = self._outcome
+        if type(o) is int:
+            return RecordMetadata(self.topic, self.partition, o, self.timestamp)
+        raise o  # type: ignore[misc]
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._outcome is None:
+            self._wait(timeout)
+        o = self._outcome
+        return None if type(o) is int else o  # type: ignore[return-value]
+
+    def _resolve(self, outcome: int | BaseException) -> None:
+        self._outcome = outcome
+        if self._waiters is not None:
+            self._wake()
+
+    def __repr__(self) -> str:
+        return f"DeliveryFuture({self.topic!r}, partition={self.partition}, outcome={self._outcome!r})"
+
+
+class DeliveryGroup(_Awaitable):
+    """The outcome of one ``send_many()``: one object for all its records.
+
+    The completion thread settles it a run at a time (one operation per completion, not per
+    record), so bulk senders pay nothing per record for outcomes.
+
+    - ``result(timeout)`` -> the number of records (all delivered); raises the first error if
+      any record failed (``errors`` lists them all), TimeoutError if not done in time.
+    - ``done()``, ``exception(timeout)``, ``add_done_callback(fn)``, ``await group``.
+    - ``offsets``: partition -> list of ``(base_offset, count)`` ranges of delivered records,
+      in send order within the partition (base -1 under acks=0).
+    - ``errors``: list of ``(partition, count, exception)``; ``failed``: how many failed.
+    - Compatibility: it is also a sequence of DeliveryFuture in send order (``group[i]``,
+      iteration, :meth:`futures`), built only when asked for.
+    """
+
+    __slots__ = (
+        "topic",
+        "count",
+        "timestamp",
+        "failed",
+        "_first_error",
+        "_runs",
+        "_left",
+        "_lock",
+        "_order",
+        "_outcome",
+        "_waiters",
+    )
+
+    def __init__(self, topic: str, count: int, timestamp: int) -> None:
+        self.topic = topic
+        self.count = count
+        self.timestamp = timestamp
+        self.failed = 0
+        self._first_error: BaseException | None = None
+        # (partition, base_offset, count, log_append_time, exception or None) in the order
+        # outcomes came, which within one partition is the send order.
+        self._runs: list[tuple[int, int, int, int, BaseException | None]] = []
+        self._left = count
+        self._lock = threading.Lock()
+        # Send order, for the per-record view: runs (partition, count), or for keyed
+        # records the list of each record's partition.
+        self._order: list[tuple[int, int] | list[int]] = []
+        self._outcome: int | BaseException | None = None if count else 0
+        self._waiters: list[Any] | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def done(self) -> bool:
+        return self._outcome is not None
+
+    def result(self, timeout: float | None = None) -> int:
+        """Block until every record has its outcome; the number of records, or raise the first
+        error (a KafkaError subclass, BufferFullError, ProducerClosedError) or TimeoutError."""
+        if self._outcome is None:
+            self._wait(timeout)
+        o = self._outcome
+        if type(o) is int:
+            return o
+        raise o  # type: ignore[misc]
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._outcome is None:
+            self._wait(timeout)
+        o = self._outcome
+        return None if type(o) is int else o  # type: ignore[return-value]
+
+    @property
+    def offsets(self) -> dict[int, list[tuple[int, int]]]:
+        """partition -> ``(base_offset, count)`` ranges of the records delivered so far."""
+        out: dict[int, list[tuple[int, int]]] = {}
+        for p, base, k, _ts, exc in list(self._runs):
+            if exc is not None:
+                continue
+            ranges = out.setdefault(p, [])
+            if ranges and base >= 0 and ranges[-1][0] + ranges[-1][1] == base:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + k)  # contiguous: one range
+            else:
+                ranges.append((base, k))
+        return out
+
+    @property
+    def errors(self) -> list[tuple[int, int, BaseException]]:
+        """``(partition, count, exception)`` of every failed run so far."""
+        return [(p, k, exc) for p, _b, k, _ts, exc in list(self._runs) if exc is not None]
+
+    def _settle(self, partition: int, base: int, count: int, ts: int, exc: BaseException | None) -> None:
+        """``count`` records to ``partition`` have their outcome (offsets from ``base``)."""
+        with self._lock:
+            self._runs.append((partition, base, count, ts, exc))
+            if exc is not None:
+                self.failed += count
+                if self._first_error is None:
+                    self._first_error = exc
+            self._left -= count
+            if self._left:
+                return
+        self._outcome = self._first_error if self._first_error is not None else self.count
+        if self._waiters is not None:
+            self._wake()
+
+    # --- the per-record view (compatibility; costs per record only when used) -------------
+
+    def __getitem__(self, i: int) -> DeliveryFuture:
+        return self.futures()[i]
+
+    def __iter__(self) -> Iterator[DeliveryFuture]:
+        return iter(self.futures())
+
+    def futures(self) -> list[DeliveryFuture]:
+        """One DeliveryFuture per record, in send order (resolved once the group is done)."""
+        topic, ts = self.topic, self.timestamp
+        futs = []
+        for entry in self._order:
+            if type(entry) is tuple:  # (partition, count): a run in send order
+                p, k = entry
+                futs += [DeliveryFuture(topic, p, ts) for _ in range(k)]
+            else:  # keyed: each record's partition
+                futs += [DeliveryFuture(topic, p, ts) for p in entry]
+        if self._outcome is None:
+            self.add_done_callback(lambda g: g._fill(futs))
+        else:
+            self._fill(futs)
+        return futs
+
+    def _fill(self, futs: list[DeliveryFuture]) -> None:
+        outs: dict[int, list[tuple[int | BaseException, int]]] = {}
+        for p, base, k, ts, exc in self._runs:
+            lst = outs.setdefault(p, [])
+            if exc is not None:
+                lst.extend([(exc, ts)] * k)
+            elif base >= 0:
+                lst.extend((o, ts) for o in range(base, base + k))
+            else:
+                lst.extend([(-1, ts)] * k)
+        cursor: dict[int, int] = {}
+        for f in futs:
+            p = f.partition
+            i = cursor.get(p, 0)
+            cursor[p] = i + 1
+            o, ts = outs[p][i]
+            if ts >= 0:
+                f.timestamp = ts
+            f._resolve(o)
+
+    def __repr__(self) -> str:
+        return f"DeliveryGroup({self.topic!r}, count={self.count}, left={self._left}, failed={self.failed})"
+
+
+class _Run:
+    """A pending-FIFO entry standing for ``left`` consecutive records of one DeliveryGroup."""
+
+    __slots__ = ("group", "left")
+
+    def __init__(self, group: DeliveryGroup, left: int) -> None:
+        self.group = group
+        self.left = left
 
 
 class _Topic:
-    __slots__ = ("name", "id", "partitions", "owners", "pending", "info", "sticky")
+    __slots__ = (
+        "name",
+        "id",
+        "partitions",
+        "owners",
+        "pending",
+        "info",
+        "sticky",
+        "batch",
+        "sticky_p",
+        "sticky_left",
+        "max_body",
+    )
 
     def __init__(self, info: control.TopicInfo, workers: int) -> None:
         self.name = info.topic
         self.id = info.topic_id
         self.partitions = info.partitions
         self.owners = [owner(info.topic, p, workers) for p in range(info.partitions)]
-        # One FIFO of DeliveryFutures per partition, resolved in order by completions.
-        self.pending: list[deque[DeliveryFuture]] = [deque() for _ in range(info.partitions)]
+        # One FIFO per partition, resolved in order by completions: DeliveryFutures (send)
+        # and _Runs (send_many: many records of one DeliveryGroup as one entry).
+        self.pending: list[deque[DeliveryFuture | _Run]] = [deque() for _ in range(info.partitions)]
         self.info = info
-        self.sticky = StickyPartitioner(max(1, info.batch_size))
+        self.batch = max(1, info.batch_size)
+        self.sticky = StickyPartitioner(self.batch)
+        self.sticky_p = 0  # keyless records go here until sticky_left bytes are used up
+        self.sticky_left = 0
+        self.max_body = info.max_request_size - _BATCH_OVERHEAD
 
 
 Serializer = Callable[[Any], bytes]
@@ -204,6 +426,88 @@ def _as_bytes(v: Any) -> bytes | bytearray | memoryview | None:
         f"cannot send {type(v).__name__} as bytes: pass bytes or str, or give the Producer a "
         "serializer ('json', 'msgpack' or a callable)"
     )
+
+
+def _resolve_fifo(dq: deque[Any], part: int, err: int, base: int, ts: int, count: int) -> None:
+    """One COMPLETION: the next ``count`` records pending for partition ``part`` have their
+    outcome. FIFO entries are DeliveryFutures (one record) or _Runs (a DeliveryGroup's
+    consecutive records, settled with one call however many there are).
+
+    Raises:
+        IndexError: fewer records pending than the completion names (a broken peer).
+    """
+    popleft = dq.popleft
+    exc = KafkaError.for_code(err) if err else None
+    step = 1 if base >= 0 and exc is None else 0
+    off = base if step else -1
+    i = 0
+    while i < count:
+        e = popleft()
+        if type(e) is _Run:
+            m = count - i
+            if e.left > m:
+                e.left -= m
+                dq.appendleft(e)  # the rest of the run waits for the next completion
+            else:
+                m = e.left
+            e.group._settle(part, off, m, ts, exc)
+            off += m * step
+            i += m
+            continue
+        if exc is None:
+            if ts >= 0:
+                e.timestamp = ts  # LogAppendTime topic: the broker's time
+            e._outcome = off
+            off += step
+        else:
+            e._outcome = exc
+        if e._waiters is not None:
+            e._wake()
+        i += 1
+
+
+def _stick(t: _Topic) -> None:
+    """Move a topic's keyless records on to the sticky partitioner's next partition. The
+    partitioner is charged batch_size bytes at once (so its next call moves on); the bytes
+    actually sent count down in ``sticky_left``."""
+    t.sticky_p = t.sticky.partition(t.name, t.partitions, t.batch)
+    t.sticky_left = t.batch
+
+
+_ONLY_BYTES = {bytes}
+_BYTES_LIKE = {bytes, bytearray, memoryview, type(None)}
+
+
+def _bytes_list(items: list[Any], ser: Serializer | None) -> list[Any]:
+    """``items`` serialized (bytes-like or None each); the list itself when nothing to do."""
+    if ser is None:
+        if set(map(type, items)) <= _BYTES_LIKE:
+            return items
+        return [_as_bytes(x) for x in items]
+    return [None if x is None else ser(x) for x in items]
+
+
+def _max_len(items: list[Any]) -> int:
+    try:
+        return max(map(len, items), default=0)
+    except TypeError:  # None among them
+        return max((len(x) for x in items if x is not None), default=0)
+
+
+def _check_sizes(t: _Topic, vals: list[Any], ks: list[Any] | None, headers: Any, tail: int) -> None:
+    """MessageTooLargeError for the first record larger than the topic allows (exact check
+    only when the largest key and value together could be too large)."""
+    limit = t.max_body
+    if _max_len(vals) + (_max_len(ks) if ks is not None else 0) + tail + 10 <= limit:
+        return
+    for i, v in enumerate(vals):
+        size = len(encode_record_body(None if ks is None else ks[i], v, headers))
+        if size > limit:
+            raise KafkaError.for_code(
+                _MESSAGE_TOO_LARGE,
+                f"record {i} of about {size + _BATCH_OVERHEAD} bytes is larger than max_request_size "
+                f"{t.info.max_request_size} of topic {t.name!r}",
+            )
 
 
 class Producer:
@@ -351,29 +655,65 @@ class Producer:
         the serializer cannot take), ProducerClosedError. With on_full=drop a record that
         finds no room is counted in ``drops`` and its future fails with BufferFullError.
         """
+        # The per-record path: every attribute lookup and call here costs about as much as
+        # the ring transfer itself (PERF-NOTES), so the common case is written out inline.
         t = self._topics.get(topic)
         if t is None:
             t = self._add_topic(topic)
-        v = self._vser(value) if self._vser is not None and value is not None else _as_bytes(value)
-        k = self._kser(key) if self._kser is not None and key is not None else _as_bytes(key)
-        body = encode_record_body(k, v, headers)
+        ser = self._vser
+        if ser is None:
+            if type(value) is not bytes:
+                value = _as_bytes(value)
+        elif value is not None:
+            value = ser(value)
+        if key is not None:
+            ser = self._kser
+            if ser is None:
+                if type(key) is not bytes:
+                    key = _as_bytes(key)
+            else:
+                key = ser(key)
+        body = encode_record_body(key, value, headers)
         size = len(body)
-        if size + 90 > t.info.max_request_size:
+        if size > t.max_body:
             raise KafkaError.for_code(
                 _MESSAGE_TOO_LARGE,
-                f"record of about {size + 90} bytes is larger than max_request_size "
+                f"record of about {size + _BATCH_OVERHEAD} bytes is larger than max_request_size "
                 f"{t.info.max_request_size} of topic {topic!r}",
             )
-        n = t.partitions
         if partition is None:
-            partition = self._keys.partition(bytes(k), n) if k is not None else t.sticky.partition(topic, n, size)
-        elif not 0 <= partition < n:
-            raise KafkaError.for_code(_UNKNOWN_TOPIC, f"partition {partition} of {topic!r} (it has {n})")
+            if key is None:
+                if t.sticky_left <= 0:
+                    _stick(t)
+                partition = t.sticky_p
+                t.sticky_left -= size
+            else:
+                partition = self._keys.partition(key if type(key) is bytes else bytes(key), t.partitions)
+        elif not 0 <= partition < t.partitions:
+            raise KafkaError.for_code(_UNKNOWN_TOPIC, f"partition {partition} of {topic!r} (it has {t.partitions})")
         ts = timestamp if timestamp is not None else int(time.time() * 1000)
         fut = DeliveryFuture(topic, partition, ts)
         if on_delivery is not None:
-            fut._callbacks = [on_delivery]
-        self._enqueue(t, partition, ts, body, fut)
+            fut._waiters = [on_delivery]
+        ring = self._req[t.owners[partition]]
+        with self._send_lock:
+            if self._closed or self._gone:
+                self._check_open()
+            pos = ring.claim(FRAME_RECORD, _REC_PREFIX + size)
+            if pos >= 0:
+                view = ring.view
+                try:
+                    _pack_record(view, pos, t.id, 0, partition, ts)
+                except struct.error:
+                    ring.rollback()
+                    raise
+                view[pos + _REC_PREFIX : pos + _REC_PREFIX + size] = body
+                # Pending before publish: the outcome may come back right after it.
+                t.pending[partition].append(fut)
+                self._pending_total += 1
+                ring.publish_head()
+                return fut
+        self._enqueue(t, partition, ts, body, fut)  # no room: wait or drop
         return fut
 
     def send_many(
@@ -384,42 +724,161 @@ class Producer:
         *,
         partition: int | None = None,
         headers: Sequence[tuple[str | bytes, bytes | None]] | None = None,
-        on_delivery: Callable[[DeliveryFuture], None] | None = None,
-    ) -> list[DeliveryFuture]:
-        """``send()`` for many records of one topic; one head publish per ring per call."""
+        on_delivery: Callable[[DeliveryGroup], None] | None = None,
+    ) -> DeliveryGroup:
+        """Send many records to one topic; returns one :class:`DeliveryGroup` for them all.
+
+        Much cheaper per record than ``send()``: the records bound for one partition are
+        encoded together (:func:`shm.frames.encode_record_frames`), copied into the ring with
+        one claim and one head publish, and wait for their outcome as one pending entry
+        (the completion thread settles a whole run at once). Records without a key stick to
+        a partition for about ``batch_size`` bytes, as with ``send()``; keyed records use
+        Kafka's partitioner. Records to different partitions may enter the ring in another
+        order than given; each partition keeps the given order, which is all Kafka orders.
+
+        Args:
+            values: the values (serialized like ``send()``'s; None = tombstone).
+            keys: one key per value, or None.
+            partition: send every record to this partition.
+            headers: the same headers on every record.
+            on_delivery: called once with the group when every record has its outcome.
+
+        Raises:
+            As ``send()``. Size, type and partition errors come before any record enters
+            shared memory. BufferFullError (on_full=block, no room within max_block_ms) and
+            ProducerClosedError may come after some records went in: those are delivered as
+            usual; the rest fail in the group (which the caller does not get).
+        """
         t = self._topics.get(topic)
         if t is None:
             t = self._add_topic(topic)
-        vser, kser = self._vser, self._kser
+        vals = _bytes_list(values if type(values) is list else list(values), self._vser)
+        ks: list[Any] | None = None
+        if keys is not None:
+            ks = _bytes_list(keys if type(keys) is list else list(keys), self._kser)
+            if len(ks) != len(vals):
+                raise ValueError(f"send_many got {len(ks)} keys for {len(vals)} values")
+            if ks.count(None) == len(ks):
+                ks = None
         n = t.partitions
         if partition is not None and not 0 <= partition < n:
             raise KafkaError.for_code(_UNKNOWN_TOPIC, f"partition {partition} of {topic!r} (it has {n})")
-        limit = t.info.max_request_size - 90
+        tail = encode_headers(headers)
+        _check_sizes(t, vals, ks, headers, len(tail))
         ts = int(time.time() * 1000)
-        keyiter = iter(keys) if keys is not None else None
-        by_worker: dict[int, list[tuple[int, bytes, DeliveryFuture]]] = {}
-        futures: list[DeliveryFuture] = []
-        kpart = self._keys.partition
-        sticky = t.sticky.partition
-        owners = t.owners
-        for value in values:
-            key = next(keyiter) if keyiter is not None else None
-            v = vser(value) if vser is not None and value is not None else _as_bytes(value)
-            k = kser(key) if kser is not None and key is not None else _as_bytes(key)
-            body = encode_record_body(k, v, headers)
-            if len(body) > limit:
-                raise KafkaError.for_code(_MESSAGE_TOO_LARGE, f"record larger than max_request_size of {topic!r}")
-            p = partition
-            if p is None:
-                p = kpart(bytes(k), n) if k is not None else sticky(topic, n, len(body))
-            fut = DeliveryFuture(topic, p, ts)
-            if on_delivery is not None:
-                fut._callbacks = [on_delivery]
-            by_worker.setdefault(owners[p], []).append((p, body, fut))
-            futures.append(fut)
-        for w, items in by_worker.items():
-            self._enqueue_many(t, w, ts, items)
-        return futures
+        group = DeliveryGroup(topic, len(vals), ts)
+        if on_delivery is not None:
+            group.add_done_callback(on_delivery)
+        if not vals:
+            return group
+        plan = self._plan(t, vals, ks, partition, len(tail), group)
+        tid = t.id
+        i = 0
+        try:
+            for i, (p, vs, kk) in enumerate(plan):  # noqa: B007 - i is read after a raise
+                frames = encode_record_frames(tid, p, ts, vs, kk, headers)
+                self._put_run(t, group, p, frames, len(vs))
+        except BaseException as exc:
+            for p, vs, _kk in plan[i + 1 :]:
+                group._settle(p, -1, len(vs), -1, exc)
+            raise
+        return group
+
+    def _plan(
+        self, t: _Topic, vals: list[Any], ks: list[Any] | None, partition: int | None, tail: int, group: DeliveryGroup
+    ) -> list[tuple[int, list[Any], list[Any] | None]]:
+        """Split a send_many into runs ``(partition, values, keys)`` of at most _BULK records,
+        and record the send order in ``group``."""
+        total = len(vals)
+        plan: list[tuple[int, list[Any], list[Any] | None]] = []
+        if partition is not None or ks is None:
+            if partition is not None:
+                spans = [(partition, i, min(i + _BULK, total)) for i in range(0, total, _BULK)]
+            else:
+                # Sticky spans: a partition takes records until about batch_size bytes went
+                # to it, the same rule as send(), judged on the call's mean record size.
+                try:
+                    vbytes = sum(map(len, vals))
+                except TypeError:  # tombstones
+                    vbytes = sum(len(v) for v in vals if v is not None)
+                rec = vbytes // total + 3 + tail
+                spans = []
+                i = 0
+                while i < total:
+                    if t.sticky_left <= 0:
+                        _stick(t)
+                    k = min(-(-t.sticky_left // rec), total - i, _BULK)
+                    t.sticky_left -= k * rec
+                    spans.append((t.sticky_p, i, i + k))
+                    i += k
+            for p, a, b in spans:
+                plan.append((p, vals[a:b], None if ks is None else ks[a:b]))
+                group._order.append((p, b - a))
+            return plan
+        n = t.partitions
+        if None in ks:
+            # Some null keys among keyed records: those go sticky, record by record.
+            parts = []
+            kpart = self._keys.partition
+            for k, v in zip(ks, vals):
+                if k is None:
+                    if t.sticky_left <= 0:
+                        _stick(t)
+                    parts.append(t.sticky_p)
+                    t.sticky_left -= (len(v) if v is not None else 0) + 3 + tail
+                else:
+                    parts.append(kpart(k if type(k) is bytes else bytes(k), n))
+        else:
+            hk = ks if set(map(type, ks)) == _ONLY_BYTES else [bytes(k) for k in ks]
+            parts = self._keys.partitions(hk, n)
+        group._order.append(parts)  # type: ignore[arg-type]
+        if parts.count(parts[0]) == total:
+            by_part = {parts[0]: (vals, ks)}
+        else:
+            by_part = {}
+            for p, k, v in zip(parts, ks, vals):
+                entry = by_part.get(p)
+                if entry is None:
+                    entry = by_part[p] = ([], [])
+                entry[0].append(v)
+                entry[1].append(k)
+        for p, (vs, kk) in by_part.items():
+            for i in range(0, len(vs), _BULK):
+                plan.append((p, vs[i : i + _BULK], kk[i : i + _BULK]))
+        return plan
+
+    def _put_run(self, t: _Topic, group: DeliveryGroup, p: int, frames: bytes, count: int) -> None:
+        """Copy ``count`` frames of partition ``p`` into its ring as one pending run (more than
+        one when the ring fills up); wait or drop by the topic's on_full policy."""
+        ring = self._req[t.owners[p]]
+        dq = t.pending[p]
+        at = 0
+        left = count
+        deadline = None
+        try:
+            while left:
+                with self._send_lock:
+                    if self._closed or self._gone:
+                        self._check_open()
+                    at, m = put_frames(ring, frames, at, left)
+                    if m:
+                        dq.append(_Run(group, m))
+                        self._pending_total += m
+                        ring.publish_head()
+                        left -= m
+                        continue
+                # The ring is full.
+                if t.info.on_full == "drop":
+                    at += (_unpack_frame(frames, at)[0] + 15) & -8
+                    left -= 1
+                    self.drops[t.name] = self.drops.get(t.name, 0) + 1
+                    group._settle(p, -1, 1, -1, BufferFullError(f"ring full: record to {t.name!r} dropped (on_full=drop)"))
+                    continue
+                deadline = self._block(t, deadline)
+        except BaseException as exc:
+            if left:
+                group._settle(p, -1, left, -1, exc)
+            raise
 
     def _enqueue(self, t: _Topic, partition: int, ts: int, body: bytes, fut: DeliveryFuture) -> None:
         ring = self._req[t.owners[partition]]
@@ -439,38 +898,18 @@ class Producer:
             if deadline is None:
                 return
 
-    def _enqueue_many(self, t: _Topic, w: int, ts: int, items: list[tuple[int, bytes, DeliveryFuture]]) -> None:
-        ring = self._req[w]
-        pending = t.pending
-        tid = t.id
-        i = 0
-        deadline = None
-        while i < len(items):
-            with self._send_lock:
-                self._check_open()
-                start = i
-                while i < len(items):
-                    p, body, fut = items[i]
-                    pending[p].append(fut)
-                    if not put_record(ring, tid, p, ts, body):
-                        pending[p].pop()
-                        break
-                    i += 1
-                if i > start:
-                    ring.publish_head()
-                    self._pending_total += i - start
-            if i < len(items):
-                deadline = self._wait_for_room(t, ring, deadline, items[i][2])
-                if deadline is None:
-                    i += 1  # dropped
-
     def _wait_for_room(self, t: _Topic, ring: Any, deadline: float | None, fut: DeliveryFuture) -> float | None:
         """The ring is full: wait (block policy) or drop. Returns the deadline, None if dropped."""
         info = t.info
         if info.on_full == "drop":
             self.drops[t.name] = self.drops.get(t.name, 0) + 1
-            fut._resolve(_FAILED, BufferFullError(f"ring full: record to {t.name!r} dropped (on_full=drop)"))
+            fut._resolve(BufferFullError(f"ring full: record to {t.name!r} dropped (on_full=drop)"))
             return None
+        return self._block(t, deadline)
+
+    def _block(self, t: _Topic, deadline: float | None) -> float:
+        """Wait a little for ring space (on_full=block); BufferFullError past max_block_ms."""
+        info = t.info
         now = time.monotonic()
         if deadline is None:
             deadline = now + info.max_block_ms / 1000.0
@@ -548,20 +987,7 @@ class Producer:
                     self._req[w].free_to(base)
                     freed = True
                     continue
-                t = by_id[tid]
-                dq = t.pending[part]
-                if err:
-                    exc = KafkaError.for_code(err)
-                    for _ in range(count):
-                        dq.popleft()._resolve(_FAILED, exc)
-                else:
-                    name = t.name
-                    for i in range(count):
-                        f = dq.popleft()
-                        f._resolve(
-                            _OK,
-                            RecordMetadata(name, part, base + i if base >= 0 else -1, ts if ts >= 0 else f.timestamp),
-                        )
+                _resolve_fifo(by_id[tid].pending[part], part, err, base, ts, count)
                 resolved += count
             ring.consume(end - start)
         if resolved:
@@ -589,9 +1015,13 @@ class Producer:
 
     def _fail_all(self, exc: BaseException) -> None:
         for t in self._topics.values():
-            for dq in t.pending:
+            for part, dq in enumerate(t.pending):
                 while dq:
-                    dq.popleft()._resolve(_FAILED, exc)
+                    e = dq.popleft()
+                    if type(e) is _Run:
+                        e.group._settle(part, -1, e.left, -1, exc)
+                    else:
+                        e._resolve(exc)
         with self._idle:
             self._idle.notify_all()
 
