@@ -56,7 +56,7 @@ from shm.frames import (
     put_record,
 )
 from shm.layout import FRAME_HEADER, FRAME_RECORD
-from shm.partitioner import KeyHashCache, StickyPartitioner, owner
+from shm.partitioner import KeyHashCache, StickyPartitioner, owner, partitions_many
 from shm.segment import Segment, send_fds
 
 __all__ = [
@@ -830,10 +830,22 @@ class Producer:
                     parts.append(kpart(k if type(k) is bytes else bytes(k), n))
         else:
             hk = ks if set(map(type, ks)) == _ONLY_BYTES else [bytes(k) for k in ks]
-            parts = self._keys.partitions(hk, n)
+            # Keys of one length: murmur2 of all of them in one numpy pass; else per key
+            # through the cache.
+            parts = partitions_many(hk, n)
+            if parts is None:
+                parts = self._keys.partitions(hk, n)
         group._order.append(parts)  # type: ignore[arg-type]
+        by_part: dict[int, tuple[list[Any], list[Any]]]
         if parts.count(parts[0]) == total:
             by_part = {parts[0]: (vals, ks)}
+        elif n <= total:
+            bv: list[list[Any]] = [[] for _ in range(n)]
+            bk: list[list[Any]] = [[] for _ in range(n)]
+            for p, k, v in zip(parts, ks, vals):
+                bv[p].append(v)
+                bk[p].append(k)
+            by_part = {p: (bv[p], bk[p]) for p in range(n) if bv[p]}
         else:
             by_part = {}
             for p, k, v in zip(parts, ks, vals):
