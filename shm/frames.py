@@ -60,6 +60,7 @@ __all__ = [
     "COMPLETION",
     "Headers",
     "zigzag_varint",
+    "ZIGZAG",
     "encode_record_body",
     "record_body_valid",
     "encode_record",
@@ -111,6 +112,9 @@ def zigzag_varint(value: int) -> bytes:
 _TABLE = 8192
 _ZZ: tuple[bytes, ...] = tuple(zigzag_varint(n) for n in range(-1, _TABLE))  # index n + 1
 _NULL = b"\x01"  # varint(-1)
+ZIGZAG = _ZZ
+"""``ZIGZAG[n + 1] == zigzag_varint(n)`` for ``-1 <= n < len(ZIGZAG) - 1`` (8191): record
+length fields without a function call, for callers that inline the body encoding."""
 # Bytes a length field occupies plus the bytes it announces, by the varint's first byte, for
 # one-byte varints: 1 + n for n >= 0, 1 for null (-1); 0 marks a longer varint, -1 an invalid
 # length (< -1). Drives the validator's fast path.

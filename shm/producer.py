@@ -48,6 +48,7 @@ from shm.errors import BufferFullError, KafkaError, ProtocolError, SluiceError
 from shm.frames import (
     CHUNK_DONE_TOPIC,
     RECORD_HEADER,
+    ZIGZAG,
     encode_headers,
     encode_record_body,
     encode_record_frames,
@@ -75,6 +76,9 @@ _MESSAGE_TOO_LARGE = 10
 _BATCH_OVERHEAD = 90  # batch header and record prefix beyond the body, for the size check
 _BULK = 4096  # send_many encodes and copies at most this many records at a time
 _REC_PREFIX = RECORD_HEADER.size
+_ZZ = ZIGZAG
+_ZZ_MAX = len(ZIGZAG) - 1
+_time = time.time
 _pack_record = RECORD_HEADER.pack_into
 _unpack_frame = FRAME_HEADER.unpack_from
 
@@ -673,7 +677,15 @@ class Producer:
                     key = _as_bytes(key)
             else:
                 key = ser(key)
-        body = encode_record_body(key, value, headers)
+        # encode_record_body, inlined for the usual shape (no headers, short key and value).
+        if headers or value is None or len(value) >= _ZZ_MAX:
+            body = encode_record_body(key, value, headers)
+        elif key is None:
+            body = b"".join((b"\x01", _ZZ[len(value) + 1], value, b"\x00"))
+        elif len(key) < _ZZ_MAX:
+            body = b"".join((_ZZ[len(key) + 1], key, _ZZ[len(value) + 1], value, b"\x00"))
+        else:
+            body = encode_record_body(key, value, headers)
         size = len(body)
         if size > t.max_body:
             raise KafkaError.for_code(
@@ -691,7 +703,7 @@ class Producer:
                 partition = self._keys.partition(key if type(key) is bytes else bytes(key), t.partitions)
         elif not 0 <= partition < t.partitions:
             raise KafkaError.for_code(_UNKNOWN_TOPIC, f"partition {partition} of {topic!r} (it has {t.partitions})")
-        ts = timestamp if timestamp is not None else int(time.time() * 1000)
+        ts = timestamp if timestamp is not None else int(_time() * 1000)
         fut = DeliveryFuture(topic, partition, ts)
         if on_delivery is not None:
             fut._waiters = [on_delivery]
