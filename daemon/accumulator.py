@@ -19,14 +19,17 @@ Hot path. ``append_region`` walks ring frames with one ``struct.unpack_from`` pe
 the record prefix (length, attributes, timestamp delta, offset delta) from precomputed tables,
 and appends the four pieces to the batch's pending list; the pending pieces of every touched
 batch are joined and written into the arena once per call. No object is created per record
-except the body's memoryview slice and the tuple of pieces.
+except the body's memoryview slice and the tuple of pieces. A run of at least 32 frames with
+identical 24-byte headers (what ``send_many`` writes for fixed-size values: one partition,
+one timestamp, one length) skips the loop: numpy builds all its records at once
+(:func:`_run_records`, about 0.2 instead of 0.45 us a record including sealing).
 """
 
 from __future__ import annotations
 
 import heapq
 import struct
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from daemon.arena import STATE_STAMPED, Arena
 from daemon.config import Profile
@@ -71,6 +74,7 @@ _MAX_RECORDS = VARINT_TABLE_SIZE  # offset deltas stay inside the varint table
 # _FAST_SPAN // 24 records and a batch below _FAST_MAX_COUNT stays below _MAX_RECORDS.
 _FAST_SPAN = VARINT_TABLE_SIZE - 8
 _FAST_MAX_COUNT = _MAX_RECORDS - _FAST_SPAN // 24 - 2
+_RUN_MIN = 32  # shorter runs of identical frame headers go through the per-record loop
 
 
 class Batch:
@@ -198,6 +202,66 @@ def _flush_pending(buf: memoryview, b: Batch) -> None:
     b._room = b._limit - HEADER_SIZE - b._written
 
 
+_np: Any = None
+_VARINT_ROWS: list[Any] = []  # per varint length 1-3: the VARINT table rows of that length
+
+
+def _numpy() -> Any:
+    """numpy, imported on first use; None when it is not installed."""
+    global _np
+    if _np is None:
+        try:
+            import numpy
+        except ImportError:
+            numpy = False
+        _np = numpy
+        if numpy is not False:
+            for lo, hi in ((0, 64), (64, 8192), (8192, VARINT_TABLE_SIZE)):
+                _VARINT_ROWS.append(numpy.frombuffer(b"".join(VARINT[lo:hi]), numpy.uint8).reshape(hi - lo, -1))
+    return _np or None
+
+
+def _run_records(data: bytes, pos: int, kmax: int, step: int, blen: int, d: int, n0: int) -> tuple[int, bytes]:
+    """The Kafka records of the frames at ``data[pos:]`` whose 24 header bytes equal the first
+    one's (at most ``kmax`` frames, ``step`` bytes apart, bodies of ``blen`` bytes), built with
+    numpy: ``(count, records)``; ``(0, b"")`` when fewer than _RUN_MIN frames match or numpy is
+    missing.
+
+    Identical headers mean the same length, type, topic, partition and timestamp, so every
+    record has the same timestamp delta ``d`` and body length; offset deltas run from ``n0``.
+    Per record: varint(length) | attributes 0 | varint(d) | varint(offset delta) | body.
+    """
+    np = _numpy()
+    if np is None:
+        return 0, b""
+    u8 = np.uint8
+    frames = np.frombuffer(data, u8, kmax * step, pos).reshape(kmax, step)
+    heads = frames[:, :24]
+    same = (heads == heads[0]).all(axis=1)
+    k = kmax if same.all() else int(same.argmin())
+    if k < _RUN_MIN:
+        return 0, b""
+    bodies = frames[:k, 24 : 24 + blen]
+    ats = ATTR_TS[d]
+    pieces = []
+    i = 0
+    while i < k:
+        # Split where the offset delta's varint grows (64, 8192): rows of one width.
+        n = n0 + i
+        cls, lo, hi = (0, 0, 64) if n < 64 else ((1, 64, 8192) if n < 8192 else (2, 8192, VARINT_TABLE_SIZE))
+        m = min(k - i, hi - n)
+        vn = cls + 1
+        head = VARINT[blen + len(ats) + vn] + ats
+        h = len(head)
+        out = np.empty((m, h + vn + blen), u8)
+        out[:, :h] = np.frombuffer(head, u8)
+        out[:, h : h + vn] = _VARINT_ROWS[cls][n - lo : n - lo + m]
+        out[:, h + vn :] = bodies[i : i + m]
+        pieces.append(out.tobytes())
+        i += m
+    return k, pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
 class Accumulator:
     """Per-partition batching into the worker arena. See the module docstring.
 
@@ -231,6 +295,7 @@ class Accumulator:
         self._flush_requested = False
         self._dirty: list[Batch] = []  # batches with pending pieces during an append call
         self._cid = 0  # the client of the append call in progress
+        _numpy()  # import it now (about 50 ms), not on the first run of records
         # Records taken by append calls since the caller last set this to 0 (the worker counts
         # each ring drain with it).
         self.appended = 0
@@ -387,6 +452,23 @@ class Accumulator:
                         lim = end
                     if lim > pos + _FAST_SPAN:
                         lim = pos + _FAST_SPAN
+                    # A run of frames with identical headers (a send_many of fixed-size values)
+                    # becomes records in one vectorised pass; the loop goes on after it.
+                    step = (plen + 15) & -8
+                    if (
+                        pos + _RUN_MIN * step <= end
+                        and step <= _FAST_SPAN
+                        and data[pos : pos + 24] == data[pos + step : pos + step + 24]
+                    ):
+                        kmax = min((min(pos + room, end) - pos) // step, _FAST_MAX_COUNT - n)
+                        if kmax >= _RUN_MIN:
+                            k, recs = _run_records(data, pos, kmax, step, plen - 16, ts - base, n)
+                            if k:
+                                pend.append(recs)
+                                n += k
+                                if ts - base > dmax:
+                                    dmax = ts - base
+                                pos += k * step
                     continue
             code = self._append_one(topics[tid], part, ts, data[pos + 24 : be], now_ms)
             if code != APPEND_OK:
