@@ -276,3 +276,102 @@ def test_snapshot_counts(tmp_path: Path) -> None:
         assert snap["records_out"] == 9 and snap["records_failed"] == 0
 
     _run(body, tmp_path)
+
+
+# --- record bodies a hostile client may write ----------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from daemon.worker import _first_bad_body  # noqa: E402
+from shm.frames import RECORD_HEADER, record_body_valid  # noqa: E402
+
+
+def _frame(body: bytes) -> bytes:
+    f = (16 + len(body)).to_bytes(4, "little") + (1).to_bytes(4, "little") + RECORD_HEADER.pack(0, 0, 0, 0) + body
+    return f + bytes(-len(f) & 7)
+
+
+_bodies = st.one_of(
+    st.binary(max_size=24),
+    st.builds(
+        encode_record_body,
+        st.none() | st.binary(max_size=300),
+        st.none() | st.binary(max_size=9000),
+        st.none() | st.lists(st.tuples(st.text(max_size=5), st.none() | st.binary(max_size=200)), max_size=3),
+    ),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_bodies, min_size=1, max_size=8), st.data())
+def test_first_bad_body_agrees_with_record_body_valid(bodies: list[bytes], data: st.DataObject) -> None:
+    # Sometimes flip one byte of one body: the fast table path and the general validator must agree.
+    if data.draw(st.booleans()):
+        i = data.draw(st.integers(0, len(bodies) - 1))
+        if bodies[i]:
+            b = bytearray(bodies[i])
+            b[data.draw(st.integers(0, len(b) - 1))] = data.draw(st.integers(0, 255))
+            bodies[i] = bytes(b)
+    frames = [_frame(b) for b in bodies]
+    region = b"".join(frames)
+    want, at = -1, 0
+    for body, f in zip(bodies, frames):
+        if not record_body_valid(memoryview(f), 24, 24 + len(body)):
+            want = at
+            break
+        at += len(f)
+    assert _first_bad_body(region, len(region)) == want
+
+
+def test_malformed_body_drops_the_client_and_never_reaches_a_batch(tmp_path: Path) -> None:
+    rng = random.Random(SEED + 11)
+
+    def body(h: Harness) -> None:
+        h.write(3, rng)
+        # Key length 10 with 3 bytes after it: Kafka refuses the whole batch holding it.
+        put_record(h.req, 0, h.owned[0], 0, b"\x14abc\x02x\x00")
+        h.req.publish_head()
+        h.worker.drain()
+        dropped = [m for m in h.messages() if isinstance(m, ch.ClientDropped)]
+        assert len(dropped) == 1 and "malformed record body" in dropped[0].reason
+        batches = h.seal()
+        assert sum(b.record_count for b in batches) == 3
+        for b in batches:
+            assert b"abc" not in bytes(b.payload())
+            h.complete(b)
+        h.worker.emit()
+        assert sum(c for (t, _e, _p, _b, c) in h.completions() if t != CHUNK_DONE_TOPIC) == 3
+
+    _run(body, tmp_path)
+
+
+def test_topic_announced_late_keeps_the_earlier_records_own_chunk(tmp_path: Path) -> None:
+    # Records of a known topic, then of a topic whose AddTopic is still in the channel: the
+    # worker re-reads its channel and appends the rest as a second chunk. Both chunks complete.
+    rng = random.Random(SEED + 12)
+
+    def body(h: Harness) -> None:
+        h.write(4, rng)
+        late = "late-topic"
+        h.sup.send(ch.AddTopic(topic_id=1, name=late, partitions=PARTITIONS))
+        h.sup.flush()
+        p = next(q for q in range(PARTITIONS) if owner(late, q, WORKERS) == 0)
+        for i in range(3):
+            assert put_record(h.req, 1, p, 1_700_000_000_000, encode_record_body(None, b"late%d" % i, None))
+        h.req.publish_head()
+        h.worker.drain()
+        assert not any(isinstance(m, ch.ClientDropped) for m in h.messages())
+        for b in h.seal():
+            h.complete(b)
+        h.worker.emit()
+        got = []
+        start, end = h.cmp.region()
+        for _fend, tid, _err, _part, base, _ts, count in iter_completions(h.cmp, start, end, [PARTITIONS, PARTITIONS]):
+            got.append((tid, 0, 0, base, count))
+        h.cmp.consume(end - start)
+        assert sum(c for (t, _e, _p, _b, c) in got if t != CHUNK_DONE_TOPIC) == 7
+        assert [b for (t, _e, _p, b, _c) in got if t == CHUNK_DONE_TOPIC][-1] == h.req.head
+        assert not h.worker.clients[7].chunks
+
+    _run(body, tmp_path)
