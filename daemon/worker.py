@@ -90,6 +90,7 @@ class _Client:
         "removing",
         "dead",
         "blocked",
+        "cmp_broken",
     )
 
     def __init__(self, client_id: int, name: str, segment: Segment, worker: int) -> None:
@@ -103,6 +104,7 @@ class _Client:
         self.removing = False  # the client is gone: drain what it committed, then detach
         self.dead = False  # its ring was corrupt: read nothing more
         self.blocked = False  # the completion ring was full at the last emit
+        self.cmp_broken = False  # its completion ring's tail was corrupt: write nothing more
 
 
 class Worker:
@@ -396,9 +398,27 @@ class Worker:
                 self._dirty.add(client)
 
     def _emit_client(self, client: _Client) -> bool:
+        try:
+            return self._write_completions(client)
+        except CorruptFrameError as exc:
+            # The client wrote a tail into its completion ring that no reader could have
+            # stored (claim() checks it): drop it; nothing more is written there.
+            client.cmp.rollback()
+            client.cmp_broken = True
+            if not client.dead:
+                self._drop(client, str(exc))
+            return self._write_completions(client)
+
+    def _write_completions(self, client: _Client) -> bool:
+        chunks = client.chunks
+        if client.cmp_broken:
+            # Outcomes nobody can be told of: forget completed chunks so the client detaches.
+            while chunks and chunks[0].pending <= 0:
+                chunks.popleft()
+            self._maybe_detach(client)
+            return True
         ring = client.cmp
         view = ring.view
-        chunks = client.chunks
         wrote = False
         ok = True
         while chunks and chunks[0].pending <= 0:
@@ -435,8 +455,12 @@ class Worker:
     def _maybe_detach(self, client: _Client) -> None:
         if client.chunks:
             return
-        if not client.dead and client.req.readable():
-            return
+        if not client.dead:
+            try:
+                if client.req.readable():
+                    return
+            except CorruptFrameError:
+                pass  # a gone client whose head makes no sense: nothing more will be read
         if client.client_id not in self.clients:
             return
         del self.clients[client.client_id]
@@ -539,9 +563,13 @@ class Worker:
         if self._dirty or self._arena_full:
             return not self._dirty
         for client in self.clients.values():
-            if not client.dead and not client.req.arm():
-                self._disarm_all()
-                return False
+            try:
+                if client.dead or client.req.arm():
+                    continue
+            except CorruptFrameError as exc:  # the head changed since drain() looked
+                self._drop(client, str(exc))
+            self._disarm_all()
+            return False
         return True
 
     def _disarm_all(self) -> None:

@@ -375,3 +375,29 @@ def test_topic_announced_late_keeps_the_earlier_records_own_chunk(tmp_path: Path
         assert not h.worker.clients[7].chunks
 
     _run(body, tmp_path)
+
+
+def test_corrupt_completion_tail_drops_the_client_not_the_worker(tmp_path: Path) -> None:
+    # The client stores the tail of its completion rings; a wild one must not crash the worker
+    # when it writes completions (the ring's claim() checks the tail once the ring looks full).
+    rng = random.Random(SEED + 13)
+
+    async def main() -> None:
+        cfg = _config(tmp_path)
+        seg = Segment.create(WORKERS, cfg.daemon.request_ring_bytes, 4096)
+        h = Harness(tmp_path, segment=seg)
+        try:
+            h.cmp._words[h.cmp._tail_i] = 3  # unaligned: no reader could have stored it
+            for _ in range(120):  # 120 chunks of completions: more than 4 KiB
+                h.write(1, rng)
+                h.worker.drain()
+                for b in h.seal():
+                    h.complete(b)
+                h.worker.emit()
+            dropped = [m for m in h.messages() if isinstance(m, ch.ClientDropped)]
+            assert len(dropped) == 1 and "tail" in dropped[0].reason
+            assert 7 not in h.worker.clients  # every chunk was complete: detached at once
+        finally:
+            h.close()
+
+    asyncio.run(main())
