@@ -275,7 +275,7 @@ class Worker:
             data = bytes(ring.view[start:end])
             # A malformed record body would make Kafka refuse (or, for some, store) the whole
             # batch it shares with other clients' records: stop before it, drop its client.
-            bad = _first_bad_body(data, end - start)
+            bad = _first_bad_body(data, end - start, end == ring.data_end)
             stop = end - start if bad < 0 else bad
             self._chunk_seq += 1
             key = self._chunk_seq
@@ -294,9 +294,9 @@ class Worker:
                 ring.advance(pos)
             if code == APPEND_OK:
                 if bad >= 0 and pos == bad:
+                    what = "malformed record body" if data[bad + 4] else "padding frame short of the wrap"
                     raise CorruptFrameError(
-                        f"client {client.client_id} ({client.name}): malformed record body at ring "
-                        f"position {ring.cursor}"
+                        f"client {client.client_id} ({client.name}): {what} at ring position {ring.cursor}"
                     )
                 continue
             if code == APPEND_FULL:
@@ -620,9 +620,11 @@ _SKIP2 = tuple(
 )
 
 
-def _first_bad_body(data: bytes, end: int) -> int:
+def _first_bad_body(data: bytes, end: int, wraps: bool) -> int:
     """Offset of the first RECORD frame in ``data[:end]`` whose body is not exactly one
-    well-formed Kafka record body (see shm.frames.record_body_valid); -1 when there is none.
+    well-formed Kafka record body (see shm.frames.record_body_valid), or of a PADDING frame
+    that does not end exactly at the wrap (``wraps``: ``end`` is the end of the ring's data
+    area); -1 when there is none.
 
     Stops (returning -1) at a frame the accumulator judges itself: another frame type, or a
     length past ``end``. The usual shape (key and value lengths as short varints, no headers)
@@ -638,7 +640,9 @@ def _first_bad_body(data: bytes, end: int) -> int:
         plen, ftype = unpack(data, pos)
         be = pos + 8 + plen
         if ftype != 1 or be > end:
-            return -1
+            # Padding is only written to fill the ring up to its end: anything else would make
+            # the reader skip (and never complete) the records after it.
+            return pos if ftype == 0 and not (wraps and be == end) else -1
         b = pos + 24
         if b + 3 <= be:
             s = skip1[data[b]]

@@ -321,7 +321,7 @@ def test_first_bad_body_agrees_with_record_body_valid(bodies: list[bytes], data:
             want = at
             break
         at += len(f)
-    assert _first_bad_body(region, len(region)) == want
+    assert _first_bad_body(region, len(region), False) == want
 
 
 def test_malformed_body_drops_the_client_and_never_reaches_a_batch(tmp_path: Path) -> None:
@@ -401,3 +401,20 @@ def test_corrupt_completion_tail_drops_the_client_not_the_worker(tmp_path: Path)
             h.close()
 
     asyncio.run(main())
+
+
+def test_padding_short_of_the_wrap_drops_the_client(tmp_path: Path) -> None:
+    # Padding only fills the ring up to its end; one in the middle would make the worker skip
+    # the records after it without ever completing them.
+    rng = random.Random(SEED + 14)
+
+    def body(h: Harness) -> None:
+        h.write(2, rng)
+        assert h.req.claim(0, 56) >= 0  # a 64-byte PADDING frame, far from the wrap
+        h.write(2, rng)
+        h.worker.drain()
+        dropped = [m for m in h.messages() if isinstance(m, ch.ClientDropped)]
+        assert len(dropped) == 1 and "padding" in dropped[0].reason
+        assert sum(b.record_count for b in h.seal()) == 2
+
+    _run(body, tmp_path)
