@@ -382,7 +382,8 @@ class Accumulator:
         ctid = cpart = -1  # the key of the fast path; -1 = none loaded
         pend: list = []
         n = room = base = dmax = 0
-        pos0 = lim = 0
+        pos0 = lim = nload = 0
+        interleaved = False  # the last load took at most one record
         code = APPEND_OK
         pos = start
         while pos < end:
@@ -409,6 +410,7 @@ class Accumulator:
                     continue
             # Everything else: a new key, the end of lim, a frame to validate, a far timestamp.
             if cur is not None:
+                interleaved = n - nload <= 1
                 cur.record_count = n
                 cur._dmax = dmax
                 # Conservative until the pending pieces are flushed (frame bytes >= record bytes).
@@ -447,28 +449,39 @@ class Accumulator:
                     base = b._base_ts
                     dmax = b._dmax
                     pos0 = pos
+                    nload = n
                     lim = pos + room
                     if lim > end:
                         lim = end
                     if lim > pos + _FAST_SPAN:
                         lim = pos + _FAST_SPAN
                     # A run of frames with identical headers (a send_many of fixed-size values)
-                    # becomes records in one vectorised pass; the loop goes on after it.
-                    step = (plen + 15) & -8
-                    if (
-                        pos + _RUN_MIN * step <= end
-                        and step <= _FAST_SPAN
-                        and data[pos : pos + 24] == data[pos + step : pos + step + 24]
-                    ):
-                        kmax = min((min(pos + room, end) - pos) // step, _FAST_MAX_COUNT - n)
-                        if kmax >= _RUN_MIN:
-                            k, recs = _run_records(data, pos, kmax, step, plen - 16, ts - base, n)
-                            if k:
-                                pend.append(recs)
-                                n += k
-                                if ts - base > dmax:
-                                    dmax = ts - base
-                                pos += k * step
+                    # becomes records in one vectorised pass; the loop goes on after it. Not
+                    # tried right after a load that took a single record (interleaved
+                    # partitions, where loads come every record), and only when the 2nd and
+                    # the 32nd frame repeat the header and the first 32 agree on partition and
+                    # timestamp (strided slices): a failed try costs a few compares, not numpy.
+                    if not interleaved:
+                        step = (plen + 15) & -8
+                        last = pos + (_RUN_MIN - 1) * step
+                        if (
+                            last + step <= end
+                            and step <= _FAST_SPAN
+                            and data[pos : pos + 24] == data[last : last + 24]
+                            and data[pos : pos + 24] == data[pos + step : pos + step + 24]
+                            # and all 32 frames agree on the low bytes of partition and ts
+                            and data[pos + 12 : last + 13 : step] == data[pos + 12 : pos + 13] * _RUN_MIN
+                            and data[pos + 16 : last + 17 : step] == data[pos + 16 : pos + 17] * _RUN_MIN
+                        ):
+                            kmax = min((min(pos + room, end) - pos) // step, _FAST_MAX_COUNT - n)
+                            if kmax >= _RUN_MIN:
+                                k, recs = _run_records(data, pos, kmax, step, plen - 16, ts - base, n)
+                                if k:
+                                    pend.append(recs)
+                                    n += k
+                                    if ts - base > dmax:
+                                        dmax = ts - base
+                                    pos += k * step
                     continue
             code = self._append_one(topics[tid], part, ts, data[pos + 24 : be], now_ms)
             if code != APPEND_OK:
