@@ -378,7 +378,9 @@ class FrameReader:
             with memoryview(buf) as view, view[pos + prefix : end] as body:
                 try:
                     msg = self._decode(body)
-                except msgspec.DecodeError as e:  # ValidationError included
+                # ValidationError is a DecodeError; a str that is not UTF-8 raises
+                # UnicodeDecodeError from msgspec, which is a bad frame all the same.
+                except (msgspec.DecodeError, UnicodeDecodeError) as e:
                     raise self._fail(f"bad frame at byte {pos}: {e}") from None
             self._pos = end
             yield msg
