@@ -31,7 +31,7 @@ import heapq
 import struct
 from typing import Any, Callable, Sequence
 
-from daemon.arena import STATE_STAMPED, Arena
+from daemon.arena import RUN, RUNS_HEADER, STATE_DONE, STATE_STAMPED, Arena, RecoveredSlot
 from daemon.config import Profile
 from daemon.protocol.records import (
     ATTR_TS,
@@ -55,6 +55,7 @@ __all__ = [
     "FRAME_RECORD",
     "FRAME_PADDING",
     "Batch",
+    "RecoveredBatch",
     "Accumulator",
 ]
 
@@ -75,6 +76,12 @@ _MAX_RECORDS = VARINT_TABLE_SIZE  # offset deltas stay inside the varint table
 _FAST_SPAN = VARINT_TABLE_SIZE - 8
 _FAST_MAX_COUNT = _MAX_RECORDS - _FAST_SPAN // 24 - 2
 _RUN_MIN = 32  # shorter runs of identical frame headers go through the per-record loop
+# Bytes a batch keeps free behind its records for its runs table (daemon/arena.py): alignment
+# padding, the header, the first run and one spare run. Each later run (another client) takes
+# the spare and reserves a new one (the spare covers a run that starts after the records of the
+# call were admitted), so the table always fits the reservation.
+_RUN_SIZE = RUN.size
+_TABLE_RESERVE = 7 + RUNS_HEADER.size + 2 * _RUN_SIZE
 
 
 class Batch:
@@ -108,6 +115,8 @@ class Batch:
         "_pend",
         "_dirty",
         "_n0",
+        "_p0",
+        "_tr",
         "_base_ts",
         "_dmax",
         "_deadline",
@@ -142,14 +151,17 @@ class Batch:
         self.offset = arena.offset(slot)
         self.capacity = arena.capacity(slot)
         # Bytes the finished batch may take (uncompressed): batch_size, or one large record's
-        # size; the reservation rounds it up to whole chunks, which must not loosen the bound.
-        self._limit = limit
+        # size, less the runs table reserve; the reservation rounds it up to whole chunks, which
+        # must not loosen the bound.
+        self._limit = limit - _TABLE_RESERVE
         self._arena = arena
-        self._room = limit - HEADER_SIZE
+        self._room = self._limit - HEADER_SIZE
         self._written = 0
         self._pend: list[bytes | memoryview] = []
         self._dirty = False
         self._n0 = 0
+        self._p0 = -1  # position (call-relative) of the first record taken in this call
+        self._tr: list[int] = []  # the runs table, flat: owner, first position, count, ...
         self._base_ts = base_ts
         self._dmax = 0
         self._deadline = now_ms + profile.linger_ms
@@ -295,10 +307,18 @@ class Accumulator:
         self._flush_requested = False
         self._dirty: list[Batch] = []  # batches with pending pieces during an append call
         self._cid = 0  # the client of the append call in progress
+        self._owner = 0  # the owner (runs table client id) of the append call in progress
+        self._base = 0  # ring position of the call's first byte
+        self._pos = -1  # call-relative position of the record _append_one is given (-1: none)
         _numpy()  # import it now (about 50 ms), not on the first run of records
         # Records taken by append calls since the caller last set this to 0 (the worker counts
         # each ring drain with it).
         self.appended = 0
+        # Context of the next append_region calls, for the runs tables (crash recovery): whose
+        # ring the frames come from (-1: the client_id argument) and the ring position of
+        # ``data[start]``. The worker sets both before each call.
+        self.owner = -1
+        self.position_base = 0
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -326,6 +346,8 @@ class Accumulator:
         APPEND_TOO_LARGE (the record alone exceeds ``max_request_size``).
         """
         self._cid = client_id
+        self._owner = client_id if self.owner < 0 else self.owner
+        self._pos = -1  # not from a ring: recovery cannot match these records
         code = self._append_one(topic, partition, timestamp_ms, body, now_ms)
         self._flush_dirty()
         return code
@@ -377,6 +399,8 @@ class Accumulator:
         dirty = self._dirty
         buf = self._buf
         self._cid = client_id
+        self._owner = client_id if self.owner < 0 else self.owner
+        self._base = self.position_base
         seen: dict[int, Batch] = {}  # (topic_id << 32) + partition -> batch, validated this call
         cur: Batch | None = None
         ctid = cpart = -1  # the key of the fast path; -1 = none loaded
@@ -444,6 +468,7 @@ class Accumulator:
                     if not b._dirty:
                         b._dirty = True
                         b._n0 = n
+                        b._p0 = pos
                         dirty.append(b)
                     room = b._room
                     base = b._base_ts
@@ -483,6 +508,7 @@ class Accumulator:
                                         dmax = ts - base
                                     pos += k * step
                     continue
+            self._pos = pos
             code = self._append_one(topics[tid], part, ts, data[pos + 24 : be], now_ms)
             if code != APPEND_OK:
                 break
@@ -517,6 +543,18 @@ class Accumulator:
                 runs[-1] = (cid, runs[-1][1] + k)
             else:
                 runs.append((cid, k))
+            # The runs table merges consecutive calls of one owner: they are that client's next
+            # records of this partition (the walk in recovery skips them the same way).
+            owner = self._owner
+            tr = b._tr
+            if tr and tr[-3] == owner:
+                tr[-1] += k
+            else:
+                if tr:  # a second or later run takes the spare: reserve another
+                    b._limit -= _RUN_SIZE
+                    b._room -= _RUN_SIZE
+                p = b._p0
+                tr += (owner, p + self._base if p >= 0 else -1, k)
 
     def _append_one(self, topic: str, partition: int, ts: int, body: bytes | memoryview, now_ms: float) -> int:
         """The general path: any delta, any size; opens and closes batches as needed."""
@@ -541,7 +579,7 @@ class Accumulator:
         need = HEADER_SIZE + len(prefix) + blen
         if need > profile.max_request_size:
             return APPEND_TOO_LARGE
-        b = self._new_batch(topic, partition, profile, need, ts, now_ms)
+        b = self._new_batch(topic, partition, profile, need + _TABLE_RESERVE, ts, now_ms)
         if b is None:
             return APPEND_FULL
         self._add(b, prefix, body, need - HEADER_SIZE, 0)
@@ -553,6 +591,7 @@ class Accumulator:
         if not b._dirty:
             b._dirty = True
             b._n0 = b.record_count
+            b._p0 = self._pos
             self._dirty.append(b)
         b._room -= total
         b.record_count += 1
@@ -608,7 +647,9 @@ class Accumulator:
         )
         b.size = size
         b.codec = codec
-        arena.shrink(b.slot, size)
+        # The runs table goes behind the bytes before the slot says SEALED (recovery trusts it
+        # from then on); the reservation shrinks to both.
+        arena.shrink(b.slot, arena.write_runs(b.slot, size, b.ordinal, b._tr))
         b.capacity = arena.capacity(b.slot)
         arena.seal_slot(b.slot, size, b.record_count)
 
@@ -654,7 +695,90 @@ class Accumulator:
         self._flush_requested = True
 
     def release(self, batch: Batch) -> None:
-        """Free a batch's arena chunks after its final success or failure."""
+        """Free a batch's arena chunks after its final success or failure (nothing when
+        :meth:`retire` took them over)."""
         if batch.slot >= 0:
             self._arena.free(batch.slot)
             batch.slot = -1
+
+    def close_partition(self, topic: str, partition: int) -> int:
+        """Close the partition's open batch (ready at the next :meth:`ready`), so its later
+        records go to a new batch; returns the largest ordinal given so far."""
+        b = self._open.get((topic, partition))
+        if b is not None:
+            self._close_full(b)
+        return self._seq
+
+    def retire(self, batch: Batch, error_code: int, base_offset: int, log_append_ms: int) -> int:
+        """Record a finished batch's outcome in its slot (state DONE) and hand the slot over.
+
+        The caller keeps the slot until the batch's records' outcomes have reached their
+        clients, then frees it with ``arena.free(slot)``; :meth:`release` of the batch does
+        nothing afterwards. Returns the slot, or -1 when there is nothing to keep (no runs
+        table: the slot is freed now).
+        """
+        slot = batch.slot
+        if slot < 0:
+            return -1
+        batch.slot = -1
+        if self._arena.set_result(slot, error_code, base_offset, log_append_ms):
+            return slot
+        self._arena.free(slot)
+        return -1
+
+    def recover(self, slots: Sequence[RecoveredSlot], now_ms: float) -> list[RecoveredBatch]:
+        """The batches of a dead worker's kept slots (``Arena.recovered``), in creation order.
+
+        They get ordinals 1..n (written back to their slots, so a later recovery orders them
+        the same way) and every batch made from now on a larger one. ``created_ms`` is
+        ``now_ms``: the delivery timeout starts again.
+        """
+        out = []
+        arena = self._arena
+        for i, rs in enumerate(sorted(slots, key=lambda r: r.ordinal), 1):
+            arena.set_ordinal(rs.slot, i)
+            out.append(RecoveredBatch(arena, rs, i, self._profile_for(rs.topic), now_ms))
+        self._seq = max(self._seq, len(out))
+        return out
+
+
+class RecoveredBatch(Batch):
+    """A batch a dead worker left STAMPED or DONE in the arena (see :meth:`Accumulator.recover`).
+
+    It behaves as a sealed :class:`Batch` for the sender (same bytes, producer id, epoch and
+    sequence); ``runs`` starts empty (its records' chunks are found when the rings are read
+    again). ``table`` is the runs table ``[(client_id, first_position, count)]``; ``result`` is
+    ``(error_code, base_offset, log_append_ms)`` once known (at once for a DONE slot).
+    ``pieces`` and ``home`` (the slot, kept after :meth:`Accumulator.retire`) belong to the
+    worker.
+    """
+
+    __slots__ = ("table", "result", "pieces", "home")
+
+    def __init__(self, arena: Arena, rs: RecoveredSlot, ordinal: int, profile: Profile, now_ms: float) -> None:
+        self.topic = rs.topic
+        self.partition = rs.partition
+        self.profile = profile
+        self.record_count = rs.record_count
+        self.runs = []
+        self.created_ms = now_ms
+        self.producer_id = rs.producer_id
+        self.producer_epoch = rs.producer_epoch
+        self.base_sequence = rs.base_sequence
+        self.attempts = 0
+        self.ordinal = ordinal
+        self.size = rs.length
+        self.codec = 0
+        self.slot = rs.slot
+        self.offset = rs.offset
+        self.capacity = rs.capacity
+        self._arena = arena
+        self._closed = True
+        self._pend = []
+        self._tr = []
+        self.table = list(rs.runs)
+        self.result: tuple[int, int, int] | None = (
+            (rs.error_code, rs.base_offset, rs.log_append_ms) if rs.state == STATE_DONE else None
+        )
+        self.pieces: list[tuple[Any, ...]] = []
+        self.home = rs.slot

@@ -49,6 +49,12 @@ class Start(_Msg, tag="start"):
     workers: int
     config_text: str
     config_source: str
+    # A restart after a crash: recover the arena the dead worker left (daemon/arena.py). False
+    # at daemon start, when client ids begin again and old runs would name the wrong clients.
+    recover: bool = False
+    # The clients the supervisor adds right after Start (AddClient): recovered runs of any
+    # other client will never be matched, so the worker need not keep their batches.
+    clients: list[int] = []
 
 
 class AddTopic(_Msg, tag="topic"):

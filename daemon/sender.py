@@ -608,6 +608,28 @@ class Sender:
         if batch.topic not in self._topics:
             self._metadata_wanted.add(batch.topic)
 
+    def adopt(self, batches: list[Any]) -> None:
+        """Queue a dead worker's stamped batches to be sent again, byte for byte.
+
+        Call before :meth:`run` with the batches in creation order: each goes first in its
+        partition's queue with its own producer id, epoch and sequence, so the broker writes it
+        once (DUPLICATE_SEQUENCE_NUMBER, or the original offset, if it already had it). New
+        batches of that partition are stamped under this sender's producer id only after these
+        have answered (:meth:`_can_stamp`). An OUT_OF_ORDER_SEQUENCE_NUMBER or
+        UNKNOWN_PRODUCER_ID answer proves the broker did not write one (its chain is not ours
+        to repair), so it is re-stamped under the new id.
+        """
+        now = _now_ms()
+        for batch in batches:
+            self._enqueue(batch, now)
+            part = self._parts[(batch.topic, batch.partition)]
+            e = part.queue[-1]
+            stamped = batch.producer_id >= 0
+            e.idempotent = stamped
+            e.needs_stamp = False
+            if stamped:
+                part.broken.add((batch.producer_id, batch.producer_epoch))
+
     def _complete_batch(self, batch: Any, code: int, base_offset: int, log_append_time_ms: int) -> None:
         st = self.stats
         if code == 0:

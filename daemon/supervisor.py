@@ -272,6 +272,14 @@ class Supervisor:
                 workers=len(self.workers),
                 config_text=self.config_text,
                 config_source=self.config_path,
+                # A restarted worker re-sends its predecessor's stamped batches from the arena
+                # and skips their records in the rings (exactly once with idempotence).
+                recover=handle.restarts > 0,
+                clients=[
+                    c.client_id
+                    for c in self.clients.values()
+                    if c.segment is not None and handle.index not in c.detached
+                ],
             )
         )
         for name, (tid, parts) in self.topics.items():

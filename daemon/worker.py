@@ -43,6 +43,7 @@ from daemon.accumulator import (
     APPEND_TOO_LARGE,
     Accumulator,
     Batch,
+    RecoveredBatch,
 )
 from daemon.arena import Arena
 from daemon.config import Config, loads
@@ -51,7 +52,7 @@ from daemon.sender import Sender
 from daemon.stats import LatencyHistogram
 from shm.errors import CorruptFrameError, SegmentError
 from shm.frames import COMPLETION, chunk_done_end, record_body_valid
-from shm.layout import FRAME_CHUNK_DONE, FRAME_COMPLETION, FRAME_HEADER
+from shm.layout import FRAME_CHUNK_DONE, FRAME_COMPLETION, FRAME_HEADER, FRAME_RECORD
 from shm.segment import Segment
 
 __all__ = ["Worker", "main"]
@@ -69,13 +70,18 @@ _pack_chunk_done = _CHUNK_DONE.pack_into
 class _Chunk:
     """One drain of one client's ring; complete when ``pending`` reaches zero."""
 
-    __slots__ = ("end", "pending", "results")
+    __slots__ = ("end", "pending", "results", "slots", "keys")
 
     def __init__(self, end: int, pending: int) -> None:
         self.end = end
         self.pending = pending
         # (order, topic_id, error_code, partition, base_offset, timestamp, count)
         self.results: list[tuple[int, int, int, int, int, int, int]] = []
+        # Arena slots of finished batches holding records of this chunk: kept (state DONE)
+        # until the chunk's CHUNK_DONE is published, so a restarted worker neither re-sends
+        # nor re-reads those records.
+        self.slots: list[int] = []
+        self.keys: list[int] | None = None  # a recovery chunk's run keys (it has several)
 
 
 class _Client:
@@ -91,6 +97,9 @@ class _Client:
         "dead",
         "blocked",
         "cmp_broken",
+        "skips",
+        "rchunk",
+        "rpieces",
     )
 
     def __init__(self, client_id: int, name: str, segment: Segment, worker: int) -> None:
@@ -105,12 +114,27 @@ class _Client:
         self.dead = False  # its ring was corrupt: read nothing more
         self.blocked = False  # the completion ring was full at the last emit
         self.cmp_broken = False  # its completion ring's tail was corrupt: write nothing more
+        # After a crash: the dead worker's recovered runs of this client not yet met in the ring,
+        # (topic_id << 32) + partition -> [[first_position, remaining, batch, index, count], ...]
+        # by position; the recovery chunk being built; its pieces per recovered batch.
+        self.skips: dict[int, list[list[Any]]] | None = None
+        self.rchunk: _Chunk | None = None
+        self.rpieces: dict[RecoveredBatch, list[list[int]]] = {}
 
 
 class Worker:
     """The worker's state and its asyncio main loop."""
 
-    def __init__(self, index: int, workers: int, config: Config, chan: ch.Channel) -> None:
+    def __init__(
+        self,
+        index: int,
+        workers: int,
+        config: Config,
+        chan: ch.Channel,
+        *,
+        recover: bool = False,
+        clients: list[int] | None = None,
+    ) -> None:
         self.index = index
         self.workers = workers
         self.config = config
@@ -141,7 +165,7 @@ class Worker:
         runtime = config.daemon.runtime_path()
         arena_path = os.path.join(runtime, f"arena-{index}") if runtime else None
         try:
-            self.arena = Arena(config.kafka.buffer_memory, path=arena_path)
+            self.arena = Arena(config.kafka.buffer_memory, path=arena_path, recover=recover)
         except OSError:
             log.warning("cannot create arena file %s; using anonymous memory", arena_path)
             self.arena = Arena(config.kafka.buffer_memory)
@@ -157,6 +181,13 @@ class Worker:
             self._on_complete,
             on_partition_count=self._on_partition_count,
         )
+        # Arena slots of finished batches -> how many things still need them (chunks not yet
+        # reported, recovered runs not yet met in the rings, a recovered batch's answer).
+        self._holds: dict[int, int] = {}
+        # Recovered runs per client id: [batch, first_position, count, index in the batch].
+        self._rec_runs: dict[int, list[list[Any]]] = {}
+        if self.arena.recovered:
+            self._recover(set(clients or ()))
 
     def _profile_for(self, topic: str):  # noqa: ANN202 - Profile
         return self.config.profile_for(topic)
@@ -215,6 +246,7 @@ class Worker:
         except SegmentError as exc:
             for fd in fds:
                 os.close(fd)
+            self._orphan_runs(cid)
             self.chan.send(ch.ClientDropped(client_id=cid, reason=str(exc)))
             return
         client = _Client(cid, name, segment, self.index)
@@ -222,10 +254,14 @@ class Worker:
             start = _resume_position(client)
         except CorruptFrameError as exc:
             segment.close()
+            self._orphan_runs(cid)
             self.chan.send(ch.ClientDropped(client_id=cid, reason=str(exc)))
             return
         client.req.seek(start)
         self.clients[cid] = client
+        runs = self._rec_runs.pop(cid, None)
+        if runs:
+            self._arm_skips(client, runs, start)
         if client.bell is not None:
             asyncio.get_running_loop().add_reader(client.bell.fd, self._on_bell, client)
 
@@ -264,6 +300,8 @@ class Worker:
         return took
 
     def _drain_client(self, client: _Client, now: float) -> bool:
+        if client.skips is not None:
+            return self._drain_recovering(client, now)
         ring = client.req
         took = False
         while True:
@@ -281,6 +319,8 @@ class Worker:
             key = self._chunk_seq
             acc = self.acc
             acc.appended = 0
+            acc.owner = client.client_id
+            acc.position_base = ring.cursor
             code, pos = acc.append_region(data, 0, stop, self.topic_names, self.partition_counts, key, now)
             count = acc.appended
             if count:
@@ -313,6 +353,7 @@ class Worker:
                 self._chunk_seq += 1
                 key2 = self._chunk_seq
                 acc.appended = 0
+                acc.position_base = ring.cursor
                 code2, pos2 = acc.append_region(data, pos, stop, self.topic_names, self.partition_counts, key2, now)
                 if code2 == APPEND_INVALID and pos2 == pos:
                     raise CorruptFrameError(
@@ -345,18 +386,307 @@ class Worker:
 
     def _drop(self, client: _Client, reason: str) -> None:
         log.error("worker %d: dropping client %d (%s): %s", self.index, client.client_id, client.name, reason)
+        if client.skips is not None:
+            self._end_recovery(client, client.req.cursor)
         client.dead = True
         self._removing.add(client)
         self.counters["dropped_clients"] += 1
         self.chan.send(ch.ClientDropped(client_id=client.client_id, reason=reason))
 
+    # --- crash recovery -------------------------------------------------------------------
+    #
+    # A restarted worker finds its predecessor's STAMPED and DONE batches in the arena, each
+    # with a runs table: which client's ring records it holds (first ring position, count).
+    # STAMPED batches go to the sender as they are (Sender.adopt: same producer id, epoch and
+    # sequences, so the broker writes each once); DONE ones already have their outcome. When a
+    # client's ring is read again from the resume position, the records of those runs are
+    # skipped (their outcome comes from the recovered batch) and the others are appended as
+    # usual. Everything read until the last recovered run of the client is exhausted forms ONE
+    # chunk, so the next resume position is either before all of it or after all of it, and a
+    # second crash finds the runs tables still true.
+
+    def _recover(self, coming: set[int]) -> None:
+        now = time.monotonic() * 1000.0
+        batches = self.acc.recover(self.arena.recovered, now)
+        adopt = []
+        kept = 0
+        for rb in batches:
+            holds = 0 if rb.result is not None else 1  # the answer to the re-send
+            index = 0
+            for cid, first, count in rb.table:
+                if cid in coming:
+                    self._rec_runs.setdefault(cid, []).append([rb, first, count, index])
+                    holds += 1
+                index += count
+            if rb.result is None:
+                adopt.append(rb)
+            if holds:
+                self._holds[rb.slot] = holds
+                rb.pieces = []
+                kept += 1
+            else:
+                self.arena.free(rb.slot)
+            rb.home = rb.slot
+        if adopt:
+            self.sender.adopt(adopt)
+        log.warning(
+            "worker %d: recovered %d batches from the arena (%d to re-send, %d records), %d kept",
+            self.index, len(batches), len(adopt), sum(b.record_count for b in adopt), kept,
+        )
+
+    def _arm_skips(self, client: _Client, runs: list[list[Any]], start: int) -> None:
+        """Set up skipping for a client's recovered runs from its resume position ``start``."""
+        skips: dict[int, list[list[Any]]] = {}
+        for rb, first, count, index in runs:
+            tid = self.topic_ids.get(rb.topic)
+            if tid is None or first < start:
+                # Before the resume position: the client was told already (a run lies within
+                # one chunk, and the resume position is a chunk end).
+                self._unhold(rb.home)
+                continue
+            skips.setdefault((tid << 32) + rb.partition, []).append([first, count, rb, index, count])
+        if skips:
+            for q in skips.values():
+                q.sort(key=lambda s: s[0])
+            client.skips = skips
+
+    def _orphan_runs(self, cid: int) -> None:
+        for rb, _first, _count, _index in self._rec_runs.pop(cid, ()):
+            self._unhold(rb.home)
+
+    def _drain_recovering(self, client: _Client, now: float) -> bool:
+        """One region of a client's ring while recovered runs of it remain to be met."""
+        ring = client.req
+        start, end = ring.region()
+        if start == end:
+            return False
+        data = bytes(ring.view[start:end])
+        n = end - start
+        bad = _first_bad_body(data, n, end == ring.data_end)
+        stop = n if bad < 0 else bad
+        r0 = ring.cursor
+        chunk = client.rchunk
+        if chunk is None:
+            # One pending record more than counted until the walk ends, so the chunk cannot
+            # complete (and be reported) before its end is known.
+            chunk = client.rchunk = _Chunk(r0, 1)
+            chunk.keys = []
+            client.chunks.append(chunk)
+        skips = client.skips
+        pieces = client.rpieces
+        unpack = _RECORD_PREFIX.unpack_from
+        pos = seg = 0  # seg: start of the records not yet taken (the ring cursor is there)
+        corrupt = bad >= 0
+        while pos < stop and skips:
+            if stop - pos < 24:
+                break
+            plen, ftype, tid, _flags, part, _ts = unpack(data, pos)
+            fend = pos + ((plen + 15) & -8)
+            if ftype != FRAME_RECORD or plen < 16 or fend > stop:
+                break
+            q = skips.get((tid << 32) + part)
+            if q is None or q[0][0] > r0 + pos:
+                pos = fend
+                continue
+            if pos > seg:
+                if not self._walk_append(client, chunk, data, start, seg, pos, r0, now):
+                    self._flush_pieces(client)
+                    return True
+            s = q[0]
+            rb = s[2]
+            idx = s[3]
+            s[3] = idx + 1
+            s[1] -= 1
+            if s[1] == 0:
+                del q[0]
+                if not q:
+                    del skips[(tid << 32) + part]
+                self._unhold(rb.home)
+            plist = pieces.get(rb)
+            if plist is not None and plist[-1][0] + plist[-1][1] == idx and plist[-1][2] == tid:
+                plist[-1][1] += 1
+            elif plist is not None:
+                plist.append([idx, 1, tid])
+            else:
+                pieces[rb] = [[idx, 1, tid]]
+            chunk.pending += 1
+            ring.advance(fend - pos)
+            chunk.end = ring.cursor
+            pos = seg = fend
+        if not skips:
+            # Every recovered run of this client met: close the recovery chunk here; the rest is
+            # read as usual.
+            self._end_recovery(client, r0 + seg)
+            return self._drain_client(client, now) or True
+        if pos > seg and not self._walk_append(client, chunk, data, start, seg, pos, r0, now):
+            self._flush_pieces(client)
+            return True
+        self._flush_pieces(client)
+        self._forget_passed_runs(client, r0 + pos)
+        if pos < n:
+            if not corrupt and n - pos >= 8 and _FRAME_WORDS.unpack_from(data, pos)[1] == 0:
+                ring.advance(n - pos)  # the padding frame at the wrap
+                chunk.end = ring.cursor
+                return True
+            raise CorruptFrameError(
+                f"client {client.client_id} ({client.name}): invalid frame at ring position {ring.cursor}"
+            )
+        return True
+
+    def _forget_passed_runs(self, client: _Client, at: int) -> None:
+        """Runs whose first record the walk passed without meeting it are not this ring's
+        records (a damaged table): forget them rather than hold the client's chunk forever."""
+        skips = client.skips
+        if not skips:
+            return
+        for key in list(skips):
+            q = skips[key]
+            while q and q[0][0] < at and q[0][1] == q[0][4]:
+                s = q.pop(0)
+                log.warning("worker %d: client %d: recovered run at %d not found in its ring",
+                            self.index, client.client_id, s[0])
+                self._unhold(s[2].home)
+            if not q:
+                del skips[key]
+
+    def _walk_append(
+        self, client: _Client, chunk: _Chunk, data: bytes, start: int, a: int, b: int, r0: int, now: float
+    ) -> bool:
+        """Append ``data[a:b]`` (records no recovered run holds) into the recovery chunk.
+
+        False when the arena is full (the walk resumes at the cursor later).
+        """
+        ring = client.req
+        acc = self.acc
+        while a < b:
+            self._chunk_seq += 1
+            key = self._chunk_seq
+            acc.appended = 0
+            acc.owner = client.client_id
+            acc.position_base = r0 + a
+            code, pos = acc.append_region(data, a, b, self.topic_names, self.partition_counts, key, now)
+            if acc.appended:
+                self._chunks[key] = (client, chunk)
+                chunk.keys.append(key)
+                chunk.pending += acc.appended
+                self.counters["records_in"] += acc.appended
+                self.counters["bytes_in"] += pos - a
+            if pos > a:
+                ring.advance(pos - a)
+            chunk.end = ring.cursor
+            a = pos
+            if code == APPEND_OK:
+                return True
+            if code == APPEND_FULL:
+                self._arena_full = True
+                return False
+            if code == APPEND_TOO_LARGE:
+                plen, _ftype, tid, _flags, part, _ts = _RECORD_PREFIX.unpack_from(data, a)
+                # Its outcome sorts after every earlier record of its partition in this chunk
+                # (their batches have ordinals up to the current one) and before later ones
+                # (new batches): close the partition's open batch first.
+                order = acc.close_partition(self.topic_names[tid] or "", part)
+                chunk.results.append((order, tid, ec.MESSAGE_TOO_LARGE, part, -1, -1, 1))
+                self._count_error(ec.MESSAGE_TOO_LARGE, 1)
+                size = (plen + 15) & -8
+                ring.advance(size)
+                chunk.end = ring.cursor
+                a += size
+                continue
+            raise CorruptFrameError(
+                f"client {client.client_id} ({client.name}): invalid frame at ring position {ring.cursor}"
+            )
+        return True
+
+    def _flush_pieces(self, client: _Client) -> None:
+        """Hand the skipped records' pieces of the recovery chunk to their batches."""
+        chunk = client.rchunk
+        if chunk is None or not client.rpieces:
+            return
+        for rb, plist in client.rpieces.items():
+            if rb.home not in self._holds:
+                continue  # cannot happen: a run being skipped holds its batch
+            self._holds[rb.home] += 1
+            chunk.slots.append(rb.home)
+            for idx, count, tid in plist:
+                if rb.result is not None:
+                    self._piece_result(chunk, rb, idx, count, tid)
+                else:
+                    rb.pieces.append((client, chunk, idx, count, tid))
+        client.rpieces = {}
+        if chunk.pending <= 0:
+            self._dirty.add(client)
+
+    def _piece_result(self, chunk: _Chunk, rb: RecoveredBatch, idx: int, count: int, tid: int) -> None:
+        err, base, ts = rb.result  # type: ignore[misc]
+        chunk.results.append((rb.ordinal, tid, err, rb.partition, base + idx if err == 0 and base >= 0 else -1, ts, count))
+        chunk.pending -= count
+
+    def _end_recovery(self, client: _Client, end: int) -> None:
+        """Close the client's recovery chunk at ring position ``end``; forget runs not met."""
+        self._flush_pieces(client)
+        chunk = client.rchunk
+        if chunk is not None:
+            chunk.end = max(chunk.end, end)
+            chunk.pending -= 1
+            if chunk.pending <= 0:
+                self._dirty.add(client)
+            client.rchunk = None
+        for q in (client.skips or {}).values():
+            for s in q:
+                log.warning("worker %d: client %d: recovered run at %d (%d records left) not met in its ring",
+                            self.index, client.client_id, s[0], s[1])
+                self._unhold(s[2].home)
+        client.skips = None
+
+    def _recovered_done(self, rb: RecoveredBatch, error_code: int, base_offset: int, log_append_ms: int) -> None:
+        """A re-sent batch was answered: its skipped records' pieces get their outcome."""
+        rb.result = (error_code, base_offset, log_append_ms)
+        for client, chunk, idx, count, tid in rb.pieces:
+            self._piece_result(chunk, rb, idx, count, tid)
+            if chunk.pending <= 0:
+                self._dirty.add(client)
+        rb.pieces = []
+        self._unhold(rb.home)
+
+    def _chunk_reported(self, chunk: _Chunk) -> None:
+        """A chunk's CHUNK_DONE is published: release what only it needed."""
+        for slot in chunk.slots:
+            self._unhold(slot)
+        chunk.slots = []
+        if chunk.keys:
+            for key in chunk.keys:
+                self._chunks.pop(key, None)
+            chunk.keys = None
+
+    def _unhold(self, slot: int) -> None:
+        left = self._holds.get(slot, 0) - 1
+        if left > 0:
+            self._holds[slot] = left
+        elif left == 0:
+            del self._holds[slot]
+            self.arena.free(slot)
+
     # --- completions ----------------------------------------------------------------------
 
     def _on_complete(self, batch: Batch, error_code: int, base_offset: int, log_append_ms: int) -> None:
+        # The slot stays (DONE, with this outcome) until the records' chunks are reported.
+        slot = self.acc.retire(batch, error_code, base_offset, log_append_ms)
+        if isinstance(batch, RecoveredBatch):
+            # Its slot's life is counted in _holds; its records' chunks are its pieces.
+            self._recovered_done(batch, error_code, base_offset, log_append_ms)
+            if error_code:
+                self._count_error(error_code, batch.record_count)
+            else:
+                self.counters["records_out"] += batch.record_count
+            self._arena_full = False
+            self._poke()
+            return
         tid = self.topic_ids.get(batch.topic, -1)
         offset = base_offset
         order = batch.ordinal
         chunks = self._chunks
+        holds = 0
         for key, count in batch.runs:
             entry = chunks.get(key)
             if entry is not None:
@@ -368,8 +698,16 @@ class Worker:
                 if chunk.pending <= 0:
                     del chunks[key]
                     self._dirty.add(client)
+                if slot >= 0 and not client.cmp_broken and (not chunk.slots or chunk.slots[-1] != slot):
+                    chunk.slots.append(slot)
+                    holds += 1
             if offset >= 0:
                 offset += count
+        if slot >= 0:
+            if holds:
+                self._holds[slot] = holds
+            else:
+                self.arena.free(slot)
         if error_code:
             self._count_error(error_code, batch.record_count)
         else:
@@ -414,7 +752,7 @@ class Worker:
         if client.cmp_broken:
             # Outcomes nobody can be told of: forget completed chunks so the client detaches.
             while chunks and chunks[0].pending <= 0:
-                chunks.popleft()
+                self._chunk_reported(chunks.popleft())
             self._maybe_detach(client)
             return True
         ring = client.cmp
@@ -448,6 +786,8 @@ class Worker:
             wrote = True
             # Publish per chunk, so a later full ring never holds back a complete one.
             ring.publish_head()
+            if chunk.slots or chunk.keys:
+                self._chunk_reported(chunk)
         if client.dead or client.removing:
             self._maybe_detach(client)
         return ok
@@ -670,8 +1010,10 @@ def _resume_position(client: _Client) -> int:
     return start
 
 
-async def _run(index: int, workers: int, chan: ch.Channel, config: Config) -> None:
-    worker = Worker(index, workers, config, chan)
+async def _run(
+    index: int, workers: int, chan: ch.Channel, config: Config, recover: bool = False, clients: list[int] | None = None
+) -> None:
+    worker = Worker(index, workers, config, chan, recover=recover, clients=clients)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         # The supervisor decides when workers stop; a terminal's Ctrl-C reaches it too.
@@ -707,7 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvloop
 
-        uvloop.run(_run(start.worker, start.workers, chan, config))
+        uvloop.run(_run(start.worker, start.workers, chan, config, start.recover, start.clients))
     except KeyboardInterrupt:
         return 1
     return 0

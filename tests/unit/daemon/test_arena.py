@@ -19,7 +19,11 @@ from daemon.arena import (
     STATE_SEALED,
     STATE_STAMPED,
     Arena,
+    RUN,
+    RUNS_HEADER,
     header_field_offsets,
+    run_field_offsets,
+    runs_header_field_offsets,
     slot_field_offsets,
 )
 
@@ -44,11 +48,15 @@ def _doc_tables() -> list[dict[str, tuple[int, int]]]:
 
 
 def test_layout_tables_match_the_code() -> None:
-    header_doc, slot_doc = _doc_tables()
+    header_doc, slot_doc, runs_doc, run_doc = _doc_tables()
     assert header_doc == header_field_offsets()
     assert slot_doc == slot_field_offsets()
+    assert runs_doc == runs_header_field_offsets()
+    assert run_doc == run_field_offsets()
     assert sum(size for _, size in header_doc.values()) == HEADER_SIZE
     assert sum(size for _, size in slot_doc.values()) == SLOT_SIZE
+    assert sum(size for _, size in runs_doc.values()) == RUNS_HEADER.size
+    assert sum(size for _, size in run_doc.values()) == RUN.size
 
 
 def test_file_backed_arena_writes_a_readable_header(tmp_path) -> None:
