@@ -188,6 +188,8 @@ class Worker:
         self._rec_runs: dict[int, list[list[Any]]] = {}
         if self.arena.recovered:
             self._recover(set(clients or ()))
+        elif recover:
+            log.info("worker %d: nothing to recover in the arena %s", index, arena_path)
 
     def _profile_for(self, topic: str):  # noqa: ANN202 - Profile
         return self.config.profile_for(topic)
@@ -497,11 +499,6 @@ class Worker:
             idx = s[3]
             s[3] = idx + 1
             s[1] -= 1
-            if s[1] == 0:
-                del q[0]
-                if not q:
-                    del skips[(tid << 32) + part]
-                self._unhold(rb.home)
             plist = pieces.get(rb)
             if plist is not None and plist[-1][0] + plist[-1][1] == idx and plist[-1][2] == tid:
                 plist[-1][1] += 1
@@ -509,6 +506,15 @@ class Worker:
                 plist.append([idx, 1, tid])
             else:
                 pieces[rb] = [[idx, 1, tid]]
+                # The chunk holds the batch's slot until it is reported (taken before the run's
+                # own hold can be released just below).
+                self._holds[rb.home] += 1
+                chunk.slots.append(rb.home)
+            if s[1] == 0:
+                del q[0]
+                if not q:
+                    del skips[(tid << 32) + part]
+                self._unhold(rb.home)
             chunk.pending += 1
             ring.advance(fend - pos)
             chunk.end = ring.cursor
@@ -604,10 +610,6 @@ class Worker:
         if chunk is None or not client.rpieces:
             return
         for rb, plist in client.rpieces.items():
-            if rb.home not in self._holds:
-                continue  # cannot happen: a run being skipped holds its batch
-            self._holds[rb.home] += 1
-            chunk.slots.append(rb.home)
             for idx, count, tid in plist:
                 if rb.result is not None:
                     self._piece_result(chunk, rb, idx, count, tid)

@@ -418,3 +418,106 @@ def test_padding_short_of_the_wrap_drops_the_client(tmp_path: Path) -> None:
         assert sum(b.record_count for b in h.seal()) == 2
 
     _run(body, tmp_path)
+
+
+# --- crash recovery ----------------------------------------------------------------------------
+
+from daemon.arena import STATE_DONE, STATE_STAMPED  # noqa: E402
+
+
+def _recovering_worker(config: Any, segment: Segment, clients: list[int]) -> tuple[Worker, ch.Channel]:
+    a, b = ch.Channel.pair()
+    w = Worker(0, WORKERS, config, ch.Channel(a, ch.ToWorker), recover=True, clients=clients)
+    w._handle(ch.AddTopic(topic_id=0, name=TOPIC, partitions=PARTITIONS), [])
+    w._handle(ch.AddClient(client_id=7, pid=os.getpid(), name="t"), [os.dup(fd) for fd in segment.fds()])
+    return w, ch.Channel(b, ch.ToSupervisor)
+
+
+def _adopted(w: Worker) -> list[Any]:
+    return [e.batch for part in w.sender._parts.values() for e in part.queue]
+
+
+def _per_partition(got: list[tuple[int, int, int, int, int]]) -> dict[int, list[tuple[int, int, int]]]:
+    """COMPLETION frames (not CHUNK_DONE) per partition, in order: (err, base, count)."""
+    out: dict[int, list[tuple[int, int, int]]] = {}
+    for tid, err, part, base, count in got:
+        if tid != CHUNK_DONE_TOPIC:
+            out.setdefault(part, []).append((err, base, count))
+    return out
+
+
+def test_restarted_worker_resends_stamped_batches_and_skips_their_records(tmp_path: Path) -> None:
+    """A worker dies with batches in every state: DONE (answered, chunk not yet reported),
+    STAMPED (maybe at the broker), SEALED and OPEN. Its successor re-sends exactly the STAMPED
+    ones byte for byte, reads only the records of SEALED/OPEN batches again, and reports every
+    record's outcome once, in order, with the offsets the first worker got."""
+    rng = random.Random(SEED + 20)
+    print("seed", SEED + 20)
+
+    async def main() -> None:
+        h = Harness(tmp_path)
+        w2 = None
+        try:
+            h.write(30, rng)
+            h.worker.drain()
+            done_end = h.req.head
+            first = h.seal()  # one batch per partition
+            assert len(first) >= 2
+            done, stamped = first[0], first[1:]
+            for i, b in enumerate(first):
+                b.stamp(4242, 0, 10 * i)
+            stamped_bytes = {(b.partition, bytes(b.payload())) for b in stamped}
+            h.complete(done, base=5000)  # answered: DONE, its chunk is not reported yet
+            assert [h.worker.arena.read_slot(s)["state"] for s in h.worker._holds] == [STATE_DONE]
+            assert all(h.worker.arena.read_slot(b.slot)["state"] == STATE_STAMPED for b in stamped)
+            h.write(20, rng)
+            h.worker.drain()
+            h.seal()  # SEALED, never stamped: its records are read again
+            h.write(10, rng)
+            h.worker.drain()  # OPEN
+            total = sum(len(v) for v in h.sent.values())
+            assert total == 60
+            # The worker dies here (nothing more runs). A successor over the same arena file:
+            w2, sup2 = _recovering_worker(h.config, h.segment, [7])
+            adopted = _adopted(w2)
+            assert {(b.partition, bytes(b.payload())) for b in adopted} == stamped_bytes
+            assert all(b.producer_id == 4242 and b.attempts == 0 for b in adopted)
+            assert w2.drain()
+            covered = done.record_count + sum(b.record_count for b in stamped)
+            assert w2.counters["records_in"] == total - covered  # skipped what the arena holds
+            new = w2.acc.ready(1e18) if not w2.acc.flush() else []
+            assert sum(b.record_count for b in new) == total - covered
+            assert min(b.ordinal for b in new) > max(b.ordinal for b in adopted)
+            # Answers: the re-sent batches get their offsets, new batches theirs.
+            for b in adopted:
+                w2._on_complete(b, 0, 7000 + 100 * b.partition, -1)
+                w2.acc.release(b)
+            w2.emit()
+            got = h.completions()
+            # The recovery chunk (every record up to the last one the arena held) is complete.
+            assert [base for (tid, _e, _p, base, _c) in got if tid == CHUNK_DONE_TOPIC] == [done_end]
+            for b in new:
+                w2._on_complete(b, 0, 9000 + 100 * b.partition, -1)
+                w2.acc.release(b)
+            w2.emit()
+            got += h.completions()
+            dones = [base for (tid, _e, _p, base, _c) in got if tid == CHUNK_DONE_TOPIC]
+            assert dones[-1] == h.req.head
+            per = _per_partition(got)
+            assert {p: sum(c for _e, _b, c in v) for p, v in per.items()} == {
+                p: len(v) for p, v in h.sent.items() if v
+            }
+            # In each partition: the old batch's records first (its offsets), then the new ones.
+            expect_first = {done.partition: 5000, **{b.partition: 7000 + 100 * b.partition for b in stamped}}
+            for p, v in per.items():
+                if p in expect_first:
+                    assert v[0][1] == expect_first[p]
+            # Every kept slot is freed once its records were reported.
+            assert w2._holds == {}
+            assert w2.arena.used_bytes == 0
+        finally:
+            if w2 is not None:
+                _close_worker(w2, sup2)
+            h.close()
+
+    asyncio.run(main())
