@@ -148,3 +148,41 @@ class SendLoop:
     def longest_outcome_s(self) -> float:
         """The longest time from send() to the record's outcome, over resolved records."""
         return max((self.done_at[s] - self.sent_at[s] for s in self.done_at if s < len(self.sent_at)), default=0.0)
+
+
+# --- client programs run in spawned processes (killed by the tests) ---------------------------
+
+
+def die_mid_frame(socket_path: str, topic: str, n: int, out: Any) -> None:
+    """Send ``n`` records (committed), then leave frames claimed but never published: several
+    whole ones and a last one written only halfway. Report, then wait to be SIGKILLed."""
+    from shm.frames import RECORD_HEADER, encode_record_body, put_record
+    from shm.layout import FRAME_RECORD
+
+    p = Producer(socket_path, client_name="doomed-mid-frame")
+    futs = [p.send(topic, b"committed-%d" % i, b"k%d" % i) for i in range(n)]
+    t = p._topics[topic]
+    ts = int(time.time() * 1000)
+    for part in range(t.partitions):
+        ring = p._req[t.owners[part]]
+        for i in range(5):  # whole frames, claimed, never published
+            assert put_record(ring, t.id, part, ts, encode_record_body(b"k", b"unpublished-%d" % i, None))
+        body = encode_record_body(b"k", b"half-written-" + b"x" * 200, None)
+        frame = RECORD_HEADER.pack(t.id, 0, part, ts) + body
+        pos = ring.claim(FRAME_RECORD, len(frame))
+        ring.view[pos : pos + len(frame) // 2] = frame[: len(frame) // 2]
+    out.put(("ready", p.client_id, sum(f.done() for f in futs)))
+    time.sleep(120)
+
+
+def block_until_killed(socket_path: str, topic: str, out: Any) -> None:
+    """Send sequence-numbered records until send() blocks on a full ring, reporting how many
+    send() accepted every 50; the test SIGKILLs this process while it is blocked."""
+    p = Producer(socket_path, client_name="doomed-blocked")
+    out.put(("client", p.client_id))
+    i = 0
+    while True:
+        p.send(topic, b"blocked-%d" % i, b"k%d" % (i % 7))
+        i += 1
+        if i % 50 == 0:
+            out.put(("sent", i))

@@ -202,3 +202,11 @@ def topic(kafka_admin: Any) -> Iterator[Callable[..., str]]:
                 fut.result(timeout=30)
             except Exception:  # noqa: BLE001 - cleanup must not mask the test's own result
                 pass
+
+
+@pytest.fixture(scope="session")
+def spawn_ctx() -> Any:
+    """A multiprocessing context that spawns (no fork of a process with threads)."""
+    import multiprocessing
+
+    return multiprocessing.get_context("spawn")
