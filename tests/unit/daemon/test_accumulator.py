@@ -309,3 +309,38 @@ def test_region_ending_in_a_short_padding_frame(pad_payload: int) -> None:
     data = good + struct.pack("<II", pad_payload, 0) + b"\0" * pad_payload
     assert acc.append_region(data, 0, len(data), ["t"], [1], 1, 0.0) == (APPEND_OK, len(data))
     assert values_of(acc.ready(0.0)) == [b"a"]
+
+
+def test_runs_table_always_fits_however_many_clients_share_a_batch() -> None:
+    """Each append call of another client starts a run of the batch's runs table; the batch keeps
+    room for it (the record room shrinks by one run), so no table is ever RUNS_UNKNOWN, and the
+    table says who wrote every record."""
+    from daemon.arena import RUN, RUNS_HEADER, RUNS_UNKNOWN
+
+    rnd = random.Random(77)
+    print("seed", 77)
+    for batch_size in (300, 1024, 4096):
+        acc = make(batch_size=batch_size, linger_ms=60_000, chunk_size=256)
+        sent = 0
+        starts: dict[int, list[int]] = {}  # call -> ring position of each of its records
+        for call in range(300):
+            recs = [frame(0, 0, T0 + call, body(None, rnd.randbytes(rnd.randrange(1, 60))))
+                    for _ in range(rnd.randrange(1, 4))]
+            data = b"".join(recs)
+            starts[call] = [10_000 * call + sum(len(r) for r in recs[:i]) for i in range(len(recs))]
+            acc.owner, acc.position_base = 100 + call % 7, 10_000 * call
+            assert acc.append_region(data, 0, len(data), ["t"], [1], call, 0.0) == (APPEND_OK, len(data))
+            sent += len(recs)
+        acc.flush()
+        batches = acc.ready(0.0)
+        assert sum(b.record_count for b in batches) == sent
+        buf = acc.arena.buf
+        for b in batches:
+            at = b.offset + ((b.size + 7) & -8)
+            n_runs = RUNS_HEADER.unpack_from(buf, at)[0]
+            assert n_runs != RUNS_UNKNOWN and n_runs == len(b.runs) >= 1
+            runs = [RUN.unpack_from(buf, at + RUNS_HEADER.size + i * RUN.size) for i in range(n_runs)]
+            assert [(cid - 100, count) for cid, _pos, count, _r in runs] == [(k % 7, c) for k, c in b.runs]
+            # A run starts at the first record of its call that this batch took.
+            assert all(pos in starts[k] for (_c, pos, _n, _r), (k, _) in zip(runs, b.runs))
+            assert b.size <= batch_size or b.record_count == 1

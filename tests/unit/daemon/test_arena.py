@@ -172,3 +172,107 @@ def test_bad_sizes_are_refused() -> None:
         Arena(100, chunk_size=4096)
     with pytest.raises(ValueError):
         Arena(1 << 20, chunk_size=1001)
+
+
+# --- runs tables and recovery ------------------------------------------------------------------
+
+import struct  # noqa: E402
+
+from daemon.accumulator import Accumulator  # noqa: E402
+from daemon.arena import RUNS_UNKNOWN, STATE_DONE  # noqa: E402
+from daemon.config import Profile  # noqa: E402
+from daemon.protocol.records import OFFSET_PRODUCER_ID  # noqa: E402
+from shm.frames import encode_record_body  # noqa: E402
+
+T0 = 1_700_000_000_000
+
+
+def _frames(parts: list[int]) -> tuple[bytes, list[int]]:
+    """RECORD frames (topic id 0) for the given partitions; and each frame's offset."""
+    out, at = bytearray(), []
+    for i, p in enumerate(parts):
+        payload = struct.pack("<HHiq", 0, 0, p, T0 + i) + encode_record_body(b"k", b"v%d" % i, None)
+        at.append(len(out))
+        f = struct.pack("<II", len(payload), 1) + payload
+        out += f + bytes(-len(f) % 8)
+    return bytes(out), at
+
+
+def test_runs_table_round_trip_and_recovery(tmp_path) -> None:
+    """Sealed batches carry (owner, ring position of the first record, count) per append call;
+    a reopened arena keeps exactly the STAMPED (CRC intact) and DONE slots, with their runs."""
+    path = str(tmp_path / "arena-3")
+    a = Arena(1 << 20, path=path, chunk_size=4096, max_topics=8)
+    acc = Accumulator(buffer_memory=1 << 20, profile_for=lambda t: Profile(linger_ms=0), arena=a)
+    data, at = _frames([0, 1, 2, 0, 1, 2, 0])
+    acc.owner, acc.position_base = 7, 1_000_000
+    assert acc.append_region(data, 0, at[3], ["t"], [4], 1, 0.0)[0] == 0
+    acc.owner, acc.position_base = 9, 5_000_000  # another client's ring (and another call)
+    assert acc.append_region(data, at[3], len(data), ["t"], [4], 2, 0.0)[0] == 0
+    b0, b1, b2 = sorted(acc.ready(1e18), key=lambda b: b.partition)
+    assert [b.runs for b in (b0, b1, b2)] == [[(1, 1), (2, 2)], [(1, 1), (2, 1)], [(1, 1), (2, 1)]]
+    b0.stamp(555, 2, 40)
+    b1.stamp(555, 2, 60)
+    slot1 = b1.slot
+    assert acc.retire(b1, 0, 12345, 777) == slot1 and b1.slot == -1
+    assert a.read_slot(slot1)["state"] == STATE_DONE
+    acc.release(b1)  # the sender's release after retire: nothing (the slot is the caller's now)
+    assert a.read_slot(slot1)["state"] == STATE_DONE
+    # b2 stays SEALED; one more record stays OPEN.
+    assert acc.append("t", 3, T0, encode_record_body(None, b"x", None), 7, 0.0) == 0
+    a2 = Arena(1 << 20, path=path, chunk_size=4096, max_topics=8, recover=True)
+    try:
+        rec = {r.partition: r for r in a2.recovered}
+        assert sorted(rec) == [0, 1]
+        r0, r1 = rec[0], rec[1]
+        assert (r0.state, r0.topic, r0.record_count) == (STATE_STAMPED, "t", 3)
+        assert (r0.producer_id, r0.producer_epoch, r0.base_sequence) == (555, 2, 40)
+        assert r0.runs == [(7, 1_000_000 + at[0], 1), (9, 5_000_000, 2)]
+        assert bytes(a2.buf[r0.offset : r0.offset + r0.length]) == bytes(b0.payload())
+        assert (r1.state, r1.error_code, r1.base_offset, r1.log_append_ms) == (STATE_DONE, 0, 12345, 777)
+        assert r1.runs == [(7, 1_000_000 + at[1], 1), (9, 5_000_000 + at[4] - at[3], 1)]
+        assert (r0.ordinal, r1.ordinal) == (b0.ordinal, b1.ordinal)
+        # Only the kept slots are allocated; the SEALED and OPEN ones are free again.
+        assert sorted(a2.allocations()) == sorted(r.slot for r in a2.recovered)
+        assert a2.used_bytes == sum(r.capacity for r in a2.recovered)
+        assert a2.topic_index("t") == 0 and a2.topic_index("u") == 1
+        for slot in a2.allocations():
+            a2.free(slot)
+        assert a2.used_bytes == 0
+    finally:
+        a2.close()
+        b0 = b1 = b2 = None
+        acc = None
+        a.close()
+
+
+def test_recovery_drops_a_torn_restamp_and_unknown_runs_and_other_layouts(tmp_path) -> None:
+    path = str(tmp_path / "arena-0")
+    a = Arena(256 * 1024, path=path, chunk_size=4096, max_topics=8)
+    acc = Accumulator(buffer_memory=256 * 1024, profile_for=lambda t: Profile(linger_ms=0), arena=a)
+    data, _ = _frames([0, 1, 2])
+    acc.owner, acc.position_base = 7, 0
+    acc.append_region(data, 0, len(data), ["t"], [3], 1, 0.0)
+    b0, b1, b2 = sorted(acc.ready(1e18), key=lambda b: b.partition)
+    for b in (b0, b1, b2):
+        b.stamp(9, 0, 0)
+    # b0: a re-stamp torn by the crash (producer id written, CRC not): never sent in that form.
+    struct.pack_into(">q", a.buf, b0.offset + OFFSET_PRODUCER_ID, 10)
+    # b1: its runs table said "unknown".
+    struct.pack_into("<I", a.buf, b1.offset + ((b1.size + 7) & -8), RUNS_UNKNOWN)
+    a2 = Arena(256 * 1024, path=path, chunk_size=4096, max_topics=8, recover=True)
+    try:
+        assert [r.partition for r in a2.recovered] == [2]
+    finally:
+        a2.close()
+    # Another geometry: a fresh arena, nothing recovered.
+    a3 = Arena(512 * 1024, path=str(tmp_path / "arena-0b"), chunk_size=4096, recover=True)
+    a4 = Arena(128 * 1024, path=path, chunk_size=4096, max_topics=8, recover=True)
+    try:
+        assert a3.recovered == [] and a4.recovered == [] and a4.used_bytes == 0
+    finally:
+        a3.close()
+        a4.close()
+        b0 = b1 = b2 = None
+        acc = None
+        a.close()

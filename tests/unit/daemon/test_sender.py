@@ -417,3 +417,52 @@ def test_no_common_version_is_refused_clearly() -> None:
             await broker.stop()
 
     run(main)
+
+
+def _adopt_scenario(handler: Handler, old: int, new: int) -> tuple[Harness, FakeBroker]:
+    """A dead worker's ``old`` stamped batches (producer 77, epoch 3, sequences 100, 105, ...)
+    adopted before the sender runs, then ``new`` fresh batches of the same partition."""
+
+    async def main() -> tuple[Harness, FakeBroker]:
+        broker = FakeBroker(handler)
+        await broker.start()
+        try:
+            hs = Harness(broker)
+            prof = fast_profile()
+            adopted = [FakeBatch(i, 0, prof, records=5) for i in range(old)]
+            for i, b in enumerate(adopted):
+                b.stamp(77, 3, 100 + 5 * i)
+                hs.acc.outstanding += 1
+            hs.sender.adopt(adopted)
+            async with hs:
+                hs.send([FakeBatch(10 + i, 0, prof, records=5) for i in range(new)])
+                assert await hs.sender.flush(5)
+            return hs, broker
+        finally:
+            await broker.stop()
+
+    return run(main)
+
+
+def test_adopted_batches_go_first_with_their_own_stamps_then_new_ones_under_a_new_id() -> None:
+    hs, broker = _adopt_scenario(lambda *a: 0, old=3, new=2)
+    sent = [s for _, req in broker.produce_requests for s in req]
+    assert [s[0] for s in sent] == [0, 1, 2, 10, 11]
+    assert sent[:3] == [(0, 77, 3, 100), (1, 77, 3, 105), (2, 77, 3, 110)]  # byte for byte
+    assert [s[1:] for s in sent[3:]] == [(1001, 0, 0), (1001, 0, 5)]
+    assert broker.log[0] == [0, 1, 2, 10, 11]
+    assert sorted(n for n, code, _ in hs.done if code == 0) == [0, 1, 2, 10, 11]
+    assert hs.acc.outstanding == 0
+
+
+def test_adopted_batch_refused_out_of_order_is_restamped_under_the_new_id() -> None:
+    # The broker never saw producer 77's earlier sequences: an OUT_OF_ORDER answer proves the
+    # adopted batch was not written, so it goes again under this sender's own producer id.
+    def handler(n: int, pid: int, epoch: int, seq: int, attempt: int) -> int:
+        return ec.OUT_OF_ORDER_SEQUENCE_NUMBER if pid == 77 else 0
+
+    hs, broker = _adopt_scenario(handler, old=2, new=1)
+    assert broker.log[0] == [0, 1, 10]
+    assert sorted(n for n, code, _ in hs.done if code == 0) == [0, 1, 10]
+    last = {n: (pid, seq) for _, req in broker.produce_requests for n, pid, _e, seq in req}
+    assert last == {0: (1001, 0), 1: (1001, 5), 10: (1001, 10)}
