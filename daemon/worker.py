@@ -16,9 +16,10 @@ ring's tail at ``end``: only then is the space reused.
 So a request ring holds every record that is not yet complete. A restarted worker starts its
 cursor at the larger of the request ring's tail and the last CHUNK_DONE still unread in the
 completion ring, and re-reads exactly the records whose outcome the client has not been
-told. Those records are delivered at least once; a record can be duplicated in Kafka if the
-dead worker had sent it and the broker wrote it (making that exactly-once is crash recovery
-from the arena, a later step).
+told. Records the dead worker had already put into stamped or answered batches are not
+appended again: the restarted worker finds those batches in its arena, re-sends the stamped
+ones byte for byte and skips their records in the rings (see "crash recovery" below and
+docs/ARCHITECTURE.md, "Worker crashes"), so with idempotence nothing is lost or duplicated.
 """
 
 from __future__ import annotations
