@@ -539,22 +539,20 @@ class Accumulator:
             b._n0 = b.record_count
             cid = self._cid
             runs = b.runs
+            tr = b._tr
+            # The runs table follows Batch.runs one to one. It must not merge calls of one
+            # client: the worker gives each ring drain (chunk) its own key, and a run that
+            # spanned two chunks could be cut by the resume position of a restarted worker.
             if runs and runs[-1][0] == cid:
                 runs[-1] = (cid, runs[-1][1] + k)
-            else:
-                runs.append((cid, k))
-            # The runs table merges consecutive calls of one owner: they are that client's next
-            # records of this partition (the walk in recovery skips them the same way).
-            owner = self._owner
-            tr = b._tr
-            if tr and tr[-3] == owner:
                 tr[-1] += k
             else:
+                runs.append((cid, k))
                 if tr:  # a second or later run takes the spare: reserve another
                     b._limit -= _RUN_SIZE
                     b._room -= _RUN_SIZE
                 p = b._p0
-                tr += (owner, p + self._base if p >= 0 else -1, k)
+                tr += (self._owner, p + self._base if p >= 0 else -1, k)
 
     def _append_one(self, topic: str, partition: int, ts: int, body: bytes | memoryview, now_ms: float) -> int:
         """The general path: any delta, any size; opens and closes batches as needed."""

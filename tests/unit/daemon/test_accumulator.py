@@ -344,3 +344,21 @@ def test_runs_table_always_fits_however_many_clients_share_a_batch() -> None:
             # A run starts at the first record of its call that this batch took.
             assert all(pos in starts[k] for (_c, pos, _n, _r), (k, _) in zip(runs, b.runs))
             assert b.size <= batch_size or b.record_count == 1
+
+
+def test_runs_table_keeps_one_clients_calls_apart() -> None:
+    """Two ring drains (keys) of the same client are two runs: a restarted worker's resume
+    position (a chunk end) may fall between them."""
+    from daemon.arena import RUN, RUNS_HEADER
+
+    acc = make(batch_size=4096, linger_ms=60_000)
+    for call, base in ((1, 800), (2, 2_000)):
+        data = frame(0, 0, T0, body(None, b"a")) + frame(0, 0, T0, body(None, b"b"))
+        acc.owner, acc.position_base = 5, base
+        assert acc.append_region(data, 0, len(data), ["t"], [1], call, 0.0) == (APPEND_OK, len(data))
+    acc.flush()
+    (b,) = acc.ready(0.0)
+    at = b.offset + ((b.size + 7) & -8)
+    assert RUNS_HEADER.unpack_from(acc.arena.buf, at)[0] == 2
+    runs = [RUN.unpack_from(acc.arena.buf, at + RUNS_HEADER.size + i * RUN.size)[:3] for i in range(2)]
+    assert runs == [(5, 800, 2), (5, 2_000, 2)] and b.runs == [(1, 2), (2, 2)]
