@@ -565,6 +565,7 @@ class Worker:
         """
         ring = client.req
         acc = self.acc
+        late_topic_at = -1
         while a < b:
             self._chunk_seq += 1
             key = self._chunk_seq
@@ -599,6 +600,11 @@ class Worker:
                 ring.advance(size)
                 chunk.end = ring.cursor
                 a += size
+                continue
+            if late_topic_at != a:
+                # Let a topic announced a moment ago land before judging the frame.
+                late_topic_at = a
+                self._on_control()
                 continue
             raise CorruptFrameError(
                 f"client {client.client_id} ({client.name}): invalid frame at ring position {ring.cursor}"

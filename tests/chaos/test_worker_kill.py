@@ -38,12 +38,15 @@ RATE = 5000.0  # records per second
 # purely random kills rarely hit one. Half the kills wait (briefly) for the victim's arena to
 # show a batch in flight or answered-but-unreported, then kill at once.
 AIMED = 0.5
+# Lingering batches take records from several ring drains (chunks), so runs of one batch span
+# chunks that are reported at different times.
+LINGER_MS = int(os.environ.get("SLUICE_CHAOS_LINGER_MS", "15"))
 
-CONFIG = """
+CONFIG = f"""
 [profiles.default]
 acks = -1
 enable_idempotence = true
-linger_ms = 0
+linger_ms = {LINGER_MS}
 delivery_timeout_ms = 120000
 """
 

@@ -462,9 +462,11 @@ def test_restarted_worker_resends_stamped_batches_and_skips_their_records(tmp_pa
             h.worker.drain()
             done_end = h.req.head
             first = h.seal()  # one batch per partition
-            assert len(first) >= 2
-            done, stamped = first[0], first[1:]
-            for i, b in enumerate(first):
+            assert len(first) >= 3
+            # The last one stays SEALED: its records, interleaved in the ring with the others',
+            # are read again and appended between skipped ones.
+            done, stamped = first[0], first[1:-1]
+            for i, b in enumerate(first[:-1]):
                 b.stamp(4242, 0, 10 * i)
             stamped_bytes = {(b.partition, bytes(b.payload())) for b in stamped}
             h.complete(done, base=5000)  # answered: DONE, its chunk is not reported yet
@@ -494,15 +496,16 @@ def test_restarted_worker_resends_stamped_batches_and_skips_their_records(tmp_pa
                 w2.acc.release(b)
             w2.emit()
             got = h.completions()
-            # The recovery chunk (every record up to the last one the arena held) is complete.
-            assert [base for (tid, _e, _p, base, _c) in got if tid == CHUNK_DONE_TOPIC] == [done_end]
+            # One recovery chunk (every record up to the last one the arena held): it waits for
+            # the new batches holding the SEALED batch's records too.
+            assert got == []
             for b in new:
                 w2._on_complete(b, 0, 9000 + 100 * b.partition, -1)
                 w2.acc.release(b)
             w2.emit()
             got += h.completions()
             dones = [base for (tid, _e, _p, base, _c) in got if tid == CHUNK_DONE_TOPIC]
-            assert dones[-1] == h.req.head
+            assert dones[0] <= done_end and dones[-1] == h.req.head
             per = _per_partition(got)
             assert {p: sum(c for _e, _b, c in v) for p, v in per.items()} == {
                 p: len(v) for p, v in h.sent.items() if v
@@ -518,6 +521,66 @@ def test_restarted_worker_resends_stamped_batches_and_skips_their_records(tmp_pa
         finally:
             if w2 is not None:
                 _close_worker(w2, sup2)
+            h.close()
+
+    asyncio.run(main())
+
+
+def test_second_crash_during_recovery_still_reports_every_record_once(tmp_path: Path) -> None:
+    """The successor dies too, after re-sending some batches and stamping new ones; a third
+    worker re-sends what is stamped, reads nothing twice, and every record is reported once."""
+    rng = random.Random(SEED + 21)
+    print("seed", SEED + 21)
+
+    async def main() -> None:
+        h = Harness(tmp_path)
+        workers = []
+        try:
+            h.write(30, rng)
+            h.worker.drain()
+            first = h.seal()
+            assert len(first) >= 3
+            for i, b in enumerate(first[:-1]):
+                b.stamp(4242, 0, 10 * i)
+            h.complete(first[0], base=5000)
+            h.write(12, rng)
+            h.worker.drain()  # OPEN when the first worker dies
+            total = sum(len(v) for v in h.sent.values())
+            w2, sup2 = _recovering_worker(h.config, h.segment, [7])
+            workers.append((w2, sup2))
+            w2.drain()
+            w2.acc.flush()
+            new2 = w2.acc.ready(1e18)
+            for i, b in enumerate(new2):
+                b.stamp(4343, 0, 100 * i)  # sent under the successor's producer id
+            adopted2 = _adopted(w2)
+            w2._on_complete(adopted2[0], 0, 6000, -1)  # one re-send answered: DONE
+            w2.emit()
+            # w2 dies: its recovery chunk was never reported.
+            w3, sup3 = _recovering_worker(h.config, h.segment, [7])
+            workers.append((w3, sup3))
+            adopted3 = _adopted(w3)
+            assert {(b.producer_id, b.base_sequence) for b in adopted3} == (
+                {(b.producer_id, b.base_sequence) for b in adopted2[1:]} | {(4343, 100 * i) for i in range(len(new2))}
+            )
+            # Renumbered 1..n in creation order: the DONE batches are older than those re-sent.
+            kept = len(w3.arena.recovered)
+            assert sorted(b.ordinal for b in adopted3) == list(range(kept - len(adopted3) + 1, kept + 1))
+            assert [b.producer_id for b in sorted(adopted3, key=lambda b: b.ordinal)][-len(new2):] == [4343] * len(new2)
+            w3.drain()
+            assert w3.counters["records_in"] == 0  # every record sits in a kept batch
+            for b in adopted3:
+                w3._on_complete(b, 0, 8000 + 100 * b.partition, -1)
+            w3.emit()
+            got = h.completions()
+            per = _per_partition(got)
+            assert {p: sum(c for _e, _b, c in v) for p, v in per.items()} == {p: len(v) for p, v in h.sent.items() if v}
+            assert [base for (tid, _e, _p, base, _c) in got if tid == CHUNK_DONE_TOPIC][-1] == h.req.head
+            assert sum(c for _t, _e, _p, _b, c in got if _t != CHUNK_DONE_TOPIC) == total
+            assert w3._holds == {} and w3.arena.used_bytes == 0
+        finally:
+            for w, sup in workers:
+                _close_worker(w, sup)
             h.close()
 
     asyncio.run(main())
