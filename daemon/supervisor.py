@@ -58,6 +58,7 @@ _EXTEND_EVERY_S = 1.0  # EXTEND_TIMEOUT_USEC during the drain: once a second is 
 _WORKER_START_S = 60.0  # spawn to Ready (the worker's own Kafka connection included)
 _RELOAD_APPLY_TIMEOUT_S = 5.0  # READY=1 after a reload waits this long at most for the workers
 _RESTART_BACKOFF_MAX_S = 10.0
+_HEALTHY_SPELL_S = 30.0
 _MAX_ANCILLARY = socket.CMSG_SPACE(253 * 4)
 # How long a refused connection stays open for the client's Hello: closing before it arrives
 # would hand the client EPIPE on its Hello instead of the NOT_ALLOWED reply.
@@ -99,6 +100,8 @@ class _WorkerHandle:
         self.last_beat = 0.0
         self.snapshot: dict[str, Any] = {}
         self.restarts = 0
+        self.crash_streak = 0  # crashes without a healthy spell between them (sets the backoff)
+        self.spawned_at = 0.0
         self.bye = False
         self.next_start = 0.0
         # Reloads done before this process started: its Start already carried their config.
@@ -259,6 +262,7 @@ class Supervisor:
             stdin=subprocess.DEVNULL,
         )
         child.close()
+        handle.spawned_at = time.monotonic()
         handle.chan = ch.Channel(parent, ch.ToSupervisor)
         handle.ready = False
         handle.bye = False
@@ -342,7 +346,12 @@ class Supervisor:
         if self._stopping:
             return
         handle.restarts += 1
-        delay = min(_RESTART_BACKOFF_MAX_S, 0.1 * 2 ** min(handle.restarts - 1, 7))
+        # A worker that ran healthily for a while starts the backoff over: only a crash loop
+        # should wait up to _RESTART_BACKOFF_MAX_S.
+        if time.monotonic() - handle.spawned_at > _HEALTHY_SPELL_S:
+            handle.crash_streak = 0
+        handle.crash_streak += 1
+        delay = min(_RESTART_BACKOFF_MAX_S, 0.1 * 2 ** min(handle.crash_streak - 1, 7))
         handle.next_start = time.monotonic() + delay
         log.error("worker %d died (exit %s); restarting in %.1fs", handle.index, code, delay)
         loop.call_later(delay, self._respawn, handle)
