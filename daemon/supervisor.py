@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import sys
 import time
 from collections.abc import Callable
@@ -728,7 +729,7 @@ class Supervisor:
                 break
         if not msg.ack:
             if futures:
-                waiter = asyncio.ensure_future(_gather_quiet([f for _, f in futures]))
+                waiter = _all_done(asyncio.get_running_loop(), [f for _, f in futures])
                 client.pending.add(waiter)
                 waiter.add_done_callback(client.pending.discard)
             return
@@ -737,9 +738,11 @@ class Supervisor:
         waiter.add_done_callback(client.pending.discard)
 
     async def _ack(self, client: _Client, seq: int, results: list[Any], futures: list[tuple[int, Any]]) -> None:
+        if futures:
+            await _all_done(asyncio.get_running_loop(), [f for _, f in futures])
         for i, fut in futures:
             try:
-                meta = await fut
+                meta = fut.result(0)
                 results[i] = control.RecordResult(
                     partition=meta.partition, offset=meta.offset, timestamp=meta.timestamp, error_code=0, error_name="NONE"
                 )
@@ -918,12 +921,36 @@ def _result(partition: int, code: int, name: str) -> control.RecordResult:
     return control.RecordResult(partition=partition, offset=-1, timestamp=-1, error_code=code, error_name=name)
 
 
-async def _gather_quiet(futs: list[Any]) -> None:
+def _all_done(loop: asyncio.AbstractEventLoop, futs: list[Any]) -> asyncio.Future[None]:
+    """One asyncio future that completes when every DeliveryFuture in ``futs`` has its outcome.
+
+    The records' outcomes arrive on the ingest producer's completion thread; counting them
+    down there and waking the loop once per Produce costs far less than awaiting each one
+    (an asyncio future and a thread-safe call per record: socket ingest ran at ~150k records/s
+    with seconds of p99 latency that way).
+    """
+    done: asyncio.Future[None] = loop.create_future()
+    if not futs:
+        done.set_result(None)
+        return done
+    left = [len(futs)]
+    lock = threading.Lock()
+
+    def one(_f: Any) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            loop.call_soon_threadsafe(_finish, done)
+
     for f in futs:
-        try:
-            await f
-        except Exception:  # noqa: BLE001 - fire-and-forget: outcomes are counted by the workers
-            pass
+        f.add_done_callback(one)
+    return done
+
+
+def _finish(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _fds_of(anc: list[tuple[int, int, bytes]]) -> list[int]:
