@@ -11,6 +11,7 @@ fooled by a bug shared between the writer and the reader.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,11 +19,20 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_SH = ROOT / "scripts" / "kafka.sh"
+
+# The daemon fixture and the client programs live in tests/integration/daemon_fixture.py;
+# spawned client processes import it by this path too.
+_INTEGRATION = str(ROOT / "tests" / "integration")
+if _INTEGRATION not in sys.path:
+    sys.path.insert(0, _INTEGRATION)
+
+import daemon_fixture  # noqa: E402
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,3 +185,43 @@ def read_topic(kafka_bootstrap: str) -> Callable[..., list[ReadRecord]]:
         return out
 
     return read
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    # Remembered so the daemon fixture can show the daemon's log when the test failed.
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
+
+
+@pytest.fixture
+def start_sluice(kafka_bootstrap: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., daemon_fixture.SluiceDaemon]]:
+    """``start_sluice(**kw) -> SluiceDaemon``: a real ``sluice run`` against ``kafka_bootstrap``
+    (the chaos directory's own broker there). Teardown sends SIGTERM and fails the test unless
+    every daemon exits 0 in time; a failed test gets the daemons' logs printed."""
+    started: list[daemon_fixture.SluiceDaemon] = []
+
+    def start(**kw: Any) -> daemon_fixture.SluiceDaemon:
+        d = daemon_fixture.start_daemon(kafka_bootstrap, **kw)
+        started.append(d)
+        return d
+
+    yield start
+    call = getattr(request.node, "rep_call", None)
+    if call is not None and call.failed:
+        for d in started:
+            print(f"--- log of sluice at {d.socket_path} ---\n{d.log()[-20000:]}", file=sys.stderr)
+    problems = []
+    for d in started:
+        try:
+            code = d.stop()
+        except AssertionError as exc:
+            problems.append(str(exc))
+            continue
+        if code != 0:
+            problems.append(f"sluice exited with {code}; log:\n{d.log()[-6000:]}")
+        else:
+            shutil.rmtree(d.workdir, ignore_errors=True)
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)

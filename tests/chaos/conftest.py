@@ -16,7 +16,6 @@ exit 0).
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -35,7 +34,6 @@ for _p in (str(_HERE), str(_INTEGRATION)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-import daemon_fixture  # noqa: E402
 from proxy import FaultProxy  # noqa: E402
 
 ROOT = _HERE.parents[1]
@@ -130,42 +128,6 @@ def broker(chaos_broker: ChaosBroker) -> Iterator[ChaosBroker]:
     chaos_broker.clear_faults()
     if subprocess.run([str(KAFKA_SH), "status"], env=chaos_broker.env, capture_output=True).returncode != 0:
         chaos_broker.start()
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    rep = yield
-    setattr(item, f"rep_{rep.when}", rep)
-    return rep
-
-
-@pytest.fixture
-def start_sluice(kafka_bootstrap: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., daemon_fixture.SluiceDaemon]]:
-    started: list[daemon_fixture.SluiceDaemon] = []
-
-    def start(**kw: Any) -> daemon_fixture.SluiceDaemon:
-        d = daemon_fixture.start_daemon(kafka_bootstrap, **kw)
-        started.append(d)
-        return d
-
-    yield start
-    call = getattr(request.node, "rep_call", None)
-    if call is not None and call.failed:
-        for d in started:
-            print(f"--- log of sluice at {d.socket_path} ---\n{d.log()[-20000:]}", file=sys.stderr)
-    problems = []
-    for d in started:
-        try:
-            code = d.stop()
-        except AssertionError as exc:
-            problems.append(str(exc))
-            continue
-        if code != 0:
-            problems.append(f"sluice exited with {code}; log:\n{d.log()[-6000:]}")
-        else:
-            shutil.rmtree(d.workdir, ignore_errors=True)
-    if problems:
-        pytest.fail("\n".join(problems), pytrace=False)
 
 
 @pytest.fixture

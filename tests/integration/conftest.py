@@ -9,9 +9,8 @@ differently configured) daemons with the same teardown.
 from __future__ import annotations
 
 import multiprocessing
-import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,43 +22,6 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 import daemon_fixture  # noqa: E402
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    # Remembered so the daemon fixture can show the daemon's log when the test failed.
-    rep = yield
-    setattr(item, f"rep_{rep.when}", rep)
-    return rep
-
-
-@pytest.fixture
-def start_sluice(kafka_bootstrap: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., daemon_fixture.SluiceDaemon]]:
-    started: list[daemon_fixture.SluiceDaemon] = []
-
-    def start(**kw: Any) -> daemon_fixture.SluiceDaemon:
-        d = daemon_fixture.start_daemon(kafka_bootstrap, **kw)
-        started.append(d)
-        return d
-
-    yield start
-    call = getattr(request.node, "rep_call", None)
-    if call is not None and call.failed:
-        for d in started:
-            print(f"--- log of sluice at {d.socket_path} ---\n{d.log()[-20000:]}", file=sys.stderr)
-    problems = []
-    for d in started:
-        try:
-            code = d.stop()
-        except AssertionError as exc:
-            problems.append(str(exc))
-            continue
-        if code != 0:
-            problems.append(f"sluice exited with {code}; log:\n{d.log()[-6000:]}")
-        else:
-            shutil.rmtree(d.workdir, ignore_errors=True)
-    if problems:
-        pytest.fail("\n".join(problems), pytrace=False)
 
 
 @pytest.fixture
