@@ -17,6 +17,7 @@ import array
 import asyncio
 import faulthandler
 import importlib.metadata
+import json
 import logging
 import os
 import signal
@@ -64,6 +65,13 @@ _MAX_ANCILLARY = socket.CMSG_SPACE(253 * 4)
 # How long a refused connection stays open for the client's Hello: closing before it arrives
 # would hand the client EPIPE on its Hello instead of the NOT_ALLOWED reply.
 _REFUSE_LINGER_S = 1.0
+# Daemon restarts (docs/ARCHITECTURE.md, "Daemon crashes"): the runtime directory keeps the
+# topic ids and the clients' tokens -> client ids; the marker says the last stop drained all.
+_STATE_FILE = "sluice-state.json"
+_CLEAN_MARKER = "clean-shutdown"
+# After a crash, how long the runs of a client that has not reconnected are kept (its records
+# already sent are delivered either way; only its completions wait for it).
+_RECONNECT_GRACE_S = 120.0
 
 
 def _installed_version() -> str:
@@ -115,6 +123,7 @@ class _Client:
     def __init__(self, client_id: int, sock: socket.socket) -> None:
         self.client_id = client_id
         self.sock = sock
+        self.token = 0  # Hello.token: the client keeps it across daemon restarts
         self.name = ""
         self.pid = 0
         self.segment: Segment | None = None
@@ -138,6 +147,14 @@ class Supervisor:
         self.topics: dict[str, tuple[int, int]] = {}  # name -> (topic_id, partitions)
         self.clients: dict[int, _Client] = {}
         self._next_client = 1
+        self._next_tid = 0
+        # Persisted in the runtime directory (_STATE_FILE): client token -> client id.
+        self._tokens: dict[int, int] = {}
+        # After a crash: client ids of the previous daemon whose clients may still come back.
+        self._awaited: set[int] = set()
+        self._recover_at_start = False
+        self._state_dir = ""
+        self._undelivered = 0  # records the workers reported undelivered at their Bye
         self._listener: socket.socket | None = None
         self._events: asyncio.Queue[str] = asyncio.Queue()
         self._stopping = False
@@ -171,11 +188,14 @@ class Supervisor:
         runtime = cfg.runtime_path()
         if runtime:
             os.makedirs(runtime, exist_ok=True)
+            self._load_state(runtime)
         for handle in self.workers:
             self._spawn(handle)
         await self._await_workers_ready(_WORKER_START_S)
         self._serve_task = self._spawn_task(self._accept_loop(), "accept")
         self._spawn_task(self._monitor_workers(), "monitor")
+        if self._awaited:
+            loop.call_later(_RECONNECT_GRACE_S, self._forget_awaited)
         self._ingest = await self._start_ingest()
         self._ingest_ready.set()
         if cfg.metrics_port:
@@ -279,12 +299,15 @@ class Supervisor:
                 config_source=self.config_path,
                 # A restarted worker re-sends its predecessor's stamped batches from the arena
                 # and skips their records in the rings (exactly once with idempotence).
-                recover=handle.restarts > 0,
+                # After a daemon crash the new workers recover too, for the clients of the
+                # dead daemon that may reconnect (their old ids are given back to them).
+                recover=handle.restarts > 0 or self._recover_at_start,
                 clients=[
                     c.client_id
                     for c in self.clients.values()
                     if c.segment is not None and handle.index not in c.detached
-                ],
+                ]
+                + sorted(self._awaited),
             )
         )
         for name, (tid, parts) in self.topics.items():
@@ -334,6 +357,7 @@ class Supervisor:
                     self._client_detached(cid, handle.index)
                 case ch.Bye(undelivered=n):
                     handle.bye = True
+                    self._undelivered += n
                     if n:
                         log.warning("worker %d stopped with %d records undelivered", handle.index, n)
 
@@ -427,8 +451,10 @@ class Supervisor:
                     return known
                 if len(self.topics) >= 0xFFFF:
                     raise SluiceError("too many topics (65535)")
-                tid = len(self.topics)
+                tid = self._next_tid
+                self._next_tid += 1
                 self.topics[name] = (tid, parts)
+                self._save_state()
                 # Every worker hears of the topic before any client can use its id.
                 self._broadcast(ch.AddTopic(topic_id=tid, name=name, partitions=parts))
                 return tid, parts
@@ -442,7 +468,101 @@ class Supervisor:
             return
         log.info("topic %s grew to %d partitions", name, parts)
         self.topics[name] = (known[0], parts)
+        self._save_state()
         self._broadcast(ch.AddTopic(topic_id=known[0], name=name, partitions=parts))
+
+    # --- state kept across daemon restarts ---------------------------------------------------
+
+    def _load_state(self, runtime: str) -> None:
+        """Read what the previous daemon left in the runtime directory.
+
+        Topic ids are always taken over (ring frames of reconnecting clients carry them).
+        Without the clean-shutdown marker the previous daemon died: the workers recover their
+        arenas, and the clients it knew get their old ids back when they reconnect.
+        """
+        self._state_dir = runtime
+        marker = os.path.join(runtime, _CLEAN_MARKER)
+        clean = os.path.exists(marker)
+        try:
+            os.unlink(marker)
+        except OSError:
+            pass
+        self._recover_at_start = not clean
+        try:
+            with open(os.path.join(runtime, _STATE_FILE), encoding="utf-8") as f:
+                state = json.load(f)
+            topics = {str(n): (int(v[0]), int(v[1])) for n, v in state.get("topics", {}).items()}
+            tokens = {int(t, 16): int(c) for t, c in state.get("clients", {}).items()}
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, AttributeError, IndexError) as exc:
+            log.warning("ignoring unreadable daemon state in %s: %s", runtime, exc)
+            return
+        ids = [tid for tid, _ in topics.values()]
+        if len(set(ids)) != len(ids) or any(not 0 <= t < 0xFFFF for t in ids):
+            log.warning("ignoring daemon state in %s: topic ids are not unique", runtime)
+            return
+        self.topics = topics
+        self._next_tid = max(ids, default=-1) + 1
+        if not clean:
+            self._tokens = tokens
+            self._awaited = set(tokens.values())
+            self._next_client = max(self._awaited, default=0) + 1
+            log.warning(
+                "the previous daemon did not stop cleanly: recovering the arenas; %d client(s) may reconnect",
+                len(self._awaited),
+            )
+
+    def _save_state(self) -> None:
+        if not self._state_dir:
+            return
+        state = {
+            "version": 1,
+            "topics": {n: [tid, parts] for n, (tid, parts) in self.topics.items()},
+            "clients": {f"{t:016x}": cid for t, cid in self._tokens.items()},
+        }
+        path = os.path.join(self._state_dir, _STATE_FILE)
+        tmp = path + ".tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(state, f)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.error("cannot save the daemon state to %s: %s", path, exc)
+
+    def _claim_token(self, client: _Client, token: int) -> None:
+        """A client's Hello carried ``token``: give it its old id, or remember the new one."""
+        client.token = token
+        old = self._tokens.get(token)
+        if old is not None and old != client.client_id and old not in self.clients:
+            del self.clients[client.client_id]
+            client.client_id = old
+            self.clients[old] = client
+            self._awaited.discard(old)
+            log.info("client %d (%s) reconnected under its previous id", old, client.name)
+            return
+        if old is not None and old != client.client_id:
+            log.warning("client token of %d is in use by a live connection; new id %d", old, client.client_id)
+        self._tokens[token] = client.client_id
+        self._save_state()
+
+    def _forget_token(self, client: _Client) -> None:
+        if client.token and self._tokens.get(client.token) == client.client_id:
+            del self._tokens[client.token]
+            self._save_state()
+
+    def _forget_awaited(self) -> None:
+        """The grace for reconnecting ran out: the workers let go of those clients' runs."""
+        for cid in sorted(self._awaited):
+            if cid in self.clients:
+                continue
+            log.warning("client %d of the previous daemon did not reconnect; forgetting it", cid)
+            self._broadcast(ch.RemoveClient(client_id=cid))
+            for t, c in list(self._tokens.items()):
+                if c == cid:
+                    del self._tokens[t]
+        self._awaited.clear()
+        self._save_state()
 
     def topic_info(self, name: str, tid: int, parts: int) -> control.TopicInfo:
         profile = self.config.profile_for(name)
@@ -562,7 +682,7 @@ class Supervisor:
     async def _dispatch(self, client: _Client, msg: Any, fds: list[int]) -> bool:
         """Handle one message; False to close the connection."""
         match msg:
-            case control.Hello(version=version, client_name=name, pid=pid):
+            case control.Hello(version=version, client_name=name, pid=pid, token=token, wants_segment=wants):
                 if version < control.MIN_PROTOCOL_VERSION:
                     await self._send(
                         client,
@@ -571,6 +691,8 @@ class Supervisor:
                     return False
                 client.name = name or f"client-{client.client_id}"
                 client.pid = client.pid or pid
+                if token and wants and not client.token:
+                    self._claim_token(client, token)
                 cfg = self.config.daemon
                 await self._send(
                     client,
@@ -666,6 +788,7 @@ class Supervisor:
         client.gone = True
         if client.segment is None:
             self.clients.pop(client.client_id, None)
+            self._forget_token(client)
             return
         # Workers drain what it committed, then detach; the segment goes when all have.
         self._broadcast(ch.RemoveClient(client_id=client.client_id))
@@ -679,6 +802,7 @@ class Supervisor:
             client.segment.close()
             client.segment = None
             self.clients.pop(cid, None)
+            self._forget_token(client)
             log.info("client %d (%s): segment released", cid, client.name)
 
     # --- socket ingest ---------------------------------------------------------------------
@@ -911,6 +1035,13 @@ class Supervisor:
             await self._metrics.close()
         if self._meta is not None:
             await self._meta.close(0.1)
+        if self._state_dir and self._undelivered == 0 and all(h.bye for h in self.workers):
+            # Every worker drained and said so: the next start has nothing to recover.
+            try:
+                with open(os.path.join(self._state_dir, _CLEAN_MARKER), "w", encoding="utf-8") as f:
+                    f.write("1\n")
+            except OSError as exc:
+                log.error("cannot write the clean-shutdown marker: %s", exc)
         # Fed through the whole drain (a hung drain must still be caught); stopped last.
         if self._watchdog is not None:
             await self._watchdog.stop()

@@ -224,6 +224,10 @@ class Worker:
                 if client is not None:
                     client.removing = True
                     self._removing.add(client)
+                else:
+                    # A client of a dead daemon that never reconnected: its recovered runs
+                    # will not be met in any ring, so their batches' slots may go.
+                    self._orphan_runs(cid)
             case ch.Reload(config_text=text, config_source=source):
                 try:
                     self.config = loads(text, source=source)

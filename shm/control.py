@@ -153,6 +153,12 @@ class Hello(_Request, tag="Hello"):
     ``version`` is the highest protocol version the client speaks. ``workers_expected`` is
     informational (the Welcome's ``workers`` is what counts). ``wants_segment`` asks for a
     shared-memory segment: the client will send a SegmentOffer after the Welcome.
+
+    ``token`` (optional, 0 = none) is a random 64-bit number a shared-memory client draws once
+    and keeps for the life of its segment. A client that reconnects after the daemon restarted
+    sends the same token and offers the same segment: the daemon gives it back its old
+    ``client_id``, so the records its predecessor had taken (runs tables in the worker arenas)
+    are matched to it and completed exactly once.
     """
 
     version: Uint
@@ -160,6 +166,7 @@ class Hello(_Request, tag="Hello"):
     pid: Uint = 0
     workers_expected: Uint | None = None
     wants_segment: bool = False
+    token: Uint = 0
 
 
 class SegmentOffer(_Request, tag="SegmentOffer"):

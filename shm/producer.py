@@ -31,6 +31,7 @@ too and must be quick.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import select
 import socket
@@ -59,6 +60,8 @@ from shm.frames import (
 from shm.layout import FRAME_HEADER, FRAME_RECORD
 from shm.partitioner import KeyHashCache, StickyPartitioner, owner, partitions_many
 from shm.segment import Segment, send_fds
+
+log = logging.getLogger("sluice.client")
 
 __all__ = [
     "Producer",
@@ -524,6 +527,14 @@ class Producer:
         value_serializer, key_serializer: ``None``/``"bytes"`` (bytes as they are, str as
             UTF-8), ``"str"``, ``"json"``, ``"msgpack"`` or a callable returning bytes.
         connect_timeout: seconds for the connection and handshake.
+        reconnect_timeout_s: when the daemon hangs up (it crashed or restarts), keep the
+            pending records and reconnect for up to this many seconds, offering the same
+            segment under the same client token: the new daemon completes what the old one
+            had taken (exactly once with idempotent profiles) and reads on from the rings.
+            ``send()`` keeps writing into the rings meanwhile. 0 (default): fail every pending
+            record with ProducerClosedError at once. A fatal ErrorReply (the daemon dropped
+            this client) is never retried; neither is a daemon whose topic ids or segment
+            layout differ (its records could not be matched).
 
     Raises:
         SluiceError: the daemon refused the connection or the segment (the message says why).
@@ -538,6 +549,7 @@ class Producer:
         value_serializer: str | Serializer | None = None,
         key_serializer: str | Serializer | None = None,
         connect_timeout: float = 10.0,
+        reconnect_timeout_s: float = 0.0,
     ) -> None:
         self.socket_path = socket_path or os.environ.get("SLUICE_SOCKET") or DEFAULT_SOCKET
         self._vser = _serializer(value_serializer)
@@ -557,16 +569,19 @@ class Producer:
         self._inbox: deque[Any] = deque()
         self._never_block = False  # the daemon's own socket-ingest producer must not block its loop
         name = client_name or f"{os.path.basename(os.sys.argv[0] or 'python')}[{os.getpid()}]"
+        self._name = name
+        self._connect_timeout = connect_timeout
+        self._reconnect_s = max(0.0, float(reconnect_timeout_s))
+        # The identity a restarted daemon knows this segment by (0: never reconnects).
+        self._token = (int.from_bytes(os.urandom(8), "little") | 1) if self._reconnect_s else 0
+        self.reconnects = 0
 
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(connect_timeout)
         try:
             sock.connect(self.socket_path)
             self._sock = sock
-            welcome = self._request(
-                control.Hello(version=control.PROTOCOL_VERSION, client_name=name, pid=os.getpid(), wants_segment=True),
-                control.Welcome,
-            )
+            welcome = self._request(self._hello(), control.Welcome)
             self.workers = welcome.workers
             self.client_id = welcome.client_id
             seg = Segment.create(welcome.workers, welcome.request_ring_bytes, welcome.completion_ring_bytes)
@@ -585,6 +600,11 @@ class Producer:
         self._pending_total = 0
         self._thread = threading.Thread(target=self._completions, name=f"sluice-completions-{self.client_id}", daemon=True)
         self._thread.start()
+
+    def _hello(self) -> control.Hello:
+        return control.Hello(
+            version=control.PROTOCOL_VERSION, client_name=self._name, pid=os.getpid(), wants_segment=True, token=self._token
+        )
 
     # --- control requests -----------------------------------------------------------------
 
@@ -991,10 +1011,93 @@ class Producer:
                     # The daemon wrote its last completions before closing: take them first.
                     for w, ring in enumerate(rings):
                         self._read_ring(w, ring)
+                    if self._reconnect_s and not self._dropped() and self._reconnect():
+                        poll.unregister(sock_fd)
+                        sock_fd = self._sock.fileno()
+                        poll.register(sock_fd, 0)
+                        continue
                     self._daemon_gone()
                     return
         except Exception as exc:  # noqa: BLE001 - corrupt completions: fail everything loudly
             self._fail_all(ProtocolError(f"completion ring unreadable: {exc}"))
+
+    def _dropped(self) -> bool:
+        """After a hang-up: did the daemon say why (a fatal ErrorReply)? Then it meant it."""
+        with self._ctl_lock:
+            sock = self._sock
+            try:
+                sock.setblocking(False)
+                while True:
+                    data = sock.recv(65536)
+                    if not data:
+                        break
+                    self._inbox.extend(self._reader.feed(data))
+            except (BlockingIOError, InterruptedError):
+                pass
+            except (OSError, SluiceError):
+                return False
+            return any(isinstance(m, control.ErrorReply) and m.fatal for m in self._inbox)
+
+    def _reconnect(self) -> bool:
+        """The daemon hung up: connect to its successor and offer the same segment under the
+        same token, for up to ``reconnect_timeout_s``. True when the new daemon took it."""
+        deadline = time.monotonic() + self._reconnect_s
+        delay = 0.05
+        seg = self._segment
+        log.warning("sluice: the daemon hung up; reconnecting for up to %.0fs", self._reconnect_s)
+        while not self._closed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.error("sluice: no daemon took the segment back within %.0fs", self._reconnect_s)
+                return False
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(max(0.1, min(self._connect_timeout, left)))
+            with self._ctl_lock:
+                old_sock, old_reader = self._sock, self._reader
+                self._sock, self._reader = sock, control.FrameReader(control.DaemonMessage)
+                self._inbox.clear()
+                try:
+                    sock.connect(self.socket_path)
+                    sock.sendall(control.encode(self._hello()))
+                    welcome = self._expect(control.Welcome)
+                    if (
+                        welcome.workers != self.workers
+                        or welcome.request_ring_bytes != seg.request_ring_bytes
+                        or welcome.completion_ring_bytes != seg.completion_ring_bytes
+                    ):
+                        log.error("sluice: the restarted daemon wants another segment layout; giving up")
+                        sock.close()
+                        return False
+                    fds = seg.fds()
+                    offer = control.SegmentOffer(segment_bytes=seg.size, workers=self.workers, fd_count=len(fds))
+                    send_fds(sock, control.encode(offer), fds)
+                    self._expect(control.SegmentAccepted)
+                    # Ring frames carry topic ids: the new daemon must know them by the same ids.
+                    for name, t in list(self._topics.items()):
+                        sock.sendall(control.encode(control.TopicLookup(topic=name)))
+                        info = self._expect(control.TopicInfo)
+                        if info.topic_id != t.id:
+                            log.error("sluice: topic %r has id %d in the restarted daemon, not %d; giving up",
+                                      name, info.topic_id, t.id)
+                            sock.close()
+                            return False
+                except (OSError, SluiceError) as exc:
+                    sock.close()
+                    self._sock, self._reader = old_sock, old_reader
+                    log.debug("sluice: reconnect attempt failed: %s", exc)
+                else:
+                    sock.settimeout(None)
+                    try:
+                        old_sock.close()
+                    except OSError:
+                        pass
+                    self.client_id = welcome.client_id
+                    self.reconnects += 1
+                    log.warning("sluice: reconnected as client %d; %d records pending", self.client_id, self._pending_total)
+                    return True
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.5)
+        return False
 
     def _read_ring(self, w: int, ring: Any) -> bool:
         took = False

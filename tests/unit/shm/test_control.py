@@ -66,6 +66,7 @@ STRATEGIES: dict[type, st.SearchStrategy[typing.Any]] = {
         pid=u32,
         workers_expected=st.none() | st.integers(0, 1024),
         wants_segment=st.booleans(),
+        token=u64,
     ),
     c.SegmentOffer: st.builds(c.SegmentOffer, segment_bytes=u64, workers=u32, fd_count=u32),
     c.TopicLookup: st.builds(c.TopicLookup, topic=st.text(max_size=40)),
