@@ -43,8 +43,8 @@ delivery_timeout_ms = 120000
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> str:
-    """The shared broker (overrides the chaos directory's own broker: not needed here)."""
-    return "127.0.0.1:9092"
+    """The suite's shared broker (overrides the chaos directory's own broker: not needed here)."""
+    return os.environ.get("SLUICE_TEST_BOOTSTRAP", "127.0.0.1:9092")
 
 
 @pytest.fixture(scope="session")
