@@ -394,7 +394,6 @@ class Accumulator:
         ATS = ATTR_TS
         ALEN = ATTR_TS_LEN
         NT = TS_TABLE_SIZE
-        NV = VARINT_TABLE_SIZE
         openb = self._open
         dirty = self._dirty
         buf = self._buf

@@ -86,7 +86,7 @@ import inspect
 import ipaddress
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from shm.errors import ConfigError

@@ -26,7 +26,6 @@ import subprocess
 import threading
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -36,7 +35,6 @@ from daemon import systemd
 from daemon.config import Config, ConfigError, diff_live, loads
 from daemon.metrics import start_metrics
 from daemon.peercred import check_peer, peer_credentials
-from daemon.protocol import errors as ec
 from daemon.sender import Sender
 from daemon.stats import aggregate
 from shm import control

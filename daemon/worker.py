@@ -52,8 +52,8 @@ from daemon.protocol import errors as ec
 from daemon.sender import Sender
 from daemon.stats import LatencyHistogram
 from shm.errors import CorruptFrameError, SegmentError
-from shm.frames import COMPLETION, chunk_done_end, record_body_valid
-from shm.layout import FRAME_CHUNK_DONE, FRAME_COMPLETION, FRAME_HEADER, FRAME_RECORD
+from shm.frames import COMPLETION, LENGTH_SKIP1, LENGTH_SKIP2, chunk_done_end, record_body_valid
+from shm.layout import FRAME_CHUNK_DONE, FRAME_COMPLETION, FRAME_RECORD
 from shm.segment import Segment
 
 __all__ = ["Worker", "main"]
@@ -770,7 +770,6 @@ class Worker:
             return True
         ring = client.cmp
         view = ring.view
-        wrote = False
         ok = True
         while chunks and chunks[0].pending <= 0:
             chunk = chunks[0]
@@ -796,7 +795,6 @@ class Worker:
             _pack_chunk_done(view, pos, chunk.end)
             chunks.popleft()
             self.counters["chunks"] += 1
-            wrote = True
             # Publish per chunk, so a later full ring never holds back a complete one.
             ring.publish_head()
             if chunk.slots or chunk.keys:
@@ -951,26 +949,9 @@ class Worker:
         self.chan.flush()
 
 
-# Record body validation (see _first_bad_body). A one-byte zig-zag varint n as a length:
-# _SKIP1[n] = bytes to skip past the varint and the field (1 for null), 0 = not a valid length or
-# not a one-byte varint. _SKIP2 does the same for the next two bytes read as <H, covering one-
-# and two-byte varints (lengths up to 8191).
+# Record body validation (see _first_bad_body); the length tables are shm.frames'.
 _FRAME_WORDS = struct.Struct("<II")
 _U16 = struct.Struct("<H")
-
-
-def _length_skip(n: int, width: int) -> int:
-    z = (n >> 1) ^ -(n & 1)
-    if z < -1:
-        return 0
-    return width + max(z, 0)
-
-
-_SKIP1 = tuple(_length_skip(n, 1) if n < 0x80 else 0 for n in range(256))
-_SKIP2 = tuple(
-    _SKIP1[w & 0xFF] if w & 0xFF < 0x80 else (0 if w >> 8 >= 0x80 else _length_skip((w & 0x7F) | (w >> 8) << 7, 2))
-    for w in range(65536)
-)
 
 
 def _first_bad_body(data: bytes, end: int, wraps: bool) -> int:
@@ -986,8 +967,8 @@ def _first_bad_body(data: bytes, end: int, wraps: bool) -> int:
     """
     unpack = _FRAME_WORDS.unpack_from
     u16 = _U16.unpack_from
-    skip1 = _SKIP1
-    skip2 = _SKIP2
+    skip1 = LENGTH_SKIP1
+    skip2 = LENGTH_SKIP2
     pos = 0
     while pos + 24 <= end:
         plen, ftype = unpack(data, pos)

@@ -63,6 +63,9 @@ __all__ = [
     "ZIGZAG",
     "encode_record_body",
     "record_body_valid",
+    "body_valid",
+    "LENGTH_SKIP1",
+    "LENGTH_SKIP2",
     "encode_record",
     "put_record",
     "put_records",
@@ -115,14 +118,6 @@ _NULL = b"\x01"  # varint(-1)
 ZIGZAG = _ZZ
 """``ZIGZAG[n + 1] == zigzag_varint(n)`` for ``-1 <= n < len(ZIGZAG) - 1`` (8191): record
 length fields without a function call, for callers that inline the body encoding."""
-# Bytes a length field occupies plus the bytes it announces, by the varint's first byte, for
-# one-byte varints: 1 + n for n >= 0, 1 for null (-1); 0 marks a longer varint, -1 an invalid
-# length (< -1). Drives the validator's fast path.
-_SKIP: tuple[int, ...] = tuple(
-    0 if b >= 0x80 else (1 + (b >> 1) if not b & 1 else (1 if b == 1 else -1)) for b in range(256)
-)
-
-
 def encode_record_body(key: _Bytes | None, value: _Bytes | None, headers: Headers = None) -> bytes:
     """The record body: key, value and headers as Kafka's RecordBatch v2 record has them.
 
@@ -221,6 +216,43 @@ def record_body_valid(buf: memoryview, pos: int, end: int) -> bool:
         if n > 0:
             pos += n
     return pos == end
+
+
+
+# The fast path of body validation, shared by iter_records and the worker. A one-byte zig-zag
+# varint n used as a length: LENGTH_SKIP1[n] = bytes to skip past the varint and the field it
+# announces (1 for null), 0 = not a valid length or not a one-byte varint. LENGTH_SKIP2 does the
+# same for the next two bytes read as <H, covering one- and two-byte varints (up to 8191).
+def _length_skip(n: int, width: int) -> int:
+    z = (n >> 1) ^ -(n & 1)
+    if z < -1:
+        return 0
+    return width + max(z, 0)
+
+
+LENGTH_SKIP1: tuple[int, ...] = tuple(_length_skip(n, 1) if n < 0x80 else 0 for n in range(256))
+LENGTH_SKIP2: tuple[int, ...] = tuple(
+    LENGTH_SKIP1[w & 0xFF] if w & 0xFF < 0x80 else (0 if w >> 8 >= 0x80 else _length_skip((w & 0x7F) | (w >> 8) << 7, 2))
+    for w in range(65536)
+)
+_unpack_u16 = struct.Struct("<H").unpack_from
+
+
+def body_valid(buf: _Bytes, pos: int, end: int) -> bool:
+    """:func:`record_body_valid`, with two table lookups first for the usual shape (key and
+    value lengths as short varints, no headers)."""
+    b = pos
+    if b + 3 <= end:
+        s = LENGTH_SKIP1[buf[b]]
+        if s:
+            b += s
+            if b + 2 <= end:
+                s = LENGTH_SKIP2[_unpack_u16(buf, b)[0]]
+                if s:
+                    b += s
+                    if b + 1 == end and buf[b] == 0:
+                        return True
+    return record_body_valid(buf, pos, end)
 
 
 def encode_record(topic_id: int, partition: int, timestamp_ms: int, body: _Bytes) -> bytes:
@@ -514,8 +546,7 @@ def iter_records(
         partition_limits: for each topic id the client may use, its partition count; a
             topic id ``>= len(partition_limits)`` or a partition outside ``[0, limit)`` is
             corrupt.
-        check_body: also parse each body (an inline fast path for the usual shape, else
-            :func:`record_body_valid`); about 200 ns per record, and it keeps one client's
+        check_body: also parse each body (:func:`body_valid`); about 200 ns per record, and it keeps one client's
             malformed record out of batches shared with other clients (Kafka would reject
             the whole batch).
 
@@ -531,7 +562,6 @@ def iter_records(
     view = ring.view
     data_end = ring.data_end
     ntopics = len(partition_limits)
-    skip = _SKIP
     pos = start
     while pos < end:
         if end - pos < 8:
@@ -559,36 +589,8 @@ def iter_records(
                 raise _frame_error(ring, pos, f"unknown RECORD flags {flags:#x}")
             bstart = pos + 24
             bend = pos + 8 + plen
-            if check_body:
-                # Fast path, inline: key and value lengths as 1- or 2-byte varints and no
-                # headers. Anything else (or anything odd) goes to record_body_valid.
-                ok = False
-                p = bstart
-                if p < bend:
-                    b = view[p]
-                    s = skip[b]
-                    if not s and p + 1 < bend:
-                        c = view[p + 1]
-                        if c < 0x80:
-                            v = (b & 0x7F) | (c << 7)
-                            if not v & 1:
-                                s = 2 + (v >> 1)
-                    if s > 0:
-                        p += s
-                        if p < bend:
-                            b = view[p]
-                            s = skip[b]
-                            if not s and p + 1 < bend:
-                                c = view[p + 1]
-                                if c < 0x80:
-                                    v = (b & 0x7F) | (c << 7)
-                                    if not v & 1:
-                                        s = 2 + (v >> 1)
-                            if s > 0:
-                                p += s
-                                ok = p + 1 == bend and view[p] == 0
-                if not ok and not record_body_valid(view, bstart, bend):
-                    raise _frame_error(ring, pos, "malformed record body")
+            if check_body and not body_valid(view, bstart, bend):
+                raise _frame_error(ring, pos, "malformed record body")
             yield fend, topic_id, partition, ts, view[bstart:bend]
         elif ftype == FRAME_PADDING:
             if fend != data_end:
