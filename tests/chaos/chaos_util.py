@@ -3,12 +3,15 @@ measures back-pressure, and the exactly-once check on what an independent reader
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+import pytest
 
 from shm import Producer
 from shm.errors import BufferFullError
@@ -186,3 +189,18 @@ def block_until_killed(socket_path: str, topic: str, out: Any) -> None:
         i += 1
         if i % 50 == 0:
             out.put(("sent", i))
+
+
+@pytest.fixture(scope="session")
+def shared_kafka_bootstrap() -> str:
+    """The suite's shared broker; a test module imports it as ``kafka_bootstrap`` to use it
+    instead of the chaos directory's own (fault-injectable) broker."""
+    return os.environ.get("SLUICE_TEST_BOOTSTRAP", "127.0.0.1:9092")
+
+
+@pytest.fixture(scope="session")
+def shared_kafka_admin(kafka_bootstrap: str) -> Any:
+    """An AdminClient on whichever ``kafka_bootstrap`` the importing module resolves."""
+    from confluent_kafka.admin import AdminClient
+
+    return AdminClient({"bootstrap.servers": kafka_bootstrap})

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from chaos_util import SendLoop, check_exactly_once, seq_of, wait_until
+from chaos_util import SendLoop, check_exactly_once, wait_until
 
 from shm import Producer
 from shm.frames import RECORD_HEADER, encode_record_body, put_record

@@ -25,6 +25,9 @@ from typing import Any
 import numpy as np
 import pytest
 from chaos_util import SendLoop, check_exactly_once, seq_of, wait_until
+# The kill tests need no faults: they use the suite's shared broker, not the directory's own.
+from chaos_util import shared_kafka_admin as kafka_admin  # noqa: F401
+from chaos_util import shared_kafka_bootstrap as kafka_bootstrap  # noqa: F401
 
 from daemon.arena import HEADER, SLOT_SIZE, STATE_DONE, STATE_STAMPED
 from shm import Producer
@@ -49,19 +52,6 @@ enable_idempotence = true
 linger_ms = {LINGER_MS}
 delivery_timeout_ms = 120000
 """
-
-
-@pytest.fixture(scope="session")
-def kafka_bootstrap() -> str:
-    """The suite's shared broker (overrides the chaos directory's own broker: not needed here)."""
-    return os.environ.get("SLUICE_TEST_BOOTSTRAP", "127.0.0.1:9092")
-
-
-@pytest.fixture(scope="session")
-def kafka_admin(kafka_bootstrap: str) -> Any:
-    from confluent_kafka.admin import AdminClient
-
-    return AdminClient({"bootstrap.servers": kafka_bootstrap})
 
 
 @pytest.fixture
