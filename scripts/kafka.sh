@@ -126,7 +126,7 @@ up() {
   write_config
   local t0 cluster
   t0=$(date +%s.%N)
-  cluster=$("$PY" -c 'import base64,os;print(base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode())')
+  cluster=$("$PY" "$ROOT/scripts/kafka_cluster_id.py")
   java -cp "$JARS/*" -Dlog4j2.configurationFile="$STATE/log4j2.properties" \
       kafka.tools.StorageTool format -t "$cluster" -c "$STATE/server.properties" \
       > "$STATE/logs/format.log" 2>&1 || { cat "$STATE/logs/format.log" >&2; fail_start "format failed"; }
