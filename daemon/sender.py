@@ -35,7 +35,12 @@ Idempotence (profiles with ``enable_idempotence`` and ``acks=-1``)
     One InitProducerId gives the producer id and epoch. A batch is stamped (producer id, epoch,
     base sequence) with :meth:`Batch.stamp` the first time it is sent; the partition's next
     sequence advances by its record count. Retries resend the same stamped bytes. Up to 5 batches
-    per partition are in flight. DUPLICATE_SEQUENCE_NUMBER counts as success.
+    per partition are in flight, except that a batch at sequence 0 (the first of a producer id
+    on the partition) is sent alone and must be answered before the next: a broker that has no
+    state for the producer accepts any first sequence, so a later batch sent beside a refused
+    first one (NOT_LEADER_OR_FOLLOWER on a new partition, say) would be written ahead of it and
+    the retry of the first would then be OUT_OF_ORDER. DUPLICATE_SEQUENCE_NUMBER counts as
+    success.
 
     OUT_OF_ORDER_SEQUENCE_NUMBER (the broker expected a lower sequence), the policy chosen here:
 
@@ -752,6 +757,11 @@ class Sender:
             if len(part.in_flight) >= limit:
                 continue
             if part.in_flight and part.node != leader:
+                continue
+            if e.idempotent and part.in_flight and part.in_flight[0].batch.base_sequence == 0:
+                # The first batch of a producer id on a partition travels alone: a broker that
+                # does not know the producer yet accepts any sequence, so a later batch sent
+                # beside a refused (retriable) first one would be written before it.
                 continue
             if e.idempotent and not self._can_stamp(part, e):
                 continue

@@ -116,6 +116,16 @@ def new_topic(kafka_admin, request) -> Iterator[Callable[..., str]]:
 
 
 def _await_leaders(admin, topic: str, partitions: int, timeout: float = 30.0) -> None:
+    """Wait until every partition has a leader that serves it.
+
+    Metadata can name a leader before that broker hosts the partition: a Produce sent in that
+    gap is refused with NOT_LEADER_OR_FOLLOWER, which an acks=0 producer never learns about (the
+    broker just closes the connection). So after the leaders appear, each partition must also
+    answer a ListOffsets request, which the leader serves from the same replica state as Produce.
+    """
+    from confluent_kafka import TopicPartition
+    from confluent_kafka.admin import OffsetSpec
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         md = admin.list_topics(topic=topic, timeout=5).topics.get(topic)
@@ -125,9 +135,27 @@ def _await_leaders(admin, topic: str, partitions: int, timeout: float = 30.0) ->
             and len(md.partitions) == partitions
             and all(p.leader >= 0 for p in md.partitions.values())
         ):
-            return
+            break
         time.sleep(0.1)
-    raise TimeoutError(f"topic {topic} has no leaders after {timeout}s")
+    else:
+        raise TimeoutError(f"topic {topic} has no leaders after {timeout}s")
+    wanted = {TopicPartition(topic, p): OffsetSpec.latest() for p in range(partitions)}
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            for fut in admin.list_offsets(wanted, request_timeout=5).values():
+                fut.result()
+            return
+        except Exception as exc:  # noqa: BLE001 - NOT_LEADER_OR_FOLLOWER and kin until it is served
+            last = exc
+            time.sleep(0.05)
+    raise TimeoutError(f"topic {topic}: partitions not served after {timeout}s: {last}")
+
+
+@pytest.fixture(scope="session")
+def await_topic_served() -> Callable[..., None]:
+    """``await_topic_served(admin, topic, partitions)``: for fixtures that create topics elsewhere."""
+    return _await_leaders
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -131,7 +130,7 @@ def broker(chaos_broker: ChaosBroker) -> Iterator[ChaosBroker]:
 
 
 @pytest.fixture
-def topic(kafka_admin: Any) -> Iterator[Callable[..., str]]:
+def topic(kafka_admin: Any, await_topic_served: Callable[..., None]) -> Iterator[Callable[..., str]]:
     """``topic(prefix, partitions=3) -> name``: a fresh topic named ``prefix-<random>`` (so config
     rules can match the prefix); deleted when the test ends."""
     from confluent_kafka.admin import NewTopic
@@ -144,16 +143,7 @@ def topic(kafka_admin: Any) -> Iterator[Callable[..., str]]:
             [NewTopic(name, num_partitions=partitions, replication_factor=1)], operation_timeout=30
         )[name]
         fut.result(timeout=30)
-        deadline = time.monotonic() + 30
-        while True:
-            md = kafka_admin.list_topics(topic=name, timeout=5).topics.get(name)
-            if md is not None and md.error is None and len(md.partitions) == partitions and all(
-                p.leader >= 0 for p in md.partitions.values()
-            ):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"topic {name} has no leaders")
-            time.sleep(0.1)
+        await_topic_served(kafka_admin, name, partitions)
         made.append(name)
         return name
 

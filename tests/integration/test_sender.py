@@ -70,10 +70,26 @@ async def _produce(bootstrap: str, topic: str, profile: Profile, n: int, partiti
             results[rid] = (batch.partition, code, base_offset + k if base_offset >= 0 else -1)
 
     sender = Sender(KafkaSettings(bootstrap_servers=bootstrap), acc, lambda t: profile, on_complete)
+    killed = False
+    if kill_after is not None:
+        # Drop the broker connection just after a Produce request carrying record kill_after (or
+        # later) has been written: the broker gets the request, the answer is lost. Hooked into
+        # the sender so it happens on every run, however fast the broker answers.
+        send_produce = sender._send_produce
+        sent = [0]
+
+        def send_then_kill(conn, node, acks, timeout_ms, entries, now) -> None:
+            nonlocal killed
+            send_produce(conn, node, acks, timeout_ms, entries, now)
+            sent[0] += sum(e.batch.record_count for e in entries.values())
+            if not killed and sent[0] > kill_after:
+                killed = True
+                asyncio.get_running_loop().call_soon(conn.transport.abort)
+
+        sender._send_produce = send_then_kill  # type: ignore[method-assign]
     await asyncio.wait_for(sender.start(), 15)
     assert await sender.partitions_for(topic) == partitions
     runner = asyncio.get_running_loop().create_task(sender.run())
-    killed = False
     for i in range(n):
         key, value, headers, ts = _record(i)
         partition = i % partitions
@@ -83,17 +99,12 @@ async def _produce(bootstrap: str, topic: str, profile: Profile, n: int, partiti
         if i % 250 == 249:
             sender.wakeup()
             await asyncio.sleep(0.002)
-        if kill_after is not None and i >= kill_after and not killed and sender.stats["in_flight"]:
-            # Drop the broker connection while requests are in flight.
-            for conn in list(sender._conns.values()):
-                conn.transport.abort()
-            killed = True
     assert await sender.flush(60), f"flush timed out: {sender.stats}"
     await sender.close(5)
     await asyncio.wait_for(runner, 5)
     assert len(calls) == len(set(calls)), "on_complete called twice for a batch"
     if kill_after is not None:
-        assert killed, "the test never found a request in flight to kill"
+        assert killed, "no Produce request carried the record to kill after"
     return results, sender, acc
 
 

@@ -306,12 +306,16 @@ def test_out_of_order_behind_a_retried_batch_is_retried_not_failed() -> None:
         return 0
 
     async def body(hs: Harness) -> None:
+        # Batch 9 opens the producer's sequence on the partition (a first batch travels alone).
+        hs.send([FakeBatch(9, 0, fast_profile())])
+        assert await hs.sender.flush(5)
         hs.send([FakeBatch(0, 0, fast_profile()), FakeBatch(1, 0, fast_profile())])
         assert await hs.sender.flush(5)
 
     hs, broker = scenario(handler, body)
-    assert sorted(c for _, c, _ in hs.done) == [0, 0]
-    assert broker.log[0] == [0, 1]
+    assert sorted(c for _, c, _ in hs.done) == [0, 0, 0]
+    assert broker.log[0] == [9, 0, 1]
+    assert broker.attempts == {9: 1, 0: 2, 1: 2}, "batch 1 went beside batch 0 and was refused once"
 
 
 def test_gap_after_a_failed_batch_restamps_the_next_under_a_new_producer_id() -> None:
@@ -332,6 +336,54 @@ def test_gap_after_a_failed_batch_restamps_the_next_under_a_new_producer_id() ->
     last = [s for _, req in broker.produce_requests for s in req if s[0] == 1][-1]
     assert last[1:] == (1002, 0, 0), "re-stamped at sequence 0 under the new producer id"
     assert broker.init_pid_requests == 2
+
+
+class KafkaSequenceRules:
+    """Produce handler that validates sequences the way a Kafka broker does (10 records a batch).
+
+    A producer the partition has no state for is accepted at any first sequence (Kafka 2.5+,
+    which lets a producer whose state expired go on); after that the next batch must start
+    right after the last one, or it is a duplicate of a cached batch, or OUT_OF_ORDER. The
+    partition is refused (NOT_LEADER_OR_FOLLOWER) for its first ``refusals`` requests, as a
+    freshly created partition can be.
+    """
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.last_seq: dict[int, int] = {}  # pid -> last sequence written
+        self.written: dict[int, int] = {}  # batch number -> first sequence
+
+    def __call__(self, n: int, pid: int, epoch: int, seq: int, attempt: int) -> int:
+        if self.refusals:
+            self.refusals -= 1
+            return ec.NOT_LEADER_OR_FOLLOWER
+        if self.written.get(n) == seq:
+            return ec.DUPLICATE_SEQUENCE_NUMBER
+        last = self.last_seq.get(pid)
+        if last is not None and seq != last + 1:
+            return ec.OUT_OF_ORDER_SEQUENCE_NUMBER
+        self.last_seq[pid] = seq + 9
+        self.written[n] = seq
+        return 0
+
+
+def test_first_batch_of_a_producer_travels_alone_so_a_refusal_cannot_reorder() -> None:
+    # CI saw this on a new topic: batch 0 (sequence 0) refused with NOT_LEADER_OR_FOLLOWER while
+    # batches 1-4 were in flight; the broker, not knowing the producer yet, wrote batch 1 at
+    # sequence 10, and the retry of batch 0 then failed OUT_OF_ORDER: records lost, order broken.
+    rules = KafkaSequenceRules(refusals=2)
+
+    async def body(hs: Harness) -> None:
+        hs.send([FakeBatch(i, 0, fast_profile()) for i in range(6)])
+        assert await hs.sender.flush(5)
+
+    hs, broker = scenario(rules, body)
+    assert sorted(hs.done) == [(i, 0, i) for i in range(6)]
+    assert broker.log[0] == [0, 1, 2, 3, 4, 5]
+    assert hs.sender.stats["errors"] == {}
+    # Nothing went out beside batch 0 until it was written; after that the pipeline opens up.
+    order = [n for _, req in broker.produce_requests for n, *_ in req]
+    assert order[:3] == [0, 0, 0]
 
 
 def test_unexplained_out_of_order_fails_the_batch() -> None:
