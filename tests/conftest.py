@@ -55,8 +55,15 @@ def _kafka_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap() -> Iterator[str]:
-    """The bootstrap address of a running Kafka broker on 127.0.0.1."""
+def kafka_bootstrap(suite_kafka_bootstrap: str) -> str:
+    """The bootstrap address of a running Kafka broker on 127.0.0.1 (tests/chaos overrides it
+    with a broker of its own that it may stop)."""
+    return suite_kafka_bootstrap
+
+
+@pytest.fixture(scope="session")
+def suite_kafka_bootstrap() -> Iterator[str]:
+    """The suite's shared broker, never stopped by a test; under this name it is not overridden."""
     given = os.environ.get("SLUICE_TEST_BOOTSTRAP")
     if given:
         yield given

@@ -3,7 +3,6 @@ measures back-pressure, and the exactly-once check on what an independent reader
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import Counter
@@ -192,10 +191,10 @@ def block_until_killed(socket_path: str, topic: str, out: Any) -> None:
 
 
 @pytest.fixture(scope="session")
-def shared_kafka_bootstrap() -> str:
+def shared_kafka_bootstrap(suite_kafka_bootstrap: str) -> str:
     """The suite's shared broker; a test module imports it as ``kafka_bootstrap`` to use it
     instead of the chaos directory's own (fault-injectable) broker."""
-    return os.environ.get("SLUICE_TEST_BOOTSTRAP", "127.0.0.1:9092")
+    return suite_kafka_bootstrap
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,10 @@
 """Fixtures for the chaos tests: a broker of their own behind a fault-injecting proxy.
 
-The shared broker on 9092 is used by other tests and must never be stopped or disturbed, so
-these tests start their own with ``scripts/kafka.sh`` (``KAFKA_PORT`` 19292, its own state
-directory) whose advertised listener is the port of :class:`proxy.FaultProxy` (19294): every
-connection to it, from the daemon and from the independent reader, goes through the proxy.
+The suite's shared broker (9092 by default) is used by other tests and must never be stopped or
+disturbed, so these tests start their own with ``scripts/kafka.sh`` (``KAFKA_PORT`` 19292, its
+own state directory) whose advertised listener is the port of :class:`proxy.FaultProxy`
+(19294): every connection to it, from the daemon and from the independent reader, goes through
+the proxy.
 ``chaos_broker.stop()`` / ``start()`` take the broker down and bring it back *with its data*
 (``kafka.sh stop`` / ``start``).
 

@@ -7,7 +7,7 @@ daemon takes the topic ids and the clients' ids from the runtime directory, its 
 their arenas (stamped batches re-sent byte for byte, their records skipped in the rings) and
 resume the rings. Every future must succeed and the reader must see every number exactly once.
 
-Runs against the shared broker on 127.0.0.1:9092 (never stopped here).
+Runs against the suite's shared broker (never stopped here).
 """
 
 from __future__ import annotations
@@ -69,10 +69,10 @@ def _restart(d: SluiceDaemon) -> SluiceDaemon:
     return nd
 
 
-def test_daemon_sigkill_and_restart_loses_and_duplicates_nothing(topic, read_topic) -> None:
+def test_daemon_sigkill_and_restart_loses_and_duplicates_nothing(kafka_bootstrap, topic, read_topic) -> None:
     rng = random.Random(int(os.environ.get("SLUICE_CHAOS_SEED", "82")))
     name = topic("dkill", partitions=6)
-    d = start_daemon("127.0.0.1:9092", workers=WORKERS, extra=CONFIG, shutdown_timeout_ms=20_000)
+    d = start_daemon(kafka_bootstrap, workers=WORKERS, extra=CONFIG, shutdown_timeout_ms=20_000)
     t0 = time.monotonic()
     daemons = [d]
     aimed = 0

@@ -7,7 +7,7 @@ A restarted worker re-sends its predecessor's stamped batches from the arena byt
 (docs/ARCHITECTURE.md, "Worker crashes"). Without that, records of batches the dead worker had
 sent are written twice.
 
-This test runs against the shared broker on 127.0.0.1:9092 (nothing here needs the chaos
+This test runs against the suite's shared broker (nothing here needs the chaos
 broker's fault proxy); it never stops it.
 """
 
