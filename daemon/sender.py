@@ -427,6 +427,7 @@ class Sender:
         self._stopped = False
         self._last_expiry_scan = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._too_large_warned: set[str] = set()
 
     # --- public API -------------------------------------------------------------------------
 
@@ -930,6 +931,14 @@ class Sender:
             return
         if code in _REFRESH_CODES:
             self._metadata_wanted.add(part.topic)
+        if code == ec.MESSAGE_TOO_LARGE and e.batch.record_count > 1 and part.topic not in self._too_large_warned:
+            # Each record fit max_request_size, so the topic's limit is below the batch: say
+            # which setting to change (once per topic; the records fail either way).
+            self._too_large_warned.add(part.topic)
+            log.warning("%s[%s]: a batch of %d records (%d bytes) was refused as MESSAGE_TOO_LARGE; the "
+                        "topic's max.message.bytes is below this profile's batch_size (%d): lower batch_size "
+                        "for this topic or raise max.message.bytes", part.topic, part.partition,
+                        e.batch.record_count, e.batch.size, self._profile(e.batch).batch_size)
         if ec.is_retriable(code):
             self._retry(e, code, now)
         else:

@@ -265,6 +265,20 @@ def test_non_retriable_error_fails_at_once() -> None:
     assert hs.sender.stats["errors"] == {"RECORD_LIST_TOO_LARGE": 1}
 
 
+def test_batch_too_large_for_the_topic_says_which_setting_to_change(caplog) -> None:
+    async def body(hs: Harness) -> None:
+        prof = fast_profile(acks=1, enable_idempotence=False, batch_size=4096)
+        hs.send([FakeBatch(i, 0, prof, records=10) for i in range(3)] + [FakeBatch(9, 1, prof, records=1)])
+        assert await hs.sender.flush(5)
+
+    with caplog.at_level("WARNING", logger="daemon.sender"):
+        hs, _ = scenario(lambda *a: ec.MESSAGE_TOO_LARGE, body)
+    assert sorted(hs.done) == [(i, ec.MESSAGE_TOO_LARGE, -1) for i in (0, 1, 2, 9)]
+    hints = [r.getMessage() for r in caplog.records if "max.message.bytes" in r.getMessage()]
+    assert len(hints) == 1, "once per topic"
+    assert "batch of 10 records" in hints[0] and "batch_size (4096)" in hints[0]
+
+
 def test_retriable_errors_stop_at_the_delivery_timeout() -> None:
     async def body(hs: Harness) -> None:
         loop = asyncio.get_running_loop()
