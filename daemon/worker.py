@@ -930,15 +930,27 @@ class Worker:
 
     async def _drain_and_stop(self, sender_task: asyncio.Task[None]) -> None:
         deadline = time.monotonic() + self._shutdown_timeout_ms / 1000.0
-        # Take in everything clients committed, as the arena allows.
+        # Take in what clients had committed when the stop began (and what arrives while that
+        # is read), as the arena allows, but not what they go on writing: a busy client would
+        # hold every stop until its deadline. Later frames stay in the rings; a client that
+        # reconnects hands them to the next daemon, one that does not fails them at the hang-up.
+        targets = [(c, c.req.head) for c in self.clients.values() if not c.dead]
         while time.monotonic() < deadline:
             took = self.drain()
             self.emit()
             if not took and not self._arena_full:
                 break
+            if all(c.dead or c.req.cursor >= head for c, head in targets):
+                break
             await asyncio.sleep(0.001 if not took else 0)
         remaining = max(0.0, deadline - time.monotonic())
-        await self.sender.close(remaining)
+        # Keep reporting while the sender flushes: a finished batch's arena slot is held until
+        # its records' completions are written, and the sender is idle only once it is freed.
+        closing = asyncio.ensure_future(self.sender.close(remaining))
+        while not closing.done():
+            self.emit()
+            await asyncio.wait({closing}, timeout=0.005)
+        closing.result()
         self.emit()
         try:
             await asyncio.wait_for(sender_task, 1.0)
