@@ -809,7 +809,7 @@ class Supervisor:
         from shm.producer import Producer
 
         producer = await asyncio.to_thread(
-            Producer, self.config.daemon.socket_path, client_name="sluice-socket-ingest"
+            Producer, self.config.daemon.socket_path, client_name="sluice-socket-ingest", reconnect_timeout_s=0.0
         )
         producer._never_block = True
         return producer

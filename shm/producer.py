@@ -73,6 +73,9 @@ __all__ = [
 ]
 
 DEFAULT_SOCKET = "/run/sluice/sluice.sock"
+# How long a client waits for a restarted daemon to take its segment back (a systemd restart
+# takes well under a second; a crash restart waits RestartSec).
+DEFAULT_RECONNECT_TIMEOUT_S = 60.0
 _COMPLETION_POLL_MS = 20
 _UNKNOWN_TOPIC = 3
 _MESSAGE_TOO_LARGE = 10
@@ -527,14 +530,16 @@ class Producer:
         value_serializer, key_serializer: ``None``/``"bytes"`` (bytes as they are, str as
             UTF-8), ``"str"``, ``"json"``, ``"msgpack"`` or a callable returning bytes.
         connect_timeout: seconds for the connection and handshake.
-        reconnect_timeout_s: when the daemon hangs up (it crashed or restarts), keep the
-            pending records and reconnect for up to this many seconds, offering the same
-            segment under the same client token: the new daemon completes what the old one
-            had taken (exactly once with idempotent profiles) and reads on from the rings.
-            ``send()`` keeps writing into the rings meanwhile. 0 (default): fail every pending
-            record with ProducerClosedError at once. A fatal ErrorReply (the daemon dropped
-            this client) is never retried; neither is a daemon whose topic ids or segment
-            layout differ (its records could not be matched).
+        reconnect_timeout_s: when the daemon hangs up (it crashed, or was restarted), keep
+            the pending records and reconnect for up to this many seconds (default 60),
+            offering the same segment under the same client token: the new daemon completes
+            what the old one had taken (exactly once with idempotent profiles) and reads on
+            from the rings. ``send()`` keeps writing into the rings meanwhile (blocking or
+            dropping per the profile when they fill). Past the timeout every pending record
+            fails with ProducerClosedError, as does ``send()``. 0: fail them at the hang-up. A
+            fatal ErrorReply (the daemon dropped this client) is never retried; neither is a
+            daemon whose topic ids or segment layout differ (its records could not be
+            matched).
 
     Raises:
         SluiceError: the daemon refused the connection or the segment (the message says why).
@@ -549,7 +554,7 @@ class Producer:
         value_serializer: str | Serializer | None = None,
         key_serializer: str | Serializer | None = None,
         connect_timeout: float = 10.0,
-        reconnect_timeout_s: float = 0.0,
+        reconnect_timeout_s: float = DEFAULT_RECONNECT_TIMEOUT_S,
     ) -> None:
         self.socket_path = socket_path or os.environ.get("SLUICE_SOCKET") or DEFAULT_SOCKET
         self._vser = _serializer(value_serializer)

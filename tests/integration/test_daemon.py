@@ -98,7 +98,7 @@ def test_sigterm_while_sending(start_sluice, new_topic, read_topic) -> None:
     futures = []
     send_errors: list[BaseException] = []
     stop_sending = threading.Event()
-    p = Producer(d.socket_path, client_name="test-sigterm")
+    p = Producer(d.socket_path, client_name="test-sigterm", reconnect_timeout_s=0)
     try:
 
         def sender() -> None:

@@ -217,7 +217,7 @@ def test_error_completion_and_callbacks(standin: StandIn) -> None:
 
 
 def test_daemon_hang_up_fails_pending_and_later_sends(standin: StandIn) -> None:
-    p = Producer(standin.path)
+    p = Producer(standin.path, reconnect_timeout_s=0)
     try:
         done = p.send("u", b"done")
         lost = [p.send("u", b"lost-%d" % i) for i in range(5)]

@@ -165,7 +165,7 @@ def test_send_many_block_policy_raises_and_settles_the_rest(sock_path: str) -> N
 
 
 def test_hang_up_fails_pending_groups(standin: Any) -> None:
-    p = Producer(standin.path)
+    p = Producer(standin.path, reconnect_timeout_s=0)
     try:
         g = p.send_many("t", [b"v%d" % i for i in range(50)], [b"k%d" % i for i in range(50)])
         f = p.send("t", b"one", b"k1")

@@ -98,7 +98,7 @@ def _wait(pred: Any, timeout: float = 5.0) -> None:
 
 
 def test_reconnects_with_same_token_and_segment_and_keeps_pending(restarting: RestartingStandIn) -> None:
-    p = Producer(restarting.path, reconnect_timeout_s=5.0)
+    p = Producer(restarting.path)  # reconnecting is the default
     try:
         w = owner("u", 0, WORKERS)
         before = [p.send("u", b"a%d" % i, partition=0) for i in range(3)]
@@ -145,6 +145,6 @@ def test_no_daemon_within_the_timeout_fails_pending(sock_path: str) -> None:
 
 
 def test_no_token_without_reconnect(restarting: RestartingStandIn) -> None:
-    with Producer(restarting.path):
+    with Producer(restarting.path, reconnect_timeout_s=0):
         pass
     assert restarting.hellos[0].token == 0
