@@ -144,6 +144,25 @@ def test_no_daemon_within_the_timeout_fails_pending(sock_path: str) -> None:
         s.close()
 
 
+def test_close_while_reconnecting_is_bounded_by_its_timeout(sock_path: str) -> None:
+    # The default reconnects for 60 s; an application closing meanwhile waits only for close().
+    s = StandIn(sock_path)
+    p = Producer(sock_path)
+    try:
+        f = p.send("u", b"x", partition=0)
+        s.listener.close()
+        s.hang_up()
+        time.sleep(0.2)  # the reader thread is in its reconnect loop now
+        t0 = time.monotonic()
+        p.close(timeout=0.5)
+        assert time.monotonic() - t0 < 3.0
+        with pytest.raises(ProducerClosedError):
+            f.result(timeout=0)
+    finally:
+        p.close(timeout=0)
+        s.close()
+
+
 def test_no_token_without_reconnect(restarting: RestartingStandIn) -> None:
     with Producer(restarting.path, reconnect_timeout_s=0):
         pass
