@@ -17,6 +17,7 @@ import random
 import re
 import subprocess
 import time
+from collections.abc import Callable
 
 import pytest
 from chaos_util import SendLoop, check_exactly_once, seq_of, wait_until
@@ -69,6 +70,35 @@ def _restart(d: SluiceDaemon) -> SluiceDaemon:
     return nd
 
 
+def _stream_across_restarts(
+    d: SluiceDaemon, daemons: list[SluiceDaemon], name: str, times: int, interrupt: Callable[[int, SluiceDaemon], None]
+) -> tuple[int, int, dict[str, int], int, int, SluiceDaemon]:
+    """Stream sequence-numbered records through one reconnecting client while ``interrupt(k, d)``
+    takes the daemon down ``times`` times; each time start it again on the same config and wait
+    for the client to reconnect. Returns (sent, ok, failed, pending, reconnects, last daemon)."""
+    with Producer(d.socket_path, client_name="daemon-restart-test", reconnect_timeout_s=60.0) as p:
+        loop = SendLoop(p, name, rate=RATE, keys=64).start()
+        try:
+            wait_until(lambda: loop.sent > 500, 15, "the first records sent")
+            for k in range(times):
+                interrupt(k, d)
+                d = _restart(d)
+                daemons.append(d)
+                wait_until(lambda k=k: p.reconnects > k, 60, f"the client reconnected after restart {k + 1}")
+                assert loop.error is None, loop.error
+            time.sleep(0.5)
+        finally:
+            loop.stop()
+        assert p.flush(90) == 0, "records still pending 90 s after the last restart"
+        ok, failed, pending = loop.outcomes()
+        return loop.sent, ok, dict(failed), pending, p.reconnects, d
+
+
+def _lost_and_duplicated(records: list, sent: int) -> tuple[int, int]:
+    seqs = [seq_of(r.value) for r in records]
+    return len(set(range(sent)) - set(seqs)), len(seqs) - len(set(seqs))
+
+
 def test_daemon_sigkill_and_restart_loses_and_duplicates_nothing(kafka_bootstrap, topic, read_topic) -> None:
     rng = random.Random(int(os.environ.get("SLUICE_CHAOS_SEED", "82")))
     name = topic("dkill", partitions=6)
@@ -76,44 +106,31 @@ def test_daemon_sigkill_and_restart_loses_and_duplicates_nothing(kafka_bootstrap
     t0 = time.monotonic()
     daemons = [d]
     aimed = 0
+
+    def kill(k: int, d: SluiceDaemon) -> None:
+        nonlocal aimed
+        time.sleep(rng.uniform(0.3, 1.5))  # a random moment of the stream
+        # Against a local broker a batch is in flight only briefly: wait for one (stamped, or
+        # answered but not yet reported to the client), then kill.
+        aimed += _wait_for_live_batch(os.path.join(d.workdir, f"arena-{k % WORKERS}"), 2.0)
+        d.kill()  # SIGKILL to the process group: supervisor and workers at once
+        time.sleep(rng.uniform(0.0, 0.5))  # the client keeps writing into its rings
+
     try:
-        with Producer(d.socket_path, client_name="daemon-kill-test", reconnect_timeout_s=60.0) as p:
-            loop = SendLoop(p, name, rate=RATE, keys=64).start()
-            try:
-                wait_until(lambda: loop.sent > 500, 15, "the first records sent")
-                for k in range(KILLS):
-                    time.sleep(rng.uniform(0.3, 1.5))  # a random moment of the stream
-                    # Against a local broker a batch is in flight only briefly: wait for one
-                    # (stamped, or answered but not yet reported to the client), then kill.
-                    aimed += _wait_for_live_batch(os.path.join(d.workdir, f"arena-{k % WORKERS}"), 2.0)
-                    d.kill()  # SIGKILL to the process group: supervisor and workers at once
-                    time.sleep(rng.uniform(0.0, 0.5))  # the client keeps writing into its rings
-                    d = _restart(d)
-                    daemons.append(d)
-                    wait_until(lambda k=k: p.reconnects > k, 60, f"the client reconnected after kill {k + 1}")
-                    assert loop.error is None, loop.error
-                time.sleep(0.5)
-            finally:
-                loop.stop()
-            sent = loop.sent
-            assert p.flush(90) == 0, "records still pending 90 s after the last restart"
-            ok, failed, pending = loop.outcomes()
-            reconnects = p.reconnects
+        sent, ok, failed, pending, reconnects, d = _stream_across_restarts(d, daemons, name, KILLS, kill)
         assert d.stop() == 0, d.log()[-6000:]
         log = d.log()
         recovered = [tuple(int(x) for x in m) for m in re.findall(
             r"recovered (\d+) batches from the arena \((\d+) to re-send, (\d+) records\)", log)]
         records = read_topic(name, sent, timeout=60)
-        seqs = [seq_of(r.value) for r in records]
-        lost = len(set(range(sent)) - set(seqs))
-        duplicated = len(seqs) - len(set(seqs))
+        lost, duplicated = _lost_and_duplicated(records, sent)
         print(
             f"daemon kill test: {sent} records, {KILLS} kills ({aimed} at a live batch), {reconnects} reconnects, "
             f"{len(recovered)} worker recoveries ({sum(r[0] for r in recovered)} batches kept, "
             f"{sum(r[1] for r in recovered)} re-sent with {sum(r[2] for r in recovered)} records), "
-            f"lost {lost}, duplicated {duplicated}, failed {dict(failed)}, {time.monotonic() - t0:.1f} s"
+            f"lost {lost}, duplicated {duplicated}, failed {failed}, {time.monotonic() - t0:.1f} s"
         )
-        assert (ok, dict(failed), pending) == (sent, {}, 0)
+        assert (ok, failed, pending) == (sent, {}, 0)
         check_exactly_once((r.value for r in records), sent)
         assert reconnects == KILLS
         # Some kill left a batch to re-send or an answer to report: recovery was exercised.
@@ -136,36 +153,24 @@ def test_daemon_sigterm_and_restart_under_load_loses_and_duplicates_nothing(kafk
     d = start_daemon(kafka_bootstrap, workers=WORKERS, extra=CONFIG, shutdown_timeout_ms=20_000)
     daemons = [d]
     stops: list[float] = []
+
+    def stop(k: int, d: SluiceDaemon) -> None:
+        time.sleep(rng.uniform(0.3, 1.5))
+        t_stop = time.monotonic()
+        assert d.stop() == 0, d.log()[-6000:]
+        stops.append(time.monotonic() - t_stop)
+
     try:
-        with Producer(d.socket_path, client_name="daemon-restart-test", reconnect_timeout_s=60.0) as p:
-            loop = SendLoop(p, name, rate=RATE, keys=64).start()
-            try:
-                wait_until(lambda: loop.sent > 500, 15, "the first records sent")
-                for k in range(RESTARTS):
-                    time.sleep(rng.uniform(0.3, 1.5))
-                    t_stop = time.monotonic()
-                    assert d.stop() == 0, d.log()[-6000:]
-                    stops.append(time.monotonic() - t_stop)
-                    d = _restart(d)
-                    daemons.append(d)
-                    wait_until(lambda k=k: p.reconnects > k, 60, f"the client reconnected after restart {k + 1}")
-                    assert loop.error is None, loop.error
-                time.sleep(0.5)
-            finally:
-                loop.stop()
-            sent = loop.sent
-            assert p.flush(90) == 0, "records still pending 90 s after the last restart"
-            ok, failed, pending = loop.outcomes()
-            reconnects = p.reconnects
+        sent, ok, failed, pending, reconnects, d = _stream_across_restarts(d, daemons, name, RESTARTS, stop)
         assert d.stop() == 0, d.log()[-6000:]
         records = read_topic(name, sent, timeout=60)
-        seqs = [seq_of(r.value) for r in records]
+        lost, duplicated = _lost_and_duplicated(records, sent)
         print(
             f"daemon restart test: {sent} records, {RESTARTS} restarts, {reconnects} reconnects, "
-            f"lost {len(set(range(sent)) - set(seqs))}, duplicated {len(seqs) - len(set(seqs))}, "
-            f"failed {dict(failed)}, stops took {', '.join(f'{x:.2f}' for x in stops)} s"
+            f"lost {lost}, duplicated {duplicated}, failed {failed}, "
+            f"stops took {', '.join(f'{x:.2f}' for x in stops)} s"
         )
-        assert (ok, dict(failed), pending) == (sent, {}, 0)
+        assert (ok, failed, pending) == (sent, {}, 0)
         check_exactly_once((r.value for r in records), sent)
         assert reconnects == RESTARTS
         # A stop drains what was committed when it began, not what the client goes on writing,
