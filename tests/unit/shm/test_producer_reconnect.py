@@ -9,7 +9,6 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,6 +23,7 @@ _spec.loader.exec_module(_standin)  # type: ignore[union-attr]
 StandIn = _standin.StandIn
 WORKERS = _standin.WORKERS
 sock_path = _standin.sock_path  # the fixture
+_wait = _standin._wait
 
 
 class RestartingStandIn(StandIn):
@@ -87,14 +87,6 @@ def restarting(sock_path: str) -> Iterator[RestartingStandIn]:
     s = RestartingStandIn(sock_path)
     yield s
     s.close()
-
-
-def _wait(pred: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.01)
 
 
 def test_reconnects_with_same_token_and_segment_and_keeps_pending(restarting: RestartingStandIn) -> None:
