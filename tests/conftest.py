@@ -93,17 +93,19 @@ def kafka_admin(kafka_bootstrap: str):
 
 @pytest.fixture
 def new_topic(kafka_admin, request) -> Iterator[Callable[..., str]]:
-    """A factory of fresh topics: ``new_topic(partitions=3, config=None) -> name``.
+    """A factory of fresh topics: ``new_topic(partitions=3, config=None, prefix=None) -> name``.
 
-    Topics are deleted when the test ends.
+    The name is ``prefix-<random>`` when a prefix is given (so config rules can match it), else
+    made from the test's name. Topics are deleted when the test ends.
     """
     from confluent_kafka.admin import NewTopic
 
     made: list[str] = []
 
-    def make(partitions: int = 3, config: dict[str, str] | None = None) -> str:
-        base = request.node.name.replace("[", "-").replace("]", "").replace("/", "-")[:150]
-        name = f"t-{base}-{uuid.uuid4().hex[:8]}"
+    def make(partitions: int = 3, config: dict[str, str] | None = None, prefix: str | None = None) -> str:
+        if prefix is None:
+            prefix = "t-" + request.node.name.replace("[", "-").replace("]", "").replace("/", "-")[:150]
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
         futures = kafka_admin.create_topics(
             [NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})],
             operation_timeout=30,
@@ -157,12 +159,6 @@ def _await_leaders(admin, topic: str, partitions: int, timeout: float = 30.0) ->
             last = exc
             time.sleep(0.05)
     raise TimeoutError(f"topic {topic}: partitions not served after {timeout}s: {last}")
-
-
-@pytest.fixture(scope="session")
-def await_topic_served() -> Callable[..., None]:
-    """``await_topic_served(admin, topic, partitions)``: for fixtures that create topics elsewhere."""
-    return _await_leaders
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ import os
 import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,30 +130,10 @@ def broker(chaos_broker: ChaosBroker) -> Iterator[ChaosBroker]:
 
 
 @pytest.fixture
-def topic(kafka_admin: Any, await_topic_served: Callable[..., None]) -> Iterator[Callable[..., str]]:
-    """``topic(prefix, partitions=3) -> name``: a fresh topic named ``prefix-<random>`` (so config
-    rules can match the prefix); deleted when the test ends."""
-    from confluent_kafka.admin import NewTopic
-
-    made: list[str] = []
-
-    def make(prefix: str, partitions: int = 3) -> str:
-        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
-        fut = kafka_admin.create_topics(
-            [NewTopic(name, num_partitions=partitions, replication_factor=1)], operation_timeout=30
-        )[name]
-        fut.result(timeout=30)
-        await_topic_served(kafka_admin, name, partitions)
-        made.append(name)
-        return name
-
-    yield make
-    if made:
-        for fut in kafka_admin.delete_topics(made, operation_timeout=30).values():
-            try:
-                fut.result(timeout=30)
-            except Exception:  # noqa: BLE001 - cleanup must not mask the test's own result
-                pass
+def topic(new_topic: Callable[..., str]) -> Callable[..., str]:
+    """``topic(prefix, partitions=3) -> name``: the root ``new_topic`` on this directory's
+    ``kafka_admin``, named ``prefix-<random>`` so config rules can match the prefix."""
+    return lambda prefix, partitions=3: new_topic(partitions, prefix=prefix)
 
 
 @pytest.fixture(scope="session")
