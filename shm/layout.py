@@ -152,6 +152,7 @@ __all__ = [
     "FRAME_HEADER",
     "FRAME_HEADER_BYTES",
     "FRAME_ALIGN",
+    "frame_size",
     "FRAME_PADDING",
     "FRAME_RECORD",
     "FRAME_COMPLETION",
@@ -252,6 +253,12 @@ WAKE_TIMEOUT_S = 0.020
 def align8(n: int) -> int:
     """``n`` rounded up to a multiple of 8."""
     return (n + 7) & ~7
+
+
+def frame_size(payload_length: int) -> int:
+    """Bytes a frame of ``payload_length`` takes in a ring: the 8-byte header and the payload,
+    rounded up to :data:`FRAME_ALIGN`. The next frame starts this far after the frame's start."""
+    return (payload_length + 15) & -8
 
 
 def max_frame_bytes(capacity: int) -> int:
