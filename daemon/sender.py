@@ -1,25 +1,21 @@
 """The sender: takes sealed batches from the accumulator and produces them to Kafka.
 
-asyncio (runs on uvloop). It owns the broker connections, correlation ids, the in-flight windows,
-metadata, the idempotent producer id and every retry decision; the accumulator knows none of it.
+asyncio (runs on uvloop). It owns the per-partition queues, the in-flight windows, dispatch and
+every retry decision; the accumulator knows none of it. It builds on three modules, each of which
+states its own policy:
 
-Connections
-    One per broker (node id), opened on demand, each starting with ApiVersions; one version per
-    API is pinned per connection (:func:`daemon.protocol.messages.pick_versions`). Requests are
-    pipelined up to ``max_in_flight_requests_per_connection``; Kafka answers a connection's
-    requests in order, so each response must carry the correlation id of the oldest request
-    outstanding (anything else closes the connection). A connection that drops, or a request
-    older than the batch profile's ``request_timeout_ms``, fails every request outstanding on it
-    as retriable (NETWORK_EXCEPTION / REQUEST_TIMED_OUT) and the broker is reconnected after
-    ``reconnect_backoff_ms`` doubling to ``reconnect_backoff_max_ms`` (with jitter).
+* :mod:`daemon.connection`: one connection per broker, correlation ids, reconnect backoff; the
+  sender is its :class:`~daemon.connection.ConnectionListener`;
+* :mod:`daemon.metadata`: leaders per partition, refreshed on demand, on leader errors and on a
+  timer;
+* :mod:`daemon.idempotence`: the producer id, stamping, the sequence chains and the
+  out-of-order policy.
 
-Metadata
-    Leaders per partition come from Metadata requests (never auto-creating topics): for a topic
-    the first time a batch or ``partitions_for`` needs it, after leader errors
-    (NOT_LEADER_OR_FOLLOWER, LEADER_NOT_AVAILABLE, FENCED_LEADER_EPOCH, ...), and every
-    ``metadata_max_age_ms`` for all known topics. A topic that gains partitions is reported to
-    ``on_partition_count``. Produce responses v10+ name the new leader (CurrentLeader); the sender
-    adopts it at once instead of waiting for the refresh.
+Dispatch
+    Requests to one broker are pipelined up to ``max_in_flight_requests_per_connection``.
+    A request's deadline is the batch profile's ``request_timeout_ms`` after it is written (plus
+    a second, so the broker's own timeout answers first). Batches of different acks (or request
+    timeouts) never share a request, and a request stays within ``max_request_size``.
 
 Ordering and retries
     Each partition has a queue of batches in creation order; retried batches go back to their
@@ -29,33 +25,7 @@ Ordering and retries
     ``created_ms + delivery_timeout_ms``, then fail with REQUEST_TIMED_OUT; other errors fail the
     batch at once. A batch waiting for a leader or a connection expires the same way.
     acks=0 batches get no response: they complete (base offset -1) once the transport has
-    written them out. Batches of different acks (or request timeouts) never share a request.
-
-Idempotence (profiles with ``enable_idempotence`` and ``acks=-1``)
-    One InitProducerId gives the producer id and epoch. A batch is stamped (producer id, epoch,
-    base sequence) with :meth:`Batch.stamp` the first time it is sent; the partition's next
-    sequence advances by its record count. Retries resend the same stamped bytes. Up to 5 batches
-    per partition are in flight, except that a batch at sequence 0 (the first of a producer id
-    on the partition) is sent alone and must be answered before the next: a broker that has no
-    state for the producer accepts any first sequence, so a later batch sent beside a refused
-    first one (NOT_LEADER_OR_FOLLOWER on a new partition, say) would be written ahead of it and
-    the retry of the first would then be OUT_OF_ORDER. DUPLICATE_SEQUENCE_NUMBER counts as
-    success.
-
-    OUT_OF_ORDER_SEQUENCE_NUMBER (the broker expected a lower sequence), the policy chosen here:
-
-    * an earlier batch of the same partition and producer id is still in flight or waiting to
-      be retried: the broker is just missing it; retry this one (same bytes) after it;
-    * the partition's sequence chain is known to be broken (an earlier stamped batch failed for
-      good, or the broker lost the producer's state, UNKNOWN_PRODUCER_ID): an OOO answer proves
-      the batch was not written, so it is re-stamped under a fresh producer id/epoch and resent;
-    * otherwise (the broker lost state we cannot explain) the batch fails with
-      OUT_OF_ORDER_SEQUENCE_NUMBER and the chain is marked broken.
-
-    A broken chain is repaired by InitProducerId with the current id and epoch (a "bump"; for a
-    non-transactional producer Kafka hands out a fresh id). Every partition then restarts its
-    sequences at 0 under the new id, but only after its in-flight batches of the old id have
-    answered, so two producer ids never race on one partition.
+    written them out. DUPLICATE_SEQUENCE_NUMBER counts as success.
 
 ``on_complete(batch, error_code, base_offset, log_append_time_ms)`` is called exactly once per
 batch, then ``accumulator.release(batch)``. Every wait has a timeout.
@@ -67,31 +37,29 @@ import asyncio
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from daemon.config import KafkaSettings, Profile
+from daemon.connection import Connection, ConnectionPool
+from daemon.idempotence import MAX_IN_FLIGHT, SEQUENCE_ERRORS, Chain, Idempotence, Verdict
+from daemon.metadata import Metadata
 from daemon.protocol import errors as ec
 from daemon.protocol import messages as m
-from shm.errors import KafkaError, ProtocolError
+from shm.errors import ProtocolError
 
 __all__ = ["Sender"]
 
 log = logging.getLogger(__name__)
 
-_CLIENT_SOFTWARE = ("sluice", "0.1.0")
-# Kafka's own limit for idempotent producers: the broker caches the last 5 batches per producer
-# and partition, which is what makes a resend of any of them a detectable duplicate.
-_IDEMPOTENT_MAX_IN_FLIGHT = 5
-_METADATA_MIN_INTERVAL_MS = 100.0
-_CONTROL_TIMEOUT_S = 10.0
-_MAX_RESPONSE_BYTES = 128 * 1024 * 1024
 # Longest the main loop sleeps without a reason; a safety net, not a poll: every event that
 # matters (new batch, response, connection change) wakes it directly.
 _MAX_IDLE_MS = 200.0
 _EXPIRY_SCAN_INTERVAL_MS = 20.0
-_SEQ_MODULUS = 2**31
+# The broker times a Produce out after timeout_ms; wait this much longer so its answer wins.
+_REQUEST_GRACE_MS = 1000.0
+# Without idempotence a retried batch could be written behind a later one: one at a time.
+_PLAIN_MAX_IN_FLIGHT = 1
 
 # Errors after which the cached leader is suspect.
 _REFRESH_CODES = frozenset(
@@ -111,183 +79,6 @@ _REFRESH_CODES = frozenset(
 
 def _now_ms() -> float:
     return time.monotonic() * 1000.0
-
-
-# ----------------------------------------------------------------------------------------------
-# Connection
-# ----------------------------------------------------------------------------------------------
-
-
-class _Outstanding:
-    """A request written to a connection and not answered yet."""
-
-    __slots__ = ("correlation_id", "api_key", "version", "deadline_ms", "future", "produce")
-
-    def __init__(self, correlation_id: int, api_key: int, version: int, deadline_ms: float,
-                 future: asyncio.Future[memoryview] | None, produce: _ProduceRequest | None) -> None:
-        self.correlation_id = correlation_id
-        self.api_key = api_key
-        self.version = version
-        self.deadline_ms = deadline_ms
-        self.future = future
-        self.produce = produce
-
-
-class _Connection(asyncio.Protocol):
-    """One TCP connection to one broker: framing, correlation ids, the in-flight list."""
-
-    def __init__(self, sender: Sender, node_id: int, host: str, port: int) -> None:
-        self.sender = sender
-        self.node_id = node_id
-        self.host = host
-        self.port = port
-        self.transport: asyncio.Transport | None = None
-        self.versions: dict[int, int] = {}
-        self.ready = False
-        self.closed = False
-        self.outstanding: deque[_Outstanding] = deque()
-        # acks=0 produce requests written but maybe still in the transport's buffer.
-        self.unflushed: list[_ProduceRequest] = []
-        self._buf = bytearray()
-        self._next_correlation_id = 0
-        self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    # asyncio.Protocol -------------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # noqa: D102
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:  # noqa: D102
-        buf = self._buf
-        buf += data
-        start = 0
-        n = len(buf)
-        try:
-            while n - start >= 4:
-                size = int.from_bytes(buf[start : start + 4], "big", signed=True)
-                if size < 4 or size > _MAX_RESPONSE_BYTES:
-                    raise ProtocolError(f"bad response size {size} from broker {self.node_id}")
-                if n - start - 4 < size:
-                    break
-                frame_bytes = bytes(buf[start + 4 : start + 4 + size])
-                start += 4 + size
-                self._on_frame(frame_bytes)
-        except ProtocolError as exc:
-            log.warning("closing connection to broker %s (%s:%s): %s", self.node_id, self.host, self.port, exc)
-            self.sender.stats["protocol_errors"] += 1
-            self.close(ec.NETWORK_EXCEPTION)
-            return
-        if start:
-            del buf[:start]
-
-    def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
-        self._fail_all(ec.NETWORK_EXCEPTION)
-
-    # ------------------------------------------------------------------------------------------
-
-    def _on_frame(self, frame_bytes: bytes) -> None:
-        if not self.outstanding:
-            raise ProtocolError(f"unsolicited response from broker {self.node_id}")
-        req = self.outstanding[0]
-        header = m.decode_response_header(frame_bytes, m.response_header_version(req.api_key))
-        if header.correlation_id != req.correlation_id:
-            # Left in ``outstanding`` so the close that follows fails it like the others.
-            raise ProtocolError(
-                f"correlation id {header.correlation_id} from broker {self.node_id}, expected {req.correlation_id}"
-            )
-        self.outstanding.popleft()
-        body = memoryview(frame_bytes)[header.body_offset :]
-        self.sender.stats["in_flight"] -= 1
-        if req.future is not None:
-            if not req.future.done():
-                req.future.set_result(body)
-        elif req.produce is not None:
-            self.sender._on_produce_response(self, req.produce, body)
-
-    def _fail_all(self, code: int) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.ready = False
-        outstanding, self.outstanding = self.outstanding, deque()
-        unflushed, self.unflushed = self.unflushed, []
-        self.sender.stats["in_flight"] -= len(outstanding)
-        for req in outstanding:
-            if req.future is not None:
-                if not req.future.done():
-                    req.future.set_exception(KafkaError.for_code(code, f"connection to broker {self.node_id} lost"))
-            elif req.produce is not None:
-                self.sender._on_produce_failed(req.produce, code)
-        for preq in unflushed:
-            self.sender._on_produce_failed(preq, code)
-        if not self._lost.done():
-            self._lost.set_result(None)
-        self.sender._on_connection_lost(self)
-
-    def close(self, code: int = ec.NETWORK_EXCEPTION) -> None:
-        """Abort the transport and fail what is outstanding with ``code``."""
-        if self.transport is not None:
-            self.transport.abort()
-        self._fail_all(code)
-
-    def next_correlation_id(self) -> int:
-        """A fresh correlation id (wraps within INT32)."""
-        cid = self._next_correlation_id
-        self._next_correlation_id = (cid + 1) & 0x7FFFFFFF
-        return cid
-
-    def send(self, buffers: list[bytes | memoryview], outstanding: _Outstanding | None) -> None:
-        """Write one framed request; ``outstanding`` is None when no response will come."""
-        if self.transport is None or self.closed:
-            raise KafkaError.for_code(ec.NETWORK_EXCEPTION, f"connection to broker {self.node_id} is closed")
-        if outstanding is not None:
-            self.outstanding.append(outstanding)
-            self.sender.stats["in_flight"] += 1
-        self.transport.writelines(buffers)
-
-    async def request(self, api_key: int, encode: Callable[[int, int], bytes], timeout_s: float) -> tuple[int, memoryview]:
-        """Send a control request and await its body. Returns (version used, body)."""
-        version = self.versions[api_key] if api_key != m.API_VERSIONS else self.versions.get(api_key, 4)
-        cid = self.next_correlation_id()
-        fut: asyncio.Future[memoryview] = asyncio.get_running_loop().create_future()
-        deadline = _now_ms() + timeout_s * 1000.0
-        self.send([encode(version, cid)], _Outstanding(cid, api_key, version, deadline, fut, None))
-        try:
-            body = await asyncio.wait_for(fut, timeout_s)
-        except asyncio.TimeoutError:
-            self.close(ec.REQUEST_TIMED_OUT)
-            raise KafkaError.for_code(
-                ec.REQUEST_TIMED_OUT, f"{m.API_NAMES[api_key]} to broker {self.node_id} timed out after {timeout_s}s"
-            ) from None
-        return version, body
-
-    async def handshake(self, timeout_s: float) -> None:
-        """ApiVersions, then pin one version per API."""
-        client_id = self.sender.settings.client_id
-        req = m.ApiVersionsRequest(*_CLIENT_SOFTWARE)
-        version = m.SUPPORTED_VERSIONS[m.API_VERSIONS][1]
-        for _ in range(2):
-            self.versions[m.API_VERSIONS] = version
-            _, body = await self.request(
-                m.API_VERSIONS, lambda v, cid: m.encode_api_versions_request(v, cid, client_id, req), timeout_s
-            )
-            resp = m.decode_api_versions_response(body, version)
-            if resp.error_code == 35:
-                # The broker answered in v0 with the ApiVersions range it serves: retry once lower.
-                ours = m.pick_versions(resp.api_keys, [m.API_VERSIONS])
-                version = ours[m.API_VERSIONS]
-                continue
-            if resp.error_code:
-                raise KafkaError.for_code(resp.error_code, f"ApiVersions refused by broker {self.node_id}")
-            self.versions = m.pick_versions(resp.api_keys)
-            self.ready = True
-            return
-        raise m.UnsupportedVersionError(f"broker {self.node_id} refused every ApiVersions version we offered")
-
-
-# ----------------------------------------------------------------------------------------------
-# Batches and partitions
-# ----------------------------------------------------------------------------------------------
 
 
 class _Entry:
@@ -310,9 +101,9 @@ class _Entry:
 
 
 class _Partition:
-    """Per-partition queue, in-flight list and idempotent sequence state."""
+    """Per-partition queue, in-flight list and idempotent sequence chain."""
 
-    __slots__ = ("topic", "partition", "queue", "in_flight", "node", "seq_pid", "seq_epoch", "next_seq", "broken")
+    __slots__ = ("topic", "partition", "queue", "in_flight", "node", "chain")
 
     def __init__(self, topic: str, partition: int) -> None:
         self.topic = topic
@@ -320,12 +111,7 @@ class _Partition:
         self.queue: list[_Entry] = []  # sorted by _Entry.order
         self.in_flight: list[_Entry] = []
         self.node = -1
-        self.seq_pid = -1
-        self.seq_epoch = -1
-        self.next_seq = 0
-        # (producer id, epoch) pairs whose sequence chain on this partition has a gap: an
-        # OUT_OF_ORDER answer to a batch stamped with one of them means "re-stamp", not "fail".
-        self.broken: set[tuple[int, int]] = set()
+        self.chain = Chain()
 
     def requeue(self, entry: _Entry) -> None:
         q = self.queue
@@ -344,19 +130,6 @@ class _ProduceRequest:
         self.entries = entries
         self.acks = acks
         self.node = node
-
-
-class _TopicMeta:
-    __slots__ = ("leaders", "error_code")
-
-    def __init__(self, leaders: list[int], error_code: int) -> None:
-        self.leaders = leaders
-        self.error_code = error_code
-
-
-# ----------------------------------------------------------------------------------------------
-# Sender
-# ----------------------------------------------------------------------------------------------
 
 
 class Sender:
@@ -384,7 +157,7 @@ class Sender:
         self.accumulator = accumulator
         self.profile_for = profile_for
         self.on_complete = on_complete
-        self.on_partition_count = on_partition_count
+        # Shared with the connections, metadata and idempotence, each counting its own keys.
         self.stats: dict[str, Any] = {
             "requests": 0,
             "batches": 0,
@@ -399,34 +172,19 @@ class Sender:
             "producer_id_requests": 0,
             "protocol_errors": 0,
         }
-        self._bootstrap = [_parse_hostport(s) for s in settings.bootstrap_servers.split(",") if s.strip()]
-        if not self._bootstrap:
-            raise ValueError("bootstrap_servers is empty")
-        self._brokers: dict[int, tuple[str, int]] = {}
-        self._conns: dict[int, _Connection] = {}
-        self._connecting: dict[int, asyncio.Task[None]] = {}
-        self._reconnect_at: dict[int, float] = {}
-        self._reconnect_backoff: dict[int, float] = {}
-        self._bootstrap_conn: _Connection | None = None
-        self._topics: dict[str, _TopicMeta] = {}
-        self._metadata_wanted: set[str] = set()
-        self._metadata_task: asyncio.Task[None] | None = None
-        self._last_metadata_ms = -1e18
-        self._last_full_refresh_ms = 0.0
+        self._connections = ConnectionPool(settings, self.stats, listener=self, wakeup=self.wakeup)
+        self._metadata = Metadata(settings, self._connections, stats=self.stats, on_partition_count=on_partition_count,
+                                  on_topic_error=self._fail_topic, wakeup=self.wakeup)
+        self._idempotence = Idempotence(settings, self._connections, stats=self.stats, wakeup=self.wakeup)
         self._parts: dict[tuple[str, int], _Partition] = {}
         self._queued: set[_Partition] = set()
         self._order = 0
         self._outstanding_batches = 0
-        self._pid = -1
-        self._epoch = -1
-        self._pid_task: asyncio.Task[None] | None = None
-        self._pid_bump_wanted = False
         self._wake_fut: asyncio.Future[None] | None = None
         self._progress = asyncio.Event()
         self._closing = False
         self._stopped = False
         self._last_expiry_scan = 0.0
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._too_large_warned: set[str] = set()
 
     # --- public API -------------------------------------------------------------------------
@@ -437,34 +195,11 @@ class Sender:
         The producer id (InitProducerId) is fetched when the first idempotent batch needs it,
         so a sender whose profiles are all non-idempotent never asks for one.
         """
-        await self._refresh_metadata([])
-        self._last_full_refresh_ms = _now_ms()
+        await self._metadata.start()
 
     async def partitions_for(self, topic: str, timeout: float = 5.0) -> int:
-        """The topic's partition count, from metadata (fetched if not cached).
-
-        Raises:
-            KafkaError: the topic's error (UnknownTopicOrPartitionError when it does not exist)
-                once ``timeout`` seconds of retries have passed, or at once if not retriable.
-        """
-        meta = self._topics.get(topic)
-        if meta is not None and meta.error_code == 0 and meta.leaders:
-            return len(meta.leaders)
-        deadline = time.monotonic() + timeout
-        delay = 0.05
-        while True:
-            remaining = deadline - time.monotonic()
-            await asyncio.wait_for(self._refresh_metadata([topic]), max(remaining, 0.5) + _CONTROL_TIMEOUT_S)
-            meta = self._topics.get(topic)
-            code = meta.error_code if meta is not None else ec.UNKNOWN_TOPIC_OR_PARTITION
-            if code == 0 and meta is not None and meta.leaders:
-                return len(meta.leaders)
-            if code == 0:
-                code = ec.LEADER_NOT_AVAILABLE
-            if not ec.is_retriable(code) or time.monotonic() + delay >= deadline:
-                raise KafkaError.for_code(code, f"topic {topic!r}: {ec.error_name(code)}")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
+        """The topic's partition count (see :meth:`daemon.metadata.Metadata.partitions_for`)."""
+        return await self._metadata.partitions_for(topic, timeout)
 
     def wakeup(self) -> None:
         """New records were appended: re-check ``accumulator.ready()`` soon."""
@@ -496,7 +231,7 @@ class Sender:
                     handle.cancel()
                     self._wake_fut = None
         finally:
-            self._stopped = True
+            self._stop()
 
     async def flush(self, timeout: float) -> bool:
         """Seal every open batch and wait until all batches are completed. False on timeout."""
@@ -526,33 +261,97 @@ class Sender:
         try:
             await self.flush(timeout)
         finally:
-            self._stopped = True
+            self._stop()
             self.wakeup()
             now = _now_ms()
             self.accumulator.flush()
             for batch in self.accumulator.ready(now + 1e12):
                 self._complete_batch(batch, ec.REQUEST_TIMED_OUT, -1, -1)
-            for part in list(self._parts.values()):
-                for e in list(part.queue):
-                    self._fail(e, ec.REQUEST_TIMED_OUT)
-                part.queue.clear()
-            self._queued.clear()
-            for conn in list(self._conns.values()):
-                conn.close(ec.REQUEST_TIMED_OUT)
-            if self._bootstrap_conn is not None:
-                self._bootstrap_conn.close(ec.REQUEST_TIMED_OUT)
-            # Requests failed by the closes above requeue nothing (the sender is stopping).
-            for part in list(self._parts.values()):
-                for e in list(part.queue):
-                    self._fail(e, ec.REQUEST_TIMED_OUT)
-                part.queue.clear()
-            for task in list(self._tasks) + list(self._connecting.values()):
-                task.cancel()
-            for task in [self._metadata_task, self._pid_task]:
-                if task is not None:
-                    task.cancel()
+            self._fail_queued(ec.REQUEST_TIMED_OUT)
+            self._connections.close(ec.REQUEST_TIMED_OUT)
+            # The requests failed by that close requeue nothing (the sender is stopped, so
+            # _retry fails them); fail the queues again all the same, so that no batch can be
+            # left without its on_complete.
+            self._fail_queued(ec.REQUEST_TIMED_OUT)
+            self._metadata.close()
+            self._idempotence.close()
+
+    def adopt(self, batches: list[Any]) -> None:
+        """Queue a dead worker's stamped batches to be sent again, byte for byte.
+
+        Call before :meth:`run` with the batches in creation order: each goes first in its
+        partition's queue with its own producer id, epoch and sequence, so the broker writes it
+        once (DUPLICATE_SEQUENCE_NUMBER, or the original offset, if it already had it). New
+        batches of that partition are stamped under this sender's producer id only after these
+        have answered (:meth:`daemon.idempotence.Idempotence.may_send`). An
+        OUT_OF_ORDER_SEQUENCE_NUMBER or UNKNOWN_PRODUCER_ID answer proves the broker did not
+        write one (its chain is not ours to repair), so it is re-stamped under the new id.
+        """
+        now = _now_ms()
+        for batch in batches:
+            self._enqueue(batch, now)
+            part = self._parts[(batch.topic, batch.partition)]
+            e = part.queue[-1]
+            stamped = batch.producer_id >= 0
+            e.idempotent = stamped
+            e.needs_stamp = False
+            if stamped:
+                part.chain.break_at(batch)
+
+    # --- ConnectionListener -----------------------------------------------------------------
+
+    def on_response(self, conn: Connection, context: Any, body: memoryview) -> None:
+        """A Produce response: complete, retry or fail each of its batches."""
+        preq: _ProduceRequest = context
+        try:
+            resp = m.decode_produce_response(body, conn.versions[m.PRODUCE])
+        except ProtocolError:
+            self.stats["protocol_errors"] += 1
+            self.on_request_failed(preq, ec.NETWORK_EXCEPTION)
+            raise
+        now = _now_ms()
+        pool = self._connections
+        for ep in resp.node_endpoints:
+            pool.add_broker(ep.node_id, ep.host, ep.port)
+        seen: set[tuple[str, int]] = set()
+        for t in resp.topics:
+            for p in t.partitions:
+                key = (t.name, p.index)
+                e = preq.entries.get(key)
+                if e is None or key in seen:
+                    continue
+                seen.add(key)
+                self._took_off(e)
+                if p.current_leader_id >= 0 and pool.knows(p.current_leader_id):
+                    self._metadata.adopt_leader(t.name, p.index, p.current_leader_id)
+                self._on_partition_result(e, p.error_code, p.base_offset, p.log_append_time_ms, now, p.error_message)
+        for key, e in preq.entries.items():
+            if key not in seen:
+                self._took_off(e)
+                self._fail(e, ec.UNKNOWN_SERVER_ERROR)
+        self.wakeup()
+
+    def on_request_failed(self, context: Any, code: int) -> None:
+        """A Produce request will not be answered: its batches retry (they may have been written)."""
+        preq: _ProduceRequest = context
+        now = _now_ms()
+        for (topic, _), e in preq.entries.items():
+            self._took_off(e)
+            self._metadata.want(topic)
+            self._retry(e, code, now)
+        self.wakeup()
+
+    def on_connection_lost(self, conn: Connection) -> None:
+        """A connection closed: dispatch again (the pool reconnects after its backoff)."""
+        self.wakeup()
 
     # --- the loop step ----------------------------------------------------------------------
+
+    def _stop(self) -> None:
+        self._stopped = True
+        self._connections.stop()
+        self._metadata.stop()
+        self._idempotence.stop()
 
     def _idle(self) -> bool:
         acc = self.accumulator
@@ -565,15 +364,12 @@ class Sender:
     def _step(self, now: float) -> None:
         for batch in self.accumulator.ready(now):
             self._enqueue(batch, now)
-        if now - self._last_full_refresh_ms >= self.settings.metadata_max_age_ms and self._topics:
-            self._last_full_refresh_ms = now
-            self._metadata_wanted.update(self._topics)
         if now - self._last_expiry_scan >= _EXPIRY_SCAN_INTERVAL_MS:
             self._last_expiry_scan = now
             self._expire(now)
-            self._check_request_timeouts(now)
+            self._connections.expire_requests(now)
         self._check_unflushed()
-        self._maybe_fetch_metadata(now)
+        self._metadata.poll(now)
         while self._dispatch(now):
             pass
 
@@ -588,7 +384,7 @@ class Sender:
                 if head.not_before_ms > now:
                     wake = min(wake, head.not_before_ms)
                 wake = min(wake, head.deadline_ms)
-        if self._queued or self.stats["in_flight"] or any(c.unflushed for c in self._conns.values()):
+        if self._queued or self.stats["in_flight"] or any(c.unflushed for c in self._connections.connections()):
             wake = min(wake, now + _EXPIRY_SCAN_INTERVAL_MS)
         return wake
 
@@ -611,30 +407,7 @@ class Sender:
         self._outstanding_batches += 1
         part.queue.append(entry)
         self._queued.add(part)
-        if batch.topic not in self._topics:
-            self._metadata_wanted.add(batch.topic)
-
-    def adopt(self, batches: list[Any]) -> None:
-        """Queue a dead worker's stamped batches to be sent again, byte for byte.
-
-        Call before :meth:`run` with the batches in creation order: each goes first in its
-        partition's queue with its own producer id, epoch and sequence, so the broker writes it
-        once (DUPLICATE_SEQUENCE_NUMBER, or the original offset, if it already had it). New
-        batches of that partition are stamped under this sender's producer id only after these
-        have answered (:meth:`_can_stamp`). An OUT_OF_ORDER_SEQUENCE_NUMBER or
-        UNKNOWN_PRODUCER_ID answer proves the broker did not write one (its chain is not ours
-        to repair), so it is re-stamped under the new id.
-        """
-        now = _now_ms()
-        for batch in batches:
-            self._enqueue(batch, now)
-            part = self._parts[(batch.topic, batch.partition)]
-            e = part.queue[-1]
-            stamped = batch.producer_id >= 0
-            e.idempotent = stamped
-            e.needs_stamp = False
-            if stamped:
-                part.broken.add((batch.producer_id, batch.producer_epoch))
+        self._metadata.need(batch.topic)
 
     def _complete_batch(self, batch: Any, code: int, base_offset: int, log_append_time_ms: int) -> None:
         st = self.stats
@@ -667,7 +440,7 @@ class Sender:
         if e.idempotent and not e.needs_stamp:
             # The chain of this producer id on this partition may now have a gap: later batches
             # answered OUT_OF_ORDER get re-stamped under a new id instead of failing too.
-            e.part.broken.add((e.batch.producer_id, e.batch.producer_epoch))
+            e.part.chain.break_at(e.batch)
         self._finish(e, code, -1, -1)
 
     def _retry(self, e: _Entry, code: int, now: float, backoff: bool = True) -> None:
@@ -697,10 +470,11 @@ class Sender:
             keep = []
             for e in part.queue:
                 if now >= e.deadline_ms:
-                    meta = self._topics.get(part.topic)
+                    # Say why it never left, when metadata knows (the topic is gone, say).
+                    topic_code = self._metadata.error_code(part.topic)
                     code = ec.REQUEST_TIMED_OUT
-                    if meta is not None and meta.error_code and meta.error_code != ec.LEADER_NOT_AVAILABLE:
-                        code = meta.error_code
+                    if topic_code and topic_code != ec.LEADER_NOT_AVAILABLE:
+                        code = topic_code
                     self._fail(e, code)
                 else:
                     keep.append(e)
@@ -708,38 +482,38 @@ class Sender:
             if not keep:
                 self._queued.discard(part)
 
+    def _fail_queued(self, code: int) -> None:
+        for part in list(self._parts.values()):
+            for e in list(part.queue):
+                self._fail(e, code)
+            part.queue.clear()
+        self._queued.clear()
+
+    def _fail_topic(self, topic: str, code: int) -> None:
+        # Metadata says the topic's error is not retriable: its waiting batches fail now.
+        for part in list(self._queued):
+            if part.topic == topic:
+                for e in part.queue:
+                    self._fail(e, code)
+                part.queue = []
+                self._queued.discard(part)
+
     # --- dispatch ---------------------------------------------------------------------------
 
-    def _leader(self, topic: str, partition: int) -> int:
-        meta = self._topics.get(topic)
-        if meta is None or partition >= len(meta.leaders):
-            self._metadata_wanted.add(topic)
-            return -1
-        leader = meta.leaders[partition]
-        if leader < 0:
-            self._metadata_wanted.add(topic)
-        return leader
-
-    def _connection(self, node: int, now: float) -> _Connection | None:
-        conn = self._conns.get(node)
-        if conn is not None and conn.ready and not conn.closed:
-            return conn
-        if node not in self._connecting and now >= self._reconnect_at.get(node, 0.0) and not self._stopped:
-            addr = self._brokers.get(node)
-            if addr is None:
-                self._metadata_wanted.add("")
-                return None
-            task = asyncio.get_running_loop().create_task(self._connect(node, addr))
-            self._connecting[node] = task
-        return None
+    def _connection(self, node: int, now: float) -> Connection | None:
+        conn = self._connections.ready(node)
+        if conn is None and not self._connections.connect(node, now):
+            self._metadata.want_brokers()
+        return conn
 
     def _dispatch(self, now: float) -> bool:
         """One round: at most one batch per partition, grouped per broker and acks.
 
         Returns True if a request was sent (another round may send more).
         """
-        groups: dict[tuple[int, int, int], tuple[_Connection, dict[tuple[str, int], _Entry], list[int]]] = {}
+        groups: dict[tuple[int, int, int], tuple[Connection, dict[tuple[str, int], _Entry], list[int]]] = {}
         max_in_flight = self.settings.max_in_flight_requests_per_connection
+        idempotence = self._idempotence
         planned: dict[int, int] = {}
         for part in list(self._queued):
             if not part.queue:
@@ -748,23 +522,18 @@ class Sender:
             e = part.queue[0]
             if e.not_before_ms > now:
                 continue
-            leader = self._leader(part.topic, part.partition)
+            leader = self._metadata.leader(part.topic, part.partition)
             if leader < 0:
                 continue
             conn = self._connection(leader, now)
             if conn is None:
                 continue
-            limit = _IDEMPOTENT_MAX_IN_FLIGHT if e.idempotent else 1
+            limit = MAX_IN_FLIGHT if e.idempotent else _PLAIN_MAX_IN_FLIGHT
             if len(part.in_flight) >= limit:
                 continue
             if part.in_flight and part.node != leader:
                 continue
-            if e.idempotent and part.in_flight and part.in_flight[0].batch.base_sequence == 0:
-                # The first batch of a producer id on a partition travels alone: a broker that
-                # does not know the producer yet accepts any sequence, so a later batch sent
-                # beside a refused (retriable) first one would be written before it.
-                continue
-            if e.idempotent and not self._can_stamp(part, e):
+            if e.idempotent and not idempotence.may_send(part.chain, e, part.in_flight):
                 continue
             profile = self._profile(e.batch)
             key = (leader, profile.acks, profile.request_timeout_ms)
@@ -778,7 +547,8 @@ class Sender:
             if group[1] and size_info[0] + e.batch.size > size_info[1]:
                 continue
             if e.idempotent and e.needs_stamp:
-                self._stamp(part, e)
+                idempotence.stamp(part.chain, e.batch)
+                e.needs_stamp = False
             part.queue.pop(0)
             size_info[0] += e.batch.size
             group[1][(part.topic, part.partition)] = e
@@ -786,37 +556,7 @@ class Sender:
             self._send_produce(conn, node, acks, timeout_ms, entries, now)
         return bool(groups)
 
-    def _can_stamp(self, part: _Partition, e: _Entry) -> bool:
-        """Whether an idempotent batch may be sent now (producer id known, no id mixing)."""
-        if e.needs_stamp:
-            if self._pid < 0:
-                self._want_producer_id(bump=False)
-                return False
-            if (self._pid, self._epoch) in part.broken:
-                self._want_producer_id(bump=True)
-                return False
-            if (part.seq_pid, part.seq_epoch) != (self._pid, self._epoch) and part.in_flight:
-                return False  # the old id's batches must answer before the new id starts at 0
-            if part.in_flight and (part.in_flight[-1].batch.producer_id, part.in_flight[-1].batch.producer_epoch) != (
-                self._pid,
-                self._epoch,
-            ):
-                return False
-            return True
-        if part.in_flight:
-            last = part.in_flight[-1].batch
-            if (last.producer_id, last.producer_epoch) != (e.batch.producer_id, e.batch.producer_epoch):
-                return False
-        return True
-
-    def _stamp(self, part: _Partition, e: _Entry) -> None:
-        if (part.seq_pid, part.seq_epoch) != (self._pid, self._epoch):
-            part.seq_pid, part.seq_epoch, part.next_seq = self._pid, self._epoch, 0
-        e.batch.stamp(self._pid, self._epoch, part.next_seq)
-        part.next_seq = (part.next_seq + e.batch.record_count) % _SEQ_MODULUS
-        e.needs_stamp = False
-
-    def _send_produce(self, conn: _Connection, node: int, acks: int, timeout_ms: int,
+    def _send_produce(self, conn: Connection, node: int, acks: int, timeout_ms: int,
                       entries: dict[tuple[str, int], _Entry], now: float) -> None:
         by_topic: dict[str, list[tuple[int, memoryview]]] = {}
         for (topic, partition), e in entries.items():
@@ -833,28 +573,18 @@ class Sender:
         preq = _ProduceRequest(entries, acks, node)
         self.stats["requests"] += 1
         if acks == 0:
-            conn.send(buffers, None)
-            conn.unflushed.append(preq)
+            conn.send_unanswered(buffers, preq)
             self._check_unflushed()
         else:
             # The request timeout counts from the write; give the broker its own timeout first.
-            deadline = now + timeout_ms + 1000.0
-            conn.send(buffers, _Outstanding(cid, m.PRODUCE, version, deadline, None, preq))
+            conn.send(buffers, cid, m.PRODUCE, now + timeout_ms + _REQUEST_GRACE_MS, preq)
 
     def _check_unflushed(self) -> None:
-        for conn in list(self._conns.values()):
-            if conn.unflushed and conn.transport is not None and conn.transport.get_write_buffer_size() == 0:
-                done, conn.unflushed = conn.unflushed, []
-                for preq in done:
-                    for e in preq.entries.values():
-                        self._took_off(e)
-                        self._finish(e, 0, -1, -1)
-
-    def _check_request_timeouts(self, now: float) -> None:
-        for conn in list(self._conns.values()):
-            if conn.outstanding and conn.outstanding[0].deadline_ms <= now:
-                log.warning("request to broker %s timed out; reconnecting", conn.node_id)
-                conn.close(ec.REQUEST_TIMED_OUT)
+        for conn in self._connections.connections():
+            for preq in conn.take_written():
+                for e in preq.entries.values():
+                    self._took_off(e)
+                    self._finish(e, 0, -1, -1)
 
     # --- responses --------------------------------------------------------------------------
 
@@ -865,44 +595,6 @@ class Sender:
         except ValueError:
             pass
 
-    def _on_produce_failed(self, preq: _ProduceRequest, code: int) -> None:
-        now = _now_ms()
-        for (topic, _), e in preq.entries.items():
-            self._took_off(e)
-            self._metadata_wanted.add(topic)
-            self._retry(e, code, now)
-        self.wakeup()
-
-    def _on_produce_response(self, conn: _Connection, preq: _ProduceRequest, body: memoryview) -> None:
-        try:
-            resp = m.decode_produce_response(body, conn.versions[m.PRODUCE])
-        except ProtocolError:
-            self.stats["protocol_errors"] += 1
-            self._on_produce_failed(preq, ec.NETWORK_EXCEPTION)
-            raise
-        now = _now_ms()
-        for ep in resp.node_endpoints:
-            self._brokers[ep.node_id] = (ep.host, ep.port)
-        seen: set[tuple[str, int]] = set()
-        for t in resp.topics:
-            for p in t.partitions:
-                key = (t.name, p.index)
-                e = preq.entries.get(key)
-                if e is None or key in seen:
-                    continue
-                seen.add(key)
-                self._took_off(e)
-                if p.current_leader_id >= 0 and p.current_leader_id in self._brokers:
-                    meta = self._topics.get(t.name)
-                    if meta is not None and p.index < len(meta.leaders):
-                        meta.leaders[p.index] = p.current_leader_id
-                self._on_partition_result(e, p.error_code, p.base_offset, p.log_append_time_ms, now, p.error_message)
-        for key, e in preq.entries.items():
-            if key not in seen:
-                self._took_off(e)
-                self._fail(e, ec.UNKNOWN_SERVER_ERROR)
-        self.wakeup()
-
     def _on_partition_result(self, e: _Entry, code: int, base_offset: int, log_append_time_ms: int,
                              now: float, message: str | None) -> None:
         part = e.part
@@ -912,25 +604,17 @@ class Sender:
         name = ec.error_name(code)
         if message:
             log.debug("%s[%s]: %s (%s)", part.topic, part.partition, name, message)
-        if e.idempotent and code in (ec.OUT_OF_ORDER_SEQUENCE_NUMBER, ec.UNKNOWN_PRODUCER_ID):
-            stamp = (e.batch.producer_id, e.batch.producer_epoch)
-            if code == ec.UNKNOWN_PRODUCER_ID:
-                # The broker no longer knows this producer on this partition (its records were
-                # deleted, say). The batch was rejected, so it is safe to re-stamp it.
-                part.broken.add(stamp)
-            if stamp in part.broken:
+        if e.idempotent and code in SEQUENCE_ERRORS:
+            verdict = self._idempotence.on_sequence_error(part.chain, e, code, part.in_flight, part.queue)
+            if verdict is Verdict.FAIL:
+                self._fail(e, code)
+                return
+            if verdict is Verdict.RESTAMP:
                 e.needs_stamp = True
-                self._retry(e, code, now, backoff=False)
-                return
-            if self._earlier_pending(e):
-                self._retry(e, code, now, backoff=False)
-                return
-            log.warning("%s[%s]: OUT_OF_ORDER_SEQUENCE_NUMBER with nothing earlier pending; failing the batch "
-                        "and resetting the producer id", part.topic, part.partition)
-            self._fail(e, code)
+            self._retry(e, code, now, backoff=False)
             return
         if code in _REFRESH_CODES:
-            self._metadata_wanted.add(part.topic)
+            self._metadata.want(part.topic)
         if code == ec.MESSAGE_TOO_LARGE and e.batch.record_count > 1 and part.topic not in self._too_large_warned:
             # Each record fit max_request_size, so the topic's limit is below the batch: say
             # which setting to change (once per topic; the records fail either way).
@@ -944,211 +628,7 @@ class Sender:
         else:
             self._fail(e, code)
 
-    def _earlier_pending(self, e: _Entry) -> bool:
-        stamp = (e.batch.producer_id, e.batch.producer_epoch)
-        for other in e.part.in_flight:
-            if other.order < e.order and (other.batch.producer_id, other.batch.producer_epoch) == stamp:
-                return True
-        for other in e.part.queue:
-            if other.order < e.order and not other.needs_stamp and (
-                other.batch.producer_id, other.batch.producer_epoch) == stamp:
-                return True
-        return False
-
-    # --- connections ------------------------------------------------------------------------
-
-    async def _open(self, node: int, host: str, port: int) -> _Connection:
-        loop = asyncio.get_running_loop()
-        timeout = self.settings.socket_connection_setup_timeout_ms / 1000.0
-        try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self, node, host, port), host, port), timeout
-            )
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise KafkaError.for_code(ec.NETWORK_EXCEPTION, f"cannot connect to {host}:{port}: {exc!r}") from None
-        try:
-            await conn.handshake(timeout)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    async def _connect(self, node: int, addr: tuple[str, int]) -> None:
-        try:
-            conn = await self._open(node, *addr)
-        except KafkaError as exc:
-            backoff = self._reconnect_backoff.get(node, float(self.settings.reconnect_backoff_ms))
-            self._reconnect_at[node] = _now_ms() + backoff * random.uniform(0.8, 1.2)
-            self._reconnect_backoff[node] = min(max(backoff * 2, 1.0), float(self.settings.reconnect_backoff_max_ms))
-            log.warning("broker %s (%s:%s): %s", node, addr[0], addr[1], exc)
-        else:
-            if self._stopped:
-                conn.close()
-            else:
-                self._conns[node] = conn
-                self._reconnect_backoff.pop(node, None)
-        finally:
-            self._connecting.pop(node, None)
-            self.wakeup()
-
-    def _on_connection_lost(self, conn: _Connection) -> None:
-        if self._conns.get(conn.node_id) is conn:
-            del self._conns[conn.node_id]
-            self.stats["reconnects"] += 1
-            backoff = self._reconnect_backoff.get(conn.node_id, float(self.settings.reconnect_backoff_ms))
-            self._reconnect_at[conn.node_id] = _now_ms() + backoff * random.uniform(0.8, 1.2)
-            self._reconnect_backoff[conn.node_id] = min(
-                max(backoff * 2, 1.0), float(self.settings.reconnect_backoff_max_ms)
-            )
-        if self._bootstrap_conn is conn:
-            self._bootstrap_conn = None
-        self.wakeup()
-
-    async def _any_connection(self) -> _Connection:
-        """A ready connection for control requests: the least busy broker, else bootstrap."""
-        ready = [c for c in self._conns.values() if c.ready and not c.closed]
-        if ready:
-            return min(ready, key=lambda c: len(c.outstanding))
-        if self._bootstrap_conn is not None and self._bootstrap_conn.ready and not self._bootstrap_conn.closed:
-            return self._bootstrap_conn
-        last: Exception | None = None
-        for host, port in self._bootstrap:
-            try:
-                self._bootstrap_conn = await self._open(-1, host, port)
-                return self._bootstrap_conn
-            except m.UnsupportedVersionError:
-                raise  # not a reachability problem: another bootstrap server will not differ
-            except KafkaError as exc:
-                last = exc
-        raise KafkaError.for_code(ec.NETWORK_EXCEPTION, f"no bootstrap server reachable: {last}")
-
-    # --- metadata ---------------------------------------------------------------------------
-
-    def _maybe_fetch_metadata(self, now: float) -> None:
-        if not self._metadata_wanted or self._metadata_task is not None or self._stopped:
-            return
-        if now - self._last_metadata_ms < _METADATA_MIN_INTERVAL_MS:
-            return
-        topics = sorted(t for t in self._metadata_wanted if t)
-        self._metadata_wanted.clear()
-        self._metadata_task = asyncio.get_running_loop().create_task(self._metadata_job(topics))
-
-    async def _metadata_job(self, topics: list[str]) -> None:
-        try:
-            await self._refresh_metadata(topics)
-        except (KafkaError, ProtocolError) as exc:
-            log.warning("metadata refresh failed: %s", exc)
-            self._metadata_wanted.update(topics or [""])
-        finally:
-            self._metadata_task = None
-            self.wakeup()
-
-    async def _refresh_metadata(self, topics: list[str]) -> None:
-        """Fetch metadata for ``topics`` (none: just the broker list) and apply it."""
-        self._last_metadata_ms = _now_ms()
-        conn = await self._any_connection()
-        self.stats["metadata_requests"] += 1
-        req = m.MetadataRequest(topics, allow_auto_topic_creation=False)
-        client_id = self.settings.client_id
-        version, body = await conn.request(
-            m.METADATA, lambda v, cid: m.encode_metadata_request(v, cid, client_id, req), _CONTROL_TIMEOUT_S
-        )
-        resp = m.decode_metadata_response(body, version)
-        self._apply_metadata(resp)
-
-    def _apply_metadata(self, resp: m.MetadataResponse) -> None:
-        if resp.brokers:
-            self._brokers = {b.node_id: (b.host, b.port) for b in resp.brokers}
-            if self._bootstrap_conn is not None and self._conns:
-                # Broker connections exist now; the bootstrap one is no longer needed.
-                self._bootstrap_conn.close()
-                self._bootstrap_conn = None
-        for t in resp.topics:
-            if t.name is None:
-                continue
-            if t.error_code and not t.partitions:
-                old = self._topics.get(t.name)
-                if old is not None and old.leaders and ec.is_retriable(t.error_code):
-                    old.error_code = 0
-                    continue
-                self._topics[t.name] = _TopicMeta([], t.error_code)
-                if not ec.is_retriable(t.error_code):
-                    self._fail_topic(t.name, t.error_code)
-                continue
-            count = max((p.partition_index for p in t.partitions), default=-1) + 1
-            leaders = [-1] * count
-            for p in t.partitions:
-                leaders[p.partition_index] = p.leader_id if p.error_code in (0, ec.REPLICA_NOT_AVAILABLE) else -1
-            old = self._topics.get(t.name)
-            self._topics[t.name] = _TopicMeta(leaders, 0)
-            if (old is None or len(old.leaders) != count) and self.on_partition_count is not None:
-                try:
-                    self.on_partition_count(t.name, count)
-                except Exception:  # noqa: BLE001
-                    log.exception("on_partition_count raised")
-
-    def _fail_topic(self, topic: str, code: int) -> None:
-        for part in list(self._queued):
-            if part.topic == topic:
-                for e in part.queue:
-                    self._fail(e, code)
-                part.queue = []
-                self._queued.discard(part)
-
-    # --- producer id ------------------------------------------------------------------------
-
-    def _want_producer_id(self, bump: bool) -> None:
-        if self._pid_task is not None or self._stopped:
-            if bump:
-                self._pid_bump_wanted = True
-            return
-        self._pid_task = asyncio.get_running_loop().create_task(self._producer_id_job(bump))
-
-    async def _producer_id_job(self, bump: bool) -> None:
-        delay = 0.05
-        try:
-            while not self._stopped:
-                try:
-                    conn = await self._any_connection()
-                    self.stats["producer_id_requests"] += 1
-                    req = m.InitProducerIdRequest(
-                        None, 60_000, self._pid if bump else -1, self._epoch if bump else -1
-                    )
-                    client_id = self.settings.client_id
-                    version, body = await conn.request(
-                        m.INIT_PRODUCER_ID,
-                        lambda v, cid: m.encode_init_producer_id_request(v, cid, client_id, req),
-                        _CONTROL_TIMEOUT_S,
-                    )
-                    resp = m.decode_init_producer_id_response(body, version)
-                    if resp.error_code == 0:
-                        log.info("producer id %s epoch %s", resp.producer_id, resp.producer_epoch)
-                        self._pid, self._epoch = resp.producer_id, resp.producer_epoch
-                        return
-                    err = KafkaError.for_code(resp.error_code, f"InitProducerId: {ec.error_name(resp.error_code)}")
-                    if bump and resp.error_code in (ec.INVALID_PRODUCER_EPOCH, ec.PRODUCER_FENCED,
-                                                    ec.CODE_BY_NAME["INVALID_PRODUCER_ID_MAPPING"]):
-                        bump = False  # ask for a brand-new id instead
-                    log.warning("InitProducerId failed: %s", err)
-                except (KafkaError, ProtocolError) as exc:
-                    log.warning("InitProducerId failed: %s", exc)
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, self.settings.reconnect_backoff_max_ms / 1000.0 or 1.0)
-        finally:
-            self._pid_task = None
-            if self._pid_bump_wanted:
-                self._pid_bump_wanted = False
-            self.wakeup()
-
 
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
-
-
-def _parse_hostport(s: str) -> tuple[str, int]:
-    s = s.strip()
-    host, sep, port = s.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"bootstrap server {s!r} is not host:port")
-    return host.strip("[]"), int(port)

@@ -33,9 +33,9 @@ import psutil
 from daemon import channel as ch
 from daemon import systemd
 from daemon.config import Config, ConfigError, diff_live, loads
+from daemon.metadata import Metadata
 from daemon.metrics import start_metrics
 from daemon.peercred import check_peer, peer_credentials
-from daemon.sender import Sender
 from daemon.stats import aggregate
 from shm import control
 from shm.errors import BufferFullError, KafkaError, SegmentError, SluiceError
@@ -80,22 +80,6 @@ def _installed_version() -> str:
 
 
 _VERSION = _installed_version()
-
-
-class _NoBatches:
-    """The metadata-only Sender of the supervisor has no accumulator."""
-
-    def ready(self, now_ms: float) -> list[Any]:
-        return []
-
-    def next_deadline(self) -> float | None:
-        return None
-
-    def flush(self) -> None:
-        pass
-
-    def release(self, batch: Any) -> None:
-        pass
 
 
 class _WorkerHandle:
@@ -161,7 +145,7 @@ class Supervisor:
         self._reloads = 0
         self._stale_s = _HEARTBEAT_STALE_S
         self._startup_task: asyncio.Task[Any] | None = None
-        self._meta: Sender | None = None
+        self._meta: Metadata | None = None
         self._ingest: Any = None
         # The socket answers before the ingest producer is attached (it connects to that very
         # socket), so a Produce that arrives in between waits for it.
@@ -180,7 +164,7 @@ class Supervisor:
             loop.add_signal_handler(sig, self._on_signal, name)
         cfg = self.config.daemon
         systemd.status("starting: connecting to Kafka")
-        self._meta = Sender(self.config.kafka, _NoBatches(), self.config.profile_for, lambda *a: None)
+        self._meta = Metadata(self.config.kafka)
         await self._connect_kafka()
         self._open_socket(cfg.socket_path, cfg.socket_mode)
         runtime = cfg.runtime_path()
@@ -1032,7 +1016,7 @@ class Supervisor:
         if self._metrics is not None:
             await self._metrics.close()
         if self._meta is not None:
-            await self._meta.close(0.1)
+            self._meta.close()
         if self._state_dir and self._undelivered == 0 and all(h.bye for h in self.workers):
             # Every worker drained and said so: the next start has nothing to recover.
             try:
