@@ -1,8 +1,10 @@
 """The sender: takes sealed batches from the accumulator and produces them to Kafka.
 
 asyncio (runs on uvloop). It owns the per-partition queues, the in-flight windows, dispatch and
-every retry decision; the accumulator knows none of it. It builds on three modules, each of which
-states its own policy:
+every retry decision; the accumulator knows none of it. The queues and the life of each batch in
+them (enqueue, retry, expire, the one completion) are :class:`_Queues`; :class:`Sender` runs the
+loop, dispatches and reads the answers. It builds on three modules, each of which states its own
+policy:
 
 * :mod:`daemon.connection`: one connection per broker, correlation ids, reconnect backoff; the
   sender is its :class:`~daemon.connection.ConnectionListener`;
@@ -99,6 +101,14 @@ class _Entry:
         self.deadline_ms = deadline_ms
         self.retries = 0
 
+    def took_off(self) -> None:
+        """Its request is answered or lost: it is no longer in flight."""
+        self.in_flight = False
+        try:
+            self.part.in_flight.remove(self)
+        except ValueError:
+            pass
+
 
 class _Partition:
     """Per-partition queue, in-flight list and idempotent sequence chain."""
@@ -132,6 +142,162 @@ class _ProduceRequest:
         self.node = node
 
 
+class _Queues:
+    """Every batch the sender holds, per partition in creation order, until its one completion.
+
+    A retried batch goes back to its place in its partition's queue after a backoff, until its
+    delivery timeout; ``on_complete`` is called once per batch, then ``accumulator.release``.
+    """
+
+    def __init__(self, accumulator: Any, profile_for: Callable[[str], Profile],
+                 on_complete: Callable[[Any, int, int, int], None], stats: dict[str, Any], metadata: Metadata) -> None:
+        self.accumulator = accumulator
+        self.profile_for = profile_for
+        self.on_complete = on_complete
+        self.stats = stats
+        self._metadata = metadata
+        self.parts: dict[tuple[str, int], _Partition] = {}
+        # Partitions whose queue may hold batches (emptied ones are dropped lazily).
+        self.queued: set[_Partition] = set()
+        # Batches enqueued and not completed yet.
+        self.outstanding = 0
+        # Set on every completion, for flush() to wait on.
+        self.progress = asyncio.Event()
+        self._order = 0
+        self._stopped = False
+
+    def stop(self) -> None:
+        """From now on a retry fails its batch (REQUEST_TIMED_OUT) instead of requeueing it."""
+        self._stopped = True
+
+    def profile(self, batch: Any) -> Profile:
+        """The batch's profile (a batch without one gets its topic's)."""
+        profile = getattr(batch, "profile", None)
+        return profile if profile is not None else self.profile_for(batch.topic)
+
+    def enqueue(self, batch: Any, now: float) -> _Entry:
+        """Queue a new batch behind its partition's others."""
+        profile = self.profile(batch)
+        key = (batch.topic, batch.partition)
+        part = self.parts.get(key)
+        if part is None:
+            part = self.parts[key] = _Partition(batch.topic, batch.partition)
+        idem = profile.enable_idempotence and profile.acks == -1
+        self._order += 1
+        deadline = batch.created_ms + profile.delivery_timeout_ms
+        entry = _Entry(batch, self._order, part, idem, deadline)
+        self.outstanding += 1
+        part.queue.append(entry)
+        self.queued.add(part)
+        self._metadata.need(batch.topic)
+        return entry
+
+    def complete_batch(self, batch: Any, code: int, base_offset: int, log_append_time_ms: int) -> None:
+        """Count the outcome, call on_complete, release the batch."""
+        st = self.stats
+        if code == 0:
+            st["batches"] += 1
+            st["records"] += batch.record_count
+            st["bytes"] += batch.size
+        else:
+            st["failed_batches"] += 1
+            name = ec.error_name(code)
+            st["errors"][name] = st["errors"].get(name, 0) + 1
+        try:
+            self.on_complete(batch, code, base_offset, log_append_time_ms)
+        except Exception:  # noqa: BLE001 - a faulty callback must not stop the sender
+            log.exception("on_complete raised for %s[%s]", batch.topic, batch.partition)
+        finally:
+            self.accumulator.release(batch)
+            self.progress.set()
+
+    def finish(self, e: _Entry, code: int, base_offset: int, log_append_time_ms: int) -> None:
+        """Complete a queued batch (once; later calls do nothing)."""
+        if e.done:
+            return
+        e.done = True
+        self.outstanding -= 1
+        self.complete_batch(e.batch, code, base_offset, log_append_time_ms)
+
+    def fail(self, e: _Entry, code: int) -> None:
+        """Complete a queued batch with error ``code``."""
+        if e.done:
+            return
+        if e.idempotent and not e.needs_stamp:
+            # The chain of this producer id on this partition may now have a gap: later batches
+            # answered OUT_OF_ORDER get re-stamped under a new id instead of failing too.
+            e.part.chain.break_at(e.batch)
+        self.finish(e, code, -1, -1)
+
+    def retry(self, e: _Entry, code: int, now: float, backoff: bool = True) -> None:
+        """Requeue a batch in its place, after a backoff; fail it past its delivery timeout."""
+        if e.done:
+            return
+        if now >= e.deadline_ms or self._stopped:
+            log.debug("batch %s[%s] expired after %s", e.part.topic, e.part.partition, ec.error_name(code))
+            self.fail(e, ec.REQUEST_TIMED_OUT)
+            return
+        e.retries += 1
+        self.stats["retries"] += 1
+        if backoff:
+            profile = self.profile(e.batch)
+            base = profile.retry_backoff_ms * (2 ** min(e.retries - 1, 20))
+            delay = min(base, profile.retry_backoff_max_ms) * random.uniform(0.8, 1.2)
+            e.not_before_ms = now + min(delay, profile.retry_backoff_max_ms)
+        else:
+            e.not_before_ms = 0.0
+        e.part.requeue(e)
+        self.queued.add(e.part)
+
+    def expire(self, now: float) -> None:
+        """Fail the queued batches past their delivery timeout."""
+        for part in list(self.queued):
+            if not part.queue:
+                self.queued.discard(part)
+                continue
+            keep = []
+            for e in part.queue:
+                if now >= e.deadline_ms:
+                    # Say why it never left, when metadata knows (the topic is gone, say).
+                    topic_code = self._metadata.error_code(part.topic)
+                    code = ec.REQUEST_TIMED_OUT
+                    if topic_code and topic_code != ec.LEADER_NOT_AVAILABLE:
+                        code = topic_code
+                    self.fail(e, code)
+                else:
+                    keep.append(e)
+            part.queue = keep
+            if not keep:
+                self.queued.discard(part)
+
+    def fail_all(self, code: int) -> None:
+        """Fail every queued batch (not those in flight)."""
+        for part in list(self.parts.values()):
+            for e in list(part.queue):
+                self.fail(e, code)
+            part.queue.clear()
+        self.queued.clear()
+
+    def fail_topic(self, topic: str, code: int) -> None:
+        """Fail the topic's queued batches."""
+        for part in list(self.queued):
+            if part.topic == topic:
+                for e in part.queue:
+                    self.fail(e, code)
+                part.queue = []
+                self.queued.discard(part)
+
+    def next_wake(self, now: float, wake: float) -> float:
+        """``wake``, or earlier if a queue's head may go (or expire) sooner."""
+        for part in self.queued:
+            if part.queue:
+                head = part.queue[0]
+                if head.not_before_ms > now:
+                    wake = min(wake, head.not_before_ms)
+                wake = min(wake, head.deadline_ms)
+        return wake
+
+
 class Sender:
     """Produces the accumulator's sealed batches to Kafka (see the module docstring).
 
@@ -155,9 +321,7 @@ class Sender:
     ) -> None:
         self.settings = settings
         self.accumulator = accumulator
-        self.profile_for = profile_for
-        self.on_complete = on_complete
-        # Shared with the connections, metadata and idempotence, each counting its own keys.
+        # Shared with the connections, metadata, idempotence and queues, each counting its own keys.
         self.stats: dict[str, Any] = {
             "requests": 0,
             "batches": 0,
@@ -174,14 +338,10 @@ class Sender:
         }
         self._connections = ConnectionPool(settings, self.stats, listener=self, wakeup=self.wakeup)
         self._metadata = Metadata(settings, self._connections, stats=self.stats, on_partition_count=on_partition_count,
-                                  on_topic_error=self._fail_topic, wakeup=self.wakeup)
+                                  on_topic_error=self._on_topic_error, wakeup=self.wakeup)
         self._idempotence = Idempotence(settings, self._connections, stats=self.stats, wakeup=self.wakeup)
-        self._parts: dict[tuple[str, int], _Partition] = {}
-        self._queued: set[_Partition] = set()
-        self._order = 0
-        self._outstanding_batches = 0
+        self._queues = _Queues(accumulator, profile_for, on_complete, self.stats, self._metadata)
         self._wake_fut: asyncio.Future[None] | None = None
-        self._progress = asyncio.Event()
         self._closing = False
         self._stopped = False
         self._last_expiry_scan = 0.0
@@ -237,14 +397,15 @@ class Sender:
         """Seal every open batch and wait until all batches are completed. False on timeout."""
         self.accumulator.flush()
         self.wakeup()
+        progress = self._queues.progress
         deadline = time.monotonic() + timeout
         while not self._idle():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            self._progress.clear()
+            progress.clear()
             try:
-                await asyncio.wait_for(self._progress.wait(), min(remaining, 0.05))
+                await asyncio.wait_for(progress.wait(), min(remaining, 0.05))
             except asyncio.TimeoutError:
                 pass
             self.wakeup()
@@ -264,15 +425,16 @@ class Sender:
             self._stop()
             self.wakeup()
             now = _now_ms()
+            queues = self._queues
             self.accumulator.flush()
             for batch in self.accumulator.ready(now + 1e12):
-                self._complete_batch(batch, ec.REQUEST_TIMED_OUT, -1, -1)
-            self._fail_queued(ec.REQUEST_TIMED_OUT)
+                queues.complete_batch(batch, ec.REQUEST_TIMED_OUT, -1, -1)
+            queues.fail_all(ec.REQUEST_TIMED_OUT)
             self._connections.close(ec.REQUEST_TIMED_OUT)
-            # The requests failed by that close requeue nothing (the sender is stopped, so
-            # _retry fails them); fail the queues again all the same, so that no batch can be
-            # left without its on_complete.
-            self._fail_queued(ec.REQUEST_TIMED_OUT)
+            # The requests failed by that close requeue nothing (the queues are stopped, so a
+            # retry fails its batch); fail the queues again all the same, so that no batch can
+            # be left without its on_complete.
+            queues.fail_all(ec.REQUEST_TIMED_OUT)
             self._metadata.close()
             self._idempotence.close()
 
@@ -289,14 +451,12 @@ class Sender:
         """
         now = _now_ms()
         for batch in batches:
-            self._enqueue(batch, now)
-            part = self._parts[(batch.topic, batch.partition)]
-            e = part.queue[-1]
+            e = self._queues.enqueue(batch, now)
             stamped = batch.producer_id >= 0
             e.idempotent = stamped
             e.needs_stamp = False
             if stamped:
-                part.chain.break_at(batch)
+                e.part.chain.break_at(batch)
 
     # --- ConnectionListener -----------------------------------------------------------------
 
@@ -321,14 +481,14 @@ class Sender:
                 if e is None or key in seen:
                     continue
                 seen.add(key)
-                self._took_off(e)
+                e.took_off()
                 if p.current_leader_id >= 0 and pool.knows(p.current_leader_id):
                     self._metadata.adopt_leader(t.name, p.index, p.current_leader_id)
                 self._on_partition_result(e, p.error_code, p.base_offset, p.log_append_time_ms, now, p.error_message)
         for key, e in preq.entries.items():
             if key not in seen:
-                self._took_off(e)
-                self._fail(e, ec.UNKNOWN_SERVER_ERROR)
+                e.took_off()
+                self._queues.fail(e, ec.UNKNOWN_SERVER_ERROR)
         self.wakeup()
 
     def on_request_failed(self, context: Any, code: int) -> None:
@@ -336,9 +496,9 @@ class Sender:
         preq: _ProduceRequest = context
         now = _now_ms()
         for (topic, _), e in preq.entries.items():
-            self._took_off(e)
+            e.took_off()
             self._metadata.want(topic)
-            self._retry(e, code, now)
+            self._queues.retry(e, code, now)
         self.wakeup()
 
     def on_connection_lost(self, conn: Connection) -> None:
@@ -349,24 +509,30 @@ class Sender:
 
     def _stop(self) -> None:
         self._stopped = True
+        self._queues.stop()
         self._connections.stop()
         self._metadata.stop()
         self._idempotence.stop()
 
+    def _on_topic_error(self, topic: str, code: int) -> None:
+        # Metadata says the topic's error is not retriable: its waiting batches fail now.
+        self._queues.fail_topic(topic, code)
+
     def _idle(self) -> bool:
         acc = self.accumulator
         return (
-            self._outstanding_batches == 0
+            self._queues.outstanding == 0
             and getattr(acc, "open_batches", 0) == 0
             and getattr(acc, "buffered_bytes", 0) == 0
         )
 
     def _step(self, now: float) -> None:
+        queues = self._queues
         for batch in self.accumulator.ready(now):
-            self._enqueue(batch, now)
+            queues.enqueue(batch, now)
         if now - self._last_expiry_scan >= _EXPIRY_SCAN_INTERVAL_MS:
             self._last_expiry_scan = now
-            self._expire(now)
+            queues.expire(now)
             self._connections.expire_requests(now)
         self._check_unflushed()
         self._metadata.poll(now)
@@ -378,125 +544,10 @@ class Sender:
         acc_deadline = self.accumulator.next_deadline()
         if acc_deadline is not None:
             wake = min(wake, acc_deadline)
-        for part in self._queued:
-            if part.queue:
-                head = part.queue[0]
-                if head.not_before_ms > now:
-                    wake = min(wake, head.not_before_ms)
-                wake = min(wake, head.deadline_ms)
-        if self._queued or self.stats["in_flight"] or any(c.unflushed for c in self._connections.connections()):
+        wake = self._queues.next_wake(now, wake)
+        if self._queues.queued or self.stats["in_flight"] or any(c.unflushed for c in self._connections.connections()):
             wake = min(wake, now + _EXPIRY_SCAN_INTERVAL_MS)
         return wake
-
-    # --- batches ----------------------------------------------------------------------------
-
-    def _profile(self, batch: Any) -> Profile:
-        profile = getattr(batch, "profile", None)
-        return profile if profile is not None else self.profile_for(batch.topic)
-
-    def _enqueue(self, batch: Any, now: float) -> None:
-        profile = self._profile(batch)
-        key = (batch.topic, batch.partition)
-        part = self._parts.get(key)
-        if part is None:
-            part = self._parts[key] = _Partition(batch.topic, batch.partition)
-        idem = profile.enable_idempotence and profile.acks == -1
-        self._order += 1
-        deadline = batch.created_ms + profile.delivery_timeout_ms
-        entry = _Entry(batch, self._order, part, idem, deadline)
-        self._outstanding_batches += 1
-        part.queue.append(entry)
-        self._queued.add(part)
-        self._metadata.need(batch.topic)
-
-    def _complete_batch(self, batch: Any, code: int, base_offset: int, log_append_time_ms: int) -> None:
-        st = self.stats
-        if code == 0:
-            st["batches"] += 1
-            st["records"] += batch.record_count
-            st["bytes"] += batch.size
-        else:
-            st["failed_batches"] += 1
-            name = ec.error_name(code)
-            st["errors"][name] = st["errors"].get(name, 0) + 1
-        try:
-            self.on_complete(batch, code, base_offset, log_append_time_ms)
-        except Exception:  # noqa: BLE001 - a faulty callback must not stop the sender
-            log.exception("on_complete raised for %s[%s]", batch.topic, batch.partition)
-        finally:
-            self.accumulator.release(batch)
-            self._progress.set()
-
-    def _finish(self, e: _Entry, code: int, base_offset: int, log_append_time_ms: int) -> None:
-        if e.done:
-            return
-        e.done = True
-        self._outstanding_batches -= 1
-        self._complete_batch(e.batch, code, base_offset, log_append_time_ms)
-
-    def _fail(self, e: _Entry, code: int) -> None:
-        if e.done:
-            return
-        if e.idempotent and not e.needs_stamp:
-            # The chain of this producer id on this partition may now have a gap: later batches
-            # answered OUT_OF_ORDER get re-stamped under a new id instead of failing too.
-            e.part.chain.break_at(e.batch)
-        self._finish(e, code, -1, -1)
-
-    def _retry(self, e: _Entry, code: int, now: float, backoff: bool = True) -> None:
-        if e.done:
-            return
-        if now >= e.deadline_ms or self._stopped:
-            log.debug("batch %s[%s] expired after %s", e.part.topic, e.part.partition, ec.error_name(code))
-            self._fail(e, ec.REQUEST_TIMED_OUT)
-            return
-        e.retries += 1
-        self.stats["retries"] += 1
-        if backoff:
-            profile = self._profile(e.batch)
-            base = profile.retry_backoff_ms * (2 ** min(e.retries - 1, 20))
-            delay = min(base, profile.retry_backoff_max_ms) * random.uniform(0.8, 1.2)
-            e.not_before_ms = now + min(delay, profile.retry_backoff_max_ms)
-        else:
-            e.not_before_ms = 0.0
-        e.part.requeue(e)
-        self._queued.add(e.part)
-
-    def _expire(self, now: float) -> None:
-        for part in list(self._queued):
-            if not part.queue:
-                self._queued.discard(part)
-                continue
-            keep = []
-            for e in part.queue:
-                if now >= e.deadline_ms:
-                    # Say why it never left, when metadata knows (the topic is gone, say).
-                    topic_code = self._metadata.error_code(part.topic)
-                    code = ec.REQUEST_TIMED_OUT
-                    if topic_code and topic_code != ec.LEADER_NOT_AVAILABLE:
-                        code = topic_code
-                    self._fail(e, code)
-                else:
-                    keep.append(e)
-            part.queue = keep
-            if not keep:
-                self._queued.discard(part)
-
-    def _fail_queued(self, code: int) -> None:
-        for part in list(self._parts.values()):
-            for e in list(part.queue):
-                self._fail(e, code)
-            part.queue.clear()
-        self._queued.clear()
-
-    def _fail_topic(self, topic: str, code: int) -> None:
-        # Metadata says the topic's error is not retriable: its waiting batches fail now.
-        for part in list(self._queued):
-            if part.topic == topic:
-                for e in part.queue:
-                    self._fail(e, code)
-                part.queue = []
-                self._queued.discard(part)
 
     # --- dispatch ---------------------------------------------------------------------------
 
@@ -514,10 +565,12 @@ class Sender:
         groups: dict[tuple[int, int, int], tuple[Connection, dict[tuple[str, int], _Entry], list[int]]] = {}
         max_in_flight = self.settings.max_in_flight_requests_per_connection
         idempotence = self._idempotence
+        queues = self._queues
+        queued = queues.queued
         planned: dict[int, int] = {}
-        for part in list(self._queued):
+        for part in list(queued):
             if not part.queue:
-                self._queued.discard(part)
+                queued.discard(part)
                 continue
             e = part.queue[0]
             if e.not_before_ms > now:
@@ -535,7 +588,7 @@ class Sender:
                 continue
             if e.idempotent and not idempotence.may_send(part.chain, e, part.in_flight):
                 continue
-            profile = self._profile(e.batch)
+            profile = queues.profile(e.batch)
             key = (leader, profile.acks, profile.request_timeout_ms)
             group = groups.get(key)
             if group is None:
@@ -583,23 +636,17 @@ class Sender:
         for conn in self._connections.connections():
             for preq in conn.take_written():
                 for e in preq.entries.values():
-                    self._took_off(e)
-                    self._finish(e, 0, -1, -1)
+                    e.took_off()
+                    self._queues.finish(e, 0, -1, -1)
 
     # --- responses --------------------------------------------------------------------------
-
-    def _took_off(self, e: _Entry) -> None:
-        e.in_flight = False
-        try:
-            e.part.in_flight.remove(e)
-        except ValueError:
-            pass
 
     def _on_partition_result(self, e: _Entry, code: int, base_offset: int, log_append_time_ms: int,
                              now: float, message: str | None) -> None:
         part = e.part
+        queues = self._queues
         if code == 0 or code == ec.DUPLICATE_SEQUENCE_NUMBER:
-            self._finish(e, 0, base_offset, log_append_time_ms)
+            queues.finish(e, 0, base_offset, log_append_time_ms)
             return
         name = ec.error_name(code)
         if message:
@@ -607,11 +654,11 @@ class Sender:
         if e.idempotent and code in SEQUENCE_ERRORS:
             verdict = self._idempotence.on_sequence_error(part.chain, e, code, part.in_flight, part.queue)
             if verdict is Verdict.FAIL:
-                self._fail(e, code)
+                queues.fail(e, code)
                 return
             if verdict is Verdict.RESTAMP:
                 e.needs_stamp = True
-            self._retry(e, code, now, backoff=False)
+            queues.retry(e, code, now, backoff=False)
             return
         if code in _REFRESH_CODES:
             self._metadata.want(part.topic)
@@ -622,11 +669,11 @@ class Sender:
             log.warning("%s[%s]: a batch of %d records (%d bytes) was refused as MESSAGE_TOO_LARGE; the "
                         "topic's max.message.bytes is below this profile's batch_size (%d): lower batch_size "
                         "for this topic or raise max.message.bytes", part.topic, part.partition,
-                        e.batch.record_count, e.batch.size, self._profile(e.batch).batch_size)
+                        e.batch.record_count, e.batch.size, queues.profile(e.batch).batch_size)
         if ec.is_retriable(code):
-            self._retry(e, code, now)
+            queues.retry(e, code, now)
         else:
-            self._fail(e, code)
+            queues.fail(e, code)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

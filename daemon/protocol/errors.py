@@ -42,7 +42,7 @@ def _export_constants() -> None:
 
 _export_constants()
 
-# Names the sender refers to, spelled out so readers (and linters) can find them.
+# Names the daemon refers to, spelled out so readers (and linters) can find them.
 UNKNOWN_SERVER_ERROR: int = CODE_BY_NAME["UNKNOWN_SERVER_ERROR"]
 CORRUPT_MESSAGE: int = CODE_BY_NAME["CORRUPT_MESSAGE"]
 UNKNOWN_TOPIC_OR_PARTITION: int = CODE_BY_NAME["UNKNOWN_TOPIC_OR_PARTITION"]
