@@ -434,7 +434,7 @@ def _recovering_worker(config: Any, segment: Segment, clients: list[int]) -> tup
 
 
 def _adopted(w: Worker) -> list[Any]:
-    return [e.batch for part in w.sender._parts.values() for e in part.queue]
+    return [e.batch for part in w.sender._queues.parts.values() for e in part.queue]
 
 
 def _per_partition(got: list[tuple[int, int, int, int, int]]) -> dict[int, list[tuple[int, int, int]]]:
