@@ -8,8 +8,8 @@ Policy
     the first time a batch or :meth:`Metadata.partitions_for` needs it, after leader errors
     (the sender asks with :meth:`Metadata.want` on NOT_LEADER_OR_FOLLOWER,
     LEADER_NOT_AVAILABLE, FENCED_LEADER_EPOCH, ...), and every ``metadata_max_age_ms`` for all
-    known topics. Requests are at least ``_METADATA_MIN_INTERVAL_MS`` apart and one at a time;
-    a failed one is asked again. A topic that gains partitions is reported to
+    known topics. Background refreshes run one at a time, at least 100 ms apart; the topics of
+    a failed one are asked again. A topic that gains partitions is reported to
     ``on_partition_count``. Produce responses v10+ name the new leader (CurrentLeader); the
     sender adopts it at once (:meth:`Metadata.adopt_leader`) instead of waiting for the refresh.
     A topic error that is not retriable (the topic does not exist, say) goes to
