@@ -39,7 +39,14 @@ from daemon.protocol import errors as ec
 from daemon.protocol import messages as m
 from shm.errors import KafkaError, ProtocolError
 
-__all__ = ["Connection", "ConnectionListener", "ConnectionPool", "parse_hostport", "BOOTSTRAP_NODE", "CONTROL_TIMEOUT_S"]
+__all__ = [
+    "BOOTSTRAP_NODE",
+    "CONTROL_TIMEOUT_S",
+    "Connection",
+    "ConnectionListener",
+    "ConnectionPool",
+    "parse_hostport",
+]
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +234,10 @@ class Connection(asyncio.Protocol):
 
     async def request(self, api_key: int, encode: Callable[[int, int], bytes], timeout_s: float) -> tuple[int, memoryview]:
         """Send a control request and await its body. Returns (version used, body)."""
-        version = self.versions[api_key] if api_key != m.API_VERSIONS else self.versions.get(api_key, _API_VERSIONS_FALLBACK)
+        if api_key == m.API_VERSIONS:
+            version = self.versions.get(api_key, _API_VERSIONS_FALLBACK)
+        else:
+            version = self.versions[api_key]
         cid = self.next_correlation_id()
         fut: asyncio.Future[memoryview] = asyncio.get_running_loop().create_future()
         deadline = _now_ms() + timeout_s * 1000.0

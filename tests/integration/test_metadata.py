@@ -67,7 +67,8 @@ def test_partition_growth_is_reported_and_an_invalid_topic_fails_its_batches(kaf
     async def main() -> None:
         settings = KafkaSettings(bootstrap_servers=kafka_bootstrap, metadata_max_age_ms=200)
         pool = ConnectionPool(settings)
-        meta = Metadata(settings, pool, stats={"metadata_requests": 0}, on_partition_count=lambda t, n: counts.append((t, n)),
+        meta = Metadata(settings, pool, stats={"metadata_requests": 0},
+                        on_partition_count=lambda t, n: counts.append((t, n)),
                         on_topic_error=lambda t, c: topic_errors.append((t, c)),
                         wakeup=lambda: wakeups.__setitem__(0, wakeups[0] + 1))
         try:
