@@ -155,13 +155,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from daemon.config import ConfigError, load
+    from daemon.config import EXIT_CONFIG, ConfigError, load
 
     try:
         cfg = load(args.config)
     except ConfigError as exc:
         print(f"sluice: {exc}", file=sys.stderr)
-        return 78
+        return EXIT_CONFIG
     print(f"{args.config}: ok ({cfg.daemon.worker_count()} workers, profiles: {', '.join(sorted(cfg.profiles))})")
     return 0
 

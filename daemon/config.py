@@ -42,12 +42,16 @@ __all__ = [
     "ConfigDiff",
     "BUILTIN_PROFILES",
     "DEFAULT_CONFIG_PATH",
+    "EXIT_CONFIG",
     "load",
     "loads",
     "diff_live",
 ]
 
 DEFAULT_CONFIG_PATH = "/etc/sluice/sluice.toml"
+# The exit status for a config that cannot be read or is refused (sysexits.h EX_CONFIG). The
+# systemd unit lists it in RestartPreventExitStatus, so a bad config does not restart in a loop.
+EXIT_CONFIG = 78
 
 Compression = Literal["none", "gzip", "snappy", "lz4", "zstd"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
