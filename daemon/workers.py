@@ -27,7 +27,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import psutil
@@ -39,6 +39,7 @@ from shm.errors import SluiceError
 __all__ = [
     "HEARTBEAT_MIN_STALE_S",
     "HEARTBEAT_STALE_S",
+    "WORKER_ARGV",
     "WORKER_START_S",
     "Introduction",
     "WorkerEvents",
@@ -66,6 +67,8 @@ _DRAIN_GRACE_S = 5.0
 _DRAIN_POLL_S = 0.05
 _READY_POLL_S = 0.02
 _RELOAD_POLL_S = 0.01
+# A worker process is this command plus its channel's fd.
+WORKER_ARGV = (sys.executable, "-m", "daemon.worker")
 # Environment a worker must not inherit: only the main process may talk to systemd.
 _SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
@@ -114,14 +117,25 @@ class WorkerPool:
         count: the number of workers (fixed for the daemon's life: segments are laid out for it).
         config, config_text, config_source: the config a worker starts with (see :meth:`reload`).
         events: where the messages about clients and topics go.
+        worker_argv: the worker command, to which the channel's fd is appended (tests run a
+            stand-in worker).
     """
 
-    def __init__(self, count: int, config: Config, config_text: str, config_source: str, events: WorkerEvents) -> None:
+    def __init__(
+        self,
+        count: int,
+        config: Config,
+        config_text: str,
+        config_source: str,
+        events: WorkerEvents,
+        worker_argv: Sequence[str] = WORKER_ARGV,
+    ) -> None:
         self.handles = [WorkerHandle(i) for i in range(count)]
         self._config = config
         self._config_text = config_text
         self._config_source = config_source
         self._events = events
+        self._argv = list(worker_argv)
         self._recover_at_start = False
         self._stopping = False
         self._undelivered = 0  # records the workers reported undelivered at their Bye
@@ -158,7 +172,7 @@ class WorkerPool:
         parent, child = ch.Channel.pair()
         env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_ENV}
         handle.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.worker", str(child.fileno())],
+            [*self._argv, str(child.fileno())],
             pass_fds=[child.fileno()],
             env=env,
             stdin=subprocess.DEVNULL,
