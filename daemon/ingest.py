@@ -52,6 +52,10 @@ class SocketIngest:
         from shm.producer import Producer  # the client side: only the daemon's ingest needs it
 
         producer = await asyncio.to_thread(Producer, socket_path, client_name=INGEST_CLIENT_NAME, reconnect_timeout_s=0.0)
+        self.attach(producer)
+
+    def attach(self, producer: Any) -> None:
+        """Use ``producer`` (a connected :class:`shm.Producer`) from now on; Produce stops waiting."""
         # The daemon's own producer must never block its loop (a full ring is retried in
         # produce() instead). Not a public Producer option yet: issue 11 item 3 makes it one.
         producer._never_block = True

@@ -9,9 +9,8 @@ import pytest
 
 from daemon.config import loads
 from daemon.topics import MAX_TOPICS, METADATA_TIMEOUT_S, TopicTable, topic_info
+from daemon.protocol.errors import UNKNOWN_TOPIC_OR_PARTITION as UNKNOWN_TOPIC
 from shm.errors import KafkaError, SluiceError
-
-UNKNOWN_TOPIC = 3  # Kafka's UNKNOWN_TOPIC_OR_PARTITION
 
 
 class Metadata:

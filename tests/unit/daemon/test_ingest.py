@@ -1,0 +1,229 @@
+"""daemon.ingest: SocketIngest with a scripted producer whose outcomes arrive on another thread.
+
+The producer stands in for shm.Producer (tests/integration/test_socket_ingest.py drives the
+real one through a real daemon): lookups, a full ring, Kafka errors and delivery outcomes are
+scripted, so the replies SocketIngest builds from them are checked exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from daemon.ingest import SocketIngest
+from daemon.protocol.errors import MESSAGE_TOO_LARGE, UNKNOWN_TOPIC_OR_PARTITION
+from shm import control
+from shm import RecordMetadata
+from shm.errors import BufferFullError, KafkaError, SluiceError
+
+
+class ProducerClosedError(SluiceError):
+    """What the producer's futures fail with when it closes before their outcome."""
+
+
+class Outcome(concurrent.futures.Future):  # type: ignore[type-arg]
+    """A DeliveryFuture's surface: add_done_callback, result(timeout), partition."""
+
+    def __init__(self, partition: int) -> None:
+        super().__init__()
+        self.partition = partition
+
+
+class Producer:
+    def __init__(self, on_full: str = "drop", max_block_ms: int = 60_000) -> None:
+        self.on_full = on_full
+        self.max_block_ms = max_block_ms
+        self.lookups: list[str] = []
+        self.full_for = 0  # the next this-many send() calls find the ring full
+        self.refuse: dict[bytes, KafkaError] = {}  # value -> error raised before the ring
+        self.sent: list[Outcome] = []
+        self.drops: dict[str, int] = {"t": 2}
+
+    def lookup(self, topic: str) -> control.TopicInfo:
+        assert threading.current_thread() is not threading.main_thread()  # never on the loop
+        self.lookups.append(topic)
+        if topic == "nope":
+            raise KafkaError.for_code(UNKNOWN_TOPIC_OR_PARTITION)
+        return control.TopicInfo(
+            topic=topic, topic_id=0, partitions=4, profile="p", max_request_size=1 << 20,
+            on_full=self.on_full, max_block_ms=self.max_block_ms, batch_size=16384, linger_ms=5,
+        )
+
+    def send(self, topic: str, value: bytes, key: bytes | None, **kw: Any) -> Outcome:
+        if self.full_for:
+            self.full_for -= 1
+            raise BufferFullError("ring full")
+        if value in self.refuse:
+            raise self.refuse[value]
+        fut = Outcome(kw["partition"] if kw["partition"] is not None else len(self.sent) % 4)
+        self.sent.append(fut)
+        return fut
+
+    def complete(self, outcomes: Callable[[int, Outcome], None]) -> None:
+        """Settle every sent record from another thread, as the completion thread does."""
+
+        def run() -> None:
+            for i, fut in enumerate(self.sent):
+                outcomes(i, fut)
+
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+
+
+def _delivered(i: int, fut: Outcome) -> None:
+    fut.set_result(RecordMetadata("t", fut.partition, 100 + i, 1_000 + i))
+
+
+class Client:
+    """The reply side: what the server would write to the connection."""
+
+    def __init__(self) -> None:
+        self.replies: list[Any] = []
+        self.pending: set[asyncio.Future[Any]] = set()
+
+    async def reply(self, msg: Any) -> None:
+        self.replies.append(msg)
+
+
+def _recs(*values: bytes, partition: int | None = None) -> list[control.Rec]:
+    return [control.Rec(value=v, partition=partition) for v in values]
+
+
+def _ingest(producer: Producer) -> SocketIngest:
+    ingest = SocketIngest()
+    ingest.attach(producer)
+    return ingest
+
+
+def test_acknowledged_produce_answers_every_record_in_order() -> None:
+    async def main() -> None:
+        p = Producer()
+        p.refuse[b"big"] = KafkaError.for_code(MESSAGE_TOO_LARGE)
+        ingest, c = _ingest(p), Client()
+        await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"big", b"c"), ack=True, seq=5), c.reply, c.pending)
+        assert c.replies == [] and len(c.pending) == 1  # waiting for the outcomes
+        p.complete(_delivered)
+        await asyncio.wait_for(asyncio.gather(*c.pending), 5)
+        (ack,) = c.replies
+        assert ack.seq == 5
+        r = ack.results
+        assert (r[0].partition, r[0].offset, r[0].timestamp, r[0].error_code) == (0, 100, 1_000, 0)
+        assert (r[1].offset, r[1].error_code, r[1].error_name) == (-1, MESSAGE_TOO_LARGE, "MESSAGE_TOO_LARGE")
+        assert (r[2].partition, r[2].offset, r[2].error_code) == (1, 101, 0)
+        assert not c.pending
+
+    asyncio.run(main())
+
+
+def test_failed_and_closed_outcomes_are_reported_per_record() -> None:
+    async def main() -> None:
+        p = Producer()
+        ingest, c = _ingest(p), Client()
+        await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"b", partition=3), ack=True, seq=1), c.reply, c.pending)
+
+        def outcomes(i: int, fut: Outcome) -> None:
+            fut.set_exception(KafkaError.for_code(MESSAGE_TOO_LARGE) if i == 0 else ProducerClosedError("closed"))
+
+        p.complete(outcomes)
+        await asyncio.wait_for(asyncio.gather(*c.pending), 5)
+        (ack,) = c.replies
+        assert [(x.partition, x.error_code) for x in ack.results] == [(3, MESSAGE_TOO_LARGE), (3, control.ERR_SHUTTING_DOWN)]
+        assert ack.results[1].error_name == "ProducerClosedError"
+
+    asyncio.run(main())
+
+
+def test_unknown_topic_fails_the_whole_frame() -> None:
+    async def main() -> None:
+        ingest, c = _ingest(Producer()), Client()
+        await ingest.produce(control.Produce(topic="nope", records=_recs(b"a", b"b"), ack=True, seq=2), c.reply, c.pending)
+        (ack,) = c.replies
+        assert [(x.partition, x.error_code) for x in ack.results] == [(-1, UNKNOWN_TOPIC_OR_PARTITION)] * 2
+        # Without ack the client still hears of it, as a non-fatal error.
+        await ingest.produce(control.Produce(topic="nope", records=_recs(b"a")), c.reply, c.pending)
+        err = c.replies[1]
+        assert isinstance(err, control.ErrorReply)
+        assert (err.code, err.fatal) == (UNKNOWN_TOPIC_OR_PARTITION, False)
+
+    asyncio.run(main())
+
+
+def test_topic_is_looked_up_once() -> None:
+    async def main() -> None:
+        p = Producer()
+        ingest, c = _ingest(p), Client()
+        for _ in range(3):
+            await ingest.produce(control.Produce(topic="t", records=_recs(b"a")), c.reply, c.pending)
+        assert p.lookups == ["t"]
+        assert ingest.drops == {"t": 2} and ingest.drops is not p.drops  # a copy
+
+    asyncio.run(main())
+
+
+def test_full_ring_under_drop_answers_buffer_full() -> None:
+    async def main() -> None:
+        p = Producer(on_full="drop")
+        p.full_for = 1
+        ingest, c = _ingest(p), Client()
+        await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"b"), ack=True), c.reply, c.pending)
+        p.complete(_delivered)
+        await asyncio.wait_for(asyncio.gather(*c.pending), 5)
+        (ack,) = c.replies
+        assert [x.error_code for x in ack.results] == [control.ERR_BUFFER_FULL, 0]
+        assert len(p.sent) == 1
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(("max_block_ms", "delivered"), [(60_000, 1), (0, 0)])
+def test_full_ring_under_block_retries_until_max_block(max_block_ms: int, delivered: int) -> None:
+    async def main() -> None:
+        p = Producer(on_full="block", max_block_ms=max_block_ms)
+        p.full_for = 3
+        ingest, c = _ingest(p), Client()
+        await ingest.produce(control.Produce(topic="t", records=_recs(b"a"), ack=True), c.reply, c.pending)
+        assert len(p.sent) == delivered
+        p.complete(_delivered)
+        await asyncio.wait_for(asyncio.gather(*c.pending), 5)
+        (ack,) = c.replies
+        assert ack.results[0].error_code == (0 if delivered else control.ERR_BUFFER_FULL)
+
+    asyncio.run(main())
+
+
+def test_unacknowledged_produce_is_pending_until_its_outcomes() -> None:
+    async def main() -> None:
+        p = Producer()
+        ingest, c = _ingest(p), Client()
+        await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"b")), c.reply, c.pending)
+        (waiter,) = c.pending
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        p.sent[0].set_result(RecordMetadata("t", 0, 1, 1))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()  # one record still out
+        p.complete(lambda i, f: f.done() or _delivered(i, f))
+        await asyncio.wait_for(waiter, 5)
+        assert c.replies == [] and not c.pending
+
+    asyncio.run(main())
+
+
+def test_produce_before_the_producer_is_attached_waits_for_it() -> None:
+    async def main() -> None:
+        ingest, c = SocketIngest(), Client()
+        task = asyncio.create_task(ingest.produce(control.Produce(topic="t", records=_recs(b"a")), c.reply, c.pending))
+        await asyncio.sleep(0.02)
+        assert not task.done() and ingest.drops == {}
+        p = Producer()
+        ingest.attach(p)
+        await asyncio.wait_for(task, 5)
+        assert len(p.sent) == 1
+
+    asyncio.run(main())
