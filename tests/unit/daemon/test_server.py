@@ -15,8 +15,6 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from daemon import channel as ch
 from daemon.config import Config, loads
 from daemon.ingest import Reply
