@@ -310,15 +310,8 @@ class Accumulator:
         self._owner = 0  # the owner (runs table client id) of the append call in progress
         self._base = 0  # ring position of the call's first byte
         self._pos = -1  # call-relative position of the record _append_one is given (-1: none)
+        self._taken = 0  # records taken by the append_region call in progress (its count)
         _numpy()  # import it now (about 50 ms), not on the first run of records
-        # Records taken by append calls since the caller last set this to 0 (the worker counts
-        # each ring drain with it).
-        self.appended = 0
-        # Context of the next append_region calls, for the runs tables (crash recovery): whose
-        # ring the frames come from (-1: the client_id argument) and the ring position of
-        # ``data[start]``. The worker sets both before each call.
-        self.owner = -1
-        self.position_base = 0
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -346,7 +339,7 @@ class Accumulator:
         APPEND_TOO_LARGE (the record alone exceeds ``max_request_size``).
         """
         self._cid = client_id
-        self._owner = client_id if self.owner < 0 else self.owner
+        self._owner = client_id
         self._pos = -1  # not from a ring: recovery cannot match these records
         code = self._append_one(topic, partition, timestamp_ms, body, now_ms)
         self._flush_dirty()
@@ -359,9 +352,11 @@ class Accumulator:
         end: int,
         topics: Sequence[str | None],
         partition_counts: Sequence[int],
-        client_id: int,
+        chunk_key: int,
+        owner: int,
+        position_base: int,
         now_ms: float,
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, int]:
         """Append every RECORD frame of ``data[start:end]`` (whole ring frames, 8-byte aligned).
 
         Args:
@@ -369,11 +364,14 @@ class Accumulator:
             start, end: the region to consume; ``start`` is a frame start.
             topics: the client's topic table, topic_id -> topic name (None = not registered).
             partition_counts: topic_id -> partition count, for validating frames.
-            client_id: the client whose ring this is (for ``Batch.runs``).
+            chunk_key: the key of the records' chunk (for ``Batch.runs``).
+            owner: the client whose ring this is (for the runs tables, crash recovery).
+            position_base: the ring position of ``data[start]`` (for the runs tables).
             now_ms: the monotonic clock in ms.
 
         Returns:
-            ``(code, pos)``: ``pos`` is where consumption stopped (the ring may free up to it);
+            ``(code, pos, count)``: ``count`` records were taken by this call; ``pos`` is where
+            consumption stopped (the ring may free up to it);
             ``code`` is APPEND_OK when everything up to ``end`` was consumed (a PADDING frame
             consumes the rest of the region), else the code of the frame at ``pos``:
             APPEND_FULL (retry later), APPEND_TOO_LARGE (the caller fails that record and
@@ -397,9 +395,10 @@ class Accumulator:
         openb = self._open
         dirty = self._dirty
         buf = self._buf
-        self._cid = client_id
-        self._owner = client_id if self.owner < 0 else self.owner
-        self._base = self.position_base
+        self._cid = chunk_key
+        self._owner = owner
+        self._base = position_base
+        self._taken = 0
         seen: dict[int, Batch] = {}  # (topic_id << 32) + partition -> batch, validated this call
         cur: Batch | None = None
         ctid = cpart = -1  # the key of the fast path; -1 = none loaded
@@ -517,7 +516,7 @@ class Accumulator:
             cur._dmax = dmax
             cur._room = room - (pos - pos0)
         self._flush_dirty()
-        return code, pos + shift
+        return code, pos + shift, self._taken
 
     def _flush_dirty(self) -> None:
         """End of an append call: write pending pieces into the arena, settle Batch.runs."""
@@ -534,7 +533,7 @@ class Accumulator:
         # the call extend (or start) one run.
         k = b.record_count - b._n0
         if k:
-            self.appended += k
+            self._taken += k
             b._n0 = b.record_count
             cid = self._cid
             runs = b.runs

@@ -325,11 +325,9 @@ class Worker:
             self._chunk_seq += 1
             key = self._chunk_seq
             acc = self.acc
-            acc.appended = 0
-            acc.owner = client.client_id
-            acc.position_base = ring.cursor
-            code, pos = acc.append_region(data, 0, stop, self.topic_names, self.partition_counts, key, now)
-            count = acc.appended
+            code, pos, count = acc.append_region(
+                data, 0, stop, self.topic_names, self.partition_counts, key, client.client_id, ring.cursor, now
+            )
             if count:
                 chunk = _Chunk(ring.position_after(pos), count)
                 client.chunks.append(chunk)
@@ -359,20 +357,20 @@ class Worker:
                 # A chunk of its own: the records taken above are the chunk ``key``.
                 self._chunk_seq += 1
                 key2 = self._chunk_seq
-                acc.appended = 0
-                acc.position_base = ring.cursor
-                code2, pos2 = acc.append_region(data, pos, stop, self.topic_names, self.partition_counts, key2, now)
+                code2, pos2, count2 = acc.append_region(
+                    data, pos, stop, self.topic_names, self.partition_counts, key2, client.client_id, ring.cursor, now
+                )
                 if code2 == APPEND_INVALID and pos2 == pos:
                     raise CorruptFrameError(
                         f"client {client.client_id} ({client.name}): invalid frame at ring "
                         f"position {ring.cursor}"
                     )
                 # The topic was only late: account for what was taken and go on.
-                if acc.appended:
-                    chunk = _Chunk(ring.position_after(pos2 - pos), acc.appended)
+                if count2:
+                    chunk = _Chunk(ring.position_after(pos2 - pos), count2)
                     client.chunks.append(chunk)
                     self._chunks[key2] = (client, chunk)
-                    self.counters["records_in"] += acc.appended
+                    self.counters["records_in"] += count2
                     self.counters["bytes_in"] += pos2 - pos
                 if pos2 > pos:
                     ring.advance(pos2 - pos)
@@ -573,15 +571,14 @@ class Worker:
         while a < b:
             self._chunk_seq += 1
             key = self._chunk_seq
-            acc.appended = 0
-            acc.owner = client.client_id
-            acc.position_base = r0 + a
-            code, pos = acc.append_region(data, a, b, self.topic_names, self.partition_counts, key, now)
-            if acc.appended:
+            code, pos, count = acc.append_region(
+                data, a, b, self.topic_names, self.partition_counts, key, client.client_id, r0 + a, now
+            )
+            if count:
                 self._chunks[key] = (client, chunk)
                 chunk.keys.append(key)
-                chunk.pending += acc.appended
-                self.counters["records_in"] += acc.appended
+                chunk.pending += count
+                self.counters["records_in"] += count
                 self.counters["bytes_in"] += pos - a
             if pos > a:
                 ring.advance(pos - a)

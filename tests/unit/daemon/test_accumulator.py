@@ -177,7 +177,7 @@ def test_timestamps_outside_the_tables_and_before_the_first() -> None:
     acc = make(linger_ms=0)
     tss = [T0, T0 - 5, T0 + 100_000, T0 + 3]
     data = b"".join(frame(0, 0, ts, body(None, b"%d" % i)) for i, ts in enumerate(tss))
-    assert acc.append_region(data, 0, len(data), ["t"], [1], 9, 0.0) == (APPEND_OK, len(data))
+    assert acc.append_region(data, 0, len(data), ["t"], [1], 9, 9, 0, 0.0) == (APPEND_OK, len(data), len(tss))
     (b,) = acc.ready(0.0)
     (dec,) = decode_batches(b.payload())
     assert [r.timestamp for r in dec.records] == tss
@@ -193,7 +193,7 @@ def test_region_matches_single_appends_byte_for_byte() -> None:
     for p, ts, bd in recs:
         assert a.append("t", p, ts, bd, 5, 0.0) == APPEND_OK
     data = memoryview(bytearray(b"".join(frame(0, p, ts, bd) for p, ts, bd in recs)))
-    assert b.append_region(data, 0, len(data), ["t"], [3], 5, 0.0) == (APPEND_OK, len(data))
+    assert b.append_region(data, 0, len(data), ["t"], [3], 5, 5, 0, 0.0) == (APPEND_OK, len(data), len(recs))
     pa, pb = a.ready(0.0), b.ready(0.0)
     assert [bytes(x.payload()) for x in pa] == [bytes(x.payload()) for x in pb]
     assert [x.runs for x in pa] == [x.runs for x in pb]
@@ -204,7 +204,7 @@ def test_region_padding_and_invalid_frames() -> None:
     good = frame(0, 0, T0, body(None, b"a"))
     pad = struct.pack("<II", 24, 0) + b"\0" * 24
     data = good + pad
-    assert acc.append_region(data, 0, len(data), ["t"], [1], 1, 0.0) == (APPEND_OK, len(data))
+    assert acc.append_region(data, 0, len(data), ["t"], [1], 1, 1, 0, 0.0) == (APPEND_OK, len(data), 1)
     for bad in (
         frame(0, 0, T0, body(None, b"a"), ftype=2),  # completion frame in a request ring
         frame(2, 0, T0, body(None, b"a")),  # topic id beyond the client's table
@@ -215,8 +215,8 @@ def test_region_padding_and_invalid_frames() -> None:
         struct.pack("<II", 4000, 1) + struct.pack("<HHiq", 0, 0, 0, T0) + b"\0" * 8,  # runs past the end
     ):
         data = good + bad
-        code, pos = acc.append_region(data, 0, len(data), ["t", None], [1, 1], 1, 0.0)
-        assert (code, pos) == (APPEND_INVALID, len(good))
+        code, pos, count = acc.append_region(data, 0, len(data), ["t", None], [1, 1], 1, 1, 0, 0.0)
+        assert (code, pos, count) == (APPEND_INVALID, len(good), 1)
     out = acc.ready(0.0)
     assert values_of(out) == [b"a"] * 8  # the good frame of every call, nothing else
 
@@ -225,8 +225,8 @@ def test_region_full_stops_and_resumes_without_duplicates() -> None:
     acc = make(buffer_memory=8 * 1024, chunk_size=1024, batch_size=2048, linger_ms=0)
     frames = [frame(0, i % 8, T0, body(None, b"%03d" % i + b"." * 300)) for i in range(40)]
     data = b"".join(frames)
-    code, pos = acc.append_region(data, 0, len(data), ["t"], [8], 1, 0.0)
-    assert code == APPEND_FULL and 0 < pos < len(data)
+    code, pos, taken = acc.append_region(data, 0, len(data), ["t"], [8], 1, 1, 0, 0.0)
+    assert code == APPEND_FULL and 0 < pos < len(data) and 0 < taken < 40
     got: list[bytes | None] = []
     for _ in range(100):
         batches = acc.ready(0.0)
@@ -235,7 +235,9 @@ def test_region_full_stops_and_resumes_without_duplicates() -> None:
             acc.release(b)
         if code == APPEND_OK:
             break
-        code, pos = acc.append_region(data, pos, len(data), ["t"], [8], 1, 0.0)
+        code, pos, n = acc.append_region(data, pos, len(data), ["t"], [8], 1, 1, pos, 0.0)
+        taken += n
+    assert taken == 40
     acc.flush()
     got += values_of(acc.ready(0.0))
     assert sorted(got) == sorted(b"%03d" % i + b"." * 300 for i in range(40))
@@ -246,9 +248,10 @@ def test_region_returns_too_large_at_the_frame() -> None:
     ok = frame(0, 0, T0, body(None, b"a"))
     big = frame(0, 0, T0, body(None, b"b" * 2000))
     data = ok + big + ok
-    code, pos = acc.append_region(data, 0, len(data), ["t"], [1], 1, 0.0)
-    assert (code, pos) == (APPEND_TOO_LARGE, len(ok))
-    assert acc.append_region(data, len(ok) + len(big), len(data), ["t"], [1], 1, 0.0) == (APPEND_OK, len(data))
+    code, pos, count = acc.append_region(data, 0, len(data), ["t"], [1], 1, 1, 0, 0.0)
+    assert (code, pos, count) == (APPEND_TOO_LARGE, len(ok), 1)
+    at = len(ok) + len(big)
+    assert acc.append_region(data, at, len(data), ["t"], [1], 1, 1, at, 0.0) == (APPEND_OK, len(data), 1)
     assert values_of(acc.ready(0.0)) == [b"a", b"a"]
 
 
@@ -279,7 +282,7 @@ def test_region_round_trip_random(recs: list, batch_size: int, codec: str, chunk
     for f in frames:
         offs.append(offs[-1] + len(f))
     for a, b in zip(cuts, cuts[1:]):
-        assert acc.append_region(data, offs[a], offs[b], ["topic"], [4], 3, 0.0) == (APPEND_OK, offs[b])
+        assert acc.append_region(data, offs[a], offs[b], ["topic"], [4], 3, 3, offs[a], 0.0) == (APPEND_OK, offs[b], b - a)
     out = acc.ready(0.0)
     per_part: dict[int, list] = {}
     for b in out:
@@ -307,7 +310,7 @@ def test_region_ending_in_a_short_padding_frame(pad_payload: int) -> None:
     acc = make(linger_ms=0)
     good = frame(0, 0, T0, body(b"k", b"a"))
     data = good + struct.pack("<II", pad_payload, 0) + b"\0" * pad_payload
-    assert acc.append_region(data, 0, len(data), ["t"], [1], 1, 0.0) == (APPEND_OK, len(data))
+    assert acc.append_region(data, 0, len(data), ["t"], [1], 1, 1, 0, 0.0) == (APPEND_OK, len(data), 1)
     assert values_of(acc.ready(0.0)) == [b"a"]
 
 
@@ -328,8 +331,8 @@ def test_runs_table_always_fits_however_many_clients_share_a_batch() -> None:
                     for _ in range(rnd.randrange(1, 4))]
             data = b"".join(recs)
             starts[call] = [10_000 * call + sum(len(r) for r in recs[:i]) for i in range(len(recs))]
-            acc.owner, acc.position_base = 100 + call % 7, 10_000 * call
-            assert acc.append_region(data, 0, len(data), ["t"], [1], call, 0.0) == (APPEND_OK, len(data))
+            got = acc.append_region(data, 0, len(data), ["t"], [1], call, 100 + call % 7, 10_000 * call, 0.0)
+            assert got == (APPEND_OK, len(data), len(recs))
             sent += len(recs)
         acc.flush()
         batches = acc.ready(0.0)
@@ -354,8 +357,7 @@ def test_runs_table_keeps_one_clients_calls_apart() -> None:
     acc = make(batch_size=4096, linger_ms=60_000)
     for call, base in ((1, 800), (2, 2_000)):
         data = frame(0, 0, T0, body(None, b"a")) + frame(0, 0, T0, body(None, b"b"))
-        acc.owner, acc.position_base = 5, base
-        assert acc.append_region(data, 0, len(data), ["t"], [1], call, 0.0) == (APPEND_OK, len(data))
+        assert acc.append_region(data, 0, len(data), ["t"], [1], call, 5, base, 0.0) == (APPEND_OK, len(data), 2)
     acc.flush()
     (b,) = acc.ready(0.0)
     at = b.offset + ((b.size + 7) & -8)

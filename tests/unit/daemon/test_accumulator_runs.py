@@ -68,12 +68,13 @@ def test_runs_match_single_appends_byte_for_byte(seed: int, use_numpy: bool, mon
         if pos == len(data) or pos - (cuts[-1] if cuts else 0) > 200_000:
             cuts.append(pos)
     view = memoryview(bytearray(data))
-    start = 0
+    start = taken_total = 0
     for end in cuts:
-        code, at = b.append_region(view, start, end, ["t"], [3], 5, 0.0)
+        code, at, count = b.append_region(view, start, end, ["t"], [3], 5, 5, start, 0.0)
         assert code == APPEND_OK
         start = at
-    assert start == len(data)
+        taken_total += count
+    assert start == len(data) and taken_total == len(recs)
     a.flush()
     b.flush()
     pa, pb = a.ready(0.0), b.ready(0.0)

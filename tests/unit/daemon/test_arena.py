@@ -205,10 +205,9 @@ def test_runs_table_round_trip_and_recovery(tmp_path) -> None:
     a = Arena(1 << 20, path=path, chunk_size=4096, max_topics=8)
     acc = Accumulator(buffer_memory=1 << 20, profile_for=lambda t: Profile(linger_ms=0), arena=a)
     data, at = _frames([0, 1, 2, 0, 1, 2, 0])
-    acc.owner, acc.position_base = 7, 1_000_000
-    assert acc.append_region(data, 0, at[3], ["t"], [4], 1, 0.0)[0] == 0
-    acc.owner, acc.position_base = 9, 5_000_000  # another client's ring (and another call)
-    assert acc.append_region(data, at[3], len(data), ["t"], [4], 2, 0.0)[0] == 0
+    assert acc.append_region(data, 0, at[3], ["t"], [4], 1, 7, 1_000_000, 0.0)[0] == 0
+    # another client's ring (and another call)
+    assert acc.append_region(data, at[3], len(data), ["t"], [4], 2, 9, 5_000_000, 0.0)[0] == 0
     b0, b1, b2 = sorted(acc.ready(1e18), key=lambda b: b.partition)
     assert [b.runs for b in (b0, b1, b2)] == [[(1, 1), (2, 2)], [(1, 1), (2, 1)], [(1, 1), (2, 1)]]
     b0.stamp(555, 2, 40)
@@ -251,8 +250,7 @@ def test_recovery_drops_a_torn_restamp_and_unknown_runs_and_other_layouts(tmp_pa
     a = Arena(256 * 1024, path=path, chunk_size=4096, max_topics=8)
     acc = Accumulator(buffer_memory=256 * 1024, profile_for=lambda t: Profile(linger_ms=0), arena=a)
     data, _ = _frames([0, 1, 2])
-    acc.owner, acc.position_base = 7, 0
-    acc.append_region(data, 0, len(data), ["t"], [3], 1, 0.0)
+    acc.append_region(data, 0, len(data), ["t"], [3], 1, 7, 0, 0.0)
     b0, b1, b2 = sorted(acc.ready(1e18), key=lambda b: b.partition)
     for b in (b0, b1, b2):
         b.stamp(9, 0, 0)
