@@ -22,6 +22,9 @@ at the wrap) is described in :mod:`shm.layout`. The payloads, little-endian::
       count         u32   resolves the next ``count`` pending records of (topic, partition)
       reserved      u32   0
 
+    CHUNK_DONE payload
+      end           u64   request-ring position up to which every record's outcome was written
+
 Writers (:func:`put_record`, :func:`put_records`, :func:`put_completion`) pack straight into
 the ring with ``struct.pack_into`` and leave the commit (``ring.publish_head()``) to the
 caller, so a burst of frames costs one head store. The bulk path builds the frames of many
@@ -57,7 +60,9 @@ __all__ = [
     "FRAME_RECORD",
     "FRAME_COMPLETION",
     "RECORD_HEADER",
+    "FRAME_AND_RECORD",
     "COMPLETION",
+    "CHUNK_DONE",
     "Headers",
     "zigzag_varint",
     "ZIGZAG",
@@ -66,6 +71,7 @@ __all__ = [
     "body_valid",
     "LENGTH_SKIP1",
     "LENGTH_SKIP2",
+    "LENGTH_SKIP2_INDEX",
     "encode_record",
     "put_record",
     "put_records",
@@ -85,15 +91,20 @@ RECORD_HEADER = struct.Struct("<HHiq")
 COMPLETION = struct.Struct("<HhiqqII")
 """COMPLETION payload: topic_id, error_code, partition, base_offset, timestamp_ms, count,
 reserved (32 bytes)."""
+FRAME_AND_RECORD = struct.Struct("<IIHHiq")
+"""A RECORD frame's first 24 bytes in one unpack: the frame header (payload_length,
+frame_type) and the RECORD prefix (:data:`RECORD_HEADER`)."""
+CHUNK_DONE = struct.Struct("<Q")
+"""CHUNK_DONE payload: the request-ring position (end of the chunk) the client may free up to."""
 
 Headers = Sequence[tuple[str | bytes, bytes | None]] | None
 _Bytes = bytes | bytearray | memoryview
 
-_FRAME_AND_RECORD = struct.Struct("<IIHHiq")  # frame header + RECORD prefix, one unpack
+_FRAME_AND_RECORD = FRAME_AND_RECORD
 _FRAME_AND_COMPLETION = struct.Struct("<IIHhiqqII")
 _REC_PREFIX = RECORD_HEADER.size
 _unpack_frame = FRAME_HEADER.unpack_from
-_unpack_u64 = struct.Struct("<Q").unpack_from
+_unpack_u64 = CHUNK_DONE.unpack_from
 _unpack_frame_record = _FRAME_AND_RECORD.unpack_from
 _unpack_frame_completion = _FRAME_AND_COMPLETION.unpack_from
 _pack_record = RECORD_HEADER.pack_into
@@ -235,7 +246,9 @@ LENGTH_SKIP2: tuple[int, ...] = tuple(
     LENGTH_SKIP1[w & 0xFF] if w & 0xFF < 0x80 else (0 if w >> 8 >= 0x80 else _length_skip((w & 0x7F) | (w >> 8) << 7, 2))
     for w in range(65536)
 )
-_unpack_u16 = struct.Struct("<H").unpack_from
+LENGTH_SKIP2_INDEX = struct.Struct("<H")
+"""How :data:`LENGTH_SKIP2` is indexed: the two bytes after the key, little-endian."""
+_unpack_u16 = LENGTH_SKIP2_INDEX.unpack_from
 
 
 def body_valid(buf: _Bytes, pos: int, end: int) -> bool:

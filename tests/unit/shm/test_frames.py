@@ -306,3 +306,13 @@ def test_iter_records_body_check_agrees_with_validator(body: bytes) -> None:
     else:
         with pytest.raises(CorruptFrameError, match="malformed record body"):
             list(iter_records(ring, start, end, [1]))
+
+
+def test_combined_structs_are_the_frame_header_and_payload_structs_joined() -> None:
+    # The worker unpacks a RECORD frame's header and prefix in one call; the two must not drift.
+    from shm.frames import CHUNK_DONE, FRAME_AND_RECORD, RECORD_HEADER
+    from shm.layout import FRAME_HEADER
+
+    assert FRAME_AND_RECORD.format == FRAME_HEADER.format + RECORD_HEADER.format[1:]
+    assert FRAME_AND_RECORD.size == FRAME_HEADER.size + RECORD_HEADER.size
+    assert CHUNK_DONE.size == 8
