@@ -13,7 +13,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["LatencyHistogram", "aggregate", "format_table", "SUMMED"]
+from shm.errors import error_name
+
+__all__ = ["Counters", "LatencyHistogram", "aggregate", "format_table", "SUMMED"]
 
 # Bucket upper bounds in ms: 0.1 ms to ~100 s, 10 per decade (about 26 % apart).
 _BOUNDS = [0.1 * 10 ** (i / 10) for i in range(61)]
@@ -32,6 +34,38 @@ SUMMED = (
     "dropped_clients",
     "open_batches",
 )
+
+
+class Counters:
+    """One worker's running totals, reported in its snapshot. The worker's draining,
+    completions and recovery each count into the one instance the worker gives them."""
+
+    __slots__ = (
+        "records_in",
+        "bytes_in",
+        "records_out",
+        "records_failed",
+        "chunks",
+        "errors",
+        "dropped_clients",
+        "reloads_applied",
+    )
+
+    def __init__(self) -> None:
+        self.records_in = 0  # records taken from the rings into batches
+        self.bytes_in = 0  # ring bytes of those records (frames, as the clients wrote them)
+        self.records_out = 0  # records Kafka accepted
+        self.records_failed = 0  # records completed with an error
+        self.chunks = 0  # chunks reported to clients (CHUNK_DONE frames written)
+        self.errors: dict[str, int] = {}  # Kafka error name -> records failed with it
+        self.dropped_clients = 0
+        self.reloads_applied = 0
+
+    def count_error(self, code: int, records: int) -> None:
+        """``records`` records completed with Kafka error ``code``."""
+        name = error_name(code)
+        self.errors[name] = self.errors.get(name, 0) + records
+        self.records_failed += records
 
 
 class LatencyHistogram:

@@ -87,7 +87,7 @@ class Harness:
         return self.worker.acc.ready(time.monotonic() * 1000.0)
 
     def complete(self, batch: Any, error: int = 0, base: int = 100) -> None:
-        self.worker._on_complete(batch, error, base if not error else -1, -1)
+        self.worker.completions.on_complete(batch, error, base if not error else -1, -1)
         self.worker.acc.release(batch)
 
     def completions(self) -> list[tuple[int, int, int, int, int]]:
@@ -128,7 +128,7 @@ def test_completions_per_batch_then_chunk_done(tmp_path: Path) -> None:
     def body(h: Harness) -> None:
         h.write(40, rng)
         assert h.worker.drain()
-        assert h.worker.counters["records_in"] == 40
+        assert h.worker.counters.records_in == 40
         batches = h.seal()
         assert sum(b.record_count for b in batches) == 40
         # Nothing is written until every record of the chunk has its outcome.
@@ -176,8 +176,8 @@ def test_later_chunk_waits_for_earlier_one(tmp_path: Path) -> None:
         assert sum(c for (_t, err, _p, _b, c) in got[:cut]) == 5
         assert all(err == ec.MESSAGE_TOO_LARGE and base == -1 for (_t, err, _p, base, _c) in got[:cut])
         assert sum(c for (t, err, _p, _b, c) in got[cut + 1 :] if t != CHUNK_DONE_TOPIC and err == 0) == 7
-        assert h.worker.counters["records_failed"] == 5
-        assert h.worker.counters["records_out"] == 7
+        assert h.worker.counters.records_failed == 5
+        assert h.worker.counters.records_out == 7
 
     _run(body, tmp_path)
 
@@ -197,14 +197,14 @@ def test_restarted_worker_resumes_after_last_unread_chunk_done(tmp_path: Path) -
             done_at = h.req.head
             h.write(4, rng)  # read by the first worker, never completed
             h.worker.drain()
-            assert h.worker.counters["records_in"] == 14
+            assert h.worker.counters.records_in == 14
             # The worker dies here; the client has not read the CHUNK_DONE yet (tail is 0).
             assert h.req.tail == 0
             # A restarted worker over the same segment re-reads only the 4 incomplete records.
             w2, sup2 = _worker(h.config, h.segment)
             assert w2.clients[7].req.cursor == done_at
             assert w2.drain()
-            assert w2.counters["records_in"] == 4
+            assert w2.counters.records_in == 4
         finally:
             if w2 is not None:
                 _close_worker(w2, sup2)
@@ -227,7 +227,7 @@ def test_corrupt_frame_drops_the_client_only(tmp_path: Path) -> None:
         assert len(dropped) == 1 and dropped[0].client_id == 7
         assert "invalid frame" in dropped[0].reason
         assert h.worker.clients[7].dead
-        assert h.worker.counters["dropped_clients"] == 1
+        assert h.worker.counters.dropped_clients == 1
         # The 3 good records before it still complete, then the client is detached.
         for b in h.seal():
             h.complete(b)
@@ -283,7 +283,7 @@ def test_snapshot_counts(tmp_path: Path) -> None:
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from daemon.worker import _first_bad_body  # noqa: E402
+from daemon.drain import first_bad_body  # noqa: E402
 from shm.frames import RECORD_HEADER, record_body_valid  # noqa: E402
 
 
@@ -321,7 +321,7 @@ def test_first_bad_body_agrees_with_record_body_valid(bodies: list[bytes], data:
             want = at
             break
         at += len(f)
-    assert _first_bad_body(region, len(region), False) == want
+    assert first_bad_body(region, len(region), False) == want
 
 
 def test_malformed_body_drops_the_client_and_never_reaches_a_batch(tmp_path: Path) -> None:
@@ -470,7 +470,7 @@ def test_restarted_worker_resends_stamped_batches_and_skips_their_records(tmp_pa
                 b.stamp(4242, 0, 10 * i)
             stamped_bytes = {(b.partition, bytes(b.payload())) for b in stamped}
             h.complete(done, base=5000)  # answered: DONE, its chunk is not reported yet
-            assert [h.worker.arena.read_slot(s)["state"] for s in h.worker._holds] == [STATE_DONE]
+            assert [h.worker.arena.read_slot(s)["state"] for s in h.worker.holds.held()] == [STATE_DONE]
             assert all(h.worker.arena.read_slot(b.slot)["state"] == STATE_STAMPED for b in stamped)
             h.write(20, rng)
             h.worker.drain()
@@ -486,13 +486,13 @@ def test_restarted_worker_resends_stamped_batches_and_skips_their_records(tmp_pa
             assert all(b.producer_id == 4242 and b.attempts == 0 for b in adopted)
             assert w2.drain()
             covered = done.record_count + sum(b.record_count for b in stamped)
-            assert w2.counters["records_in"] == total - covered  # skipped what the arena holds
+            assert w2.counters.records_in == total - covered  # skipped what the arena holds
             new = w2.acc.ready(1e18) if not w2.acc.flush() else []
             assert sum(b.record_count for b in new) == total - covered
             assert min(b.ordinal for b in new) > max(b.ordinal for b in adopted)
             # Answers: the re-sent batches get their offsets, new batches theirs.
             for b in adopted:
-                w2._on_complete(b, 0, 7000 + 100 * b.partition, -1)
+                w2.completions.on_complete(b, 0, 7000 + 100 * b.partition, -1)
                 w2.acc.release(b)
             w2.emit()
             got = h.completions()
@@ -500,7 +500,7 @@ def test_restarted_worker_resends_stamped_batches_and_skips_their_records(tmp_pa
             # the new batches holding the SEALED batch's records too.
             assert got == []
             for b in new:
-                w2._on_complete(b, 0, 9000 + 100 * b.partition, -1)
+                w2.completions.on_complete(b, 0, 9000 + 100 * b.partition, -1)
                 w2.acc.release(b)
             w2.emit()
             got += h.completions()
@@ -516,7 +516,7 @@ def test_restarted_worker_resends_stamped_batches_and_skips_their_records(tmp_pa
                 if p in expect_first:
                     assert v[0][1] == expect_first[p]
             # Every kept slot is freed once its records were reported.
-            assert w2._holds == {}
+            assert w2.holds.held() == {}
             assert w2.arena.used_bytes == 0
         finally:
             if w2 is not None:
@@ -554,7 +554,7 @@ def test_second_crash_during_recovery_still_reports_every_record_once(tmp_path: 
             for i, b in enumerate(new2):
                 b.stamp(4343, 0, 100 * i)  # sent under the successor's producer id
             adopted2 = _adopted(w2)
-            w2._on_complete(adopted2[0], 0, 6000, -1)  # one re-send answered: DONE
+            w2.completions.on_complete(adopted2[0], 0, 6000, -1)  # one re-send answered: DONE
             w2.emit()
             # w2 dies: its recovery chunk was never reported.
             w3, sup3 = _recovering_worker(h.config, h.segment, [7])
@@ -568,16 +568,16 @@ def test_second_crash_during_recovery_still_reports_every_record_once(tmp_path: 
             assert sorted(b.ordinal for b in adopted3) == list(range(kept - len(adopted3) + 1, kept + 1))
             assert [b.producer_id for b in sorted(adopted3, key=lambda b: b.ordinal)][-len(new2):] == [4343] * len(new2)
             w3.drain()
-            assert w3.counters["records_in"] == 0  # every record sits in a kept batch
+            assert w3.counters.records_in == 0  # every record sits in a kept batch
             for b in adopted3:
-                w3._on_complete(b, 0, 8000 + 100 * b.partition, -1)
+                w3.completions.on_complete(b, 0, 8000 + 100 * b.partition, -1)
             w3.emit()
             got = h.completions()
             per = _per_partition(got)
             assert {p: sum(c for _e, _b, c in v) for p, v in per.items()} == {p: len(v) for p, v in h.sent.items() if v}
             assert [base for (tid, _e, _p, base, _c) in got if tid == CHUNK_DONE_TOPIC][-1] == h.req.head
             assert sum(c for _t, _e, _p, _b, c in got if _t != CHUNK_DONE_TOPIC) == total
-            assert w3._holds == {} and w3.arena.used_bytes == 0
+            assert w3.holds.held() == {} and w3.arena.used_bytes == 0
         finally:
             for w, sup in workers:
                 _close_worker(w, sup)
