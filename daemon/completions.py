@@ -149,9 +149,8 @@ class Completions:
             entry = chunks.get(key)
             if entry is not None:
                 client, chunk = entry
-                chunk.outcomes.append(
-                    Outcome(order, tid, error_code, batch.partition, offset if error_code == 0 else -1, log_append_ms, count)
-                )
+                base = offset if error_code == 0 else -1
+                chunk.outcomes.append(Outcome(order, tid, error_code, batch.partition, base, log_append_ms, count))
                 chunk.pending -= count
                 if chunk.pending <= 0:
                     del chunks[key]

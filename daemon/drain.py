@@ -29,7 +29,14 @@ from daemon.accumulator import APPEND_FULL, APPEND_INVALID, APPEND_OK, APPEND_TO
 from daemon.protocol import errors as ec
 from daemon.stats import Counters
 from shm.errors import CorruptFrameError
-from shm.frames import FRAME_AND_RECORD, LENGTH_SKIP1, LENGTH_SKIP2, LENGTH_SKIP2_INDEX, chunk_done_end, record_body_valid
+from shm.frames import (
+    FRAME_AND_RECORD,
+    LENGTH_SKIP1,
+    LENGTH_SKIP2,
+    LENGTH_SKIP2_INDEX,
+    chunk_done_end,
+    record_body_valid,
+)
 from shm.layout import FRAME_HEADER, FRAME_PADDING, FRAME_RECORD, frame_size
 from shm.ring import SpscRing
 from shm.segment import Segment
@@ -276,7 +283,8 @@ class Drainer:
                 ring.advance(pos)
             if code == APPEND_OK:
                 if bad >= 0 and pos == bad:
-                    what = "malformed record body" if data[bad + 4] else "padding frame short of the wrap"
+                    bad_type = _unpack_frame_header(data, bad)[1]
+                    what = "malformed record body" if bad_type == FRAME_RECORD else "padding frame short of the wrap"
                     raise CorruptFrameError(f"client {cid} ({client.name}): {what} at ring position {ring.cursor}")
                 continue
             if code == APPEND_FULL:
@@ -295,7 +303,9 @@ class Drainer:
                     data, pos, stop, topics.names, topics.partition_counts, key2, cid, ring.cursor, now
                 )
                 if code2 == APPEND_INVALID and pos2 == pos:
-                    raise CorruptFrameError(f"client {cid} ({client.name}): invalid frame at ring position {ring.cursor}")
+                    raise CorruptFrameError(
+                        f"client {cid} ({client.name}): invalid frame at ring position {ring.cursor}"
+                    )
                 # The topic was only late: account for what was taken and go on.
                 if count2:
                     self._open_chunk(client, key2, ring.position_after(pos2 - pos), count2, pos2 - pos)
