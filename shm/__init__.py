@@ -5,6 +5,7 @@ Applications import only this package. It never imports :mod:`daemon`.
 """
 
 from shm.errors import BufferFullError, KafkaError, SluiceError
-from shm.producer import DeliveryFuture, Producer, RecordMetadata
+from shm.futures import DeliveryFuture, RecordMetadata
+from shm.producer import Producer
 
 __all__ = ["Producer", "RecordMetadata", "DeliveryFuture", "SluiceError", "KafkaError", "BufferFullError"]

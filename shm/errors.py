@@ -15,6 +15,8 @@ __all__ = [
     "ProtocolError",
     "CorruptFrameError",
     "SegmentError",
+    "ConnectionClosedError",
+    "ProducerClosedError",
     "KafkaError",
     "KAFKA_ERRORS",
     "error_name",
@@ -43,6 +45,14 @@ class CorruptFrameError(ProtocolError):
 
 class SegmentError(SluiceError):
     """A shared-memory segment was refused (unsealed, wrongly sized, bad header)."""
+
+
+class ConnectionClosedError(SluiceError, ConnectionError):
+    """The daemon closed the control connection (it stopped, or dropped this client)."""
+
+
+class ProducerClosedError(SluiceError):
+    """The producer was closed (or its daemon went away) before the record's outcome came."""
 
 
 class KafkaError(SluiceError):

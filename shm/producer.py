@@ -8,15 +8,14 @@ Usage::
         fut = p.send("payments", b"...", key=b"user-42")
         meta = fut.result(timeout=5)            # RecordMetadata(topic, partition, offset, timestamp)
 
-How it works: the constructor connects to the daemon's Unix socket, says Hello, creates a
-sealed memfd segment with a request and a completion ring per worker and passes it over the
-socket (SCM_RIGHTS). ``send()`` serializes, picks the partition (explicit, murmur2 of the
-key, or sticky for null keys, as Kafka's default partitioner), finds the worker that owns it
-(:func:`shm.partitioner.owner`) and writes one RECORD frame into that worker's request ring.
-A background thread reads the completion rings: each COMPLETION frame resolves the next
-``count`` pending records of one partition, in order, and each CHUNK_DONE frame frees the
-request ring up to the position it names (see :mod:`daemon.worker` for why the ring is freed
-only then).
+How it works: the constructor connects to the daemon's Unix socket and says Hello
+(:mod:`shm.connection`), creates a sealed memfd segment with a request and a completion ring
+per worker and passes it over the socket (SCM_RIGHTS). ``send()`` serializes, picks the
+partition (explicit, murmur2 of the key, or sticky for null keys, as Kafka's default
+partitioner), finds the worker that owns it (:func:`shm.partitioner.owner`) and writes one
+RECORD frame into that worker's request ring. The completion thread
+(:mod:`shm.completions`) reads the completion rings and settles the futures
+(:mod:`shm.futures`).
 
 Bulk: ``send_many()`` returns one :class:`DeliveryGroup` for all its records. It encodes the
 records bound for one partition together, copies them into the ring with one claim, and
@@ -25,499 +24,64 @@ a whole run with one call. The per-record costs left are a few C-level list oper
 
 Thread safety: ``send()`` may be called from several threads (a lock keeps each ring single-
 producer). Futures are resolved on the completion thread; ``on_delivery`` callbacks run there
-too and must be quick.
+too and must be quick (an exception they raise is logged on ``sluice.client``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import select
-import socket
 import struct
+import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
-import msgspec
-
-from shm import control
-from shm.errors import BufferFullError, KafkaError, ProtocolError, SluiceError
-from shm.frames import (
-    CHUNK_DONE_TOPIC,
-    RECORD_HEADER,
-    ZIGZAG,
-    encode_headers,
-    encode_record_body,
-    encode_record_frames,
-    iter_completions,
-    put_frames,
-    put_record,
-)
+from shm import connection, control
+from shm.completions import CompletionReader
+from shm.connection import DEFAULT_SOCKET, ProducerConnection
+from shm.errors import BufferFullError, KafkaError, ProducerClosedError, ProtocolError
+from shm.frames import RECORD_HEADER, ZIGZAG, encode_headers, encode_record_body, encode_record_frames, put_frames, put_record
+from shm.futures import DeliveryFuture, DeliveryGroup, PendingRun, RecordMetadata, fail_fifo
 from shm.layout import FRAME_HEADER, FRAME_RECORD
-from shm.partitioner import KeyHashCache, StickyPartitioner, owner, partitions_many
-from shm.segment import Segment, send_fds
+from shm.partitioner import KeyHashCache
+from shm.segment import Segment
+from shm.serializers import Serializer, as_bytes, bytes_list, serializer
+from shm.topic import (
+    BATCH_OVERHEAD,
+    MESSAGE_TOO_LARGE,
+    UNKNOWN_TOPIC_OR_PARTITION,
+    TopicState,
+    check_sizes,
+    plan_runs,
+    stick,
+)
 
 log = logging.getLogger("sluice.client")
 
+# Re-exported: these names were defined here before the futures, errors and connection got
+# their own modules, and applications import them from here.
 __all__ = [
     "Producer",
     "RecordMetadata",
     "DeliveryFuture",
     "DeliveryGroup",
     "DEFAULT_SOCKET",
+    "DEFAULT_RECONNECT_TIMEOUT_S",
     "ProducerClosedError",
 ]
 
-DEFAULT_SOCKET = "/run/sluice/sluice.sock"
 # How long a client waits for a restarted daemon to take its segment back (a systemd restart
 # takes well under a second; a crash restart waits RestartSec).
 DEFAULT_RECONNECT_TIMEOUT_S = 60.0
-_COMPLETION_POLL_MS = 20
-_UNKNOWN_TOPIC = 3
-_MESSAGE_TOO_LARGE = 10
-_BATCH_OVERHEAD = 90  # batch header and record prefix beyond the body, for the size check
-_BULK = 4096  # send_many encodes and copies at most this many records at a time
 _REC_PREFIX = RECORD_HEADER.size
 _ZZ = ZIGZAG
 _ZZ_MAX = len(ZIGZAG) - 1
 _time = time.time
 _pack_record = RECORD_HEADER.pack_into
 _unpack_frame = FRAME_HEADER.unpack_from
-
-
-class ProducerClosedError(SluiceError):
-    """The producer was closed (or its daemon went away) before the record's outcome came."""
-
-
-class RecordMetadata(NamedTuple):
-    """Where a record landed. ``offset`` is -1 under acks=0."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp: int
-
-
-# Waiters (threading.Event) and done-callbacks of futures and groups are registered and run
-# under this lock: registration is rare, and the lock guarantees a callback runs exactly once
-# however a registration races with the completion thread's resolution.
-_wake_lock = threading.Lock()
-
-
-def _run_callbacks(obj: Any, waiters: list[Any]) -> None:
-    for w in waiters:
-        if type(w) is threading.Event:
-            w.set()
-            continue
-        try:
-            w(obj)
-        except Exception:  # noqa: BLE001 - a user callback must not kill the completion thread
-            pass
-
-
-class _Awaitable:
-    """``await`` support shared by DeliveryFuture and DeliveryGroup (outcome relayed to the
-    loop by a done-callback)."""
-
-    __slots__ = ()
-
-    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
-        """Call ``fn(self)`` once the outcome is known (at once if it is). Callbacks run on the
-        completion thread: keep them quick."""
-        with _wake_lock:
-            if self._outcome is None:  # type: ignore[attr-defined]
-                if self._waiters is None:  # type: ignore[attr-defined]
-                    self._waiters = []  # type: ignore[attr-defined]
-                self._waiters.append(fn)  # type: ignore[attr-defined]
-                return
-        fn(self)
-
-    def _wake(self) -> None:
-        """Run the waiters once, after ``_outcome`` was set (by the resolving thread)."""
-        with _wake_lock:
-            waiters = self._waiters  # type: ignore[attr-defined]
-            self._waiters = None  # type: ignore[attr-defined]
-        if waiters:
-            _run_callbacks(self, waiters)
-
-    def _wait(self, timeout: float | None) -> None:
-        if self._outcome is not None:  # type: ignore[attr-defined]
-            return
-        ev = threading.Event()
-        self.add_done_callback(lambda _: ev.set())
-        if not ev.wait(timeout) and self._outcome is None:  # type: ignore[attr-defined]
-            raise TimeoutError(f"no outcome for {self!r} within {timeout}s")
-
-    def __await__(self):  # noqa: ANN204
-        loop = asyncio.get_running_loop()
-        afut: asyncio.Future[Any] = loop.create_future()
-
-        def relay(f: Any) -> None:
-            loop.call_soon_threadsafe(_settle, afut, f)
-
-        self.add_done_callback(relay)
-        return afut.__await__()
-
-
-def _settle(afut: asyncio.Future[Any], f: Any) -> None:
-    if afut.done():
-        return
-    try:
-        afut.set_result(f.result(0))
-    except BaseException as exc:  # noqa: BLE001 - relayed to the awaiting task
-        afut.set_exception(exc)
-
-
-class DeliveryFuture(_Awaitable):
-    """The outcome of one ``send()``: ``result(timeout)`` returns RecordMetadata or raises.
-
-    Lighter than ``concurrent.futures.Future``: five slots, no lock or event unless someone
-    waits; the completion thread resolves it with one store (the offset, or the exception).
-    Awaitable from asyncio code (``meta = await producer.send(...)``).
-    """
-
-    __slots__ = ("topic", "partition", "timestamp", "_outcome", "_waiters")
-
-    def __init__(self, topic: str, partition: int, timestamp: int) -> None:
-        self.topic = topic
-        self.partition = partition
-        self.timestamp = timestamp
-        # None while pending; the offset (int) on success; the exception on failure.
-        self._outcome: int | BaseException | None = None
-        self._waiters: list[Any] | None = None
-
-    def done(self) -> bool:
-        return self._outcome is not None
-
-    def result(self, timeout: float | None = None) -> RecordMetadata:
-        """Block until the outcome; raise its error (a KafkaError subclass) or TimeoutError."""
-        o = self._outcome
-        if o is None:
-            self._wait(timeout)
-            o = self._outcome
-        if type(o) is int:
-            return RecordMetadata(self.topic, self.partition, o, self.timestamp)
-        raise o  # type: ignore[misc]
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        if self._outcome is None:
-            self._wait(timeout)
-        o = self._outcome
-        return None if type(o) is int else o  # type: ignore[return-value]
-
-    def _resolve(self, outcome: int | BaseException) -> None:
-        self._outcome = outcome
-        if self._waiters is not None:
-            self._wake()
-
-    def __repr__(self) -> str:
-        return f"DeliveryFuture({self.topic!r}, partition={self.partition}, outcome={self._outcome!r})"
-
-
-class DeliveryGroup(_Awaitable):
-    """The outcome of one ``send_many()``: one object for all its records.
-
-    The completion thread settles it a run at a time (one operation per completion, not per
-    record), so bulk senders pay nothing per record for outcomes.
-
-    - ``result(timeout)`` -> the number of records (all delivered); raises the first error if
-      any record failed (``errors`` lists them all), TimeoutError if not done in time.
-    - ``done()``, ``exception(timeout)``, ``add_done_callback(fn)``, ``await group``.
-    - ``offsets``: partition -> list of ``(base_offset, count)`` ranges of delivered records,
-      in send order within the partition (base -1 under acks=0).
-    - ``errors``: list of ``(partition, count, exception)``; ``failed``: how many failed.
-    - Compatibility: it is also a sequence of DeliveryFuture in send order (``group[i]``,
-      iteration, :meth:`futures`), built only when asked for.
-    """
-
-    __slots__ = (
-        "topic",
-        "count",
-        "timestamp",
-        "failed",
-        "_first_error",
-        "_runs",
-        "_left",
-        "_lock",
-        "_order",
-        "_outcome",
-        "_waiters",
-    )
-
-    def __init__(self, topic: str, count: int, timestamp: int) -> None:
-        self.topic = topic
-        self.count = count
-        self.timestamp = timestamp
-        self.failed = 0
-        self._first_error: BaseException | None = None
-        # (partition, base_offset, count, log_append_time, exception or None) in the order
-        # outcomes came, which within one partition is the send order.
-        self._runs: list[tuple[int, int, int, int, BaseException | None]] = []
-        self._left = count
-        self._lock = threading.Lock()
-        # Send order, for the per-record view: runs (partition, count), or for keyed
-        # records the list of each record's partition.
-        self._order: list[tuple[int, int] | list[int]] = []
-        self._outcome: int | BaseException | None = None if count else 0
-        self._waiters: list[Any] | None = None
-
-    def __len__(self) -> int:
-        return self.count
-
-    def done(self) -> bool:
-        return self._outcome is not None
-
-    def result(self, timeout: float | None = None) -> int:
-        """Block until every record has its outcome; the number of records, or raise the first
-        error (a KafkaError subclass, BufferFullError, ProducerClosedError) or TimeoutError."""
-        if self._outcome is None:
-            self._wait(timeout)
-        o = self._outcome
-        if type(o) is int:
-            return o
-        raise o  # type: ignore[misc]
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        if self._outcome is None:
-            self._wait(timeout)
-        o = self._outcome
-        return None if type(o) is int else o  # type: ignore[return-value]
-
-    @property
-    def offsets(self) -> dict[int, list[tuple[int, int]]]:
-        """partition -> ``(base_offset, count)`` ranges of the records delivered so far."""
-        out: dict[int, list[tuple[int, int]]] = {}
-        for p, base, k, _ts, exc in list(self._runs):
-            if exc is not None:
-                continue
-            ranges = out.setdefault(p, [])
-            if ranges and base >= 0 and ranges[-1][0] + ranges[-1][1] == base:
-                ranges[-1] = (ranges[-1][0], ranges[-1][1] + k)  # contiguous: one range
-            else:
-                ranges.append((base, k))
-        return out
-
-    @property
-    def errors(self) -> list[tuple[int, int, BaseException]]:
-        """``(partition, count, exception)`` of every failed run so far."""
-        return [(p, k, exc) for p, _b, k, _ts, exc in list(self._runs) if exc is not None]
-
-    def _settle(self, partition: int, base: int, count: int, ts: int, exc: BaseException | None) -> None:
-        """``count`` records to ``partition`` have their outcome (offsets from ``base``)."""
-        with self._lock:
-            self._runs.append((partition, base, count, ts, exc))
-            if exc is not None:
-                self.failed += count
-                if self._first_error is None:
-                    self._first_error = exc
-            self._left -= count
-            if self._left:
-                return
-        self._outcome = self._first_error if self._first_error is not None else self.count
-        if self._waiters is not None:
-            self._wake()
-
-    # --- the per-record view (compatibility; costs per record only when used) -------------
-
-    def __getitem__(self, i: int) -> DeliveryFuture:
-        return self.futures()[i]
-
-    def __iter__(self) -> Iterator[DeliveryFuture]:
-        return iter(self.futures())
-
-    def futures(self) -> list[DeliveryFuture]:
-        """One DeliveryFuture per record, in send order (resolved once the group is done)."""
-        topic, ts = self.topic, self.timestamp
-        futs = []
-        for entry in self._order:
-            if type(entry) is tuple:  # (partition, count): a run in send order
-                p, k = entry
-                futs += [DeliveryFuture(topic, p, ts) for _ in range(k)]
-            else:  # keyed: each record's partition
-                futs += [DeliveryFuture(topic, p, ts) for p in entry]
-        if self._outcome is None:
-            self.add_done_callback(lambda g: g._fill(futs))
-        else:
-            self._fill(futs)
-        return futs
-
-    def _fill(self, futs: list[DeliveryFuture]) -> None:
-        outs: dict[int, list[tuple[int | BaseException, int]]] = {}
-        for p, base, k, ts, exc in self._runs:
-            lst = outs.setdefault(p, [])
-            if exc is not None:
-                lst.extend([(exc, ts)] * k)
-            elif base >= 0:
-                lst.extend((o, ts) for o in range(base, base + k))
-            else:
-                lst.extend([(-1, ts)] * k)
-        cursor: dict[int, int] = {}
-        for f in futs:
-            p = f.partition
-            i = cursor.get(p, 0)
-            cursor[p] = i + 1
-            o, ts = outs[p][i]
-            if ts >= 0:
-                f.timestamp = ts
-            f._resolve(o)
-
-    def __repr__(self) -> str:
-        return f"DeliveryGroup({self.topic!r}, count={self.count}, left={self._left}, failed={self.failed})"
-
-
-class _Run:
-    """A pending-FIFO entry standing for ``left`` consecutive records of one DeliveryGroup."""
-
-    __slots__ = ("group", "left")
-
-    def __init__(self, group: DeliveryGroup, left: int) -> None:
-        self.group = group
-        self.left = left
-
-
-class _Topic:
-    __slots__ = (
-        "name",
-        "id",
-        "partitions",
-        "owners",
-        "pending",
-        "info",
-        "sticky",
-        "batch",
-        "sticky_p",
-        "sticky_left",
-        "max_body",
-    )
-
-    def __init__(self, info: control.TopicInfo, workers: int) -> None:
-        self.name = info.topic
-        self.id = info.topic_id
-        self.partitions = info.partitions
-        self.owners = [owner(info.topic, p, workers) for p in range(info.partitions)]
-        # One FIFO per partition, resolved in order by completions: DeliveryFutures (send)
-        # and _Runs (send_many: many records of one DeliveryGroup as one entry).
-        self.pending: list[deque[DeliveryFuture | _Run]] = [deque() for _ in range(info.partitions)]
-        self.info = info
-        self.batch = max(1, info.batch_size)
-        self.sticky = StickyPartitioner(self.batch)
-        self.sticky_p = 0  # keyless records go here until sticky_left bytes are used up
-        self.sticky_left = 0
-        self.max_body = info.max_request_size - _BATCH_OVERHEAD
-
-
-Serializer = Callable[[Any], bytes]
-
-
-def _serializer(spec: str | Serializer | None) -> Serializer | None:
-    if spec is None or spec == "bytes":
-        return None
-    if callable(spec):
-        return spec
-    if spec == "str":
-        return lambda v: v.encode()
-    if spec == "json":
-        return msgspec.json.encode
-    if spec == "msgpack":
-        return msgspec.msgpack.encode
-    raise ValueError(f"unknown serializer {spec!r}: use 'bytes', 'str', 'json', 'msgpack' or a callable")
-
-
-def _as_bytes(v: Any) -> bytes | bytearray | memoryview | None:
-    if v is None or isinstance(v, (bytes, bytearray, memoryview)):
-        return v
-    if isinstance(v, str):
-        return v.encode()
-    raise TypeError(
-        f"cannot send {type(v).__name__} as bytes: pass bytes or str, or give the Producer a "
-        "serializer ('json', 'msgpack' or a callable)"
-    )
-
-
-def _resolve_fifo(dq: deque[Any], part: int, err: int, base: int, ts: int, count: int) -> None:
-    """One COMPLETION: the next ``count`` records pending for partition ``part`` have their
-    outcome. FIFO entries are DeliveryFutures (one record) or _Runs (a DeliveryGroup's
-    consecutive records, settled with one call however many there are).
-
-    Raises:
-        IndexError: fewer records pending than the completion names (a broken peer).
-    """
-    popleft = dq.popleft
-    exc = KafkaError.for_code(err) if err else None
-    step = 1 if base >= 0 and exc is None else 0
-    off = base if step else -1
-    i = 0
-    while i < count:
-        e = popleft()
-        if type(e) is _Run:
-            m = count - i
-            if e.left > m:
-                e.left -= m
-                dq.appendleft(e)  # the rest of the run waits for the next completion
-            else:
-                m = e.left
-            e.group._settle(part, off, m, ts, exc)
-            off += m * step
-            i += m
-            continue
-        if exc is None:
-            if ts >= 0:
-                e.timestamp = ts  # LogAppendTime topic: the broker's time
-            e._outcome = off
-            off += step
-        else:
-            e._outcome = exc
-        if e._waiters is not None:
-            e._wake()
-        i += 1
-
-
-def _stick(t: _Topic) -> None:
-    """Move a topic's keyless records on to the sticky partitioner's next partition. The
-    partitioner is charged batch_size bytes at once (so its next call moves on); the bytes
-    actually sent count down in ``sticky_left``."""
-    t.sticky_p = t.sticky.partition(t.name, t.partitions, t.batch)
-    t.sticky_left = t.batch
-
-
-_ONLY_BYTES = {bytes}
-_BYTES_LIKE = {bytes, bytearray, memoryview, type(None)}
-
-
-def _bytes_list(items: list[Any], ser: Serializer | None) -> list[Any]:
-    """``items`` serialized (bytes-like or None each); the list itself when nothing to do."""
-    if ser is None:
-        if set(map(type, items)) <= _BYTES_LIKE:
-            return items
-        return [_as_bytes(x) for x in items]
-    return [None if x is None else ser(x) for x in items]
-
-
-def _max_len(items: list[Any]) -> int:
-    try:
-        return max(map(len, items), default=0)
-    except TypeError:  # None among them
-        return max((len(x) for x in items if x is not None), default=0)
-
-
-def _check_sizes(t: _Topic, vals: list[Any], ks: list[Any] | None, headers: Any, tail: int) -> None:
-    """MessageTooLargeError for the first record larger than the topic allows (exact check
-    only when the largest key and value together could be too large)."""
-    limit = t.max_body
-    if _max_len(vals) + (_max_len(ks) if ks is not None else 0) + tail + 10 <= limit:
-        return
-    for i, v in enumerate(vals):
-        size = len(encode_record_body(None if ks is None else ks[i], v, headers))
-        if size > limit:
-            raise KafkaError.for_code(
-                _MESSAGE_TOO_LARGE,
-                f"record {i} of about {size + _BATCH_OVERHEAD} bytes is larger than max_request_size "
-                f"{t.info.max_request_size} of topic {t.name!r}",
-            )
 
 
 class Producer:
@@ -540,6 +104,10 @@ class Producer:
             fatal ErrorReply (the daemon dropped this client) is never retried; neither is a
             daemon whose topic ids or segment layout differ (its records could not be
             matched).
+        never_block: a full ring raises BufferFullError at once, whatever the topic's
+            ``on_full`` and ``max_block_ms`` say (``drop`` still drops). For a caller that
+            must not block its thread, such as the daemon's socket ingest on its event loop,
+            and waits for room itself.
 
     Raises:
         SluiceError: the daemon refused the connection or the segment (the message says why).
@@ -555,86 +123,61 @@ class Producer:
         key_serializer: str | Serializer | None = None,
         connect_timeout: float = 10.0,
         reconnect_timeout_s: float = DEFAULT_RECONNECT_TIMEOUT_S,
+        never_block: bool = False,
     ) -> None:
-        self.socket_path = socket_path or os.environ.get("SLUICE_SOCKET") or DEFAULT_SOCKET
-        self._vser = _serializer(value_serializer)
-        self._kser = _serializer(key_serializer)
+        self.socket_path = connection.socket_path(socket_path)
+        self._vser = serializer(value_serializer)
+        self._kser = serializer(key_serializer)
         self._closed = False
         self._gone = False  # the daemon closed the connection: nothing sent now can be delivered
-        self._ctl_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._space = threading.Condition(threading.Lock())
         self._idle = threading.Condition(threading.Lock())
-        self._topics: dict[str, _Topic] = {}
-        self._by_id: dict[int, _Topic] = {}
+        # The topic table: by name for send(); by id, each partition's pending FIFO, for the
+        # completion thread; by id, the partition count, for validating completions.
+        self._topics: dict[str, TopicState] = {}
+        self._pending_by_id: dict[int, list[deque[Any]]] = {}
         self._limits: list[int] = []
         self._keys = KeyHashCache()
         self.drops: dict[str, int] = {}
-        self._reader = control.FrameReader(control.DaemonMessage)
-        self._inbox: deque[Any] = deque()
-        self._never_block = False  # the daemon's own socket-ingest producer must not block its loop
-        name = client_name or f"{os.path.basename(os.sys.argv[0] or 'python')}[{os.getpid()}]"
-        self._name = name
+        self._never_block = never_block
+        self._name = client_name or f"{os.path.basename(sys.argv[0] or 'python')}[{os.getpid()}]"
         self._connect_timeout = connect_timeout
         self._reconnect_s = max(0.0, float(reconnect_timeout_s))
         # The identity a restarted daemon knows this segment by (0: never reconnects).
         self._token = (int.from_bytes(os.urandom(8), "little") | 1) if self._reconnect_s else 0
         self.reconnects = 0
 
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(connect_timeout)
+        self._ctl = ProducerConnection(self.socket_path, self._name, self._token, connect_timeout)
         try:
-            sock.connect(self.socket_path)
-            self._sock = sock
-            welcome = self._request(self._hello(), control.Welcome)
+            welcome = self._ctl.welcome
             self.workers = welcome.workers
             self.client_id = welcome.client_id
             seg = Segment.create(welcome.workers, welcome.request_ring_bytes, welcome.completion_ring_bytes)
             self._segment = seg
-            fds = seg.fds()
-            offer = control.SegmentOffer(segment_bytes=seg.size, workers=welcome.workers, fd_count=len(fds))
-            with self._ctl_lock:
-                send_fds(sock, control.encode(offer), fds)
-                self._expect(control.SegmentAccepted)
+            self._ctl.offer_segment(seg)
         except BaseException:
-            sock.close()
+            self._ctl.close()
             raise
-        sock.settimeout(None)
         self._req = [seg.request_ring(w) for w in range(self.workers)]
         self._cmp = [seg.completion_ring(w) for w in range(self.workers)]
         self._pending_total = 0
-        self._thread = threading.Thread(target=self._completions, name=f"sluice-completions-{self.client_id}", daemon=True)
-        self._thread.start()
-
-    def _hello(self) -> control.Hello:
-        return control.Hello(
-            version=control.PROTOCOL_VERSION, client_name=self._name, pid=os.getpid(), wants_segment=True, token=self._token
+        self._completions = CompletionReader(
+            seg,
+            self._req,
+            self._cmp,
+            self._pending_by_id,
+            self._limits,
+            self._ctl.fileno(),
+            on_completed=self._completed,
+            on_freed=self._freed,
+            on_hangup=self._hung_up,
+            on_error=self._unreadable,
+            name=f"sluice-completions-{self.client_id}",
         )
+        self._completions.start()
 
-    # --- control requests -----------------------------------------------------------------
-
-    def _recv(self) -> Any:
-        while not self._inbox:
-            data = self._sock.recv(65536)
-            if not data:
-                raise ProducerClosedError("the daemon closed the connection")
-            self._inbox.extend(self._reader.feed(data))
-        return self._inbox.popleft()
-
-    def _expect(self, kind: type) -> Any:
-        msg = self._recv()
-        if isinstance(msg, control.ErrorReply):
-            if msg.code < 1000 and msg.code != 0:
-                raise KafkaError.for_code(msg.code, msg.message)
-            raise SluiceError(f"{msg.name}: {msg.message}")
-        if not isinstance(msg, kind):
-            raise ProtocolError(f"expected {kind.__name__}, got {type(msg).__name__}")
-        return msg
-
-    def _request(self, msg: Any, kind: type) -> Any:
-        with self._ctl_lock:
-            self._sock.sendall(control.encode(msg))
-            return self._expect(kind)
+    # --- the topic table ------------------------------------------------------------------
 
     def lookup(self, topic: str) -> control.TopicInfo:
         """The topic's id, partition count and delivery profile (cached after the first call).
@@ -647,14 +190,20 @@ class Producer:
             t = self._add_topic(topic)
         return t.info
 
-    def _add_topic(self, topic: str) -> _Topic:
+    def cached(self, topic: str) -> control.TopicInfo | None:
+        """The topic's info if :meth:`lookup` (or a send) already asked the daemon, else None.
+        Never does I/O, so an event loop may call it before deciding to look up in a thread."""
+        t = self._topics.get(topic)
+        return None if t is None else t.info
+
+    def _add_topic(self, topic: str) -> TopicState:
         self._check_open()
-        info = self._request(control.TopicLookup(topic=topic), control.TopicInfo)
-        t = _Topic(info, self.workers)
+        info = self._ctl.request(control.TopicLookup(topic=topic), control.TopicInfo)
+        t = TopicState(info, self.workers)
         while len(self._limits) <= t.id:
             self._limits.append(0)
         self._limits[t.id] = t.partitions
-        self._by_id[t.id] = t
+        self._pending_by_id[t.id] = t.pending
         self._topics[topic] = t
         return t
 
@@ -692,14 +241,14 @@ class Producer:
         ser = self._vser
         if ser is None:
             if type(value) is not bytes:
-                value = _as_bytes(value)
+                value = as_bytes(value)
         elif value is not None:
             value = ser(value)
         if key is not None:
             ser = self._kser
             if ser is None:
                 if type(key) is not bytes:
-                    key = _as_bytes(key)
+                    key = as_bytes(key)
             else:
                 key = ser(key)
         # encode_record_body, inlined for the usual shape (no headers, short key and value).
@@ -714,24 +263,22 @@ class Producer:
         size = len(body)
         if size > t.max_body:
             raise KafkaError.for_code(
-                _MESSAGE_TOO_LARGE,
-                f"record of about {size + _BATCH_OVERHEAD} bytes is larger than max_request_size "
+                MESSAGE_TOO_LARGE,
+                f"record of about {size + BATCH_OVERHEAD} bytes is larger than max_request_size "
                 f"{t.info.max_request_size} of topic {topic!r}",
             )
         if partition is None:
             if key is None:
                 if t.sticky_left <= 0:
-                    _stick(t)
+                    stick(t)
                 partition = t.sticky_p
                 t.sticky_left -= size
             else:
                 partition = self._keys.partition(key if type(key) is bytes else bytes(key), t.partitions)
         elif not 0 <= partition < t.partitions:
-            raise KafkaError.for_code(_UNKNOWN_TOPIC, f"partition {partition} of {topic!r} (it has {t.partitions})")
+            raise KafkaError.for_code(UNKNOWN_TOPIC_OR_PARTITION, f"partition {partition} of {topic!r} (it has {t.partitions})")
         ts = timestamp if timestamp is not None else int(_time() * 1000)
-        fut = DeliveryFuture(topic, partition, ts)
-        if on_delivery is not None:
-            fut._waiters = [on_delivery]
+        fut = DeliveryFuture(topic, partition, ts, on_delivery)
         ring = self._req[t.owners[partition]]
         with self._send_lock:
             if self._closed or self._gone:
@@ -789,26 +336,26 @@ class Producer:
         t = self._topics.get(topic)
         if t is None:
             t = self._add_topic(topic)
-        vals = _bytes_list(values if type(values) is list else list(values), self._vser)
+        vals = bytes_list(values if type(values) is list else list(values), self._vser)
         ks: list[Any] | None = None
         if keys is not None:
-            ks = _bytes_list(keys if type(keys) is list else list(keys), self._kser)
+            ks = bytes_list(keys if type(keys) is list else list(keys), self._kser)
             if len(ks) != len(vals):
                 raise ValueError(f"send_many got {len(ks)} keys for {len(vals)} values")
             if ks.count(None) == len(ks):
                 ks = None
         n = t.partitions
         if partition is not None and not 0 <= partition < n:
-            raise KafkaError.for_code(_UNKNOWN_TOPIC, f"partition {partition} of {topic!r} (it has {n})")
+            raise KafkaError.for_code(UNKNOWN_TOPIC_OR_PARTITION, f"partition {partition} of {topic!r} (it has {n})")
         tail = encode_headers(headers)
-        _check_sizes(t, vals, ks, headers, len(tail))
+        check_sizes(t, vals, ks, headers, len(tail))
         ts = int(time.time() * 1000)
         group = DeliveryGroup(topic, len(vals), ts)
         if on_delivery is not None:
             group.add_done_callback(on_delivery)
         if not vals:
             return group
-        plan = self._plan(t, vals, ks, partition, len(tail), group)
+        plan = plan_runs(t, vals, ks, partition, len(tail), self._keys, group)
         tid = t.id
         i = 0
         try:
@@ -817,86 +364,11 @@ class Producer:
                 self._put_run(t, group, p, frames, len(vs))
         except BaseException as exc:
             for p, vs, _kk in plan[i + 1 :]:
-                group._settle(p, -1, len(vs), -1, exc)
+                group.settle(p, -1, len(vs), -1, exc)
             raise
         return group
 
-    def _plan(
-        self, t: _Topic, vals: list[Any], ks: list[Any] | None, partition: int | None, tail: int, group: DeliveryGroup
-    ) -> list[tuple[int, list[Any], list[Any] | None]]:
-        """Split a send_many into runs ``(partition, values, keys)`` of at most _BULK records,
-        and record the send order in ``group``."""
-        total = len(vals)
-        plan: list[tuple[int, list[Any], list[Any] | None]] = []
-        if partition is not None or ks is None:
-            if partition is not None:
-                spans = [(partition, i, min(i + _BULK, total)) for i in range(0, total, _BULK)]
-            else:
-                # Sticky spans: a partition takes records until about batch_size bytes went
-                # to it, the same rule as send(), judged on the call's mean record size.
-                try:
-                    vbytes = sum(map(len, vals))
-                except TypeError:  # tombstones
-                    vbytes = sum(len(v) for v in vals if v is not None)
-                rec = vbytes // total + 3 + tail
-                spans = []
-                i = 0
-                while i < total:
-                    if t.sticky_left <= 0:
-                        _stick(t)
-                    k = min(-(-t.sticky_left // rec), total - i, _BULK)
-                    t.sticky_left -= k * rec
-                    spans.append((t.sticky_p, i, i + k))
-                    i += k
-            for p, a, b in spans:
-                plan.append((p, vals[a:b], None if ks is None else ks[a:b]))
-                group._order.append((p, b - a))
-            return plan
-        n = t.partitions
-        if None in ks:
-            # Some null keys among keyed records: those go sticky, record by record.
-            parts = []
-            kpart = self._keys.partition
-            for k, v in zip(ks, vals):
-                if k is None:
-                    if t.sticky_left <= 0:
-                        _stick(t)
-                    parts.append(t.sticky_p)
-                    t.sticky_left -= (len(v) if v is not None else 0) + 3 + tail
-                else:
-                    parts.append(kpart(k if type(k) is bytes else bytes(k), n))
-        else:
-            hk = ks if set(map(type, ks)) == _ONLY_BYTES else [bytes(k) for k in ks]
-            # Keys of one length: murmur2 of all of them in one numpy pass; else per key
-            # through the cache.
-            parts = partitions_many(hk, n)
-            if parts is None:
-                parts = self._keys.partitions(hk, n)
-        group._order.append(parts)  # type: ignore[arg-type]
-        by_part: dict[int, tuple[list[Any], list[Any]]]
-        if parts.count(parts[0]) == total:
-            by_part = {parts[0]: (vals, ks)}
-        elif n <= total:
-            bv: list[list[Any]] = [[] for _ in range(n)]
-            bk: list[list[Any]] = [[] for _ in range(n)]
-            for p, k, v in zip(parts, ks, vals):
-                bv[p].append(v)
-                bk[p].append(k)
-            by_part = {p: (bv[p], bk[p]) for p in range(n) if bv[p]}
-        else:
-            by_part = {}
-            for p, k, v in zip(parts, ks, vals):
-                entry = by_part.get(p)
-                if entry is None:
-                    entry = by_part[p] = ([], [])
-                entry[0].append(v)
-                entry[1].append(k)
-        for p, (vs, kk) in by_part.items():
-            for i in range(0, len(vs), _BULK):
-                plan.append((p, vs[i : i + _BULK], kk[i : i + _BULK]))
-        return plan
-
-    def _put_run(self, t: _Topic, group: DeliveryGroup, p: int, frames: bytes, count: int) -> None:
+    def _put_run(self, t: TopicState, group: DeliveryGroup, p: int, frames: bytes, count: int) -> None:
         """Copy ``count`` frames of partition ``p`` into its ring as one pending run (more than
         one when the ring fills up); wait or drop by the topic's on_full policy."""
         ring = self._req[t.owners[p]]
@@ -911,7 +383,7 @@ class Producer:
                         self._check_open()
                     at, m = put_frames(ring, frames, at, left)
                     if m:
-                        dq.append(_Run(group, m))
+                        dq.append(PendingRun(group, m))
                         self._pending_total += m
                         ring.publish_head()
                         left -= m
@@ -921,15 +393,15 @@ class Producer:
                     at += (_unpack_frame(frames, at)[0] + 15) & -8
                     left -= 1
                     self.drops[t.name] = self.drops.get(t.name, 0) + 1
-                    group._settle(p, -1, 1, -1, BufferFullError(f"ring full: record to {t.name!r} dropped (on_full=drop)"))
+                    group.settle(p, -1, 1, -1, BufferFullError(f"ring full: record to {t.name!r} dropped (on_full=drop)"))
                     continue
                 deadline = self._block(t, deadline)
         except BaseException as exc:
             if left:
-                group._settle(p, -1, left, -1, exc)
+                group.settle(p, -1, left, -1, exc)
             raise
 
-    def _enqueue(self, t: _Topic, partition: int, ts: int, body: bytes, fut: DeliveryFuture) -> None:
+    def _enqueue(self, t: TopicState, partition: int, ts: int, body: bytes, fut: DeliveryFuture) -> None:
         ring = self._req[t.owners[partition]]
         dq = t.pending[partition]
         deadline = None
@@ -947,16 +419,16 @@ class Producer:
             if deadline is None:
                 return
 
-    def _wait_for_room(self, t: _Topic, ring: Any, deadline: float | None, fut: DeliveryFuture) -> float | None:
+    def _wait_for_room(self, t: TopicState, ring: Any, deadline: float | None, fut: DeliveryFuture) -> float | None:
         """The ring is full: wait (block policy) or drop. Returns the deadline, None if dropped."""
         info = t.info
         if info.on_full == "drop":
             self.drops[t.name] = self.drops.get(t.name, 0) + 1
-            fut._resolve(BufferFullError(f"ring full: record to {t.name!r} dropped (on_full=drop)"))
+            fut.resolve(BufferFullError(f"ring full: record to {t.name!r} dropped (on_full=drop)"))
             return None
         return self._block(t, deadline)
 
-    def _block(self, t: _Topic, deadline: float | None) -> float:
+    def _block(self, t: TopicState, deadline: float | None) -> float:
         """Wait a little for ring space (on_full=block); BufferFullError past max_block_ms."""
         info = t.info
         now = time.monotonic()
@@ -974,164 +446,41 @@ class Producer:
         if self._closed or self._gone:
             raise ProducerClosedError("the producer is closed" if self._closed else "the daemon closed the connection")
 
-    # --- completions ----------------------------------------------------------------------
+    # --- the completion thread's callbacks ------------------------------------------------
 
-    def _completions(self) -> None:
-        poll = select.poll()
-        bells = []
-        for w in range(self.workers):
-            bell = self._segment.completion_doorbell(w)
-            if bell is not None:
-                poll.register(bell.fd, select.POLLIN)
-                bells.append(bell)
-        rings = self._cmp
-        # The daemon closing the connection (it stopped, or dropped this client) shows as
-        # POLLHUP on the socket; no POLLIN, so replies stay for the control requests.
-        sock_fd = self._sock.fileno()
-        poll.register(sock_fd, 0)
-        last_beat = 0.0
-        try:
-            while not self._closed:
-                took = False
-                for w, ring in enumerate(rings):
-                    if self._read_ring(w, ring):
-                        took = True
-                now = time.monotonic()
-                if now - last_beat > 1.0:
-                    self._segment.beat_client()
-                    last_beat = now
-                if took:
-                    continue
-                armed = all(ring.arm() for ring in rings)
-                hangup = False
-                if armed:
-                    for fd, ev in poll.poll(_COMPLETION_POLL_MS):
-                        if fd == sock_fd and ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
-                            hangup = True
-                    for bell in bells:
-                        bell.drain()
-                for ring in rings:
-                    ring.disarm()
-                if hangup and not self._closed:
-                    # The daemon wrote its last completions before closing: take them first.
-                    for w, ring in enumerate(rings):
-                        self._read_ring(w, ring)
-                    if self._reconnect_s and not self._dropped() and self._reconnect():
-                        poll.unregister(sock_fd)
-                        sock_fd = self._sock.fileno()
-                        poll.register(sock_fd, 0)
-                        continue
-                    self._daemon_gone()
-                    return
-        except Exception as exc:  # noqa: BLE001 - corrupt completions: fail everything loudly
-            self._fail_all(ProtocolError(f"completion ring unreadable: {exc}"))
+    def _completed(self, count: int) -> None:
+        with self._send_lock:
+            self._pending_total -= count
+        if self._pending_total <= 0:
+            with self._idle:
+                self._idle.notify_all()
 
-    def _dropped(self) -> bool:
-        """After a hang-up: did the daemon say why (a fatal ErrorReply)? Then it meant it."""
-        with self._ctl_lock:
-            sock = self._sock
-            try:
-                sock.setblocking(False)
-                while True:
-                    data = sock.recv(65536)
-                    if not data:
-                        break
-                    self._inbox.extend(self._reader.feed(data))
-            except (BlockingIOError, InterruptedError):
-                pass
-            except (OSError, SluiceError):
-                return False
-            return any(isinstance(m, control.ErrorReply) and m.fatal for m in self._inbox)
+    def _freed(self) -> None:
+        with self._space:
+            self._space.notify_all()
 
-    def _reconnect(self) -> bool:
-        """The daemon hung up: connect to its successor and offer the same segment under the
-        same token, for up to ``reconnect_timeout_s``. True when the new daemon took it."""
-        deadline = time.monotonic() + self._reconnect_s
-        delay = 0.05
-        seg = self._segment
-        log.warning("sluice: the daemon hung up; reconnecting for up to %.0fs", self._reconnect_s)
-        while not self._closed:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                log.error("sluice: no daemon took the segment back within %.0fs", self._reconnect_s)
-                return False
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(max(0.1, min(self._connect_timeout, left)))
-            with self._ctl_lock:
-                old_sock, old_reader = self._sock, self._reader
-                self._sock, self._reader = sock, control.FrameReader(control.DaemonMessage)
-                self._inbox.clear()
-                try:
-                    sock.connect(self.socket_path)
-                    sock.sendall(control.encode(self._hello()))
-                    welcome = self._expect(control.Welcome)
-                    if (
-                        welcome.workers != self.workers
-                        or welcome.request_ring_bytes != seg.request_ring_bytes
-                        or welcome.completion_ring_bytes != seg.completion_ring_bytes
-                    ):
-                        log.error("sluice: the restarted daemon wants another segment layout; giving up")
-                        sock.close()
-                        return False
-                    fds = seg.fds()
-                    offer = control.SegmentOffer(segment_bytes=seg.size, workers=self.workers, fd_count=len(fds))
-                    send_fds(sock, control.encode(offer), fds)
-                    self._expect(control.SegmentAccepted)
-                    # Ring frames carry topic ids: the new daemon must know them by the same ids.
-                    for name, t in list(self._topics.items()):
-                        sock.sendall(control.encode(control.TopicLookup(topic=name)))
-                        info = self._expect(control.TopicInfo)
-                        if info.topic_id != t.id:
-                            log.error("sluice: topic %r has id %d in the restarted daemon, not %d; giving up",
-                                      name, info.topic_id, t.id)
-                            sock.close()
-                            return False
-                except (OSError, SluiceError) as exc:
-                    sock.close()
-                    self._sock, self._reader = old_sock, old_reader
-                    log.debug("sluice: reconnect attempt failed: %s", exc)
-                else:
-                    sock.settimeout(None)
-                    try:
-                        old_sock.close()
-                    except OSError:
-                        pass
-                    self.client_id = welcome.client_id
-                    self.reconnects += 1
-                    log.warning("sluice: reconnected as client %d; %d records pending", self.client_id, self._pending_total)
-                    return True
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 0.5)
-        return False
+    def _unreadable(self, exc: Exception) -> None:
+        self._fail_all(ProtocolError(f"completion ring unreadable: {exc}"))
 
-    def _read_ring(self, w: int, ring: Any) -> bool:
-        took = False
-        freed = False
-        resolved = 0
-        by_id = self._by_id
-        while True:
-            start, end = ring.region()
-            if start == end:
-                break
-            took = True
-            for _fend, tid, err, part, base, ts, count in iter_completions(ring, start, end, self._limits):
-                if tid == CHUNK_DONE_TOPIC:
-                    self._req[w].free_to(base)
-                    freed = True
-                    continue
-                _resolve_fifo(by_id[tid].pending[part], part, err, base, ts, count)
-                resolved += count
-            ring.consume(end - start)
-        if resolved:
-            with self._send_lock:
-                self._pending_total -= resolved
-            if self._pending_total <= 0:
-                with self._idle:
-                    self._idle.notify_all()
-        if freed:
-            with self._space:
-                self._space.notify_all()
-        return took
+    def _hung_up(self) -> int | None:
+        """The daemon closed the connection: reconnect if allowed (returns the new socket's fd
+        for the completion thread to watch), else fail what is pending (returns None)."""
+        if self._closed:
+            return None  # our own Goodbye: close() is finishing
+        if self._reconnect_s and not self._ctl.dropped():
+            log.warning("sluice: the daemon hung up; reconnecting for up to %.0fs", self._reconnect_s)
+            if self._ctl.reconnect(
+                self._segment,
+                lambda: {name: t.id for name, t in list(self._topics.items())},
+                within_s=self._reconnect_s,
+                stopped=lambda: self._closed,
+            ):
+                self.client_id = self._ctl.welcome.client_id
+                self.reconnects += 1
+                log.warning("sluice: reconnected as client %d; %d records pending", self.client_id, self._pending_total)
+                return self._ctl.fileno()
+        self._daemon_gone()
+        return None
 
     def _daemon_gone(self) -> None:
         """Fail every pending record: its outcome can no longer come (the daemon's mapping of
@@ -1148,12 +497,7 @@ class Producer:
     def _fail_all(self, exc: BaseException) -> None:
         for t in self._topics.values():
             for part, dq in enumerate(t.pending):
-                while dq:
-                    e = dq.popleft()
-                    if type(e) is _Run:
-                        e.group._settle(part, -1, e.left, -1, exc)
-                    else:
-                        e._resolve(exc)
+                fail_fifo(dq, part, exc)
         with self._idle:
             self._idle.notify_all()
 
@@ -1169,7 +513,7 @@ class Producer:
         pending (0 = all done) when ``timeout`` runs out."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._idle:
-            while self._pending_total > 0 and self._thread.is_alive():
+            while self._pending_total > 0 and self._completions.is_alive():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
@@ -1188,14 +532,10 @@ class Producer:
             self.flush(timeout)
         finally:
             self._closed = True
-            try:
-                with self._ctl_lock:
-                    self._sock.sendall(control.encode(control.Goodbye()))
-            except OSError:
-                pass
-            self._thread.join(timeout=1.0)
+            self._ctl.goodbye()
+            self._completions.stop(timeout=1.0)
             self._fail_all(ProducerClosedError("the producer was closed before the outcome came"))
-            self._sock.close()
+            self._ctl.close()
             for ring in self._req + self._cmp:
                 ring.release()
             self._segment.close()

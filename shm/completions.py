@@ -1,0 +1,165 @@
+"""The producer's completion thread: reads the completion rings and settles the futures.
+
+Each COMPLETION frame resolves the next ``count`` pending records of one partition, in order
+(:func:`shm.futures.settle_fifo`); each CHUNK_DONE frame frees the worker's request ring up to
+the position it names (see :mod:`daemon.worker` for why the ring is freed only then).
+
+Idle: the thread arms every completion ring (the worker rings the doorbell only when armed)
+and sleeps in poll() on the doorbells and the control socket, at most
+``_COMPLETION_POLL_MS`` so a lost wake-up costs a bounded delay. The socket is registered
+for no event: the daemon closing it still shows as POLLHUP, and its replies stay for the
+control requests of the producer's other threads.
+
+The thread talks back to its producer only through the callables it is given: records
+completed, ring space freed, the daemon hung up, the rings are unreadable.
+"""
+
+from __future__ import annotations
+
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from shm.frames import CHUNK_DONE_TOPIC, iter_completions
+from shm.futures import settle_fifo
+from shm.ring import SpscRing
+from shm.segment import Segment
+
+__all__ = ["CompletionReader"]
+
+_COMPLETION_POLL_MS = 20
+_HEARTBEAT_S = 1.0
+_HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
+class CompletionReader:
+    """The thread that reads one segment's completion rings.
+
+    Args:
+        segment: the client's segment (doorbells, the client heartbeat).
+        request_rings, completion_rings: one of each per worker, by worker index.
+        pending: topic id -> one pending FIFO per partition (the producer adds topics to this
+            dict as it learns them; the thread only reads it).
+        limits: topic id -> partition count, for validating completions (also grown by the
+            producer).
+        control_fd: the control socket, watched for the daemon hanging up.
+        on_completed: ``count`` records got their outcome.
+        on_freed: request-ring space was freed (senders waiting for room may go on).
+        on_hangup: the daemon closed the connection (its last completions were read first).
+            Returns the fd of the new control socket to watch, or None to end the thread.
+        on_error: the completion rings are unreadable (a corrupt peer); the thread ends.
+        name: the thread's name.
+    """
+
+    def __init__(
+        self,
+        segment: Segment,
+        request_rings: Sequence[SpscRing],
+        completion_rings: Sequence[SpscRing],
+        pending: dict[int, list[deque[Any]]],
+        limits: list[int],
+        control_fd: int,
+        *,
+        on_completed: Callable[[int], None],
+        on_freed: Callable[[], None],
+        on_hangup: Callable[[], int | None],
+        on_error: Callable[[Exception], None],
+        name: str,
+    ) -> None:
+        self._segment = segment
+        self._req = list(request_rings)
+        self._cmp = list(completion_rings)
+        self._pending = pending
+        self._limits = limits
+        self._control_fd = control_fd
+        self._on_completed = on_completed
+        self._on_freed = on_freed
+        self._on_hangup = on_hangup
+        self._on_error = on_error
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None) -> None:
+        """Ask the thread to end (within one poll interval) and wait up to ``timeout``."""
+        self._stopped = True
+        self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        poll = select.poll()
+        bells = []
+        for w in range(len(self._cmp)):
+            bell = self._segment.completion_doorbell(w)
+            if bell is not None:
+                poll.register(bell.fd, select.POLLIN)
+                bells.append(bell)
+        rings = self._cmp
+        sock_fd = self._control_fd
+        poll.register(sock_fd, 0)
+        last_beat = 0.0
+        try:
+            while not self._stopped:
+                took = False
+                for w, ring in enumerate(rings):
+                    if self._read_ring(w, ring):
+                        took = True
+                now = time.monotonic()
+                if now - last_beat > _HEARTBEAT_S:
+                    self._segment.beat_client()
+                    last_beat = now
+                if took:
+                    continue
+                armed = all(ring.arm() for ring in rings)
+                hangup = False
+                if armed:
+                    for fd, ev in poll.poll(_COMPLETION_POLL_MS):
+                        if fd == sock_fd and ev & _HANGUP:
+                            hangup = True
+                    for bell in bells:
+                        bell.drain()
+                for ring in rings:
+                    ring.disarm()
+                if hangup and not self._stopped:
+                    # The daemon wrote its last completions before closing: take them first.
+                    for w, ring in enumerate(rings):
+                        self._read_ring(w, ring)
+                    new_fd = self._on_hangup()
+                    if new_fd is None:
+                        return
+                    poll.unregister(sock_fd)
+                    sock_fd = new_fd
+                    poll.register(sock_fd, 0)
+        except Exception as exc:  # noqa: BLE001 - corrupt completions: the producer fails everything loudly
+            self._on_error(exc)
+
+    def _read_ring(self, w: int, ring: SpscRing) -> bool:
+        took = False
+        freed = False
+        resolved = 0
+        pending = self._pending
+        while True:
+            start, end = ring.region()
+            if start == end:
+                break
+            took = True
+            for _fend, tid, err, part, base, ts, count in iter_completions(ring, start, end, self._limits):
+                if tid == CHUNK_DONE_TOPIC:
+                    self._req[w].free_to(base)
+                    freed = True
+                    continue
+                settle_fifo(pending[tid][part], part, err, base, ts, count)
+                resolved += count
+            ring.consume(end - start)
+        if resolved:
+            self._on_completed(resolved)
+        if freed:
+            self._on_freed()
+        return took
