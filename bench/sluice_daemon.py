@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ if "shm.producer" in need and not hasattr(sys.modules["shm.producer"], "Producer
 """
 _NEEDS = {
     "sluice-shm": ("shm.producer", "shm.control", "daemon.cli", "daemon.config"),
-    "sluice-socket": ("shm.control", "daemon.cli", "daemon.config"),
+    "sluice-socket": ("shm.control", "shm.connection", "daemon.cli", "daemon.config"),
 }
 
 
@@ -224,27 +223,19 @@ class SluiceDaemon:
     def stats(self, timeout: float = 5.0) -> dict[str, Any]:
         """The daemon's counters, asked over its socket (StatsRequest)."""
         from shm import control
+        from shm.connection import Connection, hello_for
+        from shm.errors import SluiceError
 
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(self.socket_path)
-            sock.sendall(control.encode(control.Hello(version=control.PROTOCOL_VERSION, client_name="bench-stats",
-                                                      pid=os.getpid())))
-            sock.sendall(control.encode(control.StatsRequest()))
-            reader = control.FrameReader(control.DaemonMessage)
-            while True:
-                data = sock.recv(1 << 16)
-                if not data:
-                    raise DaemonUnavailable("daemon closed the stats connection")
-                for msg in reader.feed(data):
-                    if isinstance(msg, control.StatsReply):
-                        try:
-                            sock.sendall(control.encode(control.Goodbye()))
-                        except OSError:
-                            pass
-                        return msg.stats
-                    if isinstance(msg, control.ErrorReply):
-                        raise DaemonUnavailable(f"stats refused: {msg.name}: {msg.message}")
+        try:
+            with Connection(self.socket_path, hello=hello_for("bench-stats"), timeout=timeout) as conn:
+                stats = conn.request(control.StatsRequest(), control.StatsReply).stats
+                try:
+                    conn.send(control.Goodbye())
+                except OSError:
+                    pass
+                return stats
+        except SluiceError as exc:  # an ErrorReply, or the daemon hung up
+            raise DaemonUnavailable(f"stats refused: {exc}") from exc
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM (graceful drain), then SIGKILL to the whole session after ``timeout``."""

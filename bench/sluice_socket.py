@@ -11,8 +11,6 @@ daemon never waits on us to read.
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 import time
 from typing import Any
@@ -46,38 +44,26 @@ def settings_for(delivery: Delivery, bootstrap: str) -> dict[str, Any]:
 class _Replies:
     """The reader thread's state: ack times by seq, errors, and the final FlushDone."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        from shm import control
-
-        self._control = control
-        self.sock = sock
-        self.reader = control.FrameReader(control.DaemonMessage)
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
         self.ack_at: dict[int, float] = {}
         self.errors: list[str] = []
         self.record_errors = 0
         self.flush_done: Any = None
         self.cond = threading.Condition()
         self.closed = False
-        self.pending: list[Any] = []  # replies before the reader thread starts (handshake)
-
-    def read_one(self) -> Any:
-        """Block for the next message (used for the handshake, before the thread starts)."""
-        while not self.pending:
-            data = self.sock.recv(1 << 16)
-            if not data:
-                raise ConnectionError("daemon closed the connection during the handshake")
-            self.pending.extend(self.reader.feed(data))
-        return self.pending.pop(0)
 
     def run(self) -> None:
-        control = self._control
+        from shm import control
+        from shm.errors import ConnectionClosedError
+
         try:
             while True:
-                data = self.sock.recv(1 << 20)
-                if not data:
-                    break
+                # One clock reading per read from the socket, as the replies of one read
+                # arrived together.
+                msgs = self.conn.recv_available()
                 now = time.monotonic()
-                for msg in self.reader.feed(data):
+                for msg in msgs:
                     if isinstance(msg, control.ProduceAck):
                         self.ack_at[msg.seq] = now
                         for r in msg.results:
@@ -91,6 +77,8 @@ class _Replies:
                             self.cond.notify_all()
                     elif isinstance(msg, control.ErrorReply):
                         self.errors.append(f"{msg.name}: {msg.message}")
+        except ConnectionClosedError:
+            pass
         except OSError as e:
             self.errors.append(repr(e))
         finally:
@@ -112,6 +100,7 @@ class _Replies:
 def run_client(spec: ClientSpec, conn: Any, start: Any, counters: Any) -> None:
     """One socket client process (see bench/client.py for the protocol with the harness)."""
     from shm import control
+    from shm.connection import Connection, hello_for
 
     values = make_values(spec)
     keys = make_keys(spec)
@@ -128,22 +117,15 @@ def run_client(spec: ClientSpec, conn: Any, start: Any, counters: Any) -> None:
         recs.append(rec)
     del cache
 
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(spec.socket_path or "")
-    replies = _Replies(sock)
-    sock.sendall(control.encode(control.Hello(version=control.PROTOCOL_VERSION, client_name="bench", pid=os.getpid())))
-    welcome = replies.read_one()
-    if not isinstance(welcome, control.Welcome):
-        raise RuntimeError(f"handshake refused: {welcome!r}")
-    sock.sendall(control.encode(control.TopicLookup(topic=spec.topic)))
-    info = replies.read_one()
-    if not isinstance(info, control.TopicInfo):
-        raise RuntimeError(f"topic lookup refused: {info!r}")
+    # The handshake and lookup raise (refused, or the daemon hung up) before the reader starts.
+    conn = Connection(spec.socket_path or "", hello=hello_for("bench"), timeout=None)
+    conn.request(control.TopicLookup(topic=spec.topic), control.TopicInfo)
+    replies = _Replies(conn)
     thread = threading.Thread(target=replies.run, daemon=True)
     thread.start()
 
     topic = spec.topic
-    encode, Produce, sendall = control.encode, control.Produce, sock.sendall
+    Produce, send = control.Produce, conn.send
     pacer = Pacer(counters, spec.index, spec.rate, spec.deadline_s)
     sent_at: dict[int, float] = {}
     result = ClientResult(index=spec.index,
@@ -160,26 +142,26 @@ def run_client(spec: ClientSpec, conn: Any, start: Any, counters: Any) -> None:
             frame_no += 1
             if frame_no % ACK_EVERY == 0:
                 sent_at[frame_no] = monotonic()
-                sendall(encode(Produce(topic=topic, records=recs[sent:end], ack=True, seq=frame_no)))
+                send(Produce(topic=topic, records=recs[sent:end], ack=True, seq=frame_no))
             else:
-                sendall(encode(Produce(topic=topic, records=recs[sent:end])))
+                send(Produce(topic=topic, records=recs[sent:end]))
             sent = end
             go, nap = pacer.after(sent)
             if nap:
                 time.sleep(nap)
             if not go:
                 break
-        sendall(encode(control.Flush(timeout_ms=300_000)))
+        send(control.Flush(timeout_ms=300_000))
         done = replies.wait_flush(310.0)
         t1 = monotonic()
     counters[spec.index] = sent
     try:
-        sendall(encode(control.Goodbye()))
-        sock.shutdown(socket.SHUT_WR)
+        send(control.Goodbye())
     except OSError:
         pass
+    conn.shutdown_write()
     thread.join(10)
-    sock.close()
+    conn.close()
     errors = list(replies.errors)
     if done is None:
         errors.append("no FlushDone")

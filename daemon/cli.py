@@ -8,55 +8,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
 from collections.abc import Iterator
-from typing import Any
 
 from shm import control
-from shm.producer import DEFAULT_SOCKET
+from shm.connection import Connection, hello_for, socket_path
+from shm.errors import KafkaError, SluiceError
 
 __all__ = ["main"]
 
 _LINES_PER_FRAME = 1000
 _MAX_UNACKED_FRAMES = 8
+_TIMEOUT_S = 30.0
+_EXIT_UNREACHABLE = 2
 
 
-def _socket_path(arg: str | None) -> str:
-    return arg or os.environ.get("SLUICE_SOCKET") or DEFAULT_SOCKET
-
-
-class _Conn:
-    """A blocking socket-protocol connection."""
-
-    def __init__(self, path: str, timeout: float = 30.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.reader = control.FrameReader(control.DaemonMessage)
-        self.inbox: list[Any] = []
-        self.send(control.Hello(version=control.PROTOCOL_VERSION, client_name="sluice-cli", pid=os.getpid()))
-        self.expect(control.Welcome)
-
-    def send(self, msg: Any) -> None:
-        self.sock.sendall(control.encode(msg))
-
-    def recv(self) -> Any:
-        while not self.inbox:
-            data = self.sock.recv(1 << 20)
-            if not data:
-                raise ConnectionError("the daemon closed the connection")
-            self.inbox.extend(self.reader.feed(data))
-        return self.inbox.pop(0)
-
-    def expect(self, kind: type) -> Any:
-        msg = self.recv()
-        if isinstance(msg, control.ErrorReply):
-            raise SystemExit(f"sluice: {msg.name}: {msg.message}")
-        if not isinstance(msg, kind):
-            raise SystemExit(f"sluice: expected {kind.__name__}, got {type(msg).__name__}")
-        return msg
+def _connect(arg: str | None) -> Connection:
+    """The daemon's socket (``--socket``, else $SLUICE_SOCKET, else the default), greeted."""
+    return Connection(socket_path(arg), hello=hello_for("sluice-cli"), timeout=_TIMEOUT_S)
 
 
 def _records(lines: Iterator[bytes], sep: bytes | None) -> Iterator[control.Rec]:
@@ -72,7 +41,7 @@ def _records(lines: Iterator[bytes], sep: bytes | None) -> Iterator[control.Rec]
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    conn = _Conn(_socket_path(args.socket))
+    conn = _connect(args.socket)
     sep = args.key_delimiter.encode() if args.key_delimiter else None
     seq = 0
     sent = ok = failed = 0
@@ -137,7 +106,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from daemon.stats import format_table
 
-    conn = _Conn(_socket_path(args.socket))
+    conn = _connect(args.socket)
     conn.send(control.StatsRequest())
     reply = conn.expect(control.StatsReply)
     conn.send(control.Goodbye())
@@ -197,10 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         print(f"sluice: cannot reach the daemon: {exc}", file=sys.stderr)
-        return 2
+        return _EXIT_UNREACHABLE
     except ConnectionError as exc:  # it went away mid-session (stopped, or dropped us)
         print(f"sluice: lost the connection to the daemon: {exc}", file=sys.stderr)
-        return 2
+        return _EXIT_UNREACHABLE
+    except KafkaError as exc:  # an ErrorReply with a Kafka code
+        print(f"sluice: {exc.name}: {exc}", file=sys.stderr)
+        return 1
+    except SluiceError as exc:  # any other ErrorReply ("NAME: message"), or an unexpected reply
+        print(f"sluice: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -24,10 +24,11 @@ from chaos_util import SendLoop, check_exactly_once, seq_of, wait_until
 # The kill tests need no faults: they use the suite's shared broker, not the directory's own.
 from chaos_util import shared_kafka_admin as kafka_admin  # noqa: F401
 from chaos_util import shared_kafka_bootstrap as kafka_bootstrap  # noqa: F401
-from daemon_fixture import SLUICE, RawClient, SluiceDaemon, start_daemon
+from daemon_fixture import SLUICE, SluiceDaemon, connect, start_daemon
 from test_worker_kill import _wait_for_live_batch
 
 from shm import Producer
+from shm.errors import SluiceError
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.slow]
 
@@ -61,9 +62,9 @@ def _restart(d: SluiceDaemon) -> SluiceDaemon:
         if proc.poll() is not None:
             raise AssertionError(f"sluice exited with {proc.returncode} at restart:\n{nd.log()[-6000:]}")
         try:
-            with RawClient(d.socket_path, name="test-probe", timeout=2.0):
+            with connect(d.socket_path, name="test-probe", timeout=2.0):
                 return True
-        except (OSError, EOFError, AssertionError):
+        except (OSError, SluiceError):
             return False
 
     wait_until(answers, 60, "the restarted daemon answering")

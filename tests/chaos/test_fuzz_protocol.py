@@ -23,7 +23,6 @@ least 100,000 over runs, which the in-process harness alone passes in one run.
 from __future__ import annotations
 
 import os
-import socket
 import struct
 import time
 from typing import Any
@@ -34,8 +33,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shm import Producer, control
-from shm.errors import ProtocolError
-from shm.segment import Segment, send_fds
+from shm.connection import Connection
+from shm.errors import ConnectionClosedError, ProtocolError
+from shm.segment import Segment
 
 pytestmark = [pytest.mark.chaos]
 
@@ -219,15 +219,14 @@ def _fd_targets(pid: int) -> list[str]:
 
 
 class _Conn:
+    """A connection that sends whatever the fuzzer made (framed or not) and collects replies."""
+
     def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(10)
-        self.sock.connect(path)
-        self.reader = control.FrameReader(control.DaemonMessage)
+        self.conn = Connection(path, hello=None, timeout=10)
 
     def send(self, data: bytes) -> bool:
         try:
-            self.sock.sendall(data)
+            self.conn.send_raw(data)
             return True
         except (BrokenPipeError, ConnectionResetError):
             return False
@@ -237,34 +236,25 @@ class _Conn:
         out: list[Any] = []
         while True:
             try:
-                data = self.sock.recv(1 << 20)
-            except ConnectionResetError:
+                msg = self.conn.recv()  # a malformed reply raises: the test fails
+            except (ConnectionClosedError, ConnectionResetError):
                 return out, True
-            if not data:
-                return out, True
-            for msg in self.reader.feed(data):  # a malformed reply raises: the test fails
-                out.append(msg)
-                if isinstance(msg, control.StatsReply):
-                    return out, False
+            out.append(msg)
+            if isinstance(msg, control.StatsReply):
+                return out, False
 
     def replies_until_eof(self) -> list[Any]:
         """Half-close our side, then every reply until the daemon closes the connection."""
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        self.conn.shutdown_write()
         out: list[Any] = []
         while True:
             try:
-                data = self.sock.recv(1 << 20)
-            except ConnectionResetError:
+                out.append(self.conn.recv())  # a malformed reply raises: the test fails
+            except (ConnectionClosedError, ConnectionResetError):
                 return out
-            if not data:
-                return out
-            out.extend(self.reader.feed(data))  # a malformed reply raises: the test fails
 
     def close(self) -> None:
-        self.sock.close()
+        self.conn.close()
 
 
 @pytest.mark.integration
@@ -360,11 +350,10 @@ def _bad_segment_offers(path: str) -> int:
             c = _Conn(path)
             try:
                 c.send(control.encode(control.Hello(version=1, client_name="fuzz-seg", wants_segment=True)))
-                welcome = c.reader.feed(c.sock.recv(65536))
-                assert any(isinstance(m, control.Welcome) for m in welcome)
+                assert isinstance(c.conn.recv(), control.Welcome)
                 offer = control.SegmentOffer(segment_bytes=1 << 20, workers=2, fd_count=len(fds))
                 if fds:
-                    send_fds(c.sock, control.encode(offer), fds)
+                    c.conn.send_with_fds(offer, fds)
                 else:
                     c.send(control.encode(offer))
                 replies, closed = c.replies_until_stats()

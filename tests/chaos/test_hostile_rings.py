@@ -15,8 +15,10 @@ clients' well-formed records from before the corruption), drops only the offendi
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -187,8 +189,8 @@ def completion_tail_bogus(p: Producer, topic: str, part: int, rng: random.Random
     than the (4 KiB) ring holds and must look at the tail."""
     w = owner(topic, part, p.workers)
     cmp = p._cmp[w]
-    p._closed = True  # stop the client's completion thread: it would store a sane tail again
-    p._thread.join(2)
+    p._closed = True
+    p._completions.stop(2)  # the client's completion thread would store a sane tail again
     cmp._words[cmp._tail_i] = rng.choice([1 << 60, cmp._words[cmp._tail_i] + 3])
     for _ in range(200):
         _publish_valid(p, topic, part, 1)
@@ -222,25 +224,27 @@ SCENARIOS: list[Callable[[Producer, str, int, random.Random], None]] = [
 
 
 def _closed_by_daemon(p: Producer, timeout: float = 5.0) -> bool:
-    sock = p._sock
-    sock.settimeout(timeout)
-    try:
-        while sock.recv(65536):
+    """The hostile client's control socket sees EOF or a reset within ``timeout`` (read through
+    a duplicate of its descriptor; what the daemon sent meanwhile is dropped)."""
+    with socket.socket(fileno=os.dup(p._ctl.fileno())) as sock:
+        sock.settimeout(timeout)
+        try:
+            while sock.recv(65536):
+                pass
+        except (ConnectionResetError, BrokenPipeError):
             pass
-    except (ConnectionResetError, BrokenPipeError):
-        pass
-    except TimeoutError:
-        return False
+        except TimeoutError:
+            return False
     return True
 
 
 def _let_go(p: Producer) -> None:
     """Release a hostile client without flushing (its rings are garbage)."""
-    if p._sock.fileno() < 0:
+    if p._ctl.fileno() < 0:
         return  # closed normally already
     p._closed = True
-    p._thread.join(2)
-    p._sock.close()
+    p._completions.stop(2)
+    p._ctl.close()
     for ring in p._req + p._cmp:
         ring.release()
     p._segment.close()

@@ -1,4 +1,4 @@
-"""A real ``sluice run`` daemon for integration tests, a raw socket-protocol client, and the
+"""A real ``sluice run`` daemon for integration tests, a socket-protocol connection, and the
 client programs that tests start in separate processes (multiprocessing, spawn).
 
 Everything here is bounded in time: a daemon that does not answer, a client that does not
@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from shm import control
+from shm.connection import Connection, hello_for
+from shm.errors import SluiceError
 
 __all__ = [
     "ROOT",
     "SLUICE",
     "SluiceDaemon",
-    "RawClient",
+    "connect",
     "start_daemon",
     "record_of",
     "HEADER_NULL",
@@ -45,76 +46,11 @@ HEADER_NULL = "nothing"
 """A header every test record carries with a null value (null header values must survive)."""
 
 
-class RawClient:
-    """A socket-protocol client written from docs/PROTOCOL.md, as a non-Python client would be.
-
-    Only :mod:`shm.control` (the message Structs and framing) is shared with the daemon.
-    """
-
-    def __init__(self, path: str, *, name: str = "raw-test-client", timeout: float = 15.0, hello: bool = True) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.reader = control.FrameReader(control.DaemonMessage)
-        self.inbox: list[Any] = []
-        self.welcome: control.Welcome | None = None
-        try:
-            self.sock.connect(path)
-            if hello:
-                self.send(control.Hello(version=control.PROTOCOL_VERSION, client_name=name, pid=os.getpid()))
-                self.welcome = self.expect(control.Welcome)
-        except BaseException:
-            self.sock.close()
-            raise
-
-    def send(self, msg: Any) -> None:
-        self.sock.sendall(control.encode(msg))
-
-    def send_raw(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def recv(self) -> Any:
-        """The next message; raises EOFError when the daemon closed the connection."""
-        while not self.inbox:
-            data = self.sock.recv(1 << 20)
-            if not data:
-                raise EOFError("the daemon closed the connection")
-            self.inbox.extend(self.reader.feed(data))
-        return self.inbox.pop(0)
-
-    def expect(self, kind: type) -> Any:
-        msg = self.recv()
-        if not isinstance(msg, kind):
-            raise AssertionError(f"expected {kind.__name__}, got {msg!r}")
-        return msg
-
-    def closed_by_daemon(self, timeout: float = 5.0) -> bool:
-        """True when the daemon closes the connection (EOF or reset) within ``timeout``."""
-        self.sock.settimeout(timeout)
-        try:
-            while True:
-                data = self.sock.recv(65536)
-                if not data:
-                    return True
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-        except TimeoutError:
-            return False
-
-    def stats(self) -> dict[str, Any]:
-        self.send(control.StatsRequest())
-        return self.expect(control.StatsReply).stats
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def __enter__(self) -> RawClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def connect(path: str, *, name: str = "raw-test-client", timeout: float = 15.0) -> Connection:
+    """A socket-protocol connection that has said Hello (``welcome`` holds the reply): the
+    client library's :class:`shm.connection.Connection`, which shares only :mod:`shm.control`
+    (the message Structs and framing) with the daemon, as a non-Python client would."""
+    return Connection(path, hello=hello_for(name), timeout=timeout)
 
 
 @dataclass
@@ -138,8 +74,8 @@ class SluiceDaemon:
             return ""
 
     def stats(self) -> dict[str, Any]:
-        with RawClient(self.socket_path, name="test-stats") as c:
-            return c.stats()
+        with connect(self.socket_path, name="test-stats") as c:
+            return c.request(control.StatsRequest(), control.StatsReply).stats
 
     def worker_pids(self) -> list[int]:
         workers = self.stats()["workers"]
@@ -213,9 +149,9 @@ def start_daemon(bootstrap: str, *, workers: int = 2, extra: str = "", daemon_ex
         if proc.poll() is not None:
             raise AssertionError(f"sluice run exited with {proc.returncode} at start:\n{d.log()[-6000:]}")
         try:
-            with RawClient(sock, name="test-probe", timeout=2.0):
+            with connect(sock, name="test-probe", timeout=2.0):
                 break
-        except (OSError, EOFError, AssertionError):
+        except (OSError, SluiceError):
             pass
         if time.monotonic() > deadline:
             d.kill()

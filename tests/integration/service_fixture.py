@@ -249,22 +249,13 @@ class ServiceDaemon:
 
     def answers(self, timeout: float = 2.0) -> bool:
         """Whether the socket accepts a connection and replies Welcome to a Hello."""
-        from shm import control
+        from shm.connection import Connection, hello_for
+        from shm.errors import SluiceError
 
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(timeout)
-                s.connect(self.socket_path)
-                s.sendall(control.encode(control.Hello(version=control.PROTOCOL_VERSION,
-                                                       client_name="test-probe", pid=os.getpid())))
-                reader = control.FrameReader(control.DaemonMessage)
-                while True:
-                    data = s.recv(65536)
-                    if not data:
-                        return False
-                    for msg in reader.feed(data):
-                        return isinstance(msg, control.Welcome)
-        except OSError:
+            with Connection(self.socket_path, hello=hello_for("test-probe"), timeout=timeout):
+                return True
+        except (OSError, SluiceError):
             return False
 
     # --- driving it -----------------------------------------------------------------------

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from daemon_fixture import SLUICE, RawClient
+from daemon_fixture import SLUICE, connect
 
 from shm import control
 from shm.partitioner import partition_for_key
@@ -52,7 +52,7 @@ def test_sluice_send_cli_with_acks(sluice_daemon, new_topic, read_topic) -> None
 
 def test_raw_protocol_produce_with_and_without_acks(sluice_daemon, new_topic, read_topic) -> None:
     topic = new_topic(partitions=2)
-    with RawClient(sluice_daemon.socket_path) as c:
+    with connect(sluice_daemon.socket_path) as c:
         assert c.welcome is not None and c.welcome.workers == 2
         c.send(control.TopicLookup(topic=topic))
         info = c.expect(control.TopicInfo)
@@ -88,7 +88,7 @@ def test_raw_protocol_produce_with_and_without_acks(sluice_daemon, new_topic, re
 
 def test_socket_errors_keep_the_connection(sluice_daemon, new_topic, read_topic) -> None:
     topic = new_topic(partitions=1)
-    with RawClient(sluice_daemon.socket_path) as c:
+    with connect(sluice_daemon.socket_path) as c:
         c.send(control.TopicLookup(topic="missing-" + topic))
         err = c.expect(control.ErrorReply)
         assert (err.code, err.name, err.fatal) == (3, "UNKNOWN_TOPIC_OR_PARTITION", False)
@@ -107,7 +107,7 @@ def test_socket_errors_keep_the_connection(sluice_daemon, new_topic, read_topic)
         # Still usable: a lookup of the real topic and stats are answered.
         c.send(control.TopicLookup(topic=topic))
         assert c.expect(control.TopicInfo).topic == topic
-        assert "workers" in c.stats()
+        assert "workers" in c.request(control.StatsRequest(), control.StatsReply).stats
     records = read_topic(topic, 1, timeout=15)
     assert [(r.value, r.offset) for r in records] == [(b"good", ack.results[1].offset)]
 
@@ -130,7 +130,7 @@ def test_malformed_frame_closes_only_that_connection(sluice_daemon, new_topic, r
 
     def good_client() -> None:
         try:
-            with RawClient(sluice_daemon.socket_path, name="good-neighbour") as g:
+            with connect(sluice_daemon.socket_path, name="good-neighbour") as g:
                 seq = 0
                 for start in range(0, n_good, 100):
                     seq += 1
@@ -148,7 +148,7 @@ def test_malformed_frame_closes_only_that_connection(sluice_daemon, new_topic, r
     t = threading.Thread(target=good_client)
     t.start()
     try:
-        with RawClient(sluice_daemon.socket_path, name="bad-client") as bad:
+        with connect(sluice_daemon.socket_path, name="bad-client") as bad:
             bad.send_raw(garbage)
             err = bad.expect(control.ErrorReply)
             assert err.code == control.ERR_BAD_FRAME and err.fatal
@@ -162,13 +162,13 @@ def test_malformed_frame_closes_only_that_connection(sluice_daemon, new_topic, r
     assert sorted(r.value for r in records) == sorted(b"g-%d" % i for i in range(n_good))
     assert stop.is_set()
     # The daemon still serves new connections.
-    with RawClient(sluice_daemon.socket_path) as again:
-        assert again.stats()["connections"] >= 1
+    with connect(sluice_daemon.socket_path) as again:
+        assert again.request(control.StatsRequest(), control.StatsReply).stats["connections"] >= 1
 
 
 def test_unknown_topic_lookup_does_not_stall_other_lookups(sluice_daemon, new_topic) -> None:
     topic = new_topic(partitions=1)
-    with RawClient(sluice_daemon.socket_path, name="asks-missing") as a, RawClient(sluice_daemon.socket_path, name="asks-real") as b:
+    with connect(sluice_daemon.socket_path, name="asks-missing") as a, connect(sluice_daemon.socket_path, name="asks-real") as b:
         a.send(control.TopicLookup(topic="missing-" + topic))
         time.sleep(0.2)  # a's metadata retries are under way
         t0 = time.monotonic()
