@@ -41,7 +41,11 @@ def _records(lines: Iterator[bytes], sep: bytes | None) -> Iterator[control.Rec]
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    conn = _connect(args.socket)
+    with _connect(args.socket) as conn:
+        return _send_lines(conn, args)
+
+
+def _send_lines(conn: Connection, args: argparse.Namespace) -> int:
     sep = args.key_delimiter.encode() if args.key_delimiter else None
     seq = 0
     sent = ok = failed = 0
@@ -106,10 +110,9 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from daemon.stats import format_table
 
-    conn = _connect(args.socket)
-    conn.send(control.StatsRequest())
-    reply = conn.expect(control.StatsReply)
-    conn.send(control.Goodbye())
+    with _connect(args.socket) as conn:
+        reply = conn.request(control.StatsRequest(), control.StatsReply)
+        conn.send(control.Goodbye())
     if args.json:
         print(json.dumps(reply.stats, indent=2, sort_keys=True))
     else:

@@ -298,3 +298,42 @@ def test_serializers_and_await(standin: StandIn) -> None:
         assert meta == RecordMetadata("u", 0, 9, 123)  # log-append time wins over CreateTime
     with pytest.raises(ValueError):
         Producer(standin.path, value_serializer="yaml")
+
+
+def test_never_block_raises_at_once_and_cached_needs_no_lookup(sock_path: str) -> None:
+    s = StandIn(sock_path, request_ring_bytes=1024, on_full="block", max_block_ms=5000, max_request_size=400)
+    try:
+        with Producer(sock_path, never_block=True) as p:
+            assert p.cached("u") is None
+            info = p.lookup("u")
+            assert p.cached("u") is info and info.on_full == "block"
+            t0 = time.monotonic()
+            with pytest.raises(BufferFullError):
+                for _ in range(20):
+                    p.send("u", b"x" * 200)
+            assert time.monotonic() - t0 < 1.0, "never_block waited for max_block_ms"
+            w = owner("u", 0, WORKERS)
+            sent = len(s.take(w))
+            s.complete(w, 1, 0, 0, sent)
+            assert p.flush(5) == 0
+            s.chunk_done(w)
+    finally:
+        s.close()
+
+
+def test_a_raising_callback_is_logged_and_the_others_still_run(standin: StandIn, caplog: Any) -> None:
+    seen: list[Any] = []
+
+    def broken(f: Any) -> None:
+        raise RuntimeError("callback bug")
+
+    with Producer(standin.path) as p:
+        f = p.send("u", b"a", on_delivery=broken)
+        f.add_done_callback(seen.append)
+        w = owner("u", 0, WORKERS)
+        standin.take(w)
+        with caplog.at_level("ERROR", logger="sluice.client"):
+            standin.complete(w, 1, 0, 7, 1)
+            assert f.result(timeout=5).offset == 7
+            _wait(lambda: seen == [f])
+        assert any("callback bug" in (r.exc_text or "") and r.name == "sluice.client" for r in caplog.records)
