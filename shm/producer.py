@@ -234,7 +234,7 @@ class Producer:
         finds no room is counted in ``drops`` and its future fails with BufferFullError.
         """
         # The per-record path: every attribute lookup and call here costs about as much as
-        # the ring transfer itself (PERF-NOTES), so the common case is written out inline.
+        # the ring transfer itself (measured with bench/), so the common case is written out inline.
         t = self._topics.get(topic)
         if t is None:
             t = self._add_topic(topic)
