@@ -44,8 +44,8 @@ def settings_for(delivery: Delivery, bootstrap: str) -> dict[str, Any]:
 class _Replies:
     """The reader thread's state: ack times by seq, errors, and the final FlushDone."""
 
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
+    def __init__(self, daemon: Any) -> None:
+        self.daemon = daemon
         self.ack_at: dict[int, float] = {}
         self.errors: list[str] = []
         self.record_errors = 0
@@ -61,7 +61,7 @@ class _Replies:
             while True:
                 # One clock reading per read from the socket, as the replies of one read
                 # arrived together.
-                msgs = self.conn.recv_available()
+                msgs = self.daemon.recv_available()
                 now = time.monotonic()
                 for msg in msgs:
                     if isinstance(msg, control.ProduceAck):
@@ -118,14 +118,14 @@ def run_client(spec: ClientSpec, conn: Any, start: Any, counters: Any) -> None:
     del cache
 
     # The handshake and lookup raise (refused, or the daemon hung up) before the reader starts.
-    conn = Connection(spec.socket_path or "", hello=hello_for("bench"), timeout=None)
-    conn.request(control.TopicLookup(topic=spec.topic), control.TopicInfo)
-    replies = _Replies(conn)
+    daemon = Connection(spec.socket_path or "", hello=hello_for("bench"), timeout=None)
+    daemon.request(control.TopicLookup(topic=spec.topic), control.TopicInfo)
+    replies = _Replies(daemon)
     thread = threading.Thread(target=replies.run, daemon=True)
     thread.start()
 
     topic = spec.topic
-    Produce, send = control.Produce, conn.send
+    Produce, send = control.Produce, daemon.send
     pacer = Pacer(counters, spec.index, spec.rate, spec.deadline_s)
     sent_at: dict[int, float] = {}
     result = ClientResult(index=spec.index,
@@ -159,9 +159,9 @@ def run_client(spec: ClientSpec, conn: Any, start: Any, counters: Any) -> None:
         send(control.Goodbye())
     except OSError:
         pass
-    conn.shutdown_write()
+    daemon.shutdown_write()
     thread.join(10)
-    conn.close()
+    daemon.close()
     errors = list(replies.errors)
     if done is None:
         errors.append("no FlushDone")
