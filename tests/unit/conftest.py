@@ -7,6 +7,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -52,6 +53,18 @@ class ScriptedDaemon:
                                 conn.sendall(r if isinstance(r, bytes) else control.encode(r))
                 except OSError:
                     pass
+
+    def wait_for(self, kind: type, timeout: float = 5.0) -> Any:
+        """The first received message of ``kind``, waiting for the serving thread to read it
+        (the client may return before the daemon's side has seen its last message)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for msg in list(self.received):
+                if isinstance(msg, kind):
+                    return msg
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {kind.__name__} received within {timeout}s: {self.received!r}")
+            time.sleep(0.005)
 
     def close(self) -> None:
         try:

@@ -54,6 +54,7 @@ def test_send_with_acks_reports_offsets(scripted_daemon: Any, monkeypatch: pytes
     assert [len(m.records) for m in produced] == [1000, 1000, 500]
     assert produced[0].records[7] == control.Rec(key=b"k7", value=b"v7")
     assert isinstance(scripted_daemon.received[0], control.Hello) and scripted_daemon.received[0].client_name == "sluice-cli"
+    scripted_daemon.wait_for(control.Goodbye)
     assert isinstance(scripted_daemon.received[-1], control.Goodbye)
 
 
