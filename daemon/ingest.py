@@ -49,16 +49,18 @@ class SocketIngest:
 
     async def start(self, socket_path: str) -> None:
         """Connect the producer to the daemon's socket (already accepting)."""
-        from shm.producer import Producer  # the client side: only the daemon's ingest needs it
+        from shm import Producer  # the client side: only the daemon's ingest needs it
 
-        producer = await asyncio.to_thread(Producer, socket_path, client_name=INGEST_CLIENT_NAME, reconnect_timeout_s=0.0)
+        # The daemon's own producer must never block its loop: a full ring is retried in
+        # produce() instead.
+        producer = await asyncio.to_thread(
+            Producer, socket_path, client_name=INGEST_CLIENT_NAME, reconnect_timeout_s=0.0, never_block=True
+        )
         self.attach(producer)
 
     def attach(self, producer: Any) -> None:
-        """Use ``producer`` (a connected :class:`shm.Producer`) from now on; Produce stops waiting."""
-        # The daemon's own producer must never block its loop (a full ring is retried in
-        # produce() instead). Not a public Producer option yet: issue 11 item 3 makes it one.
-        producer._never_block = True
+        """Use ``producer`` (a connected :class:`shm.Producer` made with ``never_block=True``)
+        from now on; Produce stops waiting."""
         self._producer = producer
         self._ready.set()
 
