@@ -7,11 +7,11 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 export KAFKA_PORT ?= 9092
 
-.PHONY: venv test kafka-up kafka-down kafka-status demo bench clean
+.PHONY: venv test kafka-up kafka-down kafka-status demo bench clean sanitize
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py $(wildcard daemon/*.c shm/*.c shm/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -46,3 +46,7 @@ demo: venv
 
 clean: kafka-down
 	rm -rf $(VENV) .run .pytest_cache .hypothesis
+
+# The compiled code's unit and fuzz tests under AddressSanitizer and UBSan (CI runs it too).
+sanitize: venv
+	@PY=$(PY) scripts/sanitize.sh

@@ -12,4 +12,8 @@ from bench.harness import main
 __all__: list[str] = []
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["micro"]:
+        from bench.micro import main as micro
+
+        sys.exit(micro(sys.argv[2:]))
     sys.exit(main())

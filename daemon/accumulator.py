@@ -1,277 +1,77 @@
 """The accumulator: one open RecordBatch v2 per partition, built in place in the worker arena.
 
-Records enter either one at a time (:meth:`Accumulator.append`, socket ingest) or in bulk straight
-from a region of a client's request ring (:meth:`Accumulator.append_region`, the shared-memory
-path). Either way each record is copied once into the arena, behind the 61-byte header space of
-its partition's open batch. A batch is closed when the next record does not fit its reservation
-(``profile.batch_size``, or one record's size when that is larger), when it reaches
-``VARINT_TABLE_SIZE`` records, after ``profile.linger_ms`` since its first record, or on
-:meth:`Accumulator.flush`. :meth:`Accumulator.ready` finishes closed batches (compression, header,
-CRC32C) and hands them to the sender; :meth:`Accumulator.release` frees their chunks afterwards.
+Records enter either in bulk straight from a private copy of a client's request-ring region
+(:meth:`Accumulator.append_region`, the shared-memory path) or one at a time
+(:meth:`Accumulator.append`). Either way each record is validated and copied once into the
+arena, behind the 61-byte header space of its partition's open batch, by the compiled core
+:mod:`daemon._batcher`: Python runs per batch (open, close, seal), never per record.
 
-Back-pressure: when the arena (``buffer_memory``) cannot hold a new batch, appends return
-APPEND_FULL; the worker stops draining rings until batches are released.
+A batch is closed when the next record does not fit its reservation (``profile.batch_size``, or
+one record's size when that is larger), after ``profile.linger_ms`` since its first record, or
+on :meth:`Accumulator.flush`. :meth:`Accumulator.ready` finishes closed batches (compression,
+header, CRC32C, runs table) and hands them to the sender; :meth:`Accumulator.release` frees
+their chunks afterwards.
+
+Back-pressure: a batch is only ever opened at its full reservation. When the arena
+(``buffer_memory``) cannot hold one, appends return APPEND_FULL and the worker stops draining
+until a good part of the arena is free again (:meth:`Accumulator.has_room`, hysteresis). There
+is no small "fallback" batch for a nearly full arena: such batches fragmented the arena until no
+normal batch fitted again (issue 12, "the collapse").
+
+Per-record state of the open batches lives in one table the compiled code reads and writes
+(``state``, one row per (topic, partition); the row layout is ``daemon._batcher.S_*``); a
+:class:`~daemon.batch.Batch` is synced from its row when it closes.
 
 It knows no asyncio: the sender asks :meth:`ready` what is ready now and :meth:`next_deadline`
 when to ask again. Clock: ``time.monotonic() * 1000`` (``now_ms``) everywhere.
-
-Hot path. ``append_region`` walks ring frames with one ``struct.unpack_from`` per record, takes
-the record prefix (length, attributes, timestamp delta, offset delta) from precomputed tables,
-and appends the four pieces to the batch's pending list; the pending pieces of every touched
-batch are joined and written into the arena once per call. No object is created per record
-except the body's memoryview slice and the tuple of pieces. A run of at least 32 frames with
-identical 24-byte headers (what ``send_many`` writes for fixed-size values: one partition,
-one timestamp, one length) skips the loop: numpy builds all its records at once
-(:func:`_run_records`, about 0.2 instead of 0.45 us a record including sealing).
 """
 
 from __future__ import annotations
 
 import heapq
 import struct
-from typing import Any, Callable, Sequence
+from array import array
+from typing import Callable, Sequence
 
-from daemon.arena import RUN, RUNS_HEADER, STATE_DONE, STATE_STAMPED, Arena, RecoveredSlot
+from daemon import _batcher as nat
+from daemon.arena import RUN, RUNS_HEADER, Arena, RecoveredSlot
+from daemon.batch import Batch, RecoveredBatch
 from daemon.config import Profile
-from daemon.protocol.records import (
-    ATTR_TS,
-    ATTR_TS_LEN,
-    CODECS,
-    HEADER_SIZE,
-    TS_TABLE_SIZE,
-    VARINT,
-    VARINT_LEN,
-    VARINT_TABLE_SIZE,
-    finish_batch,
-    record_prefix,
-    stamp_batch,
-)
+from daemon.protocol.records import HEADER_SIZE, finish_batch
+from shm.frames import RECORD_HEADER
+from shm.layout import FRAME_HEADER
 
 __all__ = [
     "APPEND_OK",
     "APPEND_FULL",
     "APPEND_TOO_LARGE",
     "APPEND_INVALID",
-    "FRAME_RECORD",
-    "FRAME_PADDING",
-    "Batch",
-    "RecoveredBatch",
     "Accumulator",
 ]
 
 APPEND_OK, APPEND_FULL, APPEND_TOO_LARGE, APPEND_INVALID = 0, 1, 2, 3
 
-# Ring frame: the 8-byte frame header <II (payload_length, frame_type) followed by the RECORD
-# payload header <HHiq (topic_id, flags, partition, timestamp_ms); the record body follows.
-_FRAME = struct.Struct("<IIH2xiq")  # flags (reserved, 0) skipped
-_FRAME_HEADER_SIZE = 8
-_RECORD_HEADER_SIZE = _FRAME.size - _FRAME_HEADER_SIZE  # 16
-FRAME_PADDING, FRAME_RECORD = 0, 1
-_FRAME_TYPE = struct.Struct("<4xI")  # the type word of a frame header
+# The frame header and RECORD prefix of the frame the compiled walk stopped at (per batch).
+_FRAME_RECORD = struct.Struct("<" + FRAME_HEADER.format.lstrip("<") + RECORD_HEADER.format.lstrip("<"))
+_RECORD_FRAME_BYTES = _FRAME_RECORD.size  # 24
 
-_MAX_RECORDS = VARINT_TABLE_SIZE  # offset deltas stay inside the varint table
-# The fast path covers at most _FAST_SPAN bytes of frames per load, so a record's length stays
-# inside the varint table; every frame is at least 24 bytes, so a load adds fewer than
-# _FAST_SPAN // 24 records and a batch below _FAST_MAX_COUNT stays below _MAX_RECORDS.
-_FAST_SPAN = VARINT_TABLE_SIZE - 8
-_FAST_MAX_COUNT = _MAX_RECORDS - _FAST_SPAN // 24 - 2
-_RUN_MIN = 32  # shorter runs of identical frame headers go through the per-record loop
 # Bytes a batch keeps free behind its records for its runs table (daemon/arena.py): alignment
-# padding, the header, the first run and one spare run. Each later run (another client) takes
+# padding, the header, the first run and one spare run. Each later run (another chunk) takes
 # the spare and reserves a new one (the spare covers a run that starts after the records of the
 # call were admitted), so the table always fits the reservation.
 _RUN_SIZE = RUN.size
 _TABLE_RESERVE = 7 + RUNS_HEADER.size + 2 * _RUN_SIZE
 
+# Draining resumes once this share of the arena is free again (and at least two full batches
+# fit): resuming at the first free chunk refilled the arena at once and starved the sender.
+RESUME_FREE_FRACTION = 0.25
 
-class Batch:
-    """One partition's batch. Open while records are appended; immutable bytes once finished.
-
-    Public fields follow the Accumulator/Batch interface shared with the sender; fields starting
-    with an underscore are the accumulator's building state.
-    """
-
-    __slots__ = (
-        "topic",
-        "partition",
-        "profile",
-        "record_count",
-        "runs",
-        "created_ms",
-        "producer_id",
-        "producer_epoch",
-        "base_sequence",
-        "attempts",
-        "ordinal",
-        "size",
-        "codec",
-        "slot",
-        "offset",
-        "capacity",
-        "_limit",
-        "_arena",
-        "_room",
-        "_written",
-        "_pend",
-        "_dirty",
-        "_n0",
-        "_p0",
-        "_tr",
-        "_base_ts",
-        "_dmax",
-        "_deadline",
-        "_closed",
-    )
-
-    def __init__(
-        self,
-        arena: Arena,
-        slot: int,
-        topic: str,
-        partition: int,
-        profile: Profile,
-        limit: int,
-        base_ts: int,
-        now_ms: float,
-    ) -> None:
-        self.topic = topic
-        self.partition = partition
-        self.profile = profile
-        self.record_count = 0
-        self.runs: list[tuple[int, int]] = []
-        self.created_ms = now_ms
-        self.producer_id = -1
-        self.producer_epoch = -1
-        self.base_sequence = -1
-        self.attempts = 0
-        self.ordinal = 0  # creation order in its accumulator: a partition's batches ascend
-        self.size = 0
-        self.codec = CODECS[profile.compression_type]
-        self.slot = slot
-        self.offset = arena.offset(slot)
-        self.capacity = arena.capacity(slot)
-        # Bytes the finished batch may take (uncompressed): batch_size, or one large record's
-        # size, less the runs table reserve; the reservation rounds it up to whole chunks, which
-        # must not loosen the bound.
-        self._limit = limit - _TABLE_RESERVE
-        self._arena = arena
-        self._room = self._limit - HEADER_SIZE
-        self._written = 0
-        self._pend: list[bytes | memoryview] = []
-        self._dirty = False
-        self._n0 = 0
-        self._p0 = -1  # position (call-relative) of the first record taken in this call
-        self._tr: list[int] = []  # the runs table, flat: owner, first position, count, ...
-        self._base_ts = base_ts
-        self._dmax = 0
-        self._deadline = now_ms + profile.linger_ms
-        self._closed = False
-
-    @property
-    def records_len(self) -> int:
-        """Bytes of (uncompressed) records appended so far."""
-        return self._limit - HEADER_SIZE - self._room
-
-    @property
-    def sealed(self) -> bool:
-        """True once the batch is finished (header, CRC, compression written)."""
-        return self.size > 0
-
-    def payload(self) -> memoryview:
-        """The whole RecordBatch v2, ready for a Produce request (a view into the arena)."""
-        return self._arena.buf[self.offset : self.offset + self.size]
-
-    def stamp(self, producer_id: int, producer_epoch: int, base_sequence: int) -> None:
-        """Write producer id, epoch and base sequence into the batch and recompute its CRC32C.
-
-        The slot becomes STAMPED: from now on a re-send must use exactly these bytes.
-        """
-        if not self.size:
-            raise RuntimeError("stamp() on a batch that is not finished")
-        stamp_batch(self._arena.buf, self.offset, self.size, producer_id, producer_epoch, base_sequence)
-        self.producer_id = producer_id
-        self.producer_epoch = producer_epoch
-        self.base_sequence = base_sequence
-        self._arena.set_state(self.slot, STATE_STAMPED)
-
-    def __repr__(self) -> str:
-        return (
-            f"Batch({self.topic!r}, {self.partition}, records={self.record_count}, size={self.size}, "
-            f"runs={self.runs})"
-        )
-
-
-def _flush_pending(buf: memoryview, b: Batch) -> None:
-    """Copy a batch's pending pieces into its arena region in one slice assignment.
-
-    Also makes ``_room`` exact again (the bulk loop keeps a conservative estimate).
-    """
-    data = b"".join(b._pend)
-    b._pend.clear()
-    at = b.offset + HEADER_SIZE + b._written
-    buf[at : at + len(data)] = data
-    b._written += len(data)
-    b._room = b._limit - HEADER_SIZE - b._written
-
-
-_np: Any = None
-_VARINT_ROWS: list[Any] = []  # per varint length 1-3: the VARINT table rows of that length
-
-
-def _numpy() -> Any:
-    """numpy, imported on first use; None when it is not installed."""
-    global _np
-    if _np is None:
-        try:
-            import numpy
-        except ImportError:
-            numpy = False
-        _np = numpy
-        if numpy is not False:
-            for lo, hi in ((0, 64), (64, 8192), (8192, VARINT_TABLE_SIZE)):
-                _VARINT_ROWS.append(numpy.frombuffer(b"".join(VARINT[lo:hi]), numpy.uint8).reshape(hi - lo, -1))
-    return _np or None
-
-
-def _run_records(data: bytes, pos: int, kmax: int, step: int, blen: int, d: int, n0: int) -> tuple[int, bytes]:
-    """The Kafka records of the frames at ``data[pos:]`` whose 24 header bytes equal the first
-    one's (at most ``kmax`` frames, ``step`` bytes apart, bodies of ``blen`` bytes), built with
-    numpy: ``(count, records)``; ``(0, b"")`` when fewer than _RUN_MIN frames match or numpy is
-    missing.
-
-    Identical headers mean the same length, type, topic, partition and timestamp, so every
-    record has the same timestamp delta ``d`` and body length; offset deltas run from ``n0``.
-    Per record: varint(length) | attributes 0 | varint(d) | varint(offset delta) | body.
-    """
-    np = _numpy()
-    if np is None:
-        return 0, b""
-    u8 = np.uint8
-    frames = np.frombuffer(data, u8, kmax * step, pos).reshape(kmax, step)
-    heads = frames[:, :24]
-    same = (heads == heads[0]).all(axis=1)
-    k = kmax if same.all() else int(same.argmin())
-    if k < _RUN_MIN:
-        return 0, b""
-    bodies = frames[:k, 24 : 24 + blen]
-    ats = ATTR_TS[d]
-    pieces = []
-    i = 0
-    while i < k:
-        # Split where the offset delta's varint grows (64, 8192): rows of one width.
-        n = n0 + i
-        cls, lo, hi = (0, 0, 64) if n < 64 else ((1, 64, 8192) if n < 8192 else (2, 8192, VARINT_TABLE_SIZE))
-        m = min(k - i, hi - n)
-        vn = cls + 1
-        head = VARINT[blen + len(ats) + vn] + ats
-        h = len(head)
-        out = np.empty((m, h + vn + blen), u8)
-        out[:, :h] = np.frombuffer(head, u8)
-        out[:, h : h + vn] = _VARINT_ROWS[cls][n - lo : n - lo + m]
-        out[:, h + vn :] = bodies[i : i + m]
-        pieces.append(out.tobytes())
-        i += m
-    return k, pieces[0] if len(pieces) == 1 else b"".join(pieces)
+_W = nat.STATE_WIDTH
+_S_OPEN, _S_WRITE_AT, _S_ROOM, _S_COUNT = nat.S_OPEN, nat.S_WRITE_AT, nat.S_ROOM, nat.S_COUNT
+_S_BASE_TS, _S_DMAX, _S_TOUCHED, _S_N0, _S_P0 = nat.S_BASE_TS, nat.S_DMAX, nat.S_TOUCHED, nat.S_N0, nat.S_P0
+_RC_OK, _RC_NEED_BATCH, _RC_PARTIAL = nat.RC_OK, nat.RC_NEED_BATCH, nat.RC_PARTIAL
+_append_region = nat.append_region
+_append_record = nat.append_record
 
 
 class Accumulator:
@@ -281,8 +81,7 @@ class Accumulator:
         buffer_memory: bound on the bytes of batches held (the arena's data area when the
             accumulator creates its own arena).
         profile_for: the delivery profile of a topic; called once per new batch.
-        arena: the worker's arena (supervisor-owned); an anonymous one of ``buffer_memory``
-            bytes when None.
+        arena: the worker's arena; an anonymous one of ``buffer_memory`` bytes when None.
         chunk_size: allocation unit of the arena created when ``arena`` is None.
     """
 
@@ -305,13 +104,21 @@ class Accumulator:
         self._deadlines: list[tuple[float, int, Batch]] = []  # linger heap, stale entries skipped
         self._seq = 0
         self._flush_requested = False
-        self._dirty: list[Batch] = []  # batches with pending pieces during an append call
-        self._cid = 0  # the client of the append call in progress
-        self._owner = 0  # the owner (runs table client id) of the append call in progress
-        self._base = 0  # ring position of the call's first byte
-        self._pos = -1  # call-relative position of the record _append_one is given (-1: none)
-        self._taken = 0  # records taken by the append_region call in progress (its count)
-        _numpy()  # import it now (about 50 ms), not on the first run of records
+        # The state table: rows per topic name, contiguous per topic (its partitions in order).
+        self._ranges: dict[str, tuple[int, int]] = {}  # topic -> (first row, partitions)
+        self._nrows = 0
+        self._state = bytearray(64 * _W * 8)
+        self._st = memoryview(self._state).cast("q")
+        self._rows: list[Batch | None] = [None] * 64
+        self._touched = array("i", bytes(4 * 64))
+        self._ntouched = 0
+        # The compiled walk's topic table for the last topic list seen: (first row, partitions)
+        # per topic id, first row -1 for an unregistered id.
+        self._tnames: list[str | None] = []
+        self._tcounts: list[int] = []
+        self._topics = array("i")
+        self._largest_batch = 0  # the largest reservation opened so far: the resume threshold
+        self._call = (0, 0, 0)  # (chunk key, owner, position base) of the append call running
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -328,26 +135,103 @@ class Accumulator:
     def open_batches(self) -> int:
         return len(self._open)
 
+    def has_room(self) -> bool:
+        """True when draining may resume after APPEND_FULL: a quarter of ``buffer_memory`` (and
+        room for two of the largest batches opened so far) is free, and the largest batch fits
+        in one free extent."""
+        free = self._limit - self._arena.used_bytes
+        return (
+            free >= self._limit * RESUME_FREE_FRACTION
+            and free >= 2 * self._largest_batch
+            and self._arena.largest_free_bytes() >= self._largest_batch
+        )
+
+    # -- the state table -----------------------------------------------------------------------
+
+    def _rows_for(self, topic: str, partitions: int) -> int:
+        """The first row of ``topic``'s range, grown to at least ``partitions`` rows."""
+        rng = self._ranges.get(topic)
+        if rng is not None and rng[1] >= partitions:
+            return rng[0]
+        first = self._nrows
+        self._nrows += partitions
+        if self._nrows > len(self._rows):
+            self._grow(self._nrows)
+        if rng is not None:
+            # The topic grew: move its open batches' rows to the new range.
+            st = self._st
+            old, n = rng
+            for p in range(n):
+                b = self._rows[old + p]
+                if b is not None:
+                    st[(first + p) * _W : (first + p + 1) * _W] = st[(old + p) * _W : (old + p + 1) * _W]
+                    st[(old + p) * _W : (old + p + 1) * _W] = array("q", bytes(8 * _W))
+                    self._rows[first + p] = b
+                    self._rows[old + p] = None
+                    b._row = first + p
+            # Touched rows are stored by number; topics change only between append calls.
+            assert self._ntouched == 0
+        self._ranges[topic] = (first, partitions)
+        return first
+
+    def _grow(self, rows: int) -> None:
+        cap = max(rows, 2 * len(self._rows))
+        state = bytearray(cap * _W * 8)
+        state[: len(self._state)] = self._state
+        self._st.release()
+        self._state = state
+        self._st = memoryview(state).cast("q")
+        self._rows.extend([None] * (cap - len(self._rows)))
+        touched = array("i", bytes(4 * cap))
+        touched[: self._ntouched] = self._touched[: self._ntouched]
+        self._touched = touched
+
+    def _sync_topics(self, topics: Sequence[str | None], partition_counts: Sequence[int]) -> None:
+        t = array("i")
+        for name, parts in zip(topics, partition_counts):
+            if name is None or parts <= 0:
+                t += array("i", (-1, 0))
+            else:
+                t += array("i", (self._rows_for(name, parts), parts))
+        self._topics = t
+        self._tnames = list(topics)
+        self._tcounts = list(partition_counts)
+
     # -- appending -----------------------------------------------------------------------------
 
     def append(
         self, topic: str, partition: int, timestamp_ms: int, body: bytes | memoryview, client_id: int, now_ms: float
     ) -> int:
-        """Append one record body (see COMMON wire facts) to the partition's open batch.
+        """Append one record body (see shm.frames) to the partition's open batch.
 
-        Returns APPEND_OK, APPEND_FULL (the arena is full: retry after releases) or
-        APPEND_TOO_LARGE (the record alone exceeds ``max_request_size``).
+        Returns APPEND_OK, APPEND_FULL (the arena is full: retry after releases),
+        APPEND_TOO_LARGE (the record alone exceeds ``max_request_size``) or APPEND_INVALID
+        (the body is not one well-formed record body). Recovery cannot match these records
+        to a ring position: their run starts at -1.
         """
-        self._cid = client_id
-        self._owner = client_id
-        self._pos = -1  # not from a ring: recovery cannot match these records
-        code = self._append_one(topic, partition, timestamp_ms, body, now_ms)
-        self._flush_dirty()
-        return code
+        if not nat.body_valid(body, 0, len(body)):
+            return APPEND_INVALID
+        rng = self._ranges.get(topic)
+        row = (rng[0] if rng is not None and partition < rng[1] else self._rows_for(topic, partition + 1)) + partition
+        n0 = self._st[row * _W + _S_COUNT] if self._rows[row] is not None else 0
+        self._call = (client_id, client_id, 0)
+        code = _append_record(body, timestamp_ms, self._buf, self._state, row)
+        if code == _RC_NEED_BATCH:
+            code = self._open_batch(row, topic, partition, timestamp_ms, len(body), now_ms)
+            if code != APPEND_OK:
+                return code
+            n0 = 0
+            code = _append_record(body, timestamp_ms, self._buf, self._state, row)
+        if code != _RC_OK:
+            raise RuntimeError(f"accumulator state table broken (code {code})")
+        b = self._rows[row]
+        assert b is not None
+        self._settle(b, row, self._st[row * _W + _S_COUNT] - n0, -1, client_id, client_id)
+        return APPEND_OK
 
     def append_region(
         self,
-        data: memoryview | bytes,
+        data: bytes,
         start: int,
         end: int,
         topics: Sequence[str | None],
@@ -356,271 +240,163 @@ class Accumulator:
         owner: int,
         position_base: int,
         now_ms: float,
+        wraps: bool = True,
+        partial: bool = False,
     ) -> tuple[int, int, int]:
         """Append every RECORD frame of ``data[start:end]`` (whole ring frames, 8-byte aligned).
 
         Args:
-            data: the ring's data area (or any buffer holding the frames).
+            data: a private copy of ring frames (anything else is copied first: a client may
+                rewrite its ring while it is read).
             start, end: the region to consume; ``start`` is a frame start.
             topics: the client's topic table, topic_id -> topic name (None = not registered).
             partition_counts: topic_id -> partition count, for validating frames.
-            chunk_key: the key of the records' chunk (for ``Batch.runs``).
-            owner: the client whose ring this is (for the runs tables, crash recovery).
-            position_base: the ring position of ``data[start]`` (for the runs tables).
+            chunk_key: the worker's key for this drain (``Batch.runs`` names it).
+            owner: the client whose ring this is (the runs tables' client id).
+            position_base: the ring position of ``data[start]`` (the runs tables' positions).
             now_ms: the monotonic clock in ms.
+            wraps: ``end`` is the end of the ring's data area (a padding frame may end there).
+            partial: ``end`` cuts the committed frames (a drain budget): a frame running past it
+                ends the call with APPEND_OK at its start instead of being invalid.
 
         Returns:
-            ``(code, pos, count)``: ``count`` records were taken by this call; ``pos`` is where
-            consumption stopped (the ring may free up to it);
-            ``code`` is APPEND_OK when everything up to ``end`` was consumed (a PADDING frame
-            consumes the rest of the region), else the code of the frame at ``pos``:
-            APPEND_FULL (retry later), APPEND_TOO_LARGE (the caller fails that record and
-            continues after it) or APPEND_INVALID (malformed frame: disconnect the client).
+            ``(code, pos, count)``: ``pos`` is where consumption stopped (the ring may free up
+            to it), ``count`` the records taken. ``code`` is APPEND_OK when everything up to
+            ``end`` was consumed (a PADDING frame consumes the rest of the region), else the
+            code of the frame at ``pos``: APPEND_FULL (retry later), APPEND_TOO_LARGE (the
+            caller fails that record and continues after it) or APPEND_INVALID (malformed
+            frame or body: disconnect the client).
         """
-        if end > len(data) or start < 0 or start & 7:
+        if type(data) is not bytes:
+            data = bytes(data)
+        if end > len(data) or start < 0 or start & 7 or end < start:
             raise ValueError("region outside the buffer or not 8-byte aligned")
-        # One copy of the region into bytes: unpacking and slicing bytes cost about 60 % of doing
-        # the same on a memoryview of shared memory, which more than pays for the memcpy. It also
-        # means nothing below holds a view of the ring.
-        shift = start
-        data = bytes(data[start:end])
-        end -= start
-        start = 0
-        unpack = _FRAME.unpack_from
-        VAR = VARINT
-        VLEN = VARINT_LEN
-        ATS = ATTR_TS
-        ALEN = ATTR_TS_LEN
-        NT = TS_TABLE_SIZE
-        openb = self._open
-        dirty = self._dirty
-        buf = self._buf
-        self._cid = chunk_key
-        self._owner = owner
-        self._base = position_base
-        self._taken = 0
-        seen: dict[int, Batch] = {}  # (topic_id << 32) + partition -> batch, validated this call
-        cur: Batch | None = None
-        ctid = cpart = -1  # the key of the fast path; -1 = none loaded
-        pend: list = []
-        n = room = base = dmax = 0
-        pos0 = lim = nload = 0
-        interleaved = False  # the last load took at most one record
-        code = APPEND_OK
+        if topics != self._tnames or partition_counts != self._tcounts:
+            self._sync_topics(topics, partition_counts)
         pos = start
-        while pos < end:
-            if pos + 24 > end:
-                # Only a padding frame (at the wrap) may be shorter than a RECORD's 24 bytes.
-                if pos + 8 <= end and _FRAME_TYPE.unpack_from(data, pos)[0] == FRAME_PADDING:
-                    pos = end
-                else:
+        count = 0
+        code = APPEND_OK
+        self._call = (chunk_key, owner, position_base - start)
+        while True:
+            rc, pos, n, self._ntouched = _append_region(
+                data, pos, end, wraps, self._buf, self._topics, self._state, self._touched, self._ntouched
+            )
+            count += n
+            if rc == _RC_OK:
+                break
+            if rc != _RC_NEED_BATCH:
+                if not (partial and rc == _RC_PARTIAL):
                     code = APPEND_INVALID
                 break
-            plen, ftype, tid, part, ts = unpack(data, pos)
-            be = pos + 8 + plen  # end of the body
-            # lim (set when the batch was loaded) bounds the frames that surely fit: their record
-            # bytes never exceed their frame bytes, so no per-record room, count or table checks.
-            if tid == ctid and part == cpart and ftype == 1 and pos + 24 <= be <= lim:
-                d = ts - base
-                if 0 <= d < NT:
-                    size = be - pos - 24 + ALEN[d] + VLEN[n]  # record bytes after its length varint
-                    pend += (VAR[size], ATS[d], VAR[n], data[pos + 24 : be])
-                    n += 1
-                    if d > dmax:
-                        dmax = d
-                    pos = (be + 7) & -8
-                    continue
-            # Everything else: a new key, the end of lim, a frame to validate, a far timestamp.
-            if cur is not None:
-                interleaved = n - nload <= 1
-                cur.record_count = n
-                cur._dmax = dmax
-                # Conservative until the pending pieces are flushed (frame bytes >= record bytes).
-                cur._room = room - (pos - pos0)
-                cur = None
-                ctid = -1
-            if ftype != 1 or not pos + 24 <= be <= end:
-                if ftype == FRAME_PADDING:
-                    pos = end
-                else:
-                    code = APPEND_INVALID
-                break
-            b = seen.get((tid << 32) + part)
-            if b is None or b._closed:
-                if tid >= len(topics) or not 0 <= part < partition_counts[tid] or topics[tid] is None:
-                    code = APPEND_INVALID
-                    break
-                b = openb.get((topics[tid], part))
-                if b is not None:
-                    seen[(tid << 32) + part] = b
-            if b is not None:
-                if b._pend and be > pos + b._room:
-                    _flush_pending(buf, b)  # makes _room exact before judging the fit
-                if be <= pos + b._room and b.record_count < _FAST_MAX_COUNT and 0 <= ts - b._base_ts < NT:
-                    # Load b for the fast path.
-                    cur = b
-                    ctid = tid
-                    cpart = part
-                    pend = b._pend
-                    n = b.record_count
-                    if not b._dirty:
-                        b._dirty = True
-                        b._n0 = n
-                        b._p0 = pos
-                        dirty.append(b)
-                    room = b._room
-                    base = b._base_ts
-                    dmax = b._dmax
-                    pos0 = pos
-                    nload = n
-                    lim = pos + room
-                    if lim > end:
-                        lim = end
-                    if lim > pos + _FAST_SPAN:
-                        lim = pos + _FAST_SPAN
-                    # A run of frames with identical headers (a send_many of fixed-size values)
-                    # becomes records in one vectorised pass; the loop goes on after it. Not
-                    # tried right after a load that took a single record (interleaved
-                    # partitions, where loads come every record), and only when the 2nd and
-                    # the 32nd frame repeat the header and the first 32 agree on partition and
-                    # timestamp (strided slices): a failed try costs a few compares, not numpy.
-                    if not interleaved:
-                        step = (plen + 15) & -8
-                        last = pos + (_RUN_MIN - 1) * step
-                        if (
-                            last + step <= end
-                            and step <= _FAST_SPAN
-                            and data[pos : pos + 24] == data[last : last + 24]
-                            and data[pos : pos + 24] == data[pos + step : pos + step + 24]
-                            # and all 32 frames agree on the low bytes of partition and ts
-                            and data[pos + 12 : last + 13 : step] == data[pos + 12 : pos + 13] * _RUN_MIN
-                            and data[pos + 16 : last + 17 : step] == data[pos + 16 : pos + 17] * _RUN_MIN
-                        ):
-                            kmax = min((min(pos + room, end) - pos) // step, _FAST_MAX_COUNT - n)
-                            if kmax >= _RUN_MIN:
-                                k, recs = _run_records(data, pos, kmax, step, plen - 16, ts - base, n)
-                                if k:
-                                    pend.append(recs)
-                                    n += k
-                                    if ts - base > dmax:
-                                        dmax = ts - base
-                                    pos += k * step
-                    continue
-            self._pos = pos
-            code = self._append_one(topics[tid], part, ts, data[pos + 24 : be], now_ms)
+            if self._ntouched == len(self._touched):
+                self._settle_touched(chunk_key, owner, position_base - start)
+                continue
+            plen, _ftype, tid, _flags, part, ts = _FRAME_RECORD.unpack_from(data, pos)
+            topic = topics[tid]
+            assert topic is not None  # the compiled walk checked the topic id
+            code = self._open_batch(self._topics[2 * tid] + part, topic, part, ts, plen - 16, now_ms)
             if code != APPEND_OK:
                 break
-            pos = (be + 7) & -8
-        if cur is not None:
-            cur.record_count = n
-            cur._dmax = dmax
-            cur._room = room - (pos - pos0)
-        self._flush_dirty()
-        return code, pos + shift, self._taken
+        self._settle_touched(chunk_key, owner, position_base - start)
+        return code, pos, count
 
-    def _flush_dirty(self) -> None:
-        """End of an append call: write pending pieces into the arena, settle Batch.runs."""
-        buf = self._buf
-        for b in self._dirty:
-            if b._pend:
-                _flush_pending(buf, b)
-            self._settle_runs(b)
-            b._dirty = False
-        self._dirty.clear()
+    def _settle_touched(self, chunk_key: int = 0, owner: int = 0, base: int = 0) -> None:
+        """End of an append call: the records each touched batch gained extend its runs."""
+        st = self._st
+        rows = self._rows
+        touched = self._touched
+        for i in range(self._ntouched):
+            row = touched[i]
+            at = row * _W
+            if st[at + _S_TOUCHED]:
+                st[at + _S_TOUCHED] = 0
+                b = rows[row]
+                if b is not None:
+                    self._settle(b, row, st[at + _S_COUNT] - st[at + _S_N0], st[at + _S_P0] + base, chunk_key, owner)
+        self._ntouched = 0
 
-    def _settle_runs(self, b: Batch) -> None:
-        # One append call carries one client's records, so the records a batch gained during
-        # the call extend (or start) one run.
-        k = b.record_count - b._n0
-        if k:
-            self._taken += k
-            b._n0 = b.record_count
-            cid = self._cid
-            runs = b.runs
-            tr = b._tr
-            # The runs table follows Batch.runs one to one. It must not merge calls of one
-            # client: the worker gives each ring drain (chunk) its own key, and a run that
-            # spanned two chunks could be cut by the resume position of a restarted worker.
-            if runs and runs[-1][0] == cid:
-                runs[-1] = (cid, runs[-1][1] + k)
-                tr[-1] += k
-            else:
-                runs.append((cid, k))
-                if tr:  # a second or later run takes the spare: reserve another
-                    b._limit -= _RUN_SIZE
-                    b._room -= _RUN_SIZE
-                p = b._p0
-                tr += (self._owner, p + self._base if p >= 0 else -1, k)
+    def _settle(self, b: Batch, row: int, k: int, first: int, chunk_key: int, owner: int) -> None:
+        # One append call carries one chunk's records, so the records a batch gained during the
+        # call extend (or start) one run.
+        if not k:
+            return
+        runs = b.runs
+        tr = b._tr
+        # The runs table follows Batch.runs one to one. It must not merge calls of different
+        # chunks: a run that spanned two chunks could be cut by the resume position of a
+        # restarted worker.
+        if runs and runs[-1][0] == chunk_key:
+            runs[-1] = (chunk_key, runs[-1][1] + k)
+            tr[-1] += k
+        else:
+            runs.append((chunk_key, k))
+            if tr:  # a second or later run takes the spare: reserve another
+                b._limit -= _RUN_SIZE
+                self._st[row * _W + _S_ROOM] -= _RUN_SIZE
+            tr += (owner, first, k)
 
-    def _append_one(self, topic: str, partition: int, ts: int, body: bytes | memoryview, now_ms: float) -> int:
-        """The general path: any delta, any size; opens and closes batches as needed."""
-        key = (topic, partition)
-        b = self._open.get(key)
-        blen = len(body)
+    def _open_batch(self, row: int, topic: str, partition: int, ts: int, blen: int, now_ms: float) -> int:
+        """Make room in ``row`` for a record of ``blen`` body bytes: close the open batch
+        (full) and open a new one. APPEND_OK, APPEND_FULL or APPEND_TOO_LARGE."""
+        b = self._rows[row]
         if b is not None:
-            if b._pend:
-                _flush_pending(self._buf, b)  # exact _room
-            n = b.record_count
-            if n < _MAX_RECORDS:
-                d = ts - b._base_ts
-                prefix = record_prefix(blen, d, n)
-                total = len(prefix) + blen
-                if total <= b._room:
-                    self._add(b, prefix, body, total, d)
-                    return APPEND_OK
-            # Full: close it; the record starts a new batch.
             self._close_full(b)
         profile = self._profile_for(topic)
-        prefix = record_prefix(blen, 0, 0)
-        need = HEADER_SIZE + len(prefix) + blen
+        need = HEADER_SIZE + nat.record_size(blen, 0, 0)
         if need > profile.max_request_size:
             return APPEND_TOO_LARGE
-        b = self._new_batch(topic, partition, profile, need + _TABLE_RESERVE, ts, now_ms)
-        if b is None:
-            return APPEND_FULL
-        self._add(b, prefix, body, need - HEADER_SIZE, 0)
-        return APPEND_OK
-
-    def _add(self, b: Batch, prefix: bytes, body: bytes | memoryview, total: int, d: int) -> None:
-        b._pend.append(prefix)
-        b._pend.append(body)
-        if not b._dirty:
-            b._dirty = True
-            b._n0 = b.record_count
-            b._p0 = self._pos
-            self._dirty.append(b)
-        b._room -= total
-        b.record_count += 1
-        if d > b._dmax:
-            b._dmax = d
-
-    def _new_batch(
-        self, topic: str, partition: int, profile: Profile, need: int, ts: int, now_ms: float
-    ) -> Batch | None:
         arena = self._arena
-        # A batch may not exceed what one Produce request may carry.
-        want = max(min(profile.batch_size, profile.max_request_size), need)
-        slot = -1
-        if arena.used_bytes + arena.chunks_for(want) * arena.chunk_size <= self._limit:
-            slot = arena.alloc(want)
-        if slot < 0 and arena.used_bytes + arena.chunks_for(need) * arena.chunk_size <= self._limit:
-            # Nearly full: a batch just big enough for this record still makes progress.
-            want = need
-            slot = arena.alloc(need)
+        # A batch may not exceed what one Produce request may carry; a record larger than
+        # batch_size gets a batch of its own size. Never smaller: see the module docstring.
+        want = max(min(profile.batch_size, profile.max_request_size), need + _TABLE_RESERVE)
+        if arena.used_bytes + arena.chunks_for(want) * arena.chunk_size > self._limit:
+            return APPEND_FULL
+        slot = arena.alloc(want)
         if slot < 0:
-            return None
+            return APPEND_FULL
+        if want > self._largest_batch:
+            self._largest_batch = arena.chunks_for(want) * arena.chunk_size
         arena.open_slot(slot, arena.topic_index(topic), partition)
-        b = Batch(arena, slot, topic, partition, profile, want, ts, now_ms)
+        b = Batch(arena, slot, topic, partition, profile, want - _TABLE_RESERVE, ts, now_ms)
+        b._row = row
+        self._rows[row] = b
+        at = row * _W
+        st = self._st
+        st[at + _S_OPEN] = 1
+        st[at + _S_WRITE_AT] = b.offset + HEADER_SIZE
+        st[at + _S_ROOM] = b._limit - HEADER_SIZE
+        st[at + _S_COUNT] = 0
+        st[at + _S_BASE_TS] = ts
+        st[at + _S_DMAX] = 0
+        st[at + _S_TOUCHED] = 0
         self._open[(topic, partition)] = b
         self._seq += 1
         b.ordinal = self._seq
         heapq.heappush(self._deadlines, (b._deadline, self._seq, b))
-        return b
+        return APPEND_OK
+
+    def _detach(self, b: Batch) -> None:
+        """Take an open batch out of the state table: its records are final."""
+        row = b._row
+        if row < 0:
+            return
+        at = row * _W
+        st = self._st
+        if st[at + _S_TOUCHED]:
+            # Closed in the middle of an append call: settle its runs now, while it is the
+            # row's batch (the call's final settling sees the row's next batch).
+            st[at + _S_TOUCHED] = 0
+            chunk_key, owner, base = self._call
+            self._settle(b, row, st[at + _S_COUNT] - st[at + _S_N0], st[at + _S_P0] + base, chunk_key, owner)
+        b.record_count = st[at + _S_COUNT]
+        b._dmax = st[at + _S_DMAX]
+        b._records_len = st[at + _S_WRITE_AT] - b.offset - HEADER_SIZE
+        st[at + _S_OPEN] = 0
+        self._rows[row] = None
+        b._row = -1
 
     def _close_full(self, b: Batch) -> None:
-        if b._pend:
-            _flush_pending(self._buf, b)
-        self._settle_runs(b)
+        self._detach(b)
         del self._open[(b.topic, b.partition)]
         b._closed = True
         self._closed.append(b)
@@ -629,13 +405,12 @@ class Accumulator:
 
     def _finish(self, b: Batch) -> None:
         """Compress, write header and CRC, shrink the reservation, publish the slot as SEALED."""
-        if b._pend:
-            _flush_pending(self._buf, b)
+        self._detach(b)
         arena = self._arena
         size, codec = finish_batch(
             self._buf,
             b.offset,
-            b.records_len,
+            b._records_len,
             b.record_count,
             b._base_ts,
             b._base_ts + b._dmax,
@@ -736,45 +511,3 @@ class Accumulator:
             out.append(RecoveredBatch(arena, rs, i, self._profile_for(rs.topic), now_ms))
         self._seq = max(self._seq, len(out))
         return out
-
-
-class RecoveredBatch(Batch):
-    """A batch a dead worker left STAMPED or DONE in the arena (see :meth:`Accumulator.recover`).
-
-    It behaves as a sealed :class:`Batch` for the sender (same bytes, producer id, epoch and
-    sequence); ``runs`` starts empty (its records' chunks are found when the rings are read
-    again). ``table`` is the runs table ``[(client_id, first_position, count)]``; ``result`` is
-    ``(error_code, base_offset, log_append_ms)`` once known (at once for a DONE slot).
-    ``pieces`` and ``home`` (the slot, kept after :meth:`Accumulator.retire`) belong to the
-    worker.
-    """
-
-    __slots__ = ("table", "result", "pieces", "home")
-
-    def __init__(self, arena: Arena, rs: RecoveredSlot, ordinal: int, profile: Profile, now_ms: float) -> None:
-        self.topic = rs.topic
-        self.partition = rs.partition
-        self.profile = profile
-        self.record_count = rs.record_count
-        self.runs = []
-        self.created_ms = now_ms
-        self.producer_id = rs.producer_id
-        self.producer_epoch = rs.producer_epoch
-        self.base_sequence = rs.base_sequence
-        self.attempts = 0
-        self.ordinal = ordinal
-        self.size = rs.length
-        self.codec = 0
-        self.slot = rs.slot
-        self.offset = rs.offset
-        self.capacity = rs.capacity
-        self._arena = arena
-        self._closed = True
-        self._pend = []
-        self._tr = []
-        self.table = list(rs.runs)
-        self.result: tuple[int, int, int] | None = (
-            (rs.error_code, rs.base_offset, rs.log_append_ms) if rs.state == STATE_DONE else None
-        )
-        self.pieces: list[tuple[Any, ...]] = []
-        self.home = rs.slot

@@ -530,6 +530,10 @@ class Arena:
             starts.insert(i, start)
             free_len[start] = length
 
+    def largest_free_bytes(self) -> int:
+        """Bytes of the largest free extent: the largest allocation that would succeed now."""
+        return max(self._free_len.values(), default=0) * self.chunk_size
+
     def free_extents(self) -> list[tuple[int, int]]:
         """``[(first_chunk, n_chunks)]`` of the free space, in address order (tests, stats)."""
         return [(s, self._free_len[s]) for s in self._free_starts]

@@ -19,7 +19,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from daemon.accumulator import Accumulator, Batch, RecoveredBatch
+from daemon.accumulator import Accumulator
+from daemon.batch import Batch, RecoveredBatch
 from daemon.arena import Arena
 from daemon.drain import Chunk, ChunkTable, Client, Outcome, TopicTable
 from daemon.stats import Counters, LatencyHistogram

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from daemon.accumulator import APPEND_FULL, APPEND_OK, APPEND_TOO_LARGE, Accumulator, RecoveredBatch
+from daemon.accumulator import APPEND_FULL, APPEND_OK, APPEND_TOO_LARGE, Accumulator
+from daemon.batch import RecoveredBatch
 from daemon.arena import Arena
 from daemon.drain import (
     RECOVERY_EMPTY,

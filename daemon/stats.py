@@ -33,6 +33,7 @@ SUMMED = (
     "clients",
     "dropped_clients",
     "open_batches",
+    "chunks",
 )
 
 

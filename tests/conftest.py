@@ -22,8 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Under `make sanitize` the compiled code runs several times slower: no per-example deadline.
+settings.register_profile("sanitize", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 KAFKA_SH = ROOT / "scripts" / "kafka.sh"
 
 # The daemon fixture and the client programs live in tests/integration/daemon_fixture.py;

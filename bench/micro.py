@@ -1,0 +1,252 @@
+"""``python -m bench micro``: nanoseconds per record for each stage of a record's path.
+
+Each stage runs in this process on the real code (no broker, no daemon), over the same seeded
+records: 100-byte values, 12 partitions, 16-byte keys for the keyed rows. Every figure is the
+best of several repetitions of a whole bulk (GC frozen), divided by the records in it, so that
+regressions show as a row moving. What it cannot show is the cost of the event loop and of
+the system calls around a stage: ``python -m bench`` measures those on a running daemon.
+
+Client:  encode, partition (sticky, murmur2), ring write, future, completion.
+Worker:  copy, validate, append, seal, sender (Produce request encoding), complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["main", "measure"]
+
+RECORDS = 20_000
+PARTITIONS = 12
+T0 = 1_700_000_000_000
+
+
+def _best(fn: Callable[[], int], repeat: int) -> float:
+    """ns per record of fn() (which returns how many records it handled), best of ``repeat``."""
+    best = float("inf")
+    for _ in range(repeat):
+        gc.collect()
+        gc.freeze()
+        t = time.perf_counter_ns()
+        n = fn()
+        dt = time.perf_counter_ns() - t
+        gc.unfreeze()
+        best = min(best, dt / max(n, 1))
+    return best
+
+
+def _data(seed: int) -> tuple[list[bytes], list[bytes]]:
+    rng = random.Random(seed)
+    alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789"
+    values = [bytes(rng.choices(alphabet, k=100)) for _ in range(RECORDS)]
+    keys = [rng.randbytes(16) for _ in range(RECORDS)]
+    return values, keys
+
+
+def client_stages(values: list[bytes], keys: list[bytes], repeat: int) -> dict[str, float]:
+    from shm.frames import encode_record_body, put_record
+    from shm.layout import RING_HEADER_BYTES
+    from shm.partitioner import StickyPartitioner, murmur2
+    from shm.ring import SpscRing
+
+    out: dict[str, float] = {}
+
+    def encode() -> int:
+        for v in values:
+            encode_record_body(None, v)
+        return len(values)
+
+    def encode_keyed() -> int:
+        for k, v in zip(keys, values):
+            encode_record_body(k, v)
+        return len(values)
+
+    sticky = StickyPartitioner(batch_size=131072, rng=random.Random(1))
+
+    def partition_sticky() -> int:
+        part = sticky.partition
+        for _ in values:
+            part("t", PARTITIONS, 100)
+        return len(values)
+
+    def partition_murmur2() -> int:
+        for k in keys:
+            (murmur2(k) & 0x7FFFFFFF) % PARTITIONS
+        return len(keys)
+
+    bodies = [encode_record_body(None, v) for v in values]
+    capacity = 1 << 22
+    ring = SpscRing(bytearray(RING_HEADER_BYTES + capacity), 0, capacity, create=True)
+
+    def ring_write() -> int:
+        n = 0
+        for b in bodies:
+            if not put_record(ring, 0, n % PARTITIONS, T0, b):
+                ring.publish_head()
+                start, end = ring.region()
+                ring.advance(end - start)
+                ring.free_to(ring.cursor)
+                put_record(ring, 0, n % PARTITIONS, T0, b)
+            ring.publish_head()
+            n += 1
+        return n
+
+    out["client encode"] = _best(encode, repeat)
+    out["client encode keyed"] = _best(encode_keyed, repeat)
+    out["client partition sticky"] = _best(partition_sticky, repeat)
+    out["client partition murmur2"] = _best(partition_murmur2, repeat)
+    out["client ring write"] = _best(ring_write, repeat)
+    try:
+        from shm.futures import DeliveryFuture  # type: ignore[import-not-found]
+    except ImportError:
+        from shm.producer import DeliveryFuture  # type: ignore[attr-defined,no-redef]
+    try:
+        from shm.completions import resolve_fifo  # type: ignore[import-not-found]
+    except ImportError:
+        from shm.producer import _resolve_fifo as resolve_fifo  # type: ignore[attr-defined,no-redef]
+    futures: list[Any] = []
+
+    def future() -> int:
+        futures.clear()
+        append = futures.append
+        for i in range(len(values)):
+            append(DeliveryFuture("t", i % PARTITIONS, T0))
+        return len(values)
+
+    def completion() -> int:
+        # One COMPLETION frame per 1,000 records, as a worker sends for a batch.
+        dq = deque(futures)
+        n = len(dq)
+        for base in range(0, n, 1000):
+            resolve_fifo(dq, 0, 0, base, -1, min(1000, n - base))
+        return n
+
+    out["client future"] = _best(future, repeat)
+
+    def fut_and_complete() -> int:
+        future()
+        return completion()
+
+    out["client completion"] = max(0.0, _best(fut_and_complete, repeat) - out["client future"])
+    return out
+
+
+def worker_stages(values: list[bytes], keys: list[bytes], repeat: int) -> dict[str, float]:
+    from daemon import _batcher
+    from daemon.accumulator import APPEND_OK, Accumulator
+    from daemon.arena import Arena
+    from daemon.config import Profile
+    from daemon.protocol.messages import encode_produce_request
+    from shm.frames import COMPLETION, encode_record_body, encode_record_frames
+
+    out: dict[str, float] = {}
+    rng = random.Random(7)
+    # A ring region as a paced client writes it: one frame per send(), partitions interleaved.
+    parts = [rng.randrange(PARTITIONS) for _ in values]
+    region = b"".join(
+        encode_record_frames(0, p, T0 + i // 100, [v]) for i, (p, v) in enumerate(zip(parts, values))
+    )
+    keyed = b"".join(
+        encode_record_frames(0, p, T0 + i // 100, [v], [k]) for i, (p, k, v) in enumerate(zip(parts, keys, values))
+    )
+    n = len(values)
+    src = memoryview(bytearray(region))
+
+    out["worker copy"] = _best(lambda: (bytes(src[: len(region)]), n)[1], repeat)
+    out["worker validate"] = _best(lambda: (_batcher.first_bad_body(region, len(region), False), n)[1], repeat)
+
+    profile = Profile(batch_size=131072, linger_ms=5)
+    acc = Accumulator(buffer_memory=64 << 20, profile_for=lambda t: profile, arena=Arena(64 << 20, chunk_size=4096))
+    topics = ["t"]
+    counts = [PARTITIONS]
+    sealed: list[Any] = []
+
+    def append(data: bytes) -> int:
+        for b in sealed:
+            acc.release(b)
+        sealed.clear()
+        code, pos, count = acc.append_region(data, 0, len(data), topics, counts, 1, 1, 0, 0.0)
+        assert code == APPEND_OK and count == n
+        acc.flush()
+        sealed.extend(acc.ready(0.0))
+        return count
+
+    def seal_only(data: bytes) -> tuple[float, float]:
+        for b in sealed:
+            acc.release(b)
+        sealed.clear()
+        t = time.perf_counter_ns()
+        acc.append_region(data, 0, len(data), topics, counts, 1, 1, 0, 0.0)
+        t1 = time.perf_counter_ns()
+        acc.flush()
+        sealed.extend(acc.ready(0.0))
+        t2 = time.perf_counter_ns()
+        return (t1 - t) / n, (t2 - t1) / n
+
+    for name, data in (("", region), (" keyed", keyed)):
+        append(data)
+        best_a = best_s = float("inf")
+        for _ in range(repeat):
+            gc.collect()
+            a, s = seal_only(data)
+            best_a, best_s = min(best_a, a), min(best_s, s)
+        out[f"worker append{name}"] = best_a
+        out[f"worker seal{name}"] = best_s
+    batches = list(sealed)
+    records = sum(b.record_count for b in batches)
+
+    def sender() -> int:
+        # One request per 12 batches, as a full pipeline to one leader sends them.
+        for at in range(0, len(batches), PARTITIONS):
+            group = batches[at : at + PARTITIONS]
+            encode_produce_request(9, 1, "sluice", 1, 30000, [("t", [(b.partition, b.payload()) for b in group])])
+        return records
+
+    out["worker sender (request encode)"] = _best(sender, repeat)
+    cring = bytearray(1 << 20)
+    pack = COMPLETION.pack_into
+
+    def complete() -> int:
+        at = 0
+        for b in batches:
+            pack(cring, at, 0, 0, b.partition, 0, -1, b.record_count, 0)
+            at = (at + 40) & 0xFFFF
+        return records
+
+    out["worker complete"] = _best(complete, repeat)
+    for b in sealed:
+        acc.release(b)
+    _ = encode_record_body
+    return out
+
+
+def measure(seed: int = 20240601, repeat: int = 5) -> dict[str, float]:
+    values, keys = _data(seed)
+    res = client_stages(values, keys, repeat)
+    res.update(worker_stages(values, keys, repeat))
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench micro", description=__doc__.splitlines()[0])
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--seed", type=int, default=20240601)
+    p.add_argument("--json", metavar="FILE")
+    args = p.parse_args(argv)
+    res = measure(args.seed, args.repeat)
+    width = max(map(len, res))
+    print(f"{'stage':<{width}}  ns/record")
+    for name, ns in res.items():
+        print(f"{name:<{width}}  {ns:9.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"records": RECORDS, "ns_per_record": res}, f, indent=2)
+    return 0
