@@ -348,7 +348,7 @@ def run_case(case: Case, args: argparse.Namespace, topics: Any, availability: Av
             except DaemonUnavailable as e:
                 raise CaseUnavailable(f"daemon cannot start: {e}") from None
             socket_path = daemon.socket_path
-            out["daemon_config"] = daemon.config_path.read_text()
+            out["daemon_config"] = Path(daemon.config_path).read_text()
         specs = _specs(case, topic, args, settings, socket_path)
         timeout = _case_timeout(case, args)
 

@@ -8,21 +8,17 @@ as such, never as failed, and never plotted.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from bench.daemon_process import ROOT, DaemonError, DaemonProcess, config_toml
 from bench.scenarios import Delivery
 
 __all__ = ["DaemonUnavailable", "SluiceDaemon", "sluice_unavailable_reason", "produce_requests_from_stats"]
-
-ROOT = Path(__file__).resolve().parent.parent
 
 _CHECK = """
 import importlib, importlib.util, sys
@@ -60,45 +56,21 @@ def sluice_unavailable_reason(runner: str, *, own_daemon: bool = True) -> str | 
     return lines[-1] if lines else f"import check exited with {proc.returncode}"
 
 
-def _toml_str(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def config_text(*, socket_path: str, runtime_dir: str, workers: int, bootstrap: str,
                 delivery: Delivery, topic: str) -> str:
-    """The daemon's TOML config for one case."""
-    acks = '"all"' if delivery.acks == -1 else str(delivery.acks)
-    return f"""# Written by bench/sluice_daemon.py for one benchmark case.
-[daemon]
-socket_path = {_toml_str(socket_path)}
-runtime_dir = {_toml_str(runtime_dir)}
-workers = {workers}
-log_level = "warning"
-shutdown_timeout_ms = 10000
-
-[kafka]
-bootstrap_servers = {_toml_str(bootstrap)}
-
-[profiles.bench]
-acks = {acks}
-enable_idempotence = {"true" if delivery.idempotent else "false"}
-linger_ms = {delivery.linger_ms}
-batch_size = {delivery.batch_size}
-compression_type = {_toml_str(delivery.compression)}
-
-[[topics]]
-match = {_toml_str(topic)}
-profile = "bench"
-"""
-
-
-def _daemon_command(config: Path, prefix: list[str] | None = None) -> list[str]:
-    if prefix:
-        return [*prefix, "run", "--config", str(config)]
-    script = Path(sys.executable).with_name("sluice")
-    if script.exists():
-        return [str(script), "run", "--config", str(config)]
-    return [sys.executable, "-m", "daemon", "run", "--config", str(config)]
+    """The daemon's TOML config for one case: one profile with the case's delivery settings and
+    one topic rule for the case's topic."""
+    profile = {
+        "acks": delivery.acks,
+        "enable_idempotence": delivery.idempotent,
+        "linger_ms": delivery.linger_ms,
+        "batch_size": delivery.batch_size,
+        "compression_type": delivery.compression,
+    }
+    return config_toml(socket_path, bootstrap, workers=workers,
+                       daemon={"runtime_dir": runtime_dir, "log_level": "warning", "shutdown_timeout_ms": 10000},
+                       profiles={"bench": profile}, topics={topic: "bench"},
+                       comment="Written by bench/sluice_daemon.py for one benchmark case.")
 
 
 def _sum_leaves(stats: Any, names: tuple[str, ...], within: tuple[str, ...] = ()) -> tuple[int, list[str]] | None:
@@ -139,60 +111,39 @@ def produce_requests_from_stats(stats: dict[str, Any] | None) -> tuple[int, str]
     return value, "sluice stats: " + " + ".join(paths[:4]) + (" ..." if len(paths) > 4 else "")
 
 
-class SluiceDaemon:
-    """One daemon process and its workers, configured for one case."""
+class SluiceDaemon(DaemonProcess):
+    """One daemon process and its workers, configured for one case
+    (:class:`bench.daemon_process.DaemonProcess` with the case's config, CPU accounting, and
+    failures to start reported as :class:`DaemonUnavailable`)."""
 
     def __init__(self, workdir: Path, *, workers: int, bootstrap: str, delivery: Delivery, topic: str,
                  command: list[str] | None = None) -> None:
         """``command``: the program to run instead of ``sluice`` (it gets ``run --config FILE``)."""
-        self.workdir = workdir
-        self.command = command
-        self.socket_path = str(workdir / "sluice.sock")
-        self.config_path = workdir / "sluice.toml"
-        self.log_path = workdir / "daemon.log"
-        self.config_path.write_text(config_text(
+        super().__init__(workdir, socket_name="sluice.sock", command=command)
+        self.write_config(config_text(
             socket_path=self.socket_path, runtime_dir=str(workdir), workers=workers,
             bootstrap=bootstrap, delivery=delivery, topic=topic))
-        self.proc: subprocess.Popen[bytes] | None = None
         self._ps: psutil.Process | None = None
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, *, wait: bool = True, timeout: float = 30.0) -> SluiceDaemon:
         """Start the daemon and wait until it answers a handshake.
 
         Raises:
             DaemonUnavailable: the config is refused, the daemon exits, or it never answers.
         """
         check = subprocess.run(
-            [sys.executable, "-c", "import sys, daemon.config as c; c.load(sys.argv[1])", str(self.config_path)],
+            [sys.executable, "-c", "import sys, daemon.config as c; c.load(sys.argv[1])", self.config_path],
             capture_output=True, text=True, cwd=ROOT, timeout=60)
         if check.returncode != 0:
             raise DaemonUnavailable("config refused: " + _last_line(check.stderr))
-        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(_daemon_command(self.config_path, self.command), stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=ROOT, env=env, start_new_session=True)
-        self._ps = psutil.Process(self.proc.pid)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise DaemonUnavailable(f"daemon exited with {self.proc.returncode}: {self.log_tail()}")
-            if os.path.exists(self.socket_path):
-                try:
-                    self.stats()
-                    return
-                except (OSError, DaemonUnavailable):
-                    pass
-            time.sleep(0.1)
-        self.stop()
-        raise DaemonUnavailable(f"daemon did not answer on {self.socket_path} within {timeout:.0f} s: {self.log_tail()}")
-
-    def log_tail(self, lines: int = 5) -> str:
-        """The last lines of the daemon's log."""
         try:
-            text = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return " | ".join(text[-lines:])
+            super().start(wait=False)
+            self._ps = psutil.Process(self.pid)
+            if wait:
+                self.wait_answers(timeout)
+        except DaemonError as exc:
+            raise DaemonUnavailable(" | ".join(str(exc).strip().splitlines()[-6:])) from None
+        return self
 
     def pids(self) -> list[int]:
         """The daemon and its children (the workers)."""
@@ -222,35 +173,20 @@ class SluiceDaemon:
 
     def stats(self, timeout: float = 5.0) -> dict[str, Any]:
         """The daemon's counters, asked over its socket (StatsRequest)."""
-        from shm import control
-        from shm.connection import Connection, hello_for
         from shm.errors import SluiceError
 
         try:
-            with Connection(self.socket_path, hello=hello_for("bench-stats"), timeout=timeout) as conn:
-                stats = conn.request(control.StatsRequest(), control.StatsReply).stats
-                try:
-                    conn.send(control.Goodbye())
-                except OSError:
-                    pass
-                return stats
+            return super().stats(timeout)
         except SluiceError as exc:  # an ErrorReply, or the daemon hung up
             raise DaemonUnavailable(f"stats refused: {exc}") from exc
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM (graceful drain), then SIGKILL to the whole session after ``timeout``."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM (graceful drain), then SIGKILL to the whole session after ``timeout``; a
+        daemon that had to be killed is not the case's failure (the read-back judges it)."""
         try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(10)
-
+            return super().stop(timeout)
+        except DaemonError:
+            return None
 
 def _last_line(text: str) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]

@@ -369,7 +369,7 @@ def run_soak(args: argparse.Namespace) -> int:
                    "chunk": CHUNK, "api": "alternating chunks: send() per record with futures / send_many()",
                    "interval_s": args.interval, "warmup_s": WARMUP_S, "flat_if": f"<= {FLAT_MB} MB or <= {FLAT_PCT}%",
                    "delivery": "acks=1, linger 5 ms, batch 131072, no compression", "topic": topic,
-                   "daemon_config": daemon.config_path.name},
+                   "daemon_config": os.path.basename(daemon.config_path)},
         "note": args.note,
         "host": host_info(),
         "clients": results,

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not installed
+
+from bench.daemon_process import SLUICE, DaemonError, DaemonProcess, short_tmpdir  # noqa: E402
 
 CLIENTS = 4
 PER_CLIENT = 50_000
@@ -43,20 +44,6 @@ def client(socket_path: str, topic: str, index: int, count: int, out: mp.Queue) 
         first, last = futures[0].result(1), futures[-1].result(1)
         failed = sum(1 for f in futures if f.exception(0) is not None)
     out.put((index, count, failed, left, elapsed, first, last))
-
-
-def wait_for_socket(path: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the daemon exited early with status {proc.returncode}")
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.connect(path)
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("the daemon's socket did not answer within 60 s")
 
 
 def read_back(bootstrap: str, topic: str, expected: int, timeout: float = 60.0) -> dict[int, int]:
@@ -97,7 +84,7 @@ def read_back(bootstrap: str, topic: str, expected: int, timeout: float = 60.0) 
 
 def main() -> int:
     bootstrap = os.environ.get("SLUICE_BOOTSTRAP", "127.0.0.1:9092")
-    sluice = os.path.join(os.path.dirname(sys.executable), "sluice")
+    sluice = SLUICE
     topic = f"sluice-demo-{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:4]}"
 
     from confluent_kafka.admin import AdminClient, NewTopic
@@ -106,23 +93,17 @@ def main() -> int:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     admin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result(30)
 
-    workdir = tempfile.mkdtemp(prefix="sluice-demo-")
-    sock_path = os.path.join(workdir, "sluice.sock")
-    config = os.path.join(workdir, "sluice.toml")
-    with open(config, "w") as f:
-        f.write(
-            f'[daemon]\nsocket_path = "{sock_path}"\nworkers = 2\nlog_level = "info"\n'
-            f'[kafka]\nbootstrap_servers = "{bootstrap}"\n'
-            # The payments profile: acks=all, idempotent, block when full.
-            f'[[topics]]\nmatch = "sluice-demo-*"\nprofile = "payments"\n'
-        )
-    log_path = os.path.join(workdir, "daemon.log")
-    say(f"starting the daemon: sluice run --config {config}  (log: {log_path})")
-    log = open(log_path, "wb")
-    daemon = subprocess.Popen([sluice, "run", "--config", config], stdout=log, stderr=subprocess.STDOUT)
+    daemon = DaemonProcess(short_tmpdir("sluice-demo-"), socket_name="sluice.sock")
+    # The built-in payments profile: acks=all, idempotent, block when full.
+    daemon.configure(bootstrap, workers=2, daemon={"log_level": "info"}, topics={"sluice-demo-*": "payments"})
+    sock_path = daemon.socket_path
+    say(f"starting the daemon: sluice run --config {daemon.config_path}  (log: {daemon.log_path})")
     ok = False
     try:
-        wait_for_socket(sock_path, daemon)
+        try:
+            daemon.start(timeout=60)
+        except DaemonError as exc:
+            raise SystemExit(f"the daemon did not start: {exc}") from None
 
         say(f"{CLIENTS} client processes send {PER_CLIENT:,} keyed records each over shared memory")
         ctx = mp.get_context("spawn")
@@ -172,24 +153,20 @@ def main() -> int:
         print(f"\033[1m   {'MATCH' if ok else 'MISMATCH'}\033[0m")
     finally:
         say("stopping the daemon with SIGTERM (graceful drain)")
-        daemon.send_signal(signal.SIGTERM)
         try:
-            code = daemon.wait(60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            code = daemon.wait()
-        log.close()
+            code = daemon.stop(60)
+        except DaemonError:
+            code = "killed: no exit within 60 s of SIGTERM"
         print(f"   daemon exited with status {code}")
         ok = ok and code == 0
         if not ok:
-            print(f"--- last lines of {log_path}:")
-            with open(log_path, errors="replace") as f:
-                print("".join(f.readlines()[-30:]))
+            print(f"--- last lines of {daemon.log_path}:")
+            print(daemon.log_tail(30))
         try:
             admin.delete_topics([topic])[topic].result(30)
         except Exception:  # noqa: BLE001 - the demo's verdict is already known
             pass
-        shutil.rmtree(workdir, ignore_errors=True)
+        daemon.remove()
     say("demo " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1
 

@@ -11,7 +11,6 @@ fooled by a bug shared between the writer and the reader.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -31,13 +30,16 @@ settings.register_profile("sanitize", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 KAFKA_SH = ROOT / "scripts" / "kafka.sh"
 
-# The daemon fixture and the client programs live in tests/integration/daemon_fixture.py;
-# spawned client processes import it by this path too.
-_INTEGRATION = str(ROOT / "tests" / "integration")
-if _INTEGRATION not in sys.path:
-    sys.path.insert(0, _INTEGRATION)
+# The daemon fixture and the client programs live in tests/integration/daemon_fixture.py, the
+# helpers every directory shares in tests/helpers.py, the daemon runner they build on in
+# bench/daemon_process.py (bench/ is not installed); spawned client processes import them by
+# these paths too.
+for _path in (str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "integration")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 import daemon_fixture  # noqa: E402
+from bench.daemon_process import DaemonError  # noqa: E402
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +236,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 @pytest.fixture
 def start_sluice(kafka_bootstrap: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., daemon_fixture.SluiceDaemon]]:
     """``start_sluice(**kw) -> SluiceDaemon``: a real ``sluice run`` against ``kafka_bootstrap``
-    (the chaos directory's own broker there). Teardown sends SIGTERM and fails the test unless
+    (the chaos directory's own broker there), configured by :func:`daemon_fixture.start_daemon`'s
+    keywords (``workers``, ``daemon``, ``kafka``, ``profiles``, ``topics``). Teardown sends SIGTERM and fails the test unless
     every daemon exits 0 in time; a failed test gets the daemons' logs printed."""
     started: list[daemon_fixture.SluiceDaemon] = []
 
@@ -252,12 +255,12 @@ def start_sluice(kafka_bootstrap: str, request: pytest.FixtureRequest) -> Iterat
     for d in started:
         try:
             code = d.stop()
-        except AssertionError as exc:
+        except DaemonError as exc:
             problems.append(str(exc))
             continue
         if code != 0:
             problems.append(f"sluice exited with {code}; log:\n{d.log()[-6000:]}")
         else:
-            shutil.rmtree(d.workdir, ignore_errors=True)
+            d.remove()
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)

@@ -15,7 +15,7 @@ import pytest
 from shm import Producer
 from shm.errors import BufferFullError
 
-__all__ = ["seq_value", "seq_of", "SendLoop", "check_exactly_once", "wait_until"]
+__all__ = ["seq_value", "seq_of", "SendLoop", "check_exactly_once"]
 
 _PAD = b"." * 64
 
@@ -29,15 +29,6 @@ def seq_of(value: bytes | None) -> int:
     if value is None or len(value) != 11 + len(_PAD) or value[10:11] != b"|" or value[11:] != _PAD:
         raise AssertionError(f"a record that no test client wrote: {value!r}")
     return int(value[:10])
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll ``pred`` until it holds; AssertionError naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(interval)
 
 
 def check_exactly_once(values: Iterable[bytes | None], sent: int) -> None:

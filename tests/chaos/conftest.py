@@ -28,10 +28,8 @@ from typing import Any
 import pytest
 
 _HERE = Path(__file__).resolve().parent
-_INTEGRATION = _HERE.parent / "integration"
-for _p in (str(_HERE), str(_INTEGRATION)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+if str(_HERE) not in sys.path:
+    sys.path.insert(0, str(_HERE))  # chaos_util and proxy; tests/conftest.py adds the others
 
 from proxy import FaultProxy  # noqa: E402
 

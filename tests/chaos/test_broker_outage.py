@@ -17,7 +17,8 @@ import time
 from collections import Counter
 
 import pytest
-from chaos_util import SendLoop, check_exactly_once, seq_of, wait_until
+from chaos_util import SendLoop, check_exactly_once, seq_of
+from helpers import wait_until
 
 from shm import Producer
 
@@ -27,28 +28,12 @@ OUTAGE_S = float(os.environ.get("SLUICE_CHAOS_OUTAGE_S", "30"))
 MAX_BLOCK_MS = 2000
 DELIVERY_TIMEOUT_MS = 120_000
 
-CONFIG = f"""
-[profiles.default]
-max_request_size = 60000
-
-[profiles.payments]
-max_request_size = 60000
-max_block_ms = {MAX_BLOCK_MS}
-delivery_timeout_ms = {DELIVERY_TIMEOUT_MS}
-
-[profiles.clicks]
-max_request_size = 60000
-linger_ms = 5
-delivery_timeout_ms = {DELIVERY_TIMEOUT_MS}
-
-[[topics]]
-match = "pay-*"
-profile = "payments"
-
-[[topics]]
-match = "click-*"
-profile = "clicks"
-"""
+PROFILES = {
+    "default": {"max_request_size": 60000},
+    "payments": {"max_request_size": 60000, "max_block_ms": MAX_BLOCK_MS, "delivery_timeout_ms": DELIVERY_TIMEOUT_MS},
+    "clicks": {"max_request_size": 60000, "linger_ms": 5, "delivery_timeout_ms": DELIVERY_TIMEOUT_MS},
+}
+TOPICS = {"pay-*": "payments", "click-*": "clicks"}
 
 
 def test_broker_outage_back_pressure_then_exactly_once(broker, start_sluice, topic, read_topic) -> None:
@@ -58,8 +43,10 @@ def test_broker_outage_back_pressure_then_exactly_once(broker, start_sluice, top
     # fills the ring within a fraction of a second and back-pressure reaches send().
     d = start_sluice(
         workers=1,
-        daemon_extra="request_ring_bytes = 65536\ncompletion_ring_bytes = 16384",
-        extra="reconnect_backoff_max_ms = 500\n" + CONFIG,
+        daemon={"request_ring_bytes": 65536, "completion_ring_bytes": 16384},
+        kafka={"reconnect_backoff_max_ms": 500},
+        profiles=PROFILES,
+        topics=TOPICS,
     )
     with Producer(d.socket_path, client_name="chaos-payments") as pp, Producer(
         d.socket_path, client_name="chaos-clicks"

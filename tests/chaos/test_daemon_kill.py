@@ -15,20 +15,19 @@ from __future__ import annotations
 import os
 import random
 import re
-import subprocess
 import time
 from collections.abc import Callable
 
 import pytest
-from chaos_util import SendLoop, check_exactly_once, seq_of, wait_until
+from chaos_util import SendLoop, check_exactly_once, seq_of
+from helpers import wait_until
 # The kill tests need no faults: they use the suite's shared broker, not the directory's own.
 from chaos_util import shared_kafka_admin as kafka_admin  # noqa: F401
 from chaos_util import shared_kafka_bootstrap as kafka_bootstrap  # noqa: F401
-from daemon_fixture import SLUICE, SluiceDaemon, connect, start_daemon
+from daemon_fixture import SluiceDaemon, start_daemon
 from test_worker_kill import _wait_for_live_batch
 
 from shm import Producer
-from shm.errors import SluiceError
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.slow]
 
@@ -36,55 +35,22 @@ KILLS = int(os.environ.get("SLUICE_CHAOS_DAEMON_KILLS", "4"))
 WORKERS = 2
 RATE = 3000.0
 
-CONFIG = """
-[profiles.default]
-acks = -1
-enable_idempotence = true
-linger_ms = 15
-delivery_timeout_ms = 120000
-"""
-
-
-def _restart(d: SluiceDaemon) -> SluiceDaemon:
-    """``sluice run`` again on the same config (same socket, same runtime directory)."""
-    with open(d.log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [SLUICE, "run", "--config", d.config_path],
-            cwd=d.workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    nd = SluiceDaemon(d.socket_path, proc, d.config_path, d.log_path, d.workdir)
-
-    def answers() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"sluice exited with {proc.returncode} at restart:\n{nd.log()[-6000:]}")
-        try:
-            with connect(d.socket_path, name="test-probe", timeout=2.0):
-                return True
-        except (OSError, SluiceError):
-            return False
-
-    wait_until(answers, 60, "the restarted daemon answering")
-    return nd
+PROFILES = {"default": {"acks": -1, "enable_idempotence": True, "linger_ms": 15, "delivery_timeout_ms": 120000}}
 
 
 def _stream_across_restarts(
-    d: SluiceDaemon, daemons: list[SluiceDaemon], name: str, times: int, interrupt: Callable[[int, SluiceDaemon], None]
-) -> tuple[int, int, dict[str, int], int, int, SluiceDaemon]:
+    d: SluiceDaemon, name: str, times: int, interrupt: Callable[[int, SluiceDaemon], None]
+) -> tuple[int, int, dict[str, int], int, int]:
     """Stream sequence-numbered records through one reconnecting client while ``interrupt(k, d)``
     takes the daemon down ``times`` times; each time start it again on the same config and wait
-    for the client to reconnect. Returns (sent, ok, failed, pending, reconnects, last daemon)."""
+    for the client to reconnect. Returns (sent, ok, failed, pending, reconnects)."""
     with Producer(d.socket_path, client_name="daemon-restart-test", reconnect_timeout_s=60.0) as p:
         loop = SendLoop(p, name, rate=RATE, keys=64).start()
         try:
             wait_until(lambda: loop.sent > 500, 15, "the first records sent")
             for k in range(times):
                 interrupt(k, d)
-                d = _restart(d)
-                daemons.append(d)
+                d.start(timeout=60)  # ``sluice run`` again: same config, socket and runtime directory
                 wait_until(lambda k=k: p.reconnects > k, 60, f"the client reconnected after restart {k + 1}")
                 assert loop.error is None, loop.error
             time.sleep(0.5)
@@ -92,7 +58,7 @@ def _stream_across_restarts(
             loop.stop()
         assert p.flush(90) == 0, "records still pending 90 s after the last restart"
         ok, failed, pending = loop.outcomes()
-        return loop.sent, ok, dict(failed), pending, p.reconnects, d
+        return loop.sent, ok, dict(failed), pending, p.reconnects
 
 
 def _lost_and_duplicated(records: list, sent: int) -> tuple[int, int]:
@@ -103,9 +69,8 @@ def _lost_and_duplicated(records: list, sent: int) -> tuple[int, int]:
 def test_daemon_sigkill_and_restart_loses_and_duplicates_nothing(kafka_bootstrap, topic, read_topic) -> None:
     rng = random.Random(int(os.environ.get("SLUICE_CHAOS_SEED", "82")))
     name = topic("dkill", partitions=6)
-    d = start_daemon(kafka_bootstrap, workers=WORKERS, extra=CONFIG, shutdown_timeout_ms=20_000)
+    d = start_daemon(kafka_bootstrap, workers=WORKERS, profiles=PROFILES, daemon={"shutdown_timeout_ms": 20_000})
     t0 = time.monotonic()
-    daemons = [d]
     aimed = 0
 
     def kill(k: int, d: SluiceDaemon) -> None:
@@ -118,7 +83,7 @@ def test_daemon_sigkill_and_restart_loses_and_duplicates_nothing(kafka_bootstrap
         time.sleep(rng.uniform(0.0, 0.5))  # the client keeps writing into its rings
 
     try:
-        sent, ok, failed, pending, reconnects, d = _stream_across_restarts(d, daemons, name, KILLS, kill)
+        sent, ok, failed, pending, reconnects = _stream_across_restarts(d, name, KILLS, kill)
         assert d.stop() == 0, d.log()[-6000:]
         log = d.log()
         recovered = [tuple(int(x) for x in m) for m in re.findall(
@@ -137,9 +102,7 @@ def test_daemon_sigkill_and_restart_loses_and_duplicates_nothing(kafka_bootstrap
         # Some kill left a batch to re-send or an answer to report: recovery was exercised.
         assert sum(r[0] for r in recovered) > 0, "no kill left a batch in an arena: recovery untested"
     finally:
-        for x in daemons:
-            if x.proc.poll() is None:
-                x.kill()
+        d.kill()
 
 
 RESTARTS = int(os.environ.get("SLUICE_CHAOS_DAEMON_RESTARTS", "3"))
@@ -151,8 +114,7 @@ def test_daemon_sigterm_and_restart_under_load_loses_and_duplicates_nothing(kafk
     client wrote into its rings meanwhile is taken by the new one, each record once."""
     rng = random.Random(int(os.environ.get("SLUICE_CHAOS_SEED", "83")))
     name = topic("drestart", partitions=6)
-    d = start_daemon(kafka_bootstrap, workers=WORKERS, extra=CONFIG, shutdown_timeout_ms=20_000)
-    daemons = [d]
+    d = start_daemon(kafka_bootstrap, workers=WORKERS, profiles=PROFILES, daemon={"shutdown_timeout_ms": 20_000})
     stops: list[float] = []
 
     def stop(k: int, d: SluiceDaemon) -> None:
@@ -162,7 +124,7 @@ def test_daemon_sigterm_and_restart_under_load_loses_and_duplicates_nothing(kafk
         stops.append(time.monotonic() - t_stop)
 
     try:
-        sent, ok, failed, pending, reconnects, d = _stream_across_restarts(d, daemons, name, RESTARTS, stop)
+        sent, ok, failed, pending, reconnects = _stream_across_restarts(d, name, RESTARTS, stop)
         assert d.stop() == 0, d.log()[-6000:]
         records = read_topic(name, sent, timeout=60)
         lost, duplicated = _lost_and_duplicated(records, sent)
@@ -178,6 +140,4 @@ def test_daemon_sigterm_and_restart_under_load_loses_and_duplicates_nothing(kafk
         # and returns once that is acknowledged: never by running into the 20 s deadline.
         assert max(stops) < 10.0, stops
     finally:
-        for x in daemons:
-            if x.proc.poll() is None:
-                x.kill()
+        d.kill()

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from daemon_fixture import SLUICE
+from helpers import wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
@@ -41,24 +42,14 @@ def _kill(proc: Any) -> None:
     assert proc.exitcode == -signal.SIGKILL
 
 
-def _wait(pred: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(0.1)
-
-
 def test_clients_killed_mid_frame_or_blocked_lose_nothing_and_leak_nothing(broker, start_sluice, topic, read_topic, spawn_ctx) -> None:
     from chaos_util import block_until_killed, die_mid_frame
 
     name = topic("dying", partitions=3)
     d = start_sluice(
         workers=2,
-        daemon_extra="request_ring_bytes = 65536",
-        extra="".join(
-            f"[profiles.{p}]\nlinger_ms = 300\nmax_request_size = 60000\n" for p in ("default", "payments", "clicks")
-        ),
+        daemon={"request_ring_bytes": 65536},
+        profiles={p: {"linger_ms": 300, "max_request_size": 60000} for p in ("default", "payments", "clicks")},
     )
     sup = d.proc.pid
     baseline = d.wait_stats(lambda s: s["clients"] >= 1, timeout=10, what="ingest attached")["clients"]
@@ -115,11 +106,11 @@ def test_clients_killed_mid_frame_or_blocked_lose_nothing_and_leak_nothing(broke
     assert set(values) == committed | {b"blocked-%d" % i for i in blocked}, "an unpublished or torn record was delivered"
 
     # Nothing leaks: both segments released, the client count and descriptors back to baseline.
-    _wait(lambda: _stats_json(d.socket_path)["clients"] == baseline, 15, "clients back to baseline")
+    wait_until(lambda: _stats_json(d.socket_path)["clients"] == baseline, 15, "clients back to baseline")
     log = d.log()
     for cid in (cid_a, cid_b):
         assert re.search(rf"client {cid} \(doomed-[a-z-]+\): segment released", log), cid
-    _wait(lambda: len(os.listdir(f"/proc/{sup}/fd")) <= fds_before, 10, "supervisor descriptors back to baseline")
+    wait_until(lambda: len(os.listdir(f"/proc/{sup}/fd")) <= fds_before, 10, "supervisor descriptors back to baseline")
     stats = d.stats()
     assert stats["restarts"] == 0 and all(w["clients"] == baseline for w in stats["workers"].values())
     print(

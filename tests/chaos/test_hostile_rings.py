@@ -25,7 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from chaos_util import SendLoop, check_exactly_once, wait_until
+from chaos_util import SendLoop, check_exactly_once
+from helpers import wait_until
 
 from shm import Producer
 from shm.frames import RECORD_HEADER, encode_record_body, put_record
@@ -254,7 +255,7 @@ def test_corrupt_rings_drop_only_the_offender(broker, start_sluice, topic, read_
     rng = random.Random(SEED)
     print(f"seed {SEED}")
     name = topic("hostile", partitions=2)
-    d = start_sluice(workers=2, daemon_extra="completion_ring_bytes = 4096", extra="[profiles.default]\nlinger_ms = 20\n")
+    d = start_sluice(workers=2, daemon={"completion_ring_bytes": 4096}, profiles={"default": {"linger_ms": 20}})
     outcomes: list[str] = []
     with Producer(d.socket_path, client_name="good-client") as good:
         # The daemon's own socket-ingest client and the good one.

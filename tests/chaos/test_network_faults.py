@@ -15,7 +15,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from chaos_util import SendLoop, check_exactly_once, seq_of, wait_until
+from chaos_util import SendLoop, check_exactly_once, seq_of
+from helpers import wait_until
 
 from shm import Producer
 
@@ -24,12 +25,12 @@ pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.slow]
 REQUEST_TIMEOUT_MS = 3000
 DELIVERY_TIMEOUT_MS = 60_000
 
-CONFIG = f"""
-request_timeout_ms = {REQUEST_TIMEOUT_MS}
-delivery_timeout_ms = {DELIVERY_TIMEOUT_MS}
-retry_backoff_ms = 50
-retry_backoff_max_ms = 500
-"""
+PAYMENTS = {
+    "request_timeout_ms": REQUEST_TIMEOUT_MS,
+    "delivery_timeout_ms": DELIVERY_TIMEOUT_MS,
+    "retry_backoff_ms": 50,
+    "retry_backoff_max_ms": 500,
+}
 
 
 def test_latency_stalls_and_resets_lose_and_duplicate_nothing(broker, start_sluice, topic, read_topic) -> None:
@@ -37,11 +38,9 @@ def test_latency_stalls_and_resets_lose_and_duplicate_nothing(broker, start_slui
     name = topic("net", partitions=4)
     d = start_sluice(
         workers=2,
-        extra=(
-            "reconnect_backoff_ms = 20\nreconnect_backoff_max_ms = 200\n"
-            f"[profiles.payments]\n{CONFIG}\n"
-            '[[topics]]\nmatch = "net-*"\nprofile = "payments"\n'
-        ),
+        kafka={"reconnect_backoff_ms": 20, "reconnect_backoff_max_ms": 200},
+        profiles={"payments": PAYMENTS},
+        topics={"net-*": "payments"},
     )
     resets0 = proxy.resets
     log: list[str] = []

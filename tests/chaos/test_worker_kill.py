@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from chaos_util import SendLoop, check_exactly_once, seq_of, wait_until
+from chaos_util import SendLoop, check_exactly_once, seq_of
+from helpers import wait_until
 # The kill tests need no faults: they use the suite's shared broker, not the directory's own.
 from chaos_util import shared_kafka_admin as kafka_admin  # noqa: F401
 from chaos_util import shared_kafka_bootstrap as kafka_bootstrap  # noqa: F401
@@ -45,13 +46,7 @@ AIMED = 0.5
 # chunks that are reported at different times.
 LINGER_MS = int(os.environ.get("SLUICE_CHAOS_LINGER_MS", "15"))
 
-CONFIG = f"""
-[profiles.default]
-acks = -1
-enable_idempotence = true
-linger_ms = {LINGER_MS}
-delivery_timeout_ms = 120000
-"""
+PROFILES = {"default": {"acks": -1, "enable_idempotence": True, "linger_ms": LINGER_MS, "delivery_timeout_ms": 120000}}
 
 
 @pytest.fixture
@@ -85,7 +80,7 @@ def _wait_for_live_batch(path: str, timeout: float) -> bool:
 def test_worker_sigkill_20_times_loses_and_duplicates_nothing(start_sluice, topic, read_topic, killer_rng) -> None:
     rng = killer_rng
     name = topic("kill", partitions=8)
-    d = start_sluice(workers=WORKERS, extra=CONFIG, shutdown_timeout_ms=20_000)
+    d = start_sluice(workers=WORKERS, profiles=PROFILES, daemon={"shutdown_timeout_ms": 20_000})
     t0 = time.monotonic()
     restarts: dict[int, int] = {i: 0 for i in range(WORKERS)}
     aimed = 0

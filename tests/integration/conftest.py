@@ -9,19 +9,11 @@ differently configured) daemons with the same teardown.
 from __future__ import annotations
 
 import multiprocessing
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+import daemon_fixture  # on sys.path by tests/conftest.py, for spawned processes too
 import pytest
-
-# The client programs live in daemon_fixture; spawned processes import it by this path.
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-
-import daemon_fixture  # noqa: E402
 
 
 @pytest.fixture

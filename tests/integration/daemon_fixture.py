@@ -4,26 +4,20 @@ client programs that tests start in separate processes (multiprocessing, spawn).
 Everything here is bounded in time: a daemon that does not answer, a client that does not
 finish or a shutdown that does not end fails the test instead of hanging it.
 
-This module is imported by ``tests/integration/conftest.py`` (which puts this directory on
-``sys.path``), so the spawned client processes can import it too.
+This module is imported by ``tests/conftest.py`` (which puts this directory and the repository
+root, for :mod:`bench.daemon_process`, on ``sys.path``), so the spawned client processes can
+import it too.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from shm import control
+from bench.daemon_process import ROOT, SLUICE, DaemonProcess, short_tmpdir
+
 from shm.connection import Connection, hello_for
-from shm.errors import SluiceError
 
 __all__ = [
     "ROOT",
@@ -38,10 +32,6 @@ __all__ = [
     "stream_counting",
 ]
 
-ROOT = Path(__file__).resolve().parents[2]
-SLUICE = str(Path(sys.executable).with_name("sluice"))
-START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 25.0
 HEADER_NULL = "nothing"
 """A header every test record carries with a null value (null header values must survive)."""
 
@@ -53,33 +43,9 @@ def connect(path: str, *, name: str = "raw-test-client", timeout: float = 15.0) 
     return Connection(path, hello=hello_for(name), timeout=timeout)
 
 
-@dataclass
-class SluiceDaemon:
-    """A running ``sluice run --config FILE`` (its own process group: the daemon and workers)."""
-
-    socket_path: str
-    proc: subprocess.Popen[bytes]
-    config_path: str
-    log_path: str
-    workdir: str
-    stopped: bool = field(default=False)
-
-    def __iter__(self):  # noqa: ANN204 - (socket path, process, config path), as tests unpack it
-        return iter((self.socket_path, self.proc, self.config_path))
-
-    def log(self) -> str:
-        try:
-            return Path(self.log_path).read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stats(self) -> dict[str, Any]:
-        with connect(self.socket_path, name="test-stats") as c:
-            return c.request(control.StatsRequest(), control.StatsReply).stats
-
-    def worker_pids(self) -> list[int]:
-        workers = self.stats()["workers"]
-        return [int(workers[k]["pid"]) for k in sorted(workers, key=int)]
+class SluiceDaemon(DaemonProcess):
+    """A running ``sluice run`` (:class:`bench.daemon_process.DaemonProcess`: a failure to start
+    or to stop in time raises its DaemonError) with a stats poll for tests."""
 
     def wait_stats(self, pred: Any, timeout: float = 10.0, what: str = "condition") -> dict[str, Any]:
         """Poll stats until ``pred(stats)`` holds; fails with the last stats after ``timeout``."""
@@ -92,72 +58,17 @@ class SluiceDaemon:
                 raise AssertionError(f"{what} not reached in {timeout}s; stats: {json.dumps(s)[:2000]}")
             time.sleep(0.1)
 
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
-        """SIGTERM, wait up to ``timeout``; on timeout kill the group and raise."""
-        if self.stopped:
-            return self.proc.returncode
-        self.stopped = True
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"daemon did not exit within {timeout}s of SIGTERM; log:\n{self.log()[-6000:]}") from None
 
-    def kill(self) -> None:
-        """SIGKILL this daemon's process group (the daemon and its workers, nothing else)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def start_daemon(bootstrap: str, *, workers: int = 2, extra: str = "", daemon_extra: str = "",
-                 shutdown_timeout_ms: int = 10_000) -> SluiceDaemon:
-    """Write a config in a short temp dir, start ``sluice run``, wait until it answers."""
-    workdir = tempfile.mkdtemp(prefix="sl-", dir="/tmp")
-    sock = os.path.join(workdir, "s.sock")
-    config = os.path.join(workdir, "sluice.toml")
-    Path(config).write_text(
-        "[daemon]\n"
-        f'socket_path = "{sock}"\n'
-        f"workers = {workers}\n"
-        f"shutdown_timeout_ms = {shutdown_timeout_ms}\n"
-        f"{daemon_extra}\n"
-        "[kafka]\n"
-        f'bootstrap_servers = "{bootstrap}"\n'
-        f"{extra}\n"
-    )
-    log_path = os.path.join(workdir, "daemon.log")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [SLUICE, "run", "--config", config],
-            cwd=workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    d = SluiceDaemon(sock, proc, config, log_path, workdir)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"sluice run exited with {proc.returncode} at start:\n{d.log()[-6000:]}")
-        try:
-            with connect(sock, name="test-probe", timeout=2.0):
-                break
-        except (OSError, SluiceError):
-            pass
-        if time.monotonic() > deadline:
-            d.kill()
-            raise AssertionError(f"sluice did not answer on {sock} within {START_TIMEOUT_S}s:\n{d.log()[-6000:]}")
-        time.sleep(0.05)
-    return d
+def start_daemon(bootstrap: str, *, workers: int = 2, daemon: dict[str, Any] | None = None,
+                 **settings: Any) -> SluiceDaemon:
+    """A config for these settings (:func:`bench.daemon_process.config_toml`'s keywords:
+    ``kafka``, ``profiles``, ``topics``; ``daemon`` on top of a 10 s shutdown timeout) in a short
+    temp dir, ``sluice run`` started, returned once it answers. The daemon runs in that
+    directory, so its arenas are there too."""
+    workdir = short_tmpdir()
+    d = SluiceDaemon(workdir, cwd=workdir)
+    d.configure(bootstrap, workers=workers, daemon={"shutdown_timeout_ms": 10_000, **(daemon or {})}, **settings)
+    return d.start()
 
 
 # --- client programs (run in spawned processes) ---------------------------------------------

@@ -2,10 +2,10 @@
 
 :class:`NotifySocket` binds a real ``AF_UNIX`` ``SOCK_DGRAM`` socket, as systemd does for
 ``$NOTIFY_SOCKET``, and a thread records every datagram the daemon sends with its arrival time.
-:class:`ServiceDaemon` writes a config into a short temporary directory (``/tmp/sd-XXXX``, so the
-socket path stays far below the 107-byte limit), starts ``sluice run --config`` with that
-environment and its stderr in a log file, and offers what a test needs to look at it: the log,
-``sluice stats --json``, the worker pids, signals.
+:class:`ServiceDaemon` is the shared runner (:class:`bench.daemon_process.DaemonProcess`: config,
+start, log, stop) with what is specific to the service: the environment systemd gives it,
+``WATCHDOG_PID``, a start that does not wait for the socket, log lines to wait for, and stats
+through ``sluice stats --json``.
 
 ``WATCHDOG_PID`` must name the daemon's own pid, known only once the process exists. systemd
 sets it in the child before exec; here ``/bin/sh -c 'WATCHDOG_PID=$$ exec ...'`` does the same
@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import struct
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from bench import daemon_process
+from bench.daemon_process import ROOT, SLUICE, DaemonError, DaemonProcess, short_tmpdir
 
 __all__ = [
     "ROOT",
@@ -43,8 +42,6 @@ __all__ = [
     "short_tmpdir",
 ]
 
-ROOT = Path(__file__).resolve().parents[2]
-SLUICE = str(Path(sys.executable).with_name("sluice"))
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 
 
@@ -133,13 +130,6 @@ class NotifySocket:
         self._sock.close()
 
 
-def short_tmpdir(prefix: str = "sd-") -> str:
-    """A fresh directory ``/tmp/sd-XXXXXXXX``, traversable by other users (mode 0755)."""
-    path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
-    os.chmod(path, 0o755)
-    return path
-
-
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -147,78 +137,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML for {value!r}")
+# What a service test writes unless it says otherwise: small rings and buffers, a 10 s drain.
+_DAEMON = {"request_ring_bytes": 2097152, "shutdown_timeout_ms": 10000}
+_KAFKA = {"buffer_memory": 8388608}
 
 
 def config_toml(socket_path: str, bootstrap: str, *, workers: int = 2,
                 daemon: Mapping[str, Any] | None = None,
                 profiles: Mapping[str, Mapping[str, Any]] | None = None,
                 topics: Mapping[str, str] | None = None) -> str:
-    """A config file's text: ``[daemon]`` with the socket and ``workers`` plus ``daemon``'s keys,
-    ``[kafka]`` with ``bootstrap``, ``[profiles.NAME]`` sections and ``[[topics]]`` rules
-    (``topics`` maps a match pattern to a profile name)."""
-    lines = ["[daemon]", f"socket_path = {_toml_value(socket_path)}", f"workers = {workers}",
-             "request_ring_bytes = 2097152", "shutdown_timeout_ms = 10000"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in (daemon or {}).items()]
-    lines += ["", "[kafka]", f"bootstrap_servers = {_toml_value(bootstrap)}",
-              "buffer_memory = 8388608"]
-    for name, keys in (profiles or {}).items():
-        lines += ["", f"[profiles.{name}]"]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in keys.items()]
-    for match, profile in (topics or {}).items():
-        lines += ["", "[[topics]]", f"match = {_toml_value(match)}", f"profile = {_toml_value(profile)}"]
-    return "\n".join(lines) + "\n"
+    """:func:`bench.daemon_process.config_toml` with the service tests' defaults."""
+    return daemon_process.config_toml(socket_path, bootstrap, workers=workers, daemon={**_DAEMON, **(daemon or {})},
+                                      kafka=_KAFKA, profiles=profiles, topics=topics)
 
 
-class ServiceDaemon:
-    """``sluice run --config DIR/sluice.toml`` in its own process group, stderr to DIR/daemon.log.
+class ServiceDaemon(DaemonProcess):
+    """A :class:`bench.daemon_process.DaemonProcess` started the way systemd starts the unit.
 
     Args:
         workdir: from :func:`short_tmpdir`; holds the config, the socket ``s.sock`` and the log.
         env: variables to add to (or, with value ``None``, remove from) this process's
-            environment for the daemon.
+            environment for the daemon (``NOTIFY_SOCKET``, ``WATCHDOG_*`` only when given).
         watchdog_pid: set ``$WATCHDOG_PID`` to the daemon's own pid, as systemd does.
+
+    Started at once, without waiting for the socket: a test waits for READY=1 (or for the exit
+    of a daemon that must refuse its config).
     """
 
     def __init__(self, workdir: str, config_text: str, *, env: Mapping[str, str | None] | None = None,
                  watchdog_pid: bool = False) -> None:
-        self.workdir = workdir
-        self.socket_path = os.path.join(workdir, "s.sock")
-        self.config_path = os.path.join(workdir, "sluice.toml")
-        self.log_path = os.path.join(workdir, "daemon.log")
-        Path(self.config_path).write_text(config_text)
-        full = dict(os.environ)
-        for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
-            full.pop(key, None)  # only what the test asks for
-        for key, value in (env or {}).items():
-            if value is None:
-                full.pop(key, None)
-            else:
-                full[key] = value
-        argv = [SLUICE, "run", "--config", self.config_path]
+        command = [SLUICE]
         if watchdog_pid:
-            argv = ["/bin/sh", "-c", 'WATCHDOG_PID=$$; export WATCHDOG_PID; exec "$0" "$@"', *argv]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, cwd=str(ROOT), env=full, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.pid = self.proc.pid
-
-    # --- looking at it --------------------------------------------------------------------
-
-    def log(self) -> str:
-        try:
-            return Path(self.log_path).read_text(errors="replace")
-        except OSError:
-            return ""
+            command = ["/bin/sh", "-c", 'WATCHDOG_PID=$$; export WATCHDOG_PID; exec "$0" "$@"', SLUICE]
+        super().__init__(workdir, command=command, env=env)
+        self.write_config(config_text)
+        self.start(wait=False)
 
     def wait_log(self, text: str, *, timeout: float, after: int = 0) -> str:
         """The first log line containing ``text`` at or after character ``after`` of the log."""
@@ -230,63 +183,21 @@ class ServiceDaemon:
                     return line
             if time.monotonic() > deadline:
                 raise AssertionError(f"log line with {text!r} not seen within {timeout}s; log tail:\n{log[-4000:]}")
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited ({self.proc.returncode}) before logging {text!r}:\n{log[-4000:]}")
+            if self.returncode is not None:
+                raise AssertionError(f"daemon exited ({self.returncode}) before logging {text!r}:\n{log[-4000:]}")
             time.sleep(0.05)
 
     def stats(self, timeout: float = 15.0) -> dict[str, Any]:
-        """``sluice stats --json --socket S``, parsed."""
+        """``sluice stats --json --socket S``, parsed (the service's operators' way in)."""
         out = subprocess.run([SLUICE, "stats", "--json", "--socket", self.socket_path], cwd=str(ROOT),
                              capture_output=True, text=True, timeout=timeout)
         if out.returncode != 0:
             raise AssertionError(f"sluice stats failed ({out.returncode}): {out.stderr.strip()}")
         return json.loads(out.stdout)
 
-    def worker_pids(self) -> list[int]:
-        """The workers' pids, by index (from the stats they report)."""
-        workers = self.stats()["workers"]
-        return [int(workers[k]["pid"]) for k in sorted(workers, key=int)]
-
-    def answers(self, timeout: float = 2.0) -> bool:
-        """Whether the socket accepts a connection and replies Welcome to a Hello."""
-        from shm.connection import Connection, hello_for
-        from shm.errors import SluiceError
-
-        try:
-            with Connection(self.socket_path, hello=hello_for("test-probe"), timeout=timeout):
-                return True
-        except (OSError, SluiceError):
-            return False
-
-    # --- driving it -----------------------------------------------------------------------
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 25.0) -> int:
-        """SIGTERM and wait; kills the process group and raises if it does not exit in time."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"daemon did not exit within {timeout}s of SIGTERM:\n{self.log()[-4000:]}") from None
-
-    def kill(self) -> None:
-        """SIGKILL the daemon's process group (the daemon and its workers only)."""
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-
     def cleanup(self) -> None:
         """Whatever the test left running is killed; the directory goes."""
-        if self.proc.poll() is None:
+        if self.running():
             # A stopped worker would make SIGTERM wait for it: let everything run, then stop.
             try:
                 os.killpg(self.pid, signal.SIGCONT)
@@ -294,6 +205,6 @@ class ServiceDaemon:
                 pass
             try:
                 self.stop(timeout=20.0)
-            except AssertionError:
+            except DaemonError:
                 pass
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.remove()

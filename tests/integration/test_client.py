@@ -121,7 +121,7 @@ def test_client_side_errors_and_broker_limits(sluice_daemon, new_topic, read_top
 
 def test_acks0_profile(start_sluice, new_topic, read_topic) -> None:
     d = start_sluice(
-        extra='[profiles.fast]\nacks = 0\nenable_idempotence = false\n\n[[topics]]\nmatch = "*acks0*"\nprofile = "fast"\n'
+        profiles={"fast": {"acks": 0, "enable_idempotence": False}}, topics={"*acks0*": "fast"}
     )
     topic = new_topic(partitions=2)
     assert "acks0" in topic

@@ -25,7 +25,6 @@ import select
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 import warnings
@@ -35,11 +34,7 @@ from typing import Any
 
 import pytest
 
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-
-from service_fixture import (  # noqa: E402
+from service_fixture import (
     SLUICE,
     NotifySocket,
     ServiceDaemon,
@@ -48,7 +43,7 @@ from service_fixture import (  # noqa: E402
     short_tmpdir,
 )
 
-from shm import Producer, SluiceError  # noqa: E402
+from shm import Producer, SluiceError
 
 pytestmark = pytest.mark.integration
 
@@ -109,16 +104,10 @@ def _pings(notify: NotifySocket, since: float = 0.0) -> list[float]:
     return [m.at for m in notify.messages if m.fields.get("WATCHDOG") == "1" and m.at >= since]
 
 
-def _write_config(d: ServiceDaemon, text: str) -> None:
-    tmp = d.config_path + ".new"
-    Path(tmp).write_text(text)
-    os.replace(tmp, d.config_path)  # the daemon never reads half a file
-
-
 def _reload(d: ServiceDaemon, notify: NotifySocket, text: str) -> tuple[str, int]:
     """Write ``text`` as the config, SIGHUP, wait for RELOADING=1 then READY=1; returns the
     daemon's reload log line and the index of the READY=1 datagram."""
-    _write_config(d, text)
+    d.write_config(text)
     n, log_at = notify.count(), len(d.log())
     d.signal(signal.SIGHUP)
     i = notify.wait_for(_is("RELOADING"), after=n, timeout=10, what="RELOADING=1 after SIGHUP")

@@ -76,6 +76,17 @@ class ScriptedDaemon:
 
 
 @pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected pair of Unix stream sockets, closed after the test."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.fixture
 def scripted_daemon() -> Iterator[ScriptedDaemon]:
     d = tempfile.mkdtemp(prefix="sld-", dir="/tmp")  # short: AF_UNIX paths are limited
     s = ScriptedDaemon(os.path.join(d, "s.sock"))

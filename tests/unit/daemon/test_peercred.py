@@ -19,16 +19,6 @@ NOBODY = 65534
 SPARE_GID = 4242
 
 
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
-
-
 def _foreign(ids: set[int]) -> int:
     """An id not in ``ids`` (so a list of it cannot match us)."""
     candidate = 54321

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import struct
 import time
+
+from helpers import wait_child
 
 from shm.doorbell import Doorbell
 from shm.layout import FRAME_RECORD, RING_HEADER_BYTES, RING_OFFSETS, WAKE_TIMEOUT_S
@@ -128,13 +129,3 @@ def test_sleeping_reader_in_another_process_idles_and_wakes() -> None:
     assert code == 0
 
 
-def wait_child(pid: int, timeout: float) -> int:
-    """Exit code of child ``pid``; SIGKILLs it (and reports -9) after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])

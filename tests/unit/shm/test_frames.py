@@ -8,6 +8,7 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from helpers import make_ring
 
 from shm import frames
 from shm.errors import CorruptFrameError
@@ -29,14 +30,9 @@ from shm.layout import (
     FRAME_PADDING,
     FRAME_RECORD,
     RING_COMPLETION,
-    RING_HEADER_BYTES,
     RING_OFFSETS,
 )
 from shm.ring import SpscRing
-
-
-def make_ring(capacity: int = 1024, kind: int = 1) -> SpscRing:
-    return SpscRing(bytearray(RING_HEADER_BYTES + capacity), 0, capacity, kind=kind, create=True)
 
 
 # -- an independent reference decoder, written from the Kafka record format --------------

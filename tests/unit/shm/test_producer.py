@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from helpers import wait_until
 
 from shm import control
 from shm.errors import BufferFullError, MessageTooLargeError, UnknownTopicOrPartitionError  # type: ignore[attr-defined]
@@ -151,14 +152,6 @@ def standin(sock_path: str) -> Iterator[StandIn]:
     s.close()
 
 
-def _wait(pred: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.005)
-
-
 def test_send_routes_to_the_owner_and_completions_resolve_in_order(standin: StandIn) -> None:
     with Producer(standin.path, client_name="unit") as p:
         assert standin.attached.is_set() and p.workers == WORKERS
@@ -185,7 +178,7 @@ def test_send_routes_to_the_owner_and_completions_resolve_in_order(standin: Stan
         req = [standin.segment.request_ring(w) for w in range(WORKERS)]
         assert all(r.tail == 0 for r in req)
         ends = [standin.chunk_done(w) for w in range(WORKERS)]
-        _wait(lambda: [r.tail for r in req] == ends)
+        wait_until(lambda: [r.tail for r in req] == ends)
 
 
 def test_errors_the_client_knows_never_enter_the_ring(standin: StandIn) -> None:
@@ -273,7 +266,7 @@ def test_ring_full_block_policy_raises_after_max_block(sock_path: str) -> None:
             assert len(s.take(w)) == sent
             s.complete(w, 1, 0, 0, sent)
             s.chunk_done(w)
-            _wait(lambda: s.segment.request_ring(w).tail == s.cursor[w])
+            wait_until(lambda: s.segment.request_ring(w).tail == s.cursor[w])
             f = p.send("u", b"again")
             assert len(s.take(w)) == 1
             s.complete(w, 1, 0, sent, 1)
@@ -335,5 +328,5 @@ def test_a_raising_callback_is_logged_and_the_others_still_run(standin: StandIn,
         with caplog.at_level("ERROR", logger="sluice.client"):
             standin.complete(w, 1, 0, 7, 1)
             assert f.result(timeout=5).offset == 7
-            _wait(lambda: seen == [f])
+            wait_until(lambda: seen == [f])
         assert any("callback bug" in (r.exc_text or "") and r.name == "sluice.client" for r in caplog.records)

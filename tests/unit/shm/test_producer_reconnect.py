@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from shm import control
 from shm.partitioner import owner
@@ -23,7 +24,6 @@ _spec.loader.exec_module(_standin)  # type: ignore[union-attr]
 StandIn = _standin.StandIn
 WORKERS = _standin.WORKERS
 sock_path = _standin.sock_path  # the fixture
-_wait = _standin._wait
 
 
 class RestartingStandIn(StandIn):
@@ -95,7 +95,7 @@ def test_reconnects_with_same_token_and_segment_and_keeps_pending(restarting: Re
         w = owner("u", 0, WORKERS)
         before = [p.send("u", b"a%d" % i, partition=0) for i in range(3)]
         restarting.hang_up()
-        _wait(lambda: p.reconnects == 1)
+        wait_until(lambda: p.reconnects == 1)
         after = p.send("u", b"b", partition=0)  # written while reconnected, same ring
         assert len(restarting.hellos) == 2 and restarting.hellos[0].token == restarting.hellos[1].token != 0
         assert len(set(restarting.inodes)) == 1 and len(restarting.inodes) == 2  # the same memfd

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import struct
 import time
 import zlib
@@ -14,6 +13,7 @@ from collections import deque
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from helpers import make_ring, wait_child
 
 from shm.errors import CorruptFrameError, SegmentError
 from shm.frames import iter_frames
@@ -28,10 +28,6 @@ from shm.layout import (
 )
 from shm.ring import SpscRing
 from shm.segment import Segment
-
-
-def make_ring(capacity: int) -> SpscRing:
-    return SpscRing(bytearray(RING_HEADER_BYTES + capacity), 0, capacity, create=True)
 
 
 def payload_for(seq: int, n: int) -> bytes:
@@ -231,18 +227,6 @@ def test_consume_refuses_more_than_committed() -> None:
         ring.consume(4)
 
 
-def _wait_child(pid: int, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    raise AssertionError(f"child {pid} did not finish in {timeout} s")
-
-
 def test_two_processes_stream_200k_frames_with_checksums() -> None:
     """A forked writer streams 200,000 frames of random sizes; the reader checks each one."""
     seed = random.randrange(1 << 30)
@@ -290,7 +274,7 @@ def test_two_processes_stream_200k_frames_with_checksums() -> None:
                     bad += 1
                 seen += 1
             ring.consume(end - start)
-        assert _wait_child(pid, 30) == 0
+        assert wait_child(pid, 30) == 0
         assert (seen, bad) == (total, 0)
         assert ring.readable() == 0
     finally:

@@ -8,7 +8,6 @@ import os
 import socket
 import struct
 import tempfile
-from collections.abc import Iterator
 
 import pytest
 
@@ -22,14 +21,6 @@ from shm.layout import (
     segment_bytes,
 )
 from shm.segment import REQUIRED_SEALS, Segment, send_fds
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    yield a, b
-    a.close()
-    b.close()
 
 
 def open_fds() -> set[int]:
