@@ -37,6 +37,8 @@ pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
 SEED = 20261127
 HOSTILE_OK = b"hostile-valid-"
+REWRITTEN = 1500  # records rewritten_after_publish publishes, each with body _valid_body(REWRITTEN_BODY)
+REWRITTEN_BODY = 7  # no other scenario writes this body, so the reader can tell its records apart
 _HDR = struct.Struct("<II")
 
 
@@ -147,13 +149,16 @@ def malformed_body(p: Producer, topic: str, part: int, rng: random.Random) -> No
 
 
 def rewritten_after_publish(p: Producer, topic: str, part: int, rng: random.Random) -> None:
-    """Publish valid records, then overwrite their bodies in place with malformed ones: the
-    worker either read them before (valid, delivered) or sees the malformed bytes (refused)."""
+    """Publish valid records, then overwrite their bodies in place with malformed ones. The
+    worker validates and appends from its private copy of the ring, so a frame it copied
+    before the rewrite is delivered exactly as it was validated, and one it copies after is
+    refused (the client is dropped); what it delivers is never the rewritten bytes. The test
+    checks this on what the reader finds (see ``_check_rewritten``)."""
     tid = p.lookup(topic).topic_id
     ring = _ring_for(p, topic, part)
-    body = _valid_body(7)
+    body = _valid_body(REWRITTEN_BODY)
     spots = []
-    for _ in range(1500):
+    for _ in range(REWRITTEN):
         pos = _claim(ring, RECORD_HEADER.size + len(body))
         RECORD_HEADER.pack_into(ring.view, pos, tid, 0, part, int(time.time() * 1000))
         ring.view[pos + 16 : pos + 16 + len(body)] = body
@@ -224,6 +229,22 @@ SCENARIOS: list[Callable[[Producer, str, int, random.Random], None]] = [
 ]
 
 
+def _check_rewritten(records: list[Any], part: int, dropped: bool) -> int:
+    """What the reader found of rewritten_after_publish's records: each one intact (its key,
+    value and no headers, on its partition); all of them if the worker read every frame before
+    the rewrite (the client was not dropped), fewer if it met a rewritten frame and dropped the
+    client. (A rewritten body delivered as a record fails check_exactly_once: no client wrote
+    it.) Returns how many were delivered."""
+    delivered = [r for r in records if r.value == HOSTILE_OK + b"%d" % REWRITTEN_BODY]
+    assert all((r.key, r.headers, r.partition) == (b"hk", [], part) for r in delivered), [
+        (r.key, r.headers, r.partition) for r in delivered[:5]]
+    if dropped:
+        assert len(delivered) < REWRITTEN, f"dropped, yet all {REWRITTEN} records delivered"
+    else:
+        assert len(delivered) == REWRITTEN, f"not dropped, yet {len(delivered)} of {REWRITTEN} records delivered"
+    return len(delivered)
+
+
 def _closed_by_daemon(p: Producer, timeout: float = 5.0) -> bool:
     """The hostile client's control socket sees EOF or a reset within ``timeout`` (read through
     a duplicate of its descriptor; what the daemon sent meanwhile is dropped)."""
@@ -257,6 +278,8 @@ def test_corrupt_rings_drop_only_the_offender(broker, start_sluice, topic, read_
     name = topic("hostile", partitions=2)
     d = start_sluice(workers=2, daemon={"completion_ring_bytes": 4096}, profiles={"default": {"linger_ms": 20}})
     outcomes: list[str] = []
+    dropped_clients = 0
+    rewritten: dict[str, Any] = {}  # rewritten_after_publish's partition and whether it was dropped
     with Producer(d.socket_path, client_name="good-client") as good:
         # The daemon's own socket-ingest client and the good one.
         baseline = d.wait_stats(lambda s: s["clients"] >= 2, timeout=10, what="clients attached")["clients"]
@@ -270,6 +293,8 @@ def test_corrupt_rings_drop_only_the_offender(broker, start_sluice, topic, read_
                 try:
                     hostile.lookup(name)
                     scenario(hostile, name, part, rng)
+                    if scenario is rewritten_after_publish:
+                        rewritten.update(part=part, dropped=False)
                     # The daemon drops the offender, says why in its log and closes the
                     # connection (a fatal ErrorReply, then EOF).
                     dropped = f"client {cid} dropped"
@@ -278,10 +303,14 @@ def test_corrupt_rings_drop_only_the_offender(broker, start_sluice, topic, read_
                     except AssertionError:
                         if scenario is not rewritten_after_publish:
                             raise
-                        # The worker read every frame before the rewrite: nothing corrupt to see.
+                        # The worker read every frame before the rewrite: nothing corrupt to see
+                        # (checked on what the reader finds: then every record is delivered).
                         outcomes.append(f"{scenario.__name__}: read before the rewrite, not dropped")
                         hostile.close(10)
                         continue
+                    dropped_clients += 1
+                    if scenario is rewritten_after_publish:
+                        rewritten["dropped"] = True
                     assert _closed_by_daemon(hostile), f"{scenario.__name__}: connection still open"
                 finally:
                     _let_go(hostile)
@@ -298,11 +327,13 @@ def test_corrupt_rings_drop_only_the_offender(broker, start_sluice, topic, read_
     stats = d.stats()
     assert stats["restarts"] == 0, "a worker crashed"
     assert all(w["alive"] for w in stats["workers"].values())
-    assert stats["totals"]["dropped_clients"] >= len(SCENARIOS) - 1
+    assert stats["totals"]["dropped_clients"] == dropped_clients
 
     records = read_topic(name, loop.sent, timeout=60)
     good_values = [r.value for r in records if not r.value.startswith(HOSTILE_OK)]
     hostile_values = [r.value for r in records if r.value.startswith(HOSTILE_OK)]
     check_exactly_once(good_values, loop.sent)  # also fails on any value no client wrote
     assert all(re.fullmatch(rb"hostile-valid-\d+", v) for v in hostile_values)
-    print(f"{loop.sent} good records exactly once, {len(hostile_values)} valid hostile records; " + "; ".join(outcomes))
+    delivered = _check_rewritten(records, rewritten["part"], rewritten["dropped"])
+    print(f"{loop.sent} good records exactly once, {len(hostile_values)} valid hostile records "
+          f"({delivered} of {REWRITTEN} rewritten_after_publish records); " + "; ".join(outcomes))

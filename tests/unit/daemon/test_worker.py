@@ -1,8 +1,8 @@
 """daemon.worker without Kafka: rings in, completions out.
 
-A real client segment (shm.Segment.create) and a real Worker with its accumulator; the sender
-is not started: the test plays its part by taking sealed batches from the accumulator and
-calling the worker's completion callback, so the chunk bookkeeping (COMPLETION frames in
+A real client segment and a real Worker (tests/worker_harness.py); the sender is not started:
+the test plays its part by taking sealed batches from the accumulator and calling the
+worker's completion callback, so the chunk bookkeeping (COMPLETION frames in
 order, CHUNK_DONE only for complete prefixes, resume after a restart, detach, drop) is checked
 frame by frame.
 """
@@ -12,113 +12,16 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from daemon import channel as ch
-from daemon.config import loads
 from daemon.protocol import errors as ec
 from daemon.worker import Worker
 from shm.frames import CHUNK_DONE_TOPIC, encode_record_body, iter_completions, put_record
 from shm.partitioner import owner
 from shm.segment import Segment
-
-SEED = 1729
-TOPIC = "orders"
-PARTITIONS = 6
-WORKERS = 2
-
-
-def _config(tmp_path: Path) -> Any:
-    return loads(
-        f'[daemon]\nsocket_path = "{tmp_path}/s.sock"\nworkers = {WORKERS}\n'
-        "[kafka]\nbuffer_memory = 1048576\n",
-        source="test",
-    )
-
-
-def _worker(config: Any, segment: Segment) -> tuple[Worker, ch.Channel]:
-    a, b = ch.Channel.pair()
-    w = Worker(0, WORKERS, config, ch.Channel(a, ch.ToWorker))
-    w._handle(ch.AddTopic(topic_id=0, name=TOPIC, partitions=PARTITIONS), [])
-    w._handle(ch.AddClient(client_id=7, pid=os.getpid(), name="t"), [os.dup(fd) for fd in segment.fds()])
-    return w, ch.Channel(b, ch.ToSupervisor)
-
-
-def _close_worker(w: Worker, sup: ch.Channel) -> None:
-    for c in list(w.clients.values()):
-        if c.bell is not None:
-            asyncio.get_running_loop().remove_reader(c.bell.fd)
-        c.req.release()
-        c.cmp.release()
-        c.segment.close()
-    w.arena.close()
-    w.chan.close()
-    sup.close()
-
-
-class Harness:
-    """One worker (index 0), one client segment, the supervisor's end of the channel."""
-
-    def __init__(self, tmp_path: Path, segment: Segment | None = None) -> None:
-        self.config = _config(tmp_path)
-        self.segment = segment or Segment.create(
-            WORKERS, self.config.daemon.request_ring_bytes, self.config.daemon.completion_ring_bytes
-        )
-        self.req = self.segment.request_ring(0)
-        self.cmp = self.segment.completion_ring(0)
-        self.worker, self.sup = _worker(self.config, self.segment)
-        self.owned = [p for p in range(PARTITIONS) if owner(TOPIC, p, WORKERS) == 0]
-        self.sent: dict[int, list[bytes]] = {p: [] for p in self.owned}
-
-    def write(self, n: int, rng: random.Random, *, tid: int = 0) -> None:
-        for _ in range(n):
-            p = rng.choice(self.owned)
-            value = b"v%d" % rng.randrange(10**9)
-            if not put_record(self.req, tid, p, 1_700_000_000_000, encode_record_body(b"k", value, None)):
-                raise AssertionError("request ring full")
-            self.sent[p].append(value)
-        self.req.publish_head()
-
-    def seal(self) -> list[Any]:
-        self.worker.acc.flush()
-        return self.worker.acc.ready(time.monotonic() * 1000.0)
-
-    def complete(self, batch: Any, error: int = 0, base: int = 100) -> None:
-        self.worker.completions.on_complete(batch, error, base if not error else -1, -1)
-        self.worker.acc.release(batch)
-
-    def completions(self) -> list[tuple[int, int, int, int, int]]:
-        """Everything in the completion ring now (consumed): (tid, err, part, base, count)."""
-        out = []
-        while True:
-            start, end = self.cmp.region()
-            if start == end:
-                return out
-            for _fend, tid, err, part, base, _ts, count in iter_completions(self.cmp, start, end, [PARTITIONS]):
-                out.append((tid, err, part, base, count))
-            self.cmp.consume(end - start)
-
-    def messages(self) -> list[Any]:
-        self.worker.chan.flush()
-        return [m for m, _ in self.sup.receive()]
-
-    def close(self) -> None:
-        _close_worker(self.worker, self.sup)
-        self.segment.close()
-
-
-def _run(body: Callable[[Harness], None], tmp_path: Path) -> None:
-    async def main() -> None:
-        h = Harness(tmp_path)
-        try:
-            body(h)
-        finally:
-            h.close()
-
-    asyncio.run(main())
+from worker_harness import PARTITIONS, SEED, TOPIC, WORKERS, Harness, close_worker, new_worker, run, worker_config
 
 
 def test_completions_per_batch_then_chunk_done(tmp_path: Path) -> None:
@@ -146,7 +49,7 @@ def test_completions_per_batch_then_chunk_done(tmp_path: Path) -> None:
         # The request ring is not freed by the worker: the client frees it on CHUNK_DONE.
         assert h.req.tail == 0
 
-    _run(body, tmp_path)
+    run(body, tmp_path)
 
 
 def test_later_chunk_waits_for_earlier_one(tmp_path: Path) -> None:
@@ -179,7 +82,7 @@ def test_later_chunk_waits_for_earlier_one(tmp_path: Path) -> None:
         assert h.worker.counters.records_failed == 5
         assert h.worker.counters.records_out == 7
 
-    _run(body, tmp_path)
+    run(body, tmp_path)
 
 
 def test_restarted_worker_resumes_after_last_unread_chunk_done(tmp_path: Path) -> None:
@@ -201,13 +104,13 @@ def test_restarted_worker_resumes_after_last_unread_chunk_done(tmp_path: Path) -
             # The worker dies here; the client has not read the CHUNK_DONE yet (tail is 0).
             assert h.req.tail == 0
             # A restarted worker over the same segment re-reads only the 4 incomplete records.
-            w2, sup2 = _worker(h.config, h.segment)
+            w2, sup2 = new_worker(h.config, h.segment)
             assert w2.clients[7].req.cursor == done_at
             assert w2.drain()
             assert w2.counters.records_in == 4
         finally:
             if w2 is not None:
-                _close_worker(w2, sup2)
+                close_worker(w2, sup2)
             h.close()
 
     asyncio.run(main())
@@ -236,7 +139,7 @@ def test_corrupt_frame_drops_the_client_only(tmp_path: Path) -> None:
         assert 7 not in h.worker.clients
         assert any(isinstance(m, ch.ClientDetached) and m.client_id == 7 for m in h.messages())
 
-    _run(body, tmp_path)
+    run(body, tmp_path)
 
 
 def test_removed_client_detaches_once_drained_and_complete(tmp_path: Path) -> None:
@@ -257,7 +160,7 @@ def test_removed_client_detaches_once_drained_and_complete(tmp_path: Path) -> No
         assert 7 not in h.worker.clients
         assert [m.client_id for m in h.messages() if isinstance(m, ch.ClientDetached)] == [7]
 
-    _run(body, tmp_path)
+    run(body, tmp_path)
 
 
 def test_snapshot_counts(tmp_path: Path) -> None:
@@ -275,7 +178,7 @@ def test_snapshot_counts(tmp_path: Path) -> None:
         snap = h.worker.snapshot()
         assert snap["records_out"] == 9 and snap["records_failed"] == 0
 
-    _run(body, tmp_path)
+    run(body, tmp_path)
 
 
 # --- record bodies a hostile client may write ----------------------------------------------
@@ -343,7 +246,7 @@ def test_malformed_body_drops_the_client_and_never_reaches_a_batch(tmp_path: Pat
         h.worker.emit()
         assert sum(c for (t, _e, _p, _b, c) in h.completions() if t != CHUNK_DONE_TOPIC) == 3
 
-    _run(body, tmp_path)
+    run(body, tmp_path)
 
 
 def test_topic_announced_late_keeps_the_earlier_records_own_chunk(tmp_path: Path) -> None:
@@ -374,7 +277,7 @@ def test_topic_announced_late_keeps_the_earlier_records_own_chunk(tmp_path: Path
         assert [b for (t, _e, _p, b, _c) in got if t == CHUNK_DONE_TOPIC][-1] == h.req.head
         assert not h.worker.clients[7].chunks
 
-    _run(body, tmp_path)
+    run(body, tmp_path)
 
 
 def test_corrupt_completion_tail_drops_the_client_not_the_worker(tmp_path: Path) -> None:
@@ -383,7 +286,7 @@ def test_corrupt_completion_tail_drops_the_client_not_the_worker(tmp_path: Path)
     rng = random.Random(SEED + 13)
 
     async def main() -> None:
-        cfg = _config(tmp_path)
+        cfg = worker_config(tmp_path)
         seg = Segment.create(WORKERS, cfg.daemon.request_ring_bytes, 4096)
         h = Harness(tmp_path, segment=seg)
         try:
@@ -417,7 +320,7 @@ def test_padding_short_of_the_wrap_drops_the_client(tmp_path: Path) -> None:
         assert len(dropped) == 1 and "padding" in dropped[0].reason
         assert sum(b.record_count for b in h.seal()) == 2
 
-    _run(body, tmp_path)
+    run(body, tmp_path)
 
 
 # --- crash recovery ----------------------------------------------------------------------------
@@ -520,7 +423,7 @@ def test_restarted_worker_resends_stamped_batches_and_skips_their_records(tmp_pa
             assert w2.arena.used_bytes == 0
         finally:
             if w2 is not None:
-                _close_worker(w2, sup2)
+                close_worker(w2, sup2)
             h.close()
 
     asyncio.run(main())
@@ -580,7 +483,7 @@ def test_second_crash_during_recovery_still_reports_every_record_once(tmp_path: 
             assert w3.holds.held() == {} and w3.arena.used_bytes == 0
         finally:
             for w, sup in workers:
-                _close_worker(w, sup)
+                close_worker(w, sup)
             h.close()
 
     asyncio.run(main())
