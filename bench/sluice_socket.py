@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any
 
+from bench import sluice_shm
 from bench.client import ClientResult, ClientSpec, Pacer, make_keys, make_values, report, timed_section, wait_for_start
 from bench.scenarios import Delivery
 
@@ -28,14 +29,10 @@ ACK_EVERY = 8
 
 
 def settings_for(delivery: Delivery, bootstrap: str) -> dict[str, Any]:
-    """The daemon profile keys for ``delivery`` (written into the case's config)."""
+    """The daemon profile keys for ``delivery`` (written into the case's config): the
+    shared-memory runner's, and how this runner frames its records."""
     return {
-        "acks": "all" if delivery.acks == -1 else delivery.acks,
-        "enable_idempotence": delivery.idempotent,
-        "linger_ms": delivery.linger_ms,
-        "batch_size": delivery.batch_size,
-        "compression_type": delivery.compression,
-        "bootstrap_servers": bootstrap,
+        **sluice_shm.settings_for(delivery, bootstrap),
         "produce_frame_records": FRAME,
         "ack_every_frames": ACK_EVERY,
     }

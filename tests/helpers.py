@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from shm.layout import RING_HEADER_BYTES, RING_REQUEST
 from shm.ring import SpscRing
 
-__all__ = ["make_ring", "wait_child", "wait_until"]
+__all__ = ["make_ring", "ref_record_body", "ref_varint", "wait_child", "wait_until"]
 
 
 def make_ring(capacity: int = 1024, kind: int = RING_REQUEST) -> SpscRing:
@@ -42,3 +42,31 @@ def wait_child(pid: int, timeout: float) -> int:
         time.sleep(0.01)
     os.kill(pid, signal.SIGKILL)
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+# --- an independent reference encoder, written from the Kafka record format ---------------
+# Tests of the daemon's codec compare against this, never against shm.frames (the code under test).
+
+
+def ref_varint(value: int) -> bytes:
+    """Kafka's zig-zag varint of a signed 64-bit ``value``."""
+    v = ((value << 1) ^ (value >> 63)) & 0xFFFFFFFFFFFFFFFF
+    out = bytearray()
+    while v > 0x7F:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def ref_record_body(key: bytes | None, value: bytes | None,
+                    headers: Sequence[tuple[str, bytes | None]] = ()) -> bytes:
+    """A record body as the ring carries it: key, value, headers (null is length -1)."""
+    out = [ref_varint(-1) if key is None else ref_varint(len(key)) + key]
+    out.append(ref_varint(-1) if value is None else ref_varint(len(value)) + value)
+    out.append(ref_varint(len(headers)))
+    for hk, hv in headers:
+        kb = hk.encode()
+        out.append(ref_varint(len(kb)) + kb)
+        out.append(ref_varint(-1) if hv is None else ref_varint(len(hv)) + hv)
+    return b"".join(out)

@@ -65,6 +65,15 @@ def _claim(ring: Any, payload_len: int) -> int:
     return pos
 
 
+def _claim_record(ring: Any, tid: int, part: int, body: bytes) -> int:
+    """Claim a RECORD frame and write its record header and ``body`` (not published); returns
+    the payload's position."""
+    pos = _claim(ring, RECORD_HEADER.size + len(body))
+    RECORD_HEADER.pack_into(ring.view, pos, tid, 0, part, int(time.time() * 1000))
+    ring.view[pos + RECORD_HEADER.size : pos + RECORD_HEADER.size + len(body)] = body
+    return pos
+
+
 # --- scenarios: each corrupts one client's segment -----------------------------------------
 
 
@@ -84,10 +93,7 @@ def random_payload(p: Producer, topic: str, part: int, rng: random.Random) -> No
     """A RECORD frame with a valid header and topic, and random bytes as the record body."""
     tid = p.lookup(topic).topic_id
     ring = _ring_for(p, topic, part)
-    body = rng.randbytes(rng.randrange(1, 200))
-    pos = _claim(ring, RECORD_HEADER.size + len(body))
-    RECORD_HEADER.pack_into(ring.view, pos, tid, 0, part, int(time.time() * 1000))
-    ring.view[pos + 16 : pos + 16 + len(body)] = body
+    _claim_record(ring, tid, part, rng.randbytes(rng.randrange(1, 200)))
     ring.publish_head()
 
 
@@ -95,10 +101,7 @@ def length_past_end(p: Producer, topic: str, part: int, rng: random.Random) -> N
     """A RECORD frame whose payload length runs past the end of the ring."""
     tid = p.lookup(topic).topic_id
     ring = _ring_for(p, topic, part)
-    body = _valid_body(0)
-    pos = _claim(ring, RECORD_HEADER.size + len(body))
-    RECORD_HEADER.pack_into(ring.view, pos, tid, 0, part, int(time.time() * 1000))
-    ring.view[pos + 16 : pos + 16 + len(body)] = body
+    pos = _claim_record(ring, tid, part, _valid_body(0))
     _HDR.pack_into(ring.view, pos - 8, rng.choice([ring.capacity, ring.capacity * 4, 0xFFFFFFF0]), FRAME_RECORD)
     ring.publish_head()
 
@@ -109,9 +112,7 @@ def length_past_frame(p: Producer, topic: str, part: int, rng: random.Random) ->
     tid = p.lookup(topic).topic_id
     ring = _ring_for(p, topic, part)
     body = _valid_body(9)
-    pos = _claim(ring, RECORD_HEADER.size + len(body))
-    RECORD_HEADER.pack_into(ring.view, pos, tid, 0, part, int(time.time() * 1000))
-    ring.view[pos + 16 : pos + 16 + len(body)] = body
+    pos = _claim_record(ring, tid, part, body)
     _HDR.pack_into(ring.view, pos - 8, RECORD_HEADER.size + len(body) + 4096, FRAME_RECORD)
     ring.publish_head()
 
@@ -159,10 +160,7 @@ def rewritten_after_publish(p: Producer, topic: str, part: int, rng: random.Rand
     body = _valid_body(REWRITTEN_BODY)
     spots = []
     for _ in range(REWRITTEN):
-        pos = _claim(ring, RECORD_HEADER.size + len(body))
-        RECORD_HEADER.pack_into(ring.view, pos, tid, 0, part, int(time.time() * 1000))
-        ring.view[pos + 16 : pos + 16 + len(body)] = body
-        spots.append(pos + 16)
+        spots.append(_claim_record(ring, tid, part, body) + RECORD_HEADER.size)
     ring.publish_head()
     garbage = b"\x7e" + b"\x00" * (len(body) - 1)  # key length 63 in a shorter body
     for at in spots:

@@ -13,30 +13,10 @@ from daemon.accumulator import APPEND_FULL, APPEND_INVALID, APPEND_OK, APPEND_TO
 from daemon.batch import Batch
 from daemon.arena import STATE_FREE, STATE_SEALED, STATE_STAMPED, Arena
 from daemon.config import Profile
+from helpers import ref_record_body
 from daemon.protocol.records import CODECS, HEADER_SIZE, decode_batches
 
 T0 = 1_700_000_000_000
-
-
-def _varint(value: int) -> bytes:
-    # Private copy for the tests (shm.frames.encode_record_body is another helper's module).
-    v = ((value << 1) ^ (value >> 63)) & 0xFFFFFFFFFFFFFFFF
-    out = bytearray()
-    while v > 0x7F:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
-
-
-def body(key: bytes | None, value: bytes | None, headers: tuple = ()) -> bytes:
-    out = [_varint(-1) if key is None else _varint(len(key)) + key]
-    out.append(_varint(-1) if value is None else _varint(len(value)) + value)
-    out.append(_varint(len(headers)))
-    for hk, hv in headers:
-        out.append(_varint(len(hk.encode())) + hk.encode())
-        out.append(_varint(-1) if hv is None else _varint(len(hv)) + hv)
-    return b"".join(out)
 
 
 def frame(topic_id: int, partition: int, ts: int, rec_body: bytes, ftype: int = 1) -> bytes:
@@ -59,8 +39,8 @@ def values_of(batches: list[Batch]) -> list[bytes | None]:
 def test_linger_seals_and_next_deadline() -> None:
     acc = make(linger_ms=5)
     assert acc.next_deadline() is None
-    assert acc.append("t", 0, T0, body(None, b"a"), 1, 100.0) == APPEND_OK
-    assert acc.append("t", 0, T0 + 1, body(None, b"b"), 1, 102.0) == APPEND_OK
+    assert acc.append("t", 0, T0, ref_record_body(None, b"a"), 1, 100.0) == APPEND_OK
+    assert acc.append("t", 0, T0 + 1, ref_record_body(None, b"b"), 1, 102.0) == APPEND_OK
     assert acc.open_batches == 1
     assert acc.next_deadline() == 105.0
     assert acc.ready(104.9) == []
@@ -74,7 +54,7 @@ def test_linger_seals_and_next_deadline() -> None:
 
 def test_batch_size_closes_the_batch_without_waiting_for_linger() -> None:
     acc = make(batch_size=1000, linger_ms=10_000)
-    rec = body(None, b"x" * 90)  # ~100 bytes per record
+    rec = ref_record_body(None, b"x" * 90)  # ~100 bytes per record
     for i in range(25):
         assert acc.append("t", 0, T0, rec, 1, 0.0) == APPEND_OK
     ready = acc.ready(1.0)  # long before linger
@@ -89,9 +69,9 @@ def test_batch_size_closes_the_batch_without_waiting_for_linger() -> None:
 
 def test_flush_seals_everything_and_record_larger_than_batch_size_gets_its_own_batch() -> None:
     acc = make(batch_size=500, linger_ms=60_000)
-    assert acc.append("t", 0, T0, body(None, b"s"), 1, 0.0) == APPEND_OK
-    assert acc.append("t", 0, T0, body(None, b"L" * 3000), 1, 0.0) == APPEND_OK
-    assert acc.append("t", 1, T0, body(None, b"p1"), 1, 0.0) == APPEND_OK
+    assert acc.append("t", 0, T0, ref_record_body(None, b"s"), 1, 0.0) == APPEND_OK
+    assert acc.append("t", 0, T0, ref_record_body(None, b"L" * 3000), 1, 0.0) == APPEND_OK
+    assert acc.append("t", 1, T0, ref_record_body(None, b"p1"), 1, 0.0) == APPEND_OK
     acc.flush()
     out = acc.ready(0.0)
     assert sorted((b.partition, b.record_count) for b in out) == [(0, 1), (0, 1), (1, 1)]
@@ -102,8 +82,8 @@ def test_flush_seals_everything_and_record_larger_than_batch_size_gets_its_own_b
 
 def test_too_large_against_max_request_size() -> None:
     acc = make(max_request_size=2000)
-    assert acc.append("t", 0, T0, body(None, b"z" * 1900), 1, 0.0) == APPEND_OK
-    assert acc.append("t", 0, T0, body(None, b"z" * 2000), 1, 0.0) == APPEND_TOO_LARGE
+    assert acc.append("t", 0, T0, ref_record_body(None, b"z" * 1900), 1, 0.0) == APPEND_OK
+    assert acc.append("t", 0, T0, ref_record_body(None, b"z" * 2000), 1, 0.0) == APPEND_TOO_LARGE
     acc.flush()
     (b,) = acc.ready(0.0)
     assert b.size <= 2000 and b.record_count == 1
@@ -111,7 +91,7 @@ def test_too_large_against_max_request_size() -> None:
 
 def test_buffer_memory_bound_gives_full_and_release_frees() -> None:
     acc = make(buffer_memory=16 * 1024, chunk_size=1024, batch_size=4096, linger_ms=0)
-    codes = [acc.append("t", p, T0, body(None, b"v" * 50), 1, 0.0) for p in range(6)]
+    codes = [acc.append("t", p, T0, ref_record_body(None, b"v" * 50), 1, 0.0) for p in range(6)]
     assert codes == [APPEND_OK] * 4 + [APPEND_FULL] * 2  # 4 x 4 KiB reservations fill 16 KiB
     assert acc.buffered_bytes == 16 * 1024
     out = acc.ready(0.0)
@@ -119,7 +99,7 @@ def test_buffer_memory_bound_gives_full_and_release_frees() -> None:
     assert acc.buffered_bytes == 4 * 1024  # finished batches shrink to one chunk each
     # Shrinking made room, but no 4 KiB run is free: no batch is opened smaller than a normal
     # one (one-chunk batches fragmented the arena until no normal batch fitted again).
-    assert acc.append("t", 4, T0, body(None, b"v" * 50), 1, 0.0) == APPEND_FULL
+    assert acc.append("t", 4, T0, ref_record_body(None, b"v" * 50), 1, 0.0) == APPEND_FULL
     assert acc.buffered_bytes == 4 * 1024
     assert not acc.has_room()  # 12 KiB of 16 free, but not in runs: stay stopped (hysteresis)
     slots = [b.slot for b in out]
@@ -127,13 +107,13 @@ def test_buffer_memory_bound_gives_full_and_release_frees() -> None:
         acc.release(b)
     assert acc.buffered_bytes == 0 and acc.has_room()
     assert all(acc.arena.read_slot(s)["state"] == STATE_FREE for s in slots)
-    assert acc.append("t", 4, T0, body(None, b"v" * 50), 1, 0.0) == APPEND_OK
+    assert acc.append("t", 4, T0, ref_record_body(None, b"v" * 50), 1, 0.0) == APPEND_OK
     assert acc.buffered_bytes == 4096
 
 
 def test_release_frees_the_slot() -> None:
     acc = make(linger_ms=0)
-    acc.append("t", 0, T0, body(None, b"v"), 1, 0.0)
+    acc.append("t", 0, T0, ref_record_body(None, b"v"), 1, 0.0)
     (b,) = acc.ready(0.0)
     slot = b.slot
     assert acc.arena.read_slot(slot)["state"] == STATE_SEALED
@@ -147,7 +127,7 @@ def test_runs_follow_record_order_across_clients() -> None:
     acc = make(linger_ms=0)
     for cid, n in ((1, 2), (2, 3), (1, 1), (1, 1)):
         for _ in range(n):
-            assert acc.append("t", 0, T0, body(None, b"v"), cid, 0.0) == APPEND_OK
+            assert acc.append("t", 0, T0, ref_record_body(None, b"v"), cid, 0.0) == APPEND_OK
     (b,) = acc.ready(0.0)
     assert b.runs == [(1, 2), (2, 3), (1, 2)]
     assert sum(c for _, c in b.runs) == b.record_count == 7
@@ -156,7 +136,7 @@ def test_runs_follow_record_order_across_clients() -> None:
 def test_stamp_changes_producer_fields_keeps_crc_valid() -> None:
     acc = make(linger_ms=0, compression_type="zstd")
     for i in range(50):
-        acc.append("t", 0, T0 + i, body(b"k", b"value" * 10), 1, 0.0)
+        acc.append("t", 0, T0 + i, ref_record_body(b"k", b"value" * 10), 1, 0.0)
     (b,) = acc.ready(0.0)
     assert (b.producer_id, b.producer_epoch, b.base_sequence) == (-1, -1, -1)
     b.stamp(77, 3, 1000)
@@ -171,7 +151,7 @@ def test_each_codec_at_sealing(codec: str) -> None:
     acc = make(linger_ms=0, compression_type=codec, batch_size=64 * 1024, buffer_memory=1 << 20)
     vals = [b"value-%05d-" % i * 5 for i in range(300)]
     for v in vals:
-        assert acc.append("t", 0, T0, body(None, v), 1, 0.0) == APPEND_OK
+        assert acc.append("t", 0, T0, ref_record_body(None, v), 1, 0.0) == APPEND_OK
     out = acc.ready(0.0)
     assert values_of(out) == vals
     (dec,) = decode_batches(out[0].payload())
@@ -181,7 +161,7 @@ def test_each_codec_at_sealing(codec: str) -> None:
 def test_timestamps_outside_the_tables_and_before_the_first() -> None:
     acc = make(linger_ms=0)
     tss = [T0, T0 - 5, T0 + 100_000, T0 + 3]
-    data = b"".join(frame(0, 0, ts, body(None, b"%d" % i)) for i, ts in enumerate(tss))
+    data = b"".join(frame(0, 0, ts, ref_record_body(None, b"%d" % i)) for i, ts in enumerate(tss))
     assert acc.append_region(data, 0, len(data), ["t"], [1], 9, 9, 0, 0.0)[:2] == (APPEND_OK, len(data))
     (b,) = acc.ready(0.0)
     (dec,) = decode_batches(b.payload())
@@ -191,7 +171,7 @@ def test_timestamps_outside_the_tables_and_before_the_first() -> None:
 
 def test_region_matches_single_appends_byte_for_byte() -> None:
     rnd = random.Random(1234)
-    recs = [(rnd.randrange(3), T0 + rnd.randrange(50), body(rnd.choice([None, b"key"]), rnd.randbytes(rnd.randrange(200))))
+    recs = [(rnd.randrange(3), T0 + rnd.randrange(50), ref_record_body(rnd.choice([None, b"key"]), rnd.randbytes(rnd.randrange(200))))
             for _ in range(400)]
     a = make(batch_size=4096, linger_ms=0)
     b = make(batch_size=4096, linger_ms=0)
@@ -206,16 +186,16 @@ def test_region_matches_single_appends_byte_for_byte() -> None:
 
 def test_region_padding_and_invalid_frames() -> None:
     acc = make(linger_ms=0)
-    good = frame(0, 0, T0, body(None, b"a"))
+    good = frame(0, 0, T0, ref_record_body(None, b"a"))
     pad = struct.pack("<II", 24, 0) + b"\0" * 24
     data = good + pad
     assert acc.append_region(data, 0, len(data), ["t"], [1], 1, 1, 0, 0.0)[:2] == (APPEND_OK, len(data))
     for bad in (
-        frame(0, 0, T0, body(None, b"a"), ftype=2),  # completion frame in a request ring
-        frame(2, 0, T0, body(None, b"a")),  # topic id beyond the client's table
-        frame(0, 5, T0, body(None, b"a")),  # partition out of range
-        frame(0, -1, T0, body(None, b"a")),
-        frame(1, 0, T0, body(None, b"a")),  # topic id not registered (None)
+        frame(0, 0, T0, ref_record_body(None, b"a"), ftype=2),  # completion frame in a request ring
+        frame(2, 0, T0, ref_record_body(None, b"a")),  # topic id beyond the client's table
+        frame(0, 5, T0, ref_record_body(None, b"a")),  # partition out of range
+        frame(0, -1, T0, ref_record_body(None, b"a")),
+        frame(1, 0, T0, ref_record_body(None, b"a")),  # topic id not registered (None)
         struct.pack("<II", 9, 1) + b"\0" * 16,  # payload shorter than the record header
         struct.pack("<II", 4000, 1) + struct.pack("<HHiq", 0, 0, 0, T0) + b"\0" * 8,  # runs past the end
     ):
@@ -228,7 +208,7 @@ def test_region_padding_and_invalid_frames() -> None:
 
 def test_region_full_stops_and_resumes_without_duplicates() -> None:
     acc = make(buffer_memory=8 * 1024, chunk_size=1024, batch_size=2048, linger_ms=0)
-    frames = [frame(0, i % 8, T0, body(None, b"%03d" % i + b"." * 300)) for i in range(40)]
+    frames = [frame(0, i % 8, T0, ref_record_body(None, b"%03d" % i + b"." * 300)) for i in range(40)]
     data = b"".join(frames)
     code, pos = acc.append_region(data, 0, len(data), ["t"], [8], 1, 1, 0, 0.0)[:2]
     assert code == APPEND_FULL and 0 < pos < len(data)
@@ -248,8 +228,8 @@ def test_region_full_stops_and_resumes_without_duplicates() -> None:
 
 def test_region_returns_too_large_at_the_frame() -> None:
     acc = make(max_request_size=1000, linger_ms=0)
-    ok = frame(0, 0, T0, body(None, b"a"))
-    big = frame(0, 0, T0, body(None, b"b" * 2000))
+    ok = frame(0, 0, T0, ref_record_body(None, b"a"))
+    big = frame(0, 0, T0, ref_record_body(None, b"b" * 2000))
     data = ok + big + ok
     code, pos = acc.append_region(data, 0, len(data), ["t"], [1], 1, 1, 0, 0.0)[:2]
     assert (code, pos) == (APPEND_TOO_LARGE, len(ok))
@@ -276,7 +256,7 @@ def test_region_returns_too_large_at_the_frame() -> None:
 )
 def test_region_round_trip_random(recs: list, batch_size: int, codec: str, chunks: int) -> None:
     acc = make(batch_size=batch_size, compression_type=codec, linger_ms=0, buffer_memory=4 << 20)
-    frames = [frame(0, p, T0 + dt, body(k, v, tuple(h))) for p, dt, k, v, h in recs]
+    frames = [frame(0, p, T0 + dt, ref_record_body(k, v, tuple(h))) for p, dt, k, v, h in recs]
     # Split the frames into several ring reads, as a worker would see them.
     cuts = sorted({0, len(frames)} | {len(frames) * i // chunks for i in range(chunks)})
     data = b"".join(frames)
@@ -310,7 +290,7 @@ def test_region_ending_in_a_short_padding_frame(pad_payload: int) -> None:
     # At the wrap the writer may leave 8 or 16 bytes: a padding frame shorter than a RECORD
     # header. It must be consumed, not taken for a corrupt frame (seen with keyed traffic).
     acc = make(linger_ms=0)
-    good = frame(0, 0, T0, body(b"k", b"a"))
+    good = frame(0, 0, T0, ref_record_body(b"k", b"a"))
     data = good + struct.pack("<II", pad_payload, 0) + b"\0" * pad_payload
     assert acc.append_region(data, 0, len(data), ["t"], [1], 1, 1, 0, 0.0)[:2] == (APPEND_OK, len(data))
     assert values_of(acc.ready(0.0)) == [b"a"]
@@ -329,7 +309,7 @@ def test_runs_table_always_fits_however_many_clients_share_a_batch() -> None:
         sent = 0
         starts: dict[int, list[int]] = {}  # call -> ring position of each of its records
         for call in range(300):
-            recs = [frame(0, 0, T0 + call, body(None, rnd.randbytes(rnd.randrange(1, 60))))
+            recs = [frame(0, 0, T0 + call, ref_record_body(None, rnd.randbytes(rnd.randrange(1, 60))))
                     for _ in range(rnd.randrange(1, 4))]
             data = b"".join(recs)
             starts[call] = [10_000 * call + sum(len(r) for r in recs[:i]) for i in range(len(recs))]
@@ -357,7 +337,7 @@ def test_runs_table_keeps_one_clients_calls_apart() -> None:
 
     acc = make(batch_size=4096, linger_ms=60_000)
     for call, base in ((1, 800), (2, 2_000)):
-        data = frame(0, 0, T0, body(None, b"a")) + frame(0, 0, T0, body(None, b"b"))
+        data = frame(0, 0, T0, ref_record_body(None, b"a")) + frame(0, 0, T0, ref_record_body(None, b"b"))
         assert acc.append_region(data, 0, len(data), ["t"], [1], call, 5, base, 0.0)[:2] == (APPEND_OK, len(data))
     acc.flush()
     (b,) = acc.ready(0.0)

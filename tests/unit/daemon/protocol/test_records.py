@@ -11,30 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.protocol import records as r
+from helpers import ref_record_body
 from shm.errors import ProtocolError
-
-
-def _varint(value: int) -> bytes:
-    # Private copy for the tests (shm.frames.encode_record_body is another helper's module).
-    v = ((value << 1) ^ (value >> 63)) & 0xFFFFFFFFFFFFFFFF
-    out = bytearray()
-    while v > 0x7F:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
-
-
-def encode_body(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes | None]]) -> bytes:
-    """The record body as COMMON.md specifies it (key, value, headers)."""
-    out = [_varint(-1) if key is None else _varint(len(key)) + key]
-    out.append(_varint(-1) if value is None else _varint(len(value)) + value)
-    out.append(_varint(len(headers)))
-    for hk, hv in headers:
-        kb = hk.encode()
-        out.append(_varint(len(kb)) + kb)
-        out.append(_varint(-1) if hv is None else _varint(len(hv)) + hv)
-    return b"".join(out)
 
 
 def test_header_offsets_follow_the_spec() -> None:
@@ -96,7 +74,7 @@ def test_byte_vector_written_from_the_spec() -> None:
         + crc32c(after_crc).to_bytes(4, "big")
         + after_crc
     )
-    body = encode_body(b"k", b"hi", [("h", b"x")])
+    body = ref_record_body(b"k", b"hi", [("h", b"x")])
     assert r.build_batch([(1000, body)]) == expected
     (batch,) = r.decode_batches(expected)
     assert batch.records == [r.DecodedRecord(0, 1000, b"k", b"hi", [("h", b"x")])]
@@ -118,7 +96,7 @@ records_st = st.lists(
 @given(records_st, st.sampled_from(sorted(r.CODECS.values())))
 def test_round_trip_every_codec(recs: list, codec: int) -> None:
     base = 1_700_000_000_000
-    pairs = [(base + dt, encode_body(k, v, h)) for dt, k, v, h in recs]
+    pairs = [(base + dt, ref_record_body(k, v, h)) for dt, k, v, h in recs]
     data = r.build_batch(pairs, codec=codec)
     (batch,) = r.decode_batches(data)
     assert batch.codec in (codec, r.CODEC_NONE)  # left uncompressed when it would not shrink
@@ -133,7 +111,7 @@ def test_round_trip_every_codec(recs: list, codec: int) -> None:
 
 @pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
 def test_compressible_batch_is_compressed(codec: str) -> None:
-    body = encode_body(None, b"the same value again " * 5, [])
+    body = ref_record_body(None, b"the same value again " * 5, [])
     data = r.build_batch([(1000 + i, body) for i in range(500)], codec=r.CODECS[codec])
     (batch,) = r.decode_batches(data)
     assert batch.codec == r.CODECS[codec]
@@ -148,7 +126,7 @@ def _records_block(data: bytes) -> bytes:
 def test_snappy_uses_xerial_framing_readable_block_by_block() -> None:
     # Over 32 KiB of input gives several xerial blocks; each must be a raw snappy block that an
     # independent decoder (cramjam's raw snappy) reads on its own, as snappy-java does.
-    body = encode_body(b"key", bytes(range(256)) * 4, [])
+    body = ref_record_body(b"key", bytes(range(256)) * 4, [])
     pairs = [(5, body)] * 100
     raw, _, _ = r.encode_records(pairs, 5)
     block = _records_block(r.build_batch(pairs, codec=r.CODEC_SNAPPY))
@@ -165,7 +143,7 @@ def test_snappy_uses_xerial_framing_readable_block_by_block() -> None:
 
 
 def test_raw_snappy_from_librdkafka_is_accepted() -> None:
-    body = encode_body(None, b"v" * 200, [])
+    body = ref_record_body(None, b"v" * 200, [])
     plain = r.build_batch([(7, body)] * 10)
     raw, _, _ = r.encode_records([(7, body)] * 10, 7)
     buf = bytearray(plain[: r.HEADER_SIZE]) + bytes(cramjam.snappy.compress_raw(raw))
@@ -178,7 +156,7 @@ def test_raw_snappy_from_librdkafka_is_accepted() -> None:
 
 def test_lz4_frame_has_independent_blocks_and_no_content_checksum() -> None:
     # Kafka's Lz4BlockInputStream refuses frames whose FLG lacks the block-independence bit.
-    body = encode_body(None, bytes(range(200)) * 2, [])
+    body = ref_record_body(None, bytes(range(200)) * 2, [])
     pairs = [(1, body)] * 400  # > 64 KiB: several LZ4 blocks
     raw, _, _ = r.encode_records(pairs, 1)
     block = _records_block(r.build_batch(pairs, codec=r.CODEC_LZ4))
@@ -199,20 +177,20 @@ def test_lz4_frame_has_independent_blocks_and_no_content_checksum() -> None:
     ],
 )
 def test_gzip_and_zstd_blocks_decode_independently(codec: int, decode) -> None:
-    pairs = [(1, encode_body(b"k", b"value " * 30, [("h", None)]))] * 50
+    pairs = [(1, ref_record_body(b"k", b"value " * 30, [("h", None)]))] * 50
     raw, _, _ = r.encode_records(pairs, 1)
     assert bytes(decode(_records_block(r.build_batch(pairs, codec=codec)))) == raw
 
 
 def test_crc_mismatch_raises() -> None:
-    data = bytearray(r.build_batch([(1, encode_body(None, b"abc", []))]))
+    data = bytearray(r.build_batch([(1, ref_record_body(None, b"abc", []))]))
     data[-1] ^= 0x01
     with pytest.raises(ProtocolError, match="CRC"):
         r.decode_batches(bytes(data))
 
 
 def test_truncated_and_bad_magic_raise() -> None:
-    data = r.build_batch([(1, encode_body(None, b"abc", []))])
+    data = r.build_batch([(1, ref_record_body(None, b"abc", []))])
     with pytest.raises(ProtocolError):
         r.decode_batches(data[:-1])
     bad = bytearray(data)
@@ -222,7 +200,7 @@ def test_truncated_and_bad_magic_raise() -> None:
 
 
 def test_stamp_writes_producer_fields_and_recomputes_crc() -> None:
-    data = bytearray(r.build_batch([(1, encode_body(b"k", b"v", []))] * 3, codec=r.CODEC_ZSTD))
+    data = bytearray(r.build_batch([(1, ref_record_body(b"k", b"v", []))] * 3, codec=r.CODEC_ZSTD))
     before = r.decode_batches(bytes(data))[0]
     r.stamp_batch(data, 0, len(data), 4242, 7, 100)
     after = r.decode_batches(bytes(data))[0]  # would raise on a stale CRC
@@ -232,8 +210,8 @@ def test_stamp_writes_producer_fields_and_recomputes_crc() -> None:
 
 
 def test_several_batches_decode_in_sequence() -> None:
-    a = r.build_batch([(1, encode_body(None, b"a", []))])
-    b = r.build_batch([(2, encode_body(None, b"b", []))] * 2, codec=r.CODEC_GZIP)
+    a = r.build_batch([(1, ref_record_body(None, b"a", []))])
+    b = r.build_batch([(2, ref_record_body(None, b"b", []))] * 2, codec=r.CODEC_GZIP)
     out = r.decode_batches(a + b)
     assert [len(x.records) for x in out] == [1, 2]
     assert out[1].records[1].value == b"b"
