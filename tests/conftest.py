@@ -237,8 +237,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def start_sluice(kafka_bootstrap: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., daemon_fixture.SluiceDaemon]]:
     """``start_sluice(**kw) -> SluiceDaemon``: a real ``sluice run`` against ``kafka_bootstrap``
     (the chaos directory's own broker there), configured by :func:`daemon_fixture.start_daemon`'s
-    keywords (``workers``, ``daemon``, ``kafka``, ``profiles``, ``topics``). Teardown sends SIGTERM and fails the test unless
-    every daemon exits 0 in time; a failed test gets the daemons' logs printed."""
+    keywords (``workers``, ``daemon``, ``kafka``, ``profiles``, ``topics``). Teardown sends
+    SIGTERM and fails the test unless every daemon exits 0 in time; a failed test gets the
+    daemons' logs printed."""
     started: list[daemon_fixture.SluiceDaemon] = []
 
     def start(**kw: Any) -> daemon_fixture.SluiceDaemon:

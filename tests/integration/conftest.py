@@ -1,7 +1,7 @@
 """Fixtures for the daemon end to end: a real ``sluice run`` and a spawn multiprocessing context.
 
-``sluice_daemon`` yields a :class:`daemon_fixture.SluiceDaemon` (unpacks as socket path,
-process, config path) with two workers against the test broker; its teardown sends SIGTERM and
+``sluice_daemon`` yields a :class:`daemon_fixture.SluiceDaemon` (``socket_path``, ``proc``,
+``log()``, ``stats()``...) with two workers against the test broker; its teardown sends SIGTERM and
 fails the test unless the daemon exits 0 in time. ``start_sluice(**kw)`` starts more (or
 differently configured) daemons with the same teardown.
 """
