@@ -61,7 +61,7 @@ def config_text(*, socket_path: str, runtime_dir: str, workers: int, bootstrap: 
     """The daemon's TOML config for one case: one profile with the case's delivery settings and
     one topic rule for the case's topic."""
     profile = {
-        "acks": delivery.acks,
+        "acks": "all" if delivery.acks == -1 else delivery.acks,  # Kafka's spelling, as a user writes it
         "enable_idempotence": delivery.idempotent,
         "linger_ms": delivery.linger_ms,
         "batch_size": delivery.batch_size,
