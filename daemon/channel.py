@@ -181,6 +181,10 @@ class Channel:
             if not data:
                 for fd in fds:
                     _close(fd)
+                if out:
+                    # The peer's last messages (a worker's Bye) come first; the next call
+                    # reports the end of file (a SEQPACKET socket reads it again).
+                    return out
                 raise EOFError("channel closed")
             out.append((self._decoder.decode(data), fds))
 

@@ -389,6 +389,10 @@ class WorkerPool:
         for h in self.handles:
             if h.proc is not None:
                 h.proc.wait()
+            # The loop may not have read the worker's last messages (its Bye) when it saw the
+            # process exit: read what is left before closing, or a clean drain looks unclean.
+            if h.chan is not None:
+                self._on_worker(h)  # reads every message left; at end of file it closes the channel
             if h.chan is not None:
                 loop.remove_reader(h.chan.fileno())
                 h.chan.close()

@@ -52,3 +52,21 @@ def test_receive_raises_eof_when_the_peer_is_gone() -> None:
             wrk.receive()
     finally:
         wrk.close()
+
+
+def test_the_last_messages_before_eof_are_received_then_eof() -> None:
+    # A worker sends Bye and exits: the supervisor must read the Bye, not lose it to the EOF
+    # that follows it in the same receive().
+    a, b = ch.Channel.pair()
+    sup = ch.Channel(a, ch.ToSupervisor)
+    wrk = ch.Channel(b, ch.ToWorker)
+    wrk.send(ch.Bye(worker=0, undelivered=3))
+    assert wrk.flush()
+    wrk.close()
+    try:
+        msgs = sup.receive()
+        assert [m for m, _ in msgs] == [ch.Bye(worker=0, undelivered=3)]
+        with pytest.raises(EOFError):
+            sup.receive()
+    finally:
+        sup.close()
