@@ -27,5 +27,12 @@ setup(
             extra_compile_args=CFLAGS,
             extra_link_args=LDFLAGS,
         ),
+        Extension(
+            "shm._client",
+            sources=["shm/_client.c"],
+            depends=HEADERS,
+            extra_compile_args=CFLAGS,
+            extra_link_args=LDFLAGS,
+        ),
     ],
 )

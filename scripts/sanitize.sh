@@ -22,4 +22,5 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-sanitize}
 "$PY" -m pytest -q -p no:cacheprovider \
   tests/unit/daemon/test_batcher.py tests/unit/daemon/test_accumulator.py \
-  tests/unit/daemon/test_accumulator_runs.py tests/unit/shm/test_ring.py tests/unit/shm/test_frames.py "$@"
+  tests/unit/daemon/test_accumulator_runs.py tests/unit/shm/test_ring.py tests/unit/shm/test_frames.py \
+  tests/unit/shm/test_partitioner.py tests/unit/shm/test_producer.py tests/unit/shm/test_segment.py "$@"

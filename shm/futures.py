@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
+from shm._client import FutureBase
 from shm.errors import KafkaError
 
 __all__ = [
@@ -113,7 +114,7 @@ def _relay_outcome(afut: asyncio.Future[Any], f: Any) -> None:
         afut.set_exception(exc)
 
 
-class DeliveryFuture(_Awaitable):
+class DeliveryFuture(FutureBase, _Awaitable):
     """The outcome of one ``send()``: ``result(timeout)`` returns RecordMetadata or raises.
 
     Lighter than ``concurrent.futures.Future``: five slots, no lock or event unless someone
@@ -124,7 +125,9 @@ class DeliveryFuture(_Awaitable):
     future is not yet visible to the completion thread).
     """
 
-    __slots__ = ("topic", "partition", "timestamp", "_outcome", "_waiters")
+    # The slots (topic, partition, timestamp, _outcome, _waiters) are FutureBase's, so that
+    # the compiled send() makes a future without running __init__.
+    __slots__ = ()
 
     def __init__(
         self, topic: str, partition: int, timestamp: int, on_delivery: Callable[[DeliveryFuture], None] | None = None

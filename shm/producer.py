@@ -37,9 +37,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from types import MethodType
 from typing import Any
 
 from shm import connection, control
+from shm._client import SendCore
 from shm.completions import CompletionReader
 from shm.connection import DEFAULT_SOCKET, ProducerConnection
 from shm.errors import BufferFullError, KafkaError, ProducerClosedError, ProtocolError
@@ -161,7 +163,19 @@ class Producer:
             raise
         self._req = [seg.request_ring(w) for w in range(self.workers)]
         self._cmp = [seg.completion_ring(w) for w in range(self.workers)]
-        self._pending_total = 0
+        # The compiled send(): everything per record of the usual send() (no serializer)
+        # happens in C; what it cannot take it hands to the Python send() below.
+        self._core = SendCore(
+            topics=self._topics,
+            future=DeliveryFuture,
+            slow=MethodType(type(self).send, self),
+            full=self._enqueue,
+            stick=stick,
+        )
+        self._core.set_writers(tuple(ring.writer for ring in self._req))
+        if self._vser is None and self._kser is None:
+            self._core.enabled = 1
+            self.send = self._core.send  # type: ignore[method-assign]
         self._completions = CompletionReader(
             seg,
             self._req,
@@ -294,7 +308,7 @@ class Producer:
                 view[pos + _REC_PREFIX : pos + _REC_PREFIX + size] = body
                 # Pending before publish: the outcome may come back right after it.
                 t.pending[partition].append(fut)
-                self._pending_total += 1
+                self._core.add_pending(1)
                 ring.publish_head()
                 return fut
         self._enqueue(t, partition, ts, body, fut)  # no room: wait or drop
@@ -384,7 +398,7 @@ class Producer:
                     at, m = put_frames(ring, frames, at, left)
                     if m:
                         dq.append(PendingRun(group, m))
-                        self._pending_total += m
+                        self._core.add_pending(m)
                         ring.publish_head()
                         left -= m
                         continue
@@ -412,7 +426,7 @@ class Producer:
                 dq.append(fut)
                 if put_record(ring, t.id, partition, ts, body):
                     ring.publish_head()
-                    self._pending_total += 1
+                    self._core.add_pending(1)
                     return
                 dq.pop()
             deadline = self._wait_for_room(t, ring, deadline, fut)
@@ -449,9 +463,7 @@ class Producer:
     # --- the completion thread's callbacks ------------------------------------------------
 
     def _completed(self, count: int) -> None:
-        with self._send_lock:
-            self._pending_total -= count
-        if self._pending_total <= 0:
+        if self._core.add_pending(-count) <= 0:
             with self._idle:
                 self._idle.notify_all()
 
@@ -477,7 +489,7 @@ class Producer:
             ):
                 self.client_id = self._ctl.welcome.client_id
                 self.reconnects += 1
-                log.warning("sluice: reconnected as client %d; %d records pending", self.client_id, self._pending_total)
+                log.warning("sluice: reconnected as client %d; %d records pending", self.client_id, self._core.pending)
                 return self._ctl.fileno()
         self._daemon_gone()
         return None
@@ -487,8 +499,9 @@ class Producer:
         the segment is gone with the connection). Later sends raise ProducerClosedError."""
         with self._send_lock:
             self._gone = True
+            self._core.enabled = 0
             self._fail_all(ProducerClosedError("the daemon closed the connection before the outcome came"))
-            self._pending_total = 0
+            self._core.pending = 0
         with self._idle:
             self._idle.notify_all()
         with self._space:
@@ -506,19 +519,19 @@ class Producer:
     @property
     def pending(self) -> int:
         """Records sent whose outcome has not come back yet."""
-        return self._pending_total
+        return self._core.pending
 
     def flush(self, timeout: float | None = None) -> int:
         """Wait until every record sent so far has its outcome; returns how many are still
         pending (0 = all done) when ``timeout`` runs out."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._idle:
-            while self._pending_total > 0 and self._completions.is_alive():
+            while self._core.pending > 0 and self._completions.is_alive():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
                 self._idle.wait(0.05 if remaining is None else min(0.05, remaining))
-        return max(0, self._pending_total)
+        return max(0, self._core.pending)
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Flush (up to ``timeout``), say Goodbye and release everything.
@@ -532,6 +545,7 @@ class Producer:
             self.flush(timeout)
         finally:
             self._closed = True
+            self._core.enabled = 0
             self._ctl.goodbye()
             self._completions.stop(timeout=1.0)
             self._fail_all(ProducerClosedError("the producer was closed before the outcome came"))

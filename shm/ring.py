@@ -34,11 +34,10 @@ import struct
 import time
 from collections.abc import Iterable
 
+from shm._client import CLAIM_TOO_BIG, RingWriter
 from shm.doorbell import Doorbell
 from shm.errors import CorruptFrameError, SegmentError
 from shm.layout import (
-    FRAME_HEADER,
-    FRAME_PADDING,
     MAX_RING_BYTES,
     MIN_RING_BYTES,
     RING_HEADER_BYTES,
@@ -55,7 +54,6 @@ _U64 = struct.Struct("<Q")
 _HEADER_CONST = struct.Struct("<IIQ")  # ring_magic, ring_kind, capacity
 _pack_u64 = _U64.pack_into
 _unpack_u64 = _U64.unpack_from
-_pack_frame_header = FRAME_HEADER.pack_into
 
 
 class SpscRing:
@@ -93,11 +91,7 @@ class SpscRing:
         "_tail_off",
         "_full_off",
         "_flag_off",
-        "_pending",
-        "_published",
-        "_tail_cache",
-        "_limit",
-        "_full",
+        "_w",
         "_tail",
         "_head_seen",
         "_words",
@@ -194,12 +188,18 @@ class SpscRing:
             self._words.release()
             view.release()
             raise CorruptFrameError(f"{name}: inconsistent positions head={head} tail={tail}")
-        # Writer half.
-        self._pending = head
-        self._published = head
-        self._tail_cache = tail
-        self._limit = tail + capacity  # the writer may advance its head up to here
-        self._full = self._words[self._full_i]
+        # Writer half: compiled (shm._client.RingWriter), so that the compiled send() and the
+        # Python writers share one claim state.
+        self._w = RingWriter(
+            view,
+            offset,
+            self.data_start,
+            capacity,
+            head,
+            tail,
+            self._words[self._full_i],
+            doorbell.fd if doorbell is not None else -1,
+        )
         # Reader half.
         self._tail = tail
         self._head_seen = head
@@ -210,71 +210,44 @@ class SpscRing:
         """Reserve a frame and write its header; returns where its payload goes in ``view``.
 
         The frame is not visible to the reader until :meth:`publish_head`. Several claims may
-        precede one publish. Returns -1 when the ring has no room now (back-pressure).
+        precede one publish. Returns -1 when the ring has no room now (back-pressure). A frame
+        that does not fit before the end of the data area is preceded by a padding frame to
+        the end, and starts over at 0.
 
         Raises:
             ValueError: the frame is larger than :attr:`max_frame` (it could never fit).
+            CorruptFrameError: the reader's tail moved backwards, past the published head, or
+                is unaligned.
         """
-        size = (payload_length + 15) & -8
-        if size > self.max_frame:
+        pos = self._w.claim(frame_type, payload_length)
+        if pos >= -1:
+            return pos
+        if pos == CLAIM_TOO_BIG:
             raise ValueError(
                 f"{self.name}: {payload_length}-byte payload exceeds the largest frame "
                 f"({self.max_frame - 8} bytes of payload)"
             )
-        head = self._pending
-        off = head & self._mask
-        room = self.capacity - off
-        if size <= room:
-            if head + size > self._limit and not self._room_for(head + size):
-                return -1
-            pos = self.data_start + off
-        else:
-            # The frame does not fit before the end: pad to the end and start over at 0.
-            if head + room + size > self._limit and not self._room_for(head + room + size):
-                return -1
-            _pack_frame_header(self.view, self.data_start + off, room - 8, FRAME_PADDING)
-            head += room
-            pos = self.data_start
-        _pack_frame_header(self.view, pos, payload_length, frame_type)
-        self._pending = head + size
-        return pos + 8
-
-    def _room_for(self, new_head: int) -> bool:
-        """Reload the reader's tail; True if the writer may advance to ``new_head``."""
-        tail = self._words[self._tail_i]
-        if tail < self._tail_cache or tail > self._published or tail & 7:
-            raise CorruptFrameError(
-                f"{self.name}: reader's tail {tail} is outside [{self._tail_cache}, "
-                f"{self._published}] or unaligned"
-            )
-        self._tail_cache = tail
-        self._limit = tail + self.capacity
-        if new_head - tail <= self.capacity:
-            return True
-        self._full += 1
-        self._words[self._full_i] = self._full
-        return False
+        w = self._w
+        raise CorruptFrameError(
+            f"{self.name}: reader's tail {self._words[self._tail_i]} is outside "
+            f"[{w.tail_cache}, {w.published}] or unaligned"
+        )
 
     def publish_head(self) -> None:
         """Commit every claimed frame: one aligned 8-byte store of the head (see layout).
 
         Rings the doorbell if the reader said it is going to sleep.
         """
-        view = self.view
-        head = self._pending
-        if head == self._published:
-            return
-        self._words[self._head_i] = head
-        self._published = head
-        if view[self._flag_off]:
-            view[self._flag_off] = 0
-            bell = self.doorbell
-            if bell is not None:
-                bell.ring()
+        self._w.publish()
 
     def rollback(self) -> None:
         """Forget frames claimed since the last :meth:`publish_head` (their bytes stay unread)."""
-        self._pending = self._published
+        self._w.rollback()
+
+    @property
+    def writer(self) -> RingWriter:
+        """The compiled writer state (for the compiled send())."""
+        return self._w
 
     def write(self, frame_type: int, payload: bytes | bytearray | memoryview) -> bool:
         """Write and publish one frame; False (nothing written) when the ring is full."""
@@ -307,7 +280,8 @@ class SpscRing:
     @property
     def unpublished(self) -> int:
         """Bytes claimed by the writer and not yet published."""
-        return self._pending - self._published
+        w = self._w
+        return w.pending - w.published
 
     @property
     def full_count(self) -> int:
@@ -401,7 +375,7 @@ class SpscRing:
         what this writer published: a peer reporting such a position is broken.
         """
         tail = self._words[self._tail_i]
-        if position < tail or position > self._published or position & 7:
+        if position < tail or position > self._w.published or position & 7:
             return False
         self._words[self._tail_i] = position
         return True
@@ -468,6 +442,7 @@ class SpscRing:
 
     def release(self) -> None:
         """Drop this ring's views of the buffer (needed before the mmap can be closed)."""
+        self._w.release()
         self._words.release()
         self.view.release()
 

@@ -12,6 +12,7 @@ from collections import deque
 from typing import Any
 
 from shm import control
+from shm._client import TopicBase
 from shm.errors import KafkaError
 from shm.frames import encode_record_body
 from shm.futures import DeliveryFuture, DeliveryGroup, PendingRun
@@ -37,24 +38,14 @@ BULK = 4096  # send_many encodes and copies at most this many records at a time
 _ONLY_BYTES = {bytes}
 
 
-class TopicState:
+class TopicState(TopicBase):
     """One topic as this producer knows it: the daemon's TopicInfo, each partition's owner
     worker and pending FIFO, the sticky partitioner's state and the largest record body.
     Attributes are plain slots: ``send()`` reads them on its per-record path."""
 
-    __slots__ = (
-        "name",
-        "id",
-        "partitions",
-        "owners",
-        "pending",
-        "info",
-        "sticky",
-        "batch",
-        "sticky_p",
-        "sticky_left",
-        "max_body",
-    )
+    # name, id, partitions, sticky_p, sticky_left and max_body are TopicBase's slots, which
+    # the compiled send() reads; _bind() hands it each partition's owner and pending FIFO.
+    __slots__ = ("owners", "pending", "info", "sticky", "batch")
 
     def __init__(self, info: control.TopicInfo, workers: int) -> None:
         self.name = info.topic
@@ -70,6 +61,7 @@ class TopicState:
         self.sticky_p = 0  # keyless records go here until sticky_left bytes are used up
         self.sticky_left = 0
         self.max_body = info.max_request_size - BATCH_OVERHEAD
+        self._bind(self.owners, self.pending)
 
 
 def stick(t: TopicState) -> None:

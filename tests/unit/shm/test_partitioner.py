@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shm._client import murmur2 as native_murmur2
 from shm.partitioner import (
     KeyHashCache,
     StickyPartitioner,
@@ -77,11 +78,13 @@ def reference_murmur2(data: bytes) -> int:
 def test_murmur2_vectors(data: bytes, expected: int) -> None:
     assert murmur2(data) == expected
     assert reference_murmur2(data) == expected
+    assert native_murmur2(data) == expected  # the compiled send()'s
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_murmur2_matches_reference(data: bytes) -> None:
+    assert native_murmur2(data) == reference_murmur2(data)
     assert murmur2(data) == reference_murmur2(data)
     assert murmur2(bytearray(data)) == murmur2(memoryview(data)) == murmur2(data)
 

@@ -8,9 +8,11 @@ it reads RECORD frames from the request rings and writes COMPLETION and CHUNK_DO
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -330,3 +332,121 @@ def test_a_raising_callback_is_logged_and_the_others_still_run(standin: StandIn,
             assert f.result(timeout=5).offset == 7
             wait_until(lambda: seen == [f])
         assert any("callback bug" in (r.exc_text or "") and r.name == "sluice.client" for r in caplog.records)
+
+
+# --- the compiled send() (shm._client.SendCore) ---------------------------------------------
+
+@contextlib.contextmanager
+def _quick(p: Producer) -> Iterator[Producer]:
+    """Close without waiting for outcomes (these tests play no completions)."""
+    try:
+        yield p
+    finally:
+        p.close(timeout=0)
+
+
+_MIXED: list[tuple[Any, Any, dict[str, Any]]] = [
+    (b"v", None, {"partition": 1}),
+    (b"", None, {"partition": 0}),  # an empty value is not a tombstone
+    (None, b"k", {}),  # a tombstone with a key
+    (b"x" * 300, b"key-300", {"headers": [("h", b"1"), ("\u00e9t\u00e9", None), (b"raw", b"")]}),
+    (b"y" * 3000, None, {"partition": 3, "headers": []}),
+    (b"z", b"", {"timestamp": 5}),
+    (b"w", b"k2", {"partition": 2, "headers": (("a", b"b"),)}),
+]
+
+
+def _send_mixed(p: Producer) -> list[Any]:
+    return [p.send("t", v, k, timestamp=kw.pop("timestamp", 1234), **kw) for v, k, kw in (
+        (v, k, dict(kw)) for v, k, kw in _MIXED)]
+
+
+def test_compiled_send_writes_the_frames_the_python_send_writes(standin: StandIn) -> None:
+    with _quick(Producer(standin.path)) as p:
+        assert p.send is not Producer.send.__get__(p)  # no serializer: the compiled send()
+        fast = _send_mixed(p)
+        got_fast = [standin.take(w) for w in range(WORKERS)]
+        p._core.enabled = 0  # every record through the Python send()
+        slow = _send_mixed(p)
+        got_slow = [standin.take(w) for w in range(WORKERS)]
+        assert got_fast == got_slow and sum(map(len, got_fast)) == len(_MIXED)
+        for f, s in zip(fast, slow):
+            assert (f.topic, f.partition, f.timestamp) == (s.topic, s.partition, s.timestamp)
+            assert type(f) is type(s)
+        # And the bodies are what the Python encoder (the oracle) makes.
+        bodies = sorted(body for frames in got_fast for _, _, _, body in frames)
+        assert bodies == sorted(encode_record_body(k, v, kw.get("headers")) for v, k, kw in _MIXED)
+        assert p.pending == 2 * len(_MIXED)
+
+
+def test_compiled_send_hands_the_unusual_to_python(standin: StandIn) -> None:
+    with _quick(Producer(standin.path)) as p:
+        p.send("t", b"first")  # the topic is now known to the compiled path
+        standin.take(0), standin.take(1)
+        with pytest.raises(UnknownTopicOrPartitionError):
+            p.send("t", b"x", partition=-1)
+        with pytest.raises(MessageTooLargeError):
+            p.send("t", b"x" * 5000)
+        with pytest.raises(TypeError):
+            p.send("t", b"x", nonsense=1)
+        f = p.send("t", bytearray(b"ba"), memoryview(b"mk"))  # buffers: the Python path
+        frames = standin.take(0) + standin.take(1)
+        assert [body for *_, body in frames] == [encode_record_body(b"mk", b"ba")]
+        assert f.partition == partition_for_key(b"mk", 4)
+    with pytest.raises(ProducerClosedError):
+        p.send("t", b"after close")
+
+
+def test_compiled_send_from_many_threads_loses_and_reorders_nothing(standin: StandIn) -> None:
+    # The compiled send() runs under the GIL from claim to publish; send_many (Python) holds
+    # the send lock between its claim and its publish, and the compiled path defers to it.
+    threads, per = 4, 500
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as CPython allows
+    try:
+        _many_threads(standin, threads, per)
+    finally:
+        sys.setswitchinterval(old_interval)
+
+
+def _many_threads(standin: StandIn, threads: int, per: int) -> None:
+    with _quick(Producer(standin.path)) as p:
+        p.send("t", b"warm-up", partition=0)
+        standin.take(0), standin.take(1)
+
+        def one(n: int) -> None:
+            for i in range(per):
+                p.send("t", b"%d:%d" % (n, i), partition=i % 4)
+
+        def many() -> None:
+            for i in range(per // 50):
+                p.send_many("t", [b"m:%d" % (50 * i + j) for j in range(50)], partition=1)
+
+        ts = [threading.Thread(target=one, args=(n,)) for n in range(threads)] + [threading.Thread(target=many)]
+        got: list[tuple[int, int, int, bytes]] = []
+        for t in ts:
+            t.start()
+        deadline = time.monotonic() + 60
+        while any(t.is_alive() for t in ts) and time.monotonic() < deadline:
+            got += standin.take(0) + standin.take(1)
+            standin.chunk_done(0), standin.chunk_done(1)  # free the rings as a worker would
+            time.sleep(0.001)
+        for t in ts:
+            t.join(5)
+        got += standin.take(0) + standin.take(1)
+    # body: null key (1 byte), value length (1), value, header count (1)
+    values = [(part, body[2:-1]) for _, part, _, body in got]
+    assert len(values) == threads * per + per
+    for n in range(threads):
+        for part in range(4):
+            mine = [v for q, v in values if q == part and v.startswith(b"%d:" % n)]
+            # every record once, in send order within its partition
+            assert mine == [b"%d:%d" % (n, i) for i in range(part, per, 4)]
+    assert [v for _, v in values if v.startswith(b"m:")] == [b"m:%d" % i for i in range(per)]
+
+
+def test_serializers_take_the_python_send(standin: StandIn) -> None:
+    with _quick(Producer(standin.path, value_serializer="json")) as p:
+        assert p.send == Producer.send.__get__(p)
+        p.send("t", {"a": 1}, partition=0)
+        assert [json.loads(body[2:-1]) for *_, body in standin.take(0) + standin.take(1)] == [{"a": 1}]

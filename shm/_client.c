@@ -1,0 +1,910 @@
+/* shm._client: the client's per-record path, compiled. Serves shm.producer and shm.ring.
+ *
+ *   murmur2(key)      Kafka's murmur2 (the Java client's Utils.murmur2), signed 32-bit.
+ *   RingWriter        the writer half of an SpscRing (shm/ring.py): claim, publish, rollback.
+ *                     shm.ring.SpscRing delegates to it, so Python writers (send_many, the
+ *                     worker's completions) and the compiled send() share one state.
+ *   FutureBase        the slots of shm.futures.DeliveryFuture (topic, partition, timestamp,
+ *                     _outcome, _waiters); the Python subclass adds the methods. send() makes
+ *                     one without running Python code.
+ *   TopicBase         the per-record slots of shm.topic.TopicState (id, partitions, owners,
+ *                     sticky partition, largest body, pending FIFOs).
+ *   SendCore          send(): body encode, partition (explicit, sticky, murmur2), timestamp,
+ *                     future, ring claim, copy, pending bookkeeping, publish, doorbell.
+ *
+ * Thread safety: send() runs with the GIL held from the moment it claims ring space until it
+ * has published the frame, and runs no Python code in between (no allocation of GC-tracked
+ * objects, no callbacks), so it is atomic against every other Python thread of the process.
+ * Python writers that claim and publish in several bytecodes hold the producer's send lock;
+ * send() sees their claim in progress (pending != published) and hands the record to the
+ * Python path, which waits for that lock. Anything unusual (a serializer, an unknown topic, a
+ * full ring, a closed producer, an error to raise) goes to the Python path too.
+ *
+ * Ordering (shm/layout.py, "Ordering"): the frame is written, then the head is published with
+ * one aligned 8-byte release store; x86-64 TSO makes the frame visible first.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "_layout.h"
+#include "_record.h"
+
+/* ------------------------------------------------------------------------------------------
+ * murmur2
+ */
+
+static int32_t kafka_murmur2(const unsigned char *data, Py_ssize_t length) {
+    const uint32_t seed = 0x9747b28cu, m = 0x5bd1e995u;
+    const int r = 24;
+    uint32_t h = seed ^ (uint32_t)length;
+    Py_ssize_t n4 = length / 4;
+    for (Py_ssize_t i = 0; i < n4; i++) {
+        uint32_t k;
+        memcpy(&k, data + 4 * i, 4); /* little-endian, as Java's byte assembly */
+        k *= m;
+        k ^= k >> r;
+        k *= m;
+        h *= m;
+        h ^= k;
+    }
+    const unsigned char *tail = data + 4 * n4;
+    switch (length & 3) {
+    case 3:
+        h ^= (uint32_t)tail[2] << 16;
+        /* fall through */
+    case 2:
+        h ^= (uint32_t)tail[1] << 8;
+        /* fall through */
+    case 1:
+        h ^= (uint32_t)tail[0];
+        h *= m;
+    }
+    h ^= h >> 13;
+    h *= m;
+    h ^= h >> 15;
+    return (int32_t)h;
+}
+
+static inline int partition_of_key(const unsigned char *key, Py_ssize_t len, int partitions) {
+    return (int)(((uint32_t)kafka_murmur2(key, len) & 0x7fffffffu) % (uint32_t)partitions);
+}
+
+PyDoc_STRVAR(murmur2_doc, "murmur2(key) -> int\n\nKafka's murmur2 of a bytes-like key (signed 32-bit).");
+
+static PyObject *py_murmur2(PyObject *self, PyObject *arg) {
+    (void)self;
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int32_t h = kafka_murmur2(b.buf, b.len);
+    PyBuffer_Release(&b);
+    return PyLong_FromLong(h);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * RingWriter
+ */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;      /* the whole mapping (SpscRing.view), pinned while held */
+    int held;
+    unsigned char *base; /* view.buf */
+    Py_ssize_t data_start;
+    uint64_t capacity, mask, max_frame;
+    uint64_t *head_word, *tail_word, *full_word;
+    volatile unsigned char *flag;
+    uint64_t pending, published, tail_cache, limit, full;
+    int bell_fd; /* eventfd rung when the reader sleeps; -1: the Python side rings */
+} RingWriter;
+
+enum { CLAIM_FULL = -1, CLAIM_CORRUPT = -2, CLAIM_TOO_BIG = -3 };
+
+/* Reload the reader's tail; 1 if the writer may advance to new_head, 0 if full, -1 corrupt. */
+static int rw_room_for(RingWriter *w, uint64_t new_head) {
+    uint64_t tail = __atomic_load_n(w->tail_word, __ATOMIC_ACQUIRE);
+    if (tail < w->tail_cache || tail > w->published || (tail & 7u))
+        return -1;
+    w->tail_cache = tail;
+    w->limit = tail + w->capacity;
+    if (new_head - tail <= w->capacity)
+        return 1;
+    w->full++;
+    __atomic_store_n(w->full_word, w->full, __ATOMIC_RELAXED);
+    return 0;
+}
+
+/* Claim a frame of payload plen; returns the payload's offset in the mapping or CLAIM_*. */
+static Py_ssize_t rw_claim(RingWriter *w, uint32_t ftype, uint64_t plen) {
+    if (!w->held)
+        return CLAIM_CORRUPT;
+    uint64_t size = (plen + 15u) & ~(uint64_t)7u;
+    if (size > w->max_frame)
+        return CLAIM_TOO_BIG;
+    uint64_t head = w->pending;
+    uint64_t off = head & w->mask;
+    uint64_t room = w->capacity - off;
+    unsigned char *data = w->base + w->data_start;
+    Py_ssize_t pos;
+    if (size <= room) {
+        if (head + size > w->limit) {
+            int ok = rw_room_for(w, head + size);
+            if (ok <= 0)
+                return ok < 0 ? CLAIM_CORRUPT : CLAIM_FULL;
+        }
+        pos = w->data_start + (Py_ssize_t)off;
+    } else {
+        if (head + room + size > w->limit) {
+            int ok = rw_room_for(w, head + room + size);
+            if (ok <= 0)
+                return ok < 0 ? CLAIM_CORRUPT : CLAIM_FULL;
+        }
+        uint32_t pad[2] = {(uint32_t)(room - 8u), SL_FRAME_PADDING};
+        memcpy(data + off, pad, 8);
+        head += room;
+        pos = w->data_start;
+    }
+    uint32_t hdr[2] = {(uint32_t)plen, ftype};
+    memcpy(w->base + pos, hdr, 8);
+    w->pending = head + size;
+    return pos + 8;
+}
+
+/* Publish every claimed frame; 1 when the reader was asleep (its flag cleared: ring it). */
+static int rw_publish(RingWriter *w) {
+    uint64_t head = w->pending;
+    if (head == w->published || !w->held)
+        return 0;
+    __atomic_store_n(w->head_word, head, __ATOMIC_RELEASE); /* the commit: one aligned store */
+    w->published = head;
+    if (*w->flag) {
+        *w->flag = 0;
+        return 1;
+    }
+    return 0;
+}
+
+static void rw_ring(RingWriter *w) {
+    if (w->bell_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t n;
+        do {
+            n = write(w->bell_fd, &one, sizeof one);
+        } while (n < 0 && errno == EINTR);
+        /* EAGAIN: the counter is saturated, so the reader is woken anyway. */
+    }
+}
+
+static void rw_release(RingWriter *w) {
+    if (w->held) {
+        PyBuffer_Release(&w->view);
+        w->held = 0;
+        w->base = NULL;
+    }
+    w->bell_fd = -1; /* the doorbell may close after the ring: never write to a stale fd */
+}
+
+static int RingWriter_init(RingWriter *w, PyObject *args, PyObject *kwds) {
+    static char *kw[] = {"view", "offset", "data_start", "capacity", "head", "tail", "full", "bell_fd", NULL};
+    PyObject *view;
+    Py_ssize_t offset, data_start;
+    unsigned long long capacity, head, tail, full;
+    int bell_fd = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnnKKKK|i:RingWriter", kw, &view, &offset, &data_start, &capacity,
+                                     &head, &tail, &full, &bell_fd))
+        return -1;
+    rw_release(w);
+    if (PyObject_GetBuffer(view, &w->view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    w->held = 1;
+    if (capacity < 64 || (capacity & (capacity - 1)) || offset < 0 || (offset & 7) || data_start < offset ||
+        (uint64_t)data_start + capacity > (uint64_t)w->view.len || offset + 256 > w->view.len) {
+        rw_release(w);
+        PyErr_SetString(PyExc_ValueError, "RingWriter: ring outside the buffer or bad capacity");
+        return -1;
+    }
+    w->base = w->view.buf;
+    w->data_start = data_start;
+    w->capacity = capacity;
+    w->mask = capacity - 1;
+    w->max_frame = capacity / 2;
+    /* Offsets of shm.layout's ring header (a test checks them through the exported names). */
+    w->head_word = (uint64_t *)(w->base + offset + 64);
+    w->full_word = (uint64_t *)(w->base + offset + 72);
+    w->tail_word = (uint64_t *)(w->base + offset + 128);
+    w->flag = w->base + offset + 192;
+    w->pending = w->published = head;
+    w->tail_cache = tail;
+    w->limit = tail + capacity;
+    w->full = full;
+    w->bell_fd = bell_fd;
+    return 0;
+}
+
+static void RingWriter_dealloc(RingWriter *w) {
+    rw_release(w);
+    Py_TYPE(w)->tp_free((PyObject *)w);
+}
+
+static PyObject *RingWriter_claim(RingWriter *w, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "claim(frame_type, payload_length)");
+        return NULL;
+    }
+    long ftype = PyLong_AsLong(args[0]);
+    long long plen = PyLong_AsLongLong(args[1]);
+    if ((ftype == -1 || plen == -1) && PyErr_Occurred())
+        return NULL;
+    if (plen < 0 || plen > UINT32_MAX || ftype < 0 || ftype > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "claim: frame type or payload length out of range");
+        return NULL;
+    }
+    return PyLong_FromSsize_t(rw_claim(w, (uint32_t)ftype, (uint64_t)plen));
+}
+
+static PyObject *RingWriter_publish(RingWriter *w, PyObject *unused) {
+    (void)unused;
+    int asleep = rw_publish(w);
+    if (asleep && w->bell_fd >= 0) {
+        rw_ring(w);
+        asleep = 0;
+    }
+    return PyBool_FromLong(asleep);
+}
+
+static PyObject *RingWriter_rollback(RingWriter *w, PyObject *unused) {
+    (void)unused;
+    w->pending = w->published;
+    Py_RETURN_NONE;
+}
+
+static PyObject *RingWriter_release_m(RingWriter *w, PyObject *unused) {
+    (void)unused;
+    rw_release(w);
+    Py_RETURN_NONE;
+}
+
+static PyObject *RingWriter_set_bell(RingWriter *w, PyObject *arg) {
+    int fd = (int)PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    w->bell_fd = fd;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef RingWriter_methods[] = {
+    {"claim", (PyCFunction)(void (*)(void))RingWriter_claim, METH_FASTCALL,
+     "claim(frame_type, payload_length) -> payload offset, or -1 full, -2 corrupt tail, -3 too big"},
+    {"publish", (PyCFunction)RingWriter_publish, METH_NOARGS,
+     "Publish the claimed frames; True when the reader sleeps and must be rung by the caller."},
+    {"rollback", (PyCFunction)RingWriter_rollback, METH_NOARGS, "Forget frames claimed since the last publish."},
+    {"release", (PyCFunction)RingWriter_release_m, METH_NOARGS, "Let go of the mapping."},
+    {"set_bell", (PyCFunction)RingWriter_set_bell, METH_O, "The eventfd to ring (-1: the caller rings)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef RingWriter_members[] = {
+    {"pending", T_ULONGLONG, offsetof(RingWriter, pending), READONLY, "head position after the claimed frames"},
+    {"published", T_ULONGLONG, offsetof(RingWriter, published), READONLY, "the last published head"},
+    {"tail_cache", T_ULONGLONG, offsetof(RingWriter, tail_cache), READONLY, "the reader's tail as last loaded"},
+    {"full", T_ULONGLONG, offsetof(RingWriter, full), READONLY, "times a claim found the ring full"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject RingWriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shm._client.RingWriter",
+    .tp_basicsize = sizeof(RingWriter),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The writer half of a shared-memory SPSC ring (see shm.ring.SpscRing).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)RingWriter_init,
+    .tp_dealloc = (destructor)RingWriter_dealloc,
+    .tp_methods = RingWriter_methods,
+    .tp_members = RingWriter_members,
+};
+
+/* ------------------------------------------------------------------------------------------
+ * FutureBase: the slots of a DeliveryFuture
+ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *topic;
+    PyObject *partition;
+    PyObject *timestamp;
+    PyObject *outcome; /* None while pending; the offset (int) or the exception */
+    PyObject *waiters; /* None or a list of callables */
+} FutureBase;
+
+static int FutureBase_traverse(FutureBase *f, visitproc visit, void *arg) {
+    Py_VISIT(f->topic);
+    Py_VISIT(f->partition);
+    Py_VISIT(f->timestamp);
+    Py_VISIT(f->outcome);
+    Py_VISIT(f->waiters);
+    return 0;
+}
+
+static int FutureBase_clear(FutureBase *f) {
+    Py_CLEAR(f->topic);
+    Py_CLEAR(f->partition);
+    Py_CLEAR(f->timestamp);
+    Py_CLEAR(f->outcome);
+    Py_CLEAR(f->waiters);
+    return 0;
+}
+
+static void FutureBase_dealloc(FutureBase *f) {
+    PyObject_GC_UnTrack(f);
+    FutureBase_clear(f);
+    Py_TYPE(f)->tp_free((PyObject *)f);
+}
+
+static PyObject *FutureBase_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    (void)args;
+    (void)kwds;
+    FutureBase *f = (FutureBase *)type->tp_alloc(type, 0);
+    if (f == NULL)
+        return NULL;
+    f->topic = Py_NewRef(Py_None);
+    f->partition = Py_NewRef(Py_None);
+    f->timestamp = Py_NewRef(Py_None);
+    f->outcome = Py_NewRef(Py_None);
+    f->waiters = Py_NewRef(Py_None);
+    return (PyObject *)f;
+}
+
+static PyMemberDef FutureBase_members[] = {
+    {"topic", T_OBJECT, offsetof(FutureBase, topic), 0, NULL},
+    {"partition", T_OBJECT, offsetof(FutureBase, partition), 0, NULL},
+    {"timestamp", T_OBJECT, offsetof(FutureBase, timestamp), 0, NULL},
+    {"_outcome", T_OBJECT, offsetof(FutureBase, outcome), 0, NULL},
+    {"_waiters", T_OBJECT, offsetof(FutureBase, waiters), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject FutureBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shm._client.FutureBase",
+    .tp_basicsize = sizeof(FutureBase),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The slots of shm.futures.DeliveryFuture, so that send() can make one in C.",
+    .tp_new = FutureBase_new,
+    .tp_dealloc = (destructor)FutureBase_dealloc,
+    .tp_traverse = (traverseproc)FutureBase_traverse,
+    .tp_clear = (inquiry)FutureBase_clear,
+    .tp_members = FutureBase_members,
+};
+
+/* ------------------------------------------------------------------------------------------
+ * TopicBase: the per-record slots of a TopicState
+ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *name;
+    int id;
+    int partitions;
+    Py_ssize_t max_body;
+    int sticky_p;
+    Py_ssize_t sticky_left;
+    int *owners;        /* worker per partition */
+    PyObject *appends;  /* tuple: the bound append of each partition's pending FIFO */
+    int bound;          /* owners and appends are set for `partitions` */
+} TopicBase;
+
+static int TopicBase_traverse(TopicBase *t, visitproc visit, void *arg) {
+    Py_VISIT(t->name);
+    Py_VISIT(t->appends);
+    return 0;
+}
+
+static int TopicBase_clear(TopicBase *t) {
+    Py_CLEAR(t->name);
+    Py_CLEAR(t->appends);
+    return 0;
+}
+
+static void TopicBase_dealloc(TopicBase *t) {
+    PyObject_GC_UnTrack(t);
+    TopicBase_clear(t);
+    PyMem_Free(t->owners);
+    Py_TYPE(t)->tp_free((PyObject *)t);
+}
+
+static PyObject *TopicBase_bind(TopicBase *t, PyObject *args) {
+    PyObject *owners, *pending;
+    if (!PyArg_ParseTuple(args, "OO:bind", &owners, &pending))
+        return NULL;
+    Py_ssize_t n = PySequence_Size(owners);
+    if (n < 0)
+        return NULL;
+    if (n != t->partitions || PySequence_Size(pending) != n) {
+        PyErr_SetString(PyExc_ValueError, "bind: one owner and one FIFO per partition");
+        return NULL;
+    }
+    int *own = PyMem_Malloc(sizeof(int) * (size_t)(n ? n : 1));
+    PyObject *appends = PyTuple_New(n);
+    if (own == NULL || appends == NULL) {
+        PyMem_Free(own);
+        Py_XDECREF(appends);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *o = PySequence_GetItem(owners, i);
+        PyObject *q = o ? PySequence_GetItem(pending, i) : NULL;
+        PyObject *app = q ? PyObject_GetAttrString(q, "append") : NULL;
+        long w = o ? PyLong_AsLong(o) : -1;
+        Py_XDECREF(o);
+        Py_XDECREF(q);
+        if (app == NULL || (w == -1 && PyErr_Occurred())) {
+            Py_XDECREF(app);
+            PyMem_Free(own);
+            Py_DECREF(appends);
+            return NULL;
+        }
+        own[i] = (int)w;
+        PyTuple_SET_ITEM(appends, i, app);
+    }
+    PyMem_Free(t->owners);
+    t->owners = own;
+    Py_XSETREF(t->appends, appends);
+    t->bound = 1;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef TopicBase_methods[] = {
+    {"_bind", (PyCFunction)TopicBase_bind, METH_VARARGS,
+     "_bind(owners, pending): each partition's worker and pending FIFO, for send()."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef TopicBase_members[] = {
+    {"name", T_OBJECT, offsetof(TopicBase, name), 0, NULL},
+    {"id", T_INT, offsetof(TopicBase, id), 0, NULL},
+    {"partitions", T_INT, offsetof(TopicBase, partitions), 0, NULL},
+    {"max_body", T_PYSSIZET, offsetof(TopicBase, max_body), 0, NULL},
+    {"sticky_p", T_INT, offsetof(TopicBase, sticky_p), 0, NULL},
+    {"sticky_left", T_PYSSIZET, offsetof(TopicBase, sticky_left), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject TopicBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shm._client.TopicBase",
+    .tp_basicsize = sizeof(TopicBase),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The per-record slots of shm.topic.TopicState, read by the compiled send().",
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)TopicBase_dealloc,
+    .tp_traverse = (traverseproc)TopicBase_traverse,
+    .tp_clear = (inquiry)TopicBase_clear,
+    .tp_methods = TopicBase_methods,
+    .tp_members = TopicBase_members,
+};
+
+/* ------------------------------------------------------------------------------------------
+ * SendCore
+ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *topics;      /* dict: name -> TopicState (a TopicBase) */
+    PyObject *writers;     /* tuple of RingWriter, one per worker */
+    PyTypeObject *future;  /* the DeliveryFuture class (a FutureBase subclass) */
+    PyObject *slow;        /* the Python send(): everything the fast path does not take */
+    PyObject *full;        /* enqueue(topic_state, partition, ts, body, future): ring full */
+    PyObject *stick;       /* stick(topic_state): the sticky partition moves on */
+    int enabled;
+    long long pending;     /* records sent whose outcome has not come back */
+} SendCore;
+
+static int SendCore_traverse(SendCore *c, visitproc visit, void *arg) {
+    Py_VISIT(c->topics);
+    Py_VISIT(c->writers);
+    Py_VISIT(c->future);
+    Py_VISIT(c->slow);
+    Py_VISIT(c->full);
+    Py_VISIT(c->stick);
+    return 0;
+}
+
+static int SendCore_clear(SendCore *c) {
+    Py_CLEAR(c->topics);
+    Py_CLEAR(c->writers);
+    Py_CLEAR(c->future);
+    Py_CLEAR(c->slow);
+    Py_CLEAR(c->full);
+    Py_CLEAR(c->stick);
+    return 0;
+}
+
+static void SendCore_dealloc(SendCore *c) {
+    PyObject_GC_UnTrack(c);
+    SendCore_clear(c);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static int SendCore_init(SendCore *c, PyObject *args, PyObject *kwds) {
+    static char *kw[] = {"topics", "future", "slow", "full", "stick", NULL};
+    PyObject *topics, *future, *slow, *full, *stick;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!OOO:SendCore", kw, &PyDict_Type, &topics, &PyType_Type, &future,
+                                     &slow, &full, &stick))
+        return -1;
+    if (!PyType_IsSubtype((PyTypeObject *)future, &FutureBaseType)) {
+        PyErr_SetString(PyExc_TypeError, "SendCore: future must subclass FutureBase");
+        return -1;
+    }
+    Py_XSETREF(c->topics, Py_NewRef(topics));
+    Py_XSETREF(c->future, (PyTypeObject *)Py_NewRef(future));
+    Py_XSETREF(c->slow, Py_NewRef(slow));
+    Py_XSETREF(c->full, Py_NewRef(full));
+    Py_XSETREF(c->stick, Py_NewRef(stick));
+    Py_XSETREF(c->writers, PyTuple_New(0));
+    c->enabled = 0;
+    c->pending = 0;
+    return c->writers ? 0 : -1;
+}
+
+/* One header of a send(): key (str or bytes) and value (bytes or None), borrowed. */
+typedef struct {
+    const char *k;
+    Py_ssize_t klen;
+    const char *v;
+    Py_ssize_t vlen; /* -1: null */
+} hdr_t;
+
+#define MAX_FAST_HEADERS 16
+
+/* Parse headers for the fast path; returns the count, or -1 to take the slow path. */
+static Py_ssize_t parse_headers(PyObject *headers, hdr_t *out, int64_t *bytes) {
+    if (headers == Py_None)
+        return 0;
+    if (!PyList_CheckExact(headers) && !PyTuple_CheckExact(headers))
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(headers);
+    if (n > MAX_FAST_HEADERS)
+        return -1;
+    PyObject **items = PySequence_Fast_ITEMS(headers);
+    int64_t total = sl_varint_len(n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *h = items[i];
+        if (!PyTuple_CheckExact(h) || PyTuple_GET_SIZE(h) != 2)
+            return -1;
+        PyObject *k = PyTuple_GET_ITEM(h, 0), *v = PyTuple_GET_ITEM(h, 1);
+        if (PyUnicode_CheckExact(k)) {
+            out[i].k = PyUnicode_AsUTF8AndSize(k, &out[i].klen);
+            if (out[i].k == NULL) {
+                PyErr_Clear();
+                return -1;
+            }
+        } else if (PyBytes_CheckExact(k)) {
+            out[i].k = PyBytes_AS_STRING(k);
+            out[i].klen = PyBytes_GET_SIZE(k);
+        } else {
+            return -1;
+        }
+        if (v == Py_None) {
+            out[i].v = NULL;
+            out[i].vlen = -1;
+        } else if (PyBytes_CheckExact(v)) {
+            out[i].v = PyBytes_AS_STRING(v);
+            out[i].vlen = PyBytes_GET_SIZE(v);
+        } else {
+            return -1;
+        }
+        total += sl_varint_len(out[i].klen) + out[i].klen + sl_varint_len(out[i].vlen) + (out[i].vlen > 0 ? out[i].vlen : 0);
+    }
+    *bytes = total;
+    return n;
+}
+
+static inline unsigned char *put_field(unsigned char *out, const char *p, Py_ssize_t n) {
+    out += sl_put_varint(out, n);
+    if (n > 0) {
+        memcpy(out, p, (size_t)n);
+        out += n;
+    }
+    return out;
+}
+
+static void encode_body(unsigned char *out, const char *key, Py_ssize_t klen, const char *val, Py_ssize_t vlen,
+                        const hdr_t *h, Py_ssize_t nh) {
+    out = put_field(out, key, klen);
+    out = put_field(out, val, vlen);
+    out += sl_put_varint(out, nh);
+    for (Py_ssize_t i = 0; i < nh; i++) {
+        out = put_field(out, h[i].k, h[i].klen);
+        out = put_field(out, h[i].v, h[i].vlen);
+    }
+}
+
+static int64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static PyObject *call_slow(SendCore *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    return PyObject_Vectorcall(c->slow, args, nargs, kwnames);
+}
+
+/* send(topic, value, key=None, *, partition=None, headers=None, timestamp=None, on_delivery=None) */
+static PyObject *SendCore_send(SendCore *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    if (!c->enabled || nargs < 2 || nargs > 3)
+        return call_slow(c, args, nargs, kwnames);
+    PyObject *topic = args[0], *value = args[1], *key = nargs > 2 ? args[2] : Py_None;
+    PyObject *partition = Py_None, *headers = Py_None, *timestamp = Py_None, *on_delivery = Py_None;
+    if (kwnames != NULL) {
+        Py_ssize_t nk = PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t i = 0; i < nk; i++) {
+            PyObject *name = PyTuple_GET_ITEM(kwnames, i), *v = args[nargs + i];
+            if (PyUnicode_CompareWithASCIIString(name, "partition") == 0)
+                partition = v;
+            else if (PyUnicode_CompareWithASCIIString(name, "headers") == 0)
+                headers = v;
+            else if (PyUnicode_CompareWithASCIIString(name, "timestamp") == 0)
+                timestamp = v;
+            else if (PyUnicode_CompareWithASCIIString(name, "on_delivery") == 0)
+                on_delivery = v;
+            else if (PyUnicode_CompareWithASCIIString(name, "key") == 0 && nargs == 2)
+                key = v;
+            else
+                return call_slow(c, args, nargs, kwnames); /* let Python report it */
+        }
+    }
+    if (!PyUnicode_CheckExact(topic))
+        return call_slow(c, args, nargs, kwnames);
+    PyObject *tobj = PyDict_GetItemWithError(c->topics, topic); /* borrowed */
+    if (tobj == NULL || !PyObject_TypeCheck(tobj, &TopicBaseType) || !((TopicBase *)tobj)->bound) {
+        if (PyErr_Occurred())
+            return NULL;
+        return call_slow(c, args, nargs, kwnames);
+    }
+    TopicBase *t = (TopicBase *)tobj;
+    const char *val = NULL, *kp = NULL;
+    Py_ssize_t vlen = -1, klen = -1;
+    if (PyBytes_CheckExact(value)) {
+        val = PyBytes_AS_STRING(value);
+        vlen = PyBytes_GET_SIZE(value);
+    } else if (value != Py_None) {
+        return call_slow(c, args, nargs, kwnames);
+    }
+    if (PyBytes_CheckExact(key)) {
+        kp = PyBytes_AS_STRING(key);
+        klen = PyBytes_GET_SIZE(key);
+    } else if (key != Py_None) {
+        return call_slow(c, args, nargs, kwnames);
+    }
+    hdr_t hdrs[MAX_FAST_HEADERS];
+    int64_t hbytes = 1;
+    Py_ssize_t nh = parse_headers(headers, hdrs, &hbytes);
+    if (nh < 0)
+        return call_slow(c, args, nargs, kwnames);
+    int64_t blen = sl_varint_len(klen) + (klen > 0 ? klen : 0) + sl_varint_len(vlen) + (vlen > 0 ? vlen : 0) + hbytes;
+    if (blen > t->max_body)
+        return call_slow(c, args, nargs, kwnames); /* raises MessageTooLargeError */
+    int p;
+    if (partition != Py_None) {
+        if (!PyLong_CheckExact(partition))
+            return call_slow(c, args, nargs, kwnames);
+        long pv = PyLong_AsLong(partition);
+        if (pv == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return call_slow(c, args, nargs, kwnames);
+        }
+        if (pv < 0 || pv >= t->partitions)
+            return call_slow(c, args, nargs, kwnames); /* raises UnknownTopicOrPartitionError */
+        p = (int)pv;
+    } else if (kp != NULL) {
+        p = partition_of_key((const unsigned char *)kp, klen, t->partitions);
+    } else {
+        if (t->sticky_left <= 0) {
+            PyObject *r = PyObject_CallOneArg(c->stick, tobj); /* per batch_size bytes, not per record */
+            if (r == NULL)
+                return NULL;
+            Py_DECREF(r);
+            if (t->sticky_p < 0 || t->sticky_p >= t->partitions)
+                return call_slow(c, args, nargs, kwnames);
+        }
+        p = t->sticky_p;
+        t->sticky_left -= (Py_ssize_t)blen;
+    }
+    int64_t ts;
+    if (timestamp == Py_None) {
+        ts = now_ms();
+    } else {
+        if (!PyLong_CheckExact(timestamp))
+            return call_slow(c, args, nargs, kwnames);
+        int overflow = 0;
+        ts = PyLong_AsLongLongAndOverflow(timestamp, &overflow);
+        if (overflow || (ts == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return call_slow(c, args, nargs, kwnames);
+        }
+    }
+    int owner = t->owners[p];
+    if (owner < 0 || owner >= PyTuple_GET_SIZE(c->writers))
+        return call_slow(c, args, nargs, kwnames);
+    RingWriter *w = (RingWriter *)PyTuple_GET_ITEM(c->writers, owner);
+    /* The future first: making it may run Python code (the GC), which must not happen between
+     * the claim and the publish. */
+    FutureBase *f = (FutureBase *)c->future->tp_alloc(c->future, 0);
+    if (f == NULL)
+        return NULL;
+    f->topic = Py_NewRef(t->name);
+    f->partition = PyLong_FromLong(p);
+    f->timestamp = PyLong_FromLongLong(ts);
+    f->outcome = Py_NewRef(Py_None);
+    if (on_delivery == Py_None) {
+        f->waiters = Py_NewRef(Py_None);
+    } else {
+        f->waiters = PyList_New(1);
+        if (f->waiters != NULL)
+            PyList_SET_ITEM(f->waiters, 0, Py_NewRef(on_delivery));
+    }
+    if (f->partition == NULL || f->timestamp == NULL || f->waiters == NULL) {
+        Py_DECREF(f);
+        return NULL;
+    }
+    if (w->pending != w->published) {
+        /* Another thread's Python writer is between its claim and its publish: wait for it
+         * in the Python path (it holds the send lock). */
+        Py_DECREF(f);
+        return call_slow(c, args, nargs, kwnames);
+    }
+    Py_ssize_t pos = rw_claim(w, SL_FRAME_RECORD, (uint64_t)(SL_RECORD_PREFIX_BYTES + blen));
+    if (pos < 0) {
+        if (pos != CLAIM_FULL) {
+            Py_DECREF(f);
+            return call_slow(c, args, nargs, kwnames); /* raises what is wrong */
+        }
+        /* No room: the Python path waits (on_full=block) or drops, with the body we made. */
+        PyObject *body = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)blen);
+        if (body == NULL) {
+            Py_DECREF(f);
+            return NULL;
+        }
+        encode_body((unsigned char *)PyBytes_AS_STRING(body), kp, klen, val, vlen, hdrs, nh);
+        PyObject *pp = PyLong_FromLong(p), *pts = PyLong_FromLongLong(ts);
+        PyObject *r = NULL;
+        if (pp != NULL && pts != NULL) {
+            PyObject *cargs[5] = {tobj, pp, pts, body, (PyObject *)f};
+            r = PyObject_Vectorcall(c->full, cargs, 5, NULL);
+        }
+        Py_XDECREF(pp);
+        Py_XDECREF(pts);
+        Py_DECREF(body);
+        if (r == NULL) {
+            Py_DECREF(f);
+            return NULL;
+        }
+        Py_DECREF(r);
+        return (PyObject *)f;
+    }
+    unsigned char *rec = w->base + pos;
+    uint16_t tid = (uint16_t)t->id, flags = 0;
+    int32_t part = p;
+    memcpy(rec, &tid, 2);
+    memcpy(rec + 2, &flags, 2);
+    memcpy(rec + 4, &part, 4);
+    memcpy(rec + 8, &ts, 8);
+    encode_body(rec + SL_RECORD_PREFIX_BYTES, kp, klen, val, vlen, hdrs, nh);
+    /* Pending before publish: the outcome may come back right after it. deque.append runs no
+     * Python code. */
+    PyObject *app = PyTuple_GET_ITEM(t->appends, p);
+    PyObject *r = PyObject_CallOneArg(app, (PyObject *)f);
+    if (r == NULL) {
+        w->pending = w->published; /* roll the claim back */
+        Py_DECREF(f);
+        return NULL;
+    }
+    Py_DECREF(r);
+    c->pending++;
+    if (rw_publish(w))
+        rw_ring(w);
+    return (PyObject *)f;
+}
+
+static PyObject *SendCore_set_writers(SendCore *c, PyObject *arg) {
+    if (!PyTuple_CheckExact(arg)) {
+        PyErr_SetString(PyExc_TypeError, "set_writers(tuple of RingWriter)");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(arg); i++) {
+        if (!PyObject_TypeCheck(PyTuple_GET_ITEM(arg, i), &RingWriterType)) {
+            PyErr_SetString(PyExc_TypeError, "set_writers(tuple of RingWriter)");
+            return NULL;
+        }
+    }
+    Py_XSETREF(c->writers, Py_NewRef(arg));
+    Py_RETURN_NONE;
+}
+
+static PyObject *SendCore_add_pending(SendCore *c, PyObject *arg) {
+    long long n = PyLong_AsLongLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    c->pending += n;
+    return PyLong_FromLongLong(c->pending);
+}
+
+static PyMethodDef SendCore_methods[] = {
+    {"send", (PyCFunction)(void (*)(void))SendCore_send, METH_FASTCALL | METH_KEYWORDS,
+     "send(topic, value, key=None, *, partition=None, headers=None, timestamp=None, on_delivery=None)"},
+    {"set_writers", (PyCFunction)SendCore_set_writers, METH_O, "The request rings' writers, one per worker."},
+    {"add_pending", (PyCFunction)SendCore_add_pending, METH_O,
+     "Add n (negative: records completed) to the pending count; returns it."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef SendCore_members[] = {
+    {"enabled", T_INT, offsetof(SendCore, enabled), 0, "0: every send() takes the Python path"},
+    {"pending", T_LONGLONG, offsetof(SendCore, pending), 0, "records sent and not yet completed"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject SendCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shm._client.SendCore",
+    .tp_basicsize = sizeof(SendCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The compiled send() of one Producer (see the module docstring).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)SendCore_init,
+    .tp_dealloc = (destructor)SendCore_dealloc,
+    .tp_traverse = (traverseproc)SendCore_traverse,
+    .tp_clear = (inquiry)SendCore_clear,
+    .tp_methods = SendCore_methods,
+    .tp_members = SendCore_members,
+};
+
+/* ------------------------------------------------------------------------------------------ */
+
+static PyMethodDef methods[] = {
+    {"murmur2", py_murmur2, METH_O, murmur2_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "shm._client",
+    "The client's per-record path, compiled: murmur2, the ring writer, the future's slots and "
+    "send(). Serves shm.producer and shm.ring.",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__client(void) {
+    if (PyType_Ready(&RingWriterType) < 0 || PyType_Ready(&FutureBaseType) < 0 || PyType_Ready(&TopicBaseType) < 0 ||
+        PyType_Ready(&SendCoreType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "RingWriter", (PyObject *)&RingWriterType) < 0 ||
+        PyModule_AddObjectRef(m, "FutureBase", (PyObject *)&FutureBaseType) < 0 ||
+        PyModule_AddObjectRef(m, "TopicBase", (PyObject *)&TopicBaseType) < 0 ||
+        PyModule_AddObjectRef(m, "SendCore", (PyObject *)&SendCoreType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    struct {
+        const char *name;
+        long value;
+    } consts[] = {
+        {"CLAIM_FULL", CLAIM_FULL}, {"CLAIM_CORRUPT", CLAIM_CORRUPT}, {"CLAIM_TOO_BIG", CLAIM_TOO_BIG},
+        {"RING_HEAD_OFFSET", 64}, {"RING_FULL_COUNT_OFFSET", 72}, {"RING_TAIL_OFFSET", 128},
+        {"RING_READER_SLEEPING_OFFSET", 192}, {"RECORD_PREFIX_BYTES", SL_RECORD_PREFIX_BYTES},
+        {"FRAME_RECORD", SL_FRAME_RECORD}, {"FRAME_PADDING", SL_FRAME_PADDING},
+    };
+    for (size_t i = 0; i < sizeof consts / sizeof consts[0]; i++) {
+        if (PyModule_AddIntConstant(m, consts[i].name, consts[i].value) < 0) {
+            Py_DECREF(m);
+            return NULL;
+        }
+    }
+    return m;
+}
