@@ -135,7 +135,7 @@ class Completions:
             # Its slot's life is counted in the holds; its records' chunks are its pieces.
             self._recovered(batch, error_code, base_offset, log_append_ms)
             if error_code:
-                counters.count_error(error_code, batch.record_count)
+                counters.count_error(error_code, batch.record_count, batch.topic)
             else:
                 counters.records_out += batch.record_count
             self._resume()
@@ -164,7 +164,7 @@ class Completions:
         if slot >= 0:
             self._holds.keep(slot, holds)
         if error_code:
-            counters.count_error(error_code, batch.record_count)
+            counters.count_error(error_code, batch.record_count, batch.topic)
         else:
             counters.records_out += batch.record_count
             self._latency.add(time.monotonic() * 1000.0 - batch.created_ms)

@@ -374,7 +374,8 @@ class Drainer:
         chunk.outcomes.append(Outcome(0, tid, code, part, -1, -1, 1))
         ring.advance(size)
         client.chunks.append(chunk)
-        self._counters.count_error(code, 1)
+        # The frame was validated before it was refused for its size: its topic id is known.
+        self._counters.count_error(code, 1, self._topics.names[tid] or "")
         self._table.ready.add(client)
         return size
 

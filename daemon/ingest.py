@@ -8,7 +8,7 @@ Policies:
 
 - ``on_full = "block"``: a full ring is retried every ``_FULL_RETRY_S`` until the topic's
   ``max_block_ms``, on the event loop (never blocking it). ``"drop"`` answers BUFFER_FULL at
-  once and the producer counts the drop.
+  once and the producer counts the drop (in its segment, as every client does).
 - ``Produce(ack=True)``: one ProduceAck per frame, once every record has its outcome, in the
   records' order. Without ack, errors known before the ring (unknown topic) are answered with a
   non-fatal ErrorReply, and the outcomes are only awaited by Flush and Goodbye (``pending``).
@@ -63,11 +63,6 @@ class SocketIngest:
         from now on; Produce stops waiting."""
         self._producer = producer
         self._ready.set()
-
-    @property
-    def drops(self) -> dict[str, int]:
-        """Records dropped under ``on_full = "drop"``, per topic."""
-        return dict(self._producer.drops) if self._producer is not None else {}
 
     async def flush(self, timeout: float) -> None:
         """Wait (off the loop) up to ``timeout`` seconds for the records sent so far."""

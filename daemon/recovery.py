@@ -330,9 +330,10 @@ class Recovery:
                 # Its outcome sorts after every earlier record of its partition in this chunk
                 # (their batches have ordinals up to the current one) and before later ones
                 # (new batches): close the partition's open batch first.
-                order = acc.close_partition(topics.names[tid] or "", part)
+                topic = topics.names[tid] or ""
+                order = acc.close_partition(topic, part)
                 chunk.outcomes.append(Outcome(order, tid, ec.MESSAGE_TOO_LARGE, part, -1, -1, 1))
-                counters.count_error(ec.MESSAGE_TOO_LARGE, 1)
+                counters.count_error(ec.MESSAGE_TOO_LARGE, 1, topic)
                 size = frame_size(plen)
                 ring.advance(size)
                 chunk.end = ring.cursor

@@ -17,6 +17,10 @@ Policies:
 - A malformed frame closes that connection with a fatal BAD_FRAME; the daemon carries on.
 - Tokens: a client that can reconnect gets its previous id back after a daemon crash
   (daemon/state.py), so the recovered records' completions reach it.
+- Drops: a client counts the records it drops under ``on_full = "drop"`` in its segment, per
+  topic id (shm/layout.py). :meth:`ControlServer.drop_counts` reads every segment the daemon
+  holds and adds what released segments said last, so a client's drops are counted after it
+  exits or dies too.
 """
 
 from __future__ import annotations
@@ -75,6 +79,11 @@ class Services(Protocol):
 
     def state_changed(self) -> None: ...
 
+    @property
+    def topic_id_bound(self) -> int:
+        """Every topic id handed out is below this."""
+        ...
+
 
 class Client:
     """A socket connection; with a segment when it is a shared-memory client."""
@@ -131,6 +140,8 @@ class ControlServer:
         self._listener: socket.socket | None = None
         self._next_client = 1
         self._stopping = False
+        # Drops by topic id of the segments already released, as each said last.
+        self._released_drops: list[int] = []
         self._tasks = TaskSet(log)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -178,6 +189,27 @@ class ControlServer:
         """Shared-memory clients: connections whose segment the workers still hold."""
         return sum(1 for c in self.clients.values() if c.segment is not None)
 
+    def drop_counts(self, ids: int) -> list[int]:
+        """Records the clients dropped under ``on_full = "drop"``, by topic id ``0..ids-1``:
+        what every segment still held says now, plus what released segments said last."""
+        totals = self._released_drops[:ids]
+        totals += [0] * (ids - len(totals))
+        for client in self.clients.values():
+            if client.segment is not None:
+                for tid, n in enumerate(client.segment.drop_counts[:ids].tolist()):
+                    if n:
+                        totals[tid] += n
+        return totals
+
+    def _keep_drops(self, segment: Segment) -> None:
+        """``segment`` is about to be released: keep its drop counts."""
+        ids = self._services.topic_id_bound
+        kept = self._released_drops
+        kept += [0] * (ids - len(kept))
+        for tid, n in enumerate(segment.drop_counts[:ids].tolist()):
+            if n:
+                kept[tid] += n
+
     def introduce(self, worker: int) -> tuple[list[int], list[tuple[Any, list[int]]]]:
         """For a worker just spawned: the ids of the segments it serves, and their AddClients."""
         ids: list[int] = []
@@ -214,6 +246,7 @@ class ControlServer:
             return
         client.detached.add(worker)
         if len(client.detached) >= len(self._workers) and client.segment is not None:
+            self._keep_drops(client.segment)
             client.segment.close()
             client.segment = None
             self.clients.pop(cid, None)

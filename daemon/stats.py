@@ -48,6 +48,7 @@ class Counters:
         "records_failed",
         "chunks",
         "errors",
+        "failed",
         "dropped_clients",
         "reloads_applied",
     )
@@ -59,13 +60,15 @@ class Counters:
         self.records_failed = 0  # records completed with an error
         self.chunks = 0  # chunks reported to clients (CHUNK_DONE frames written)
         self.errors: dict[str, int] = {}  # Kafka error name -> records failed with it
+        self.failed: dict[str, int] = {}  # topic -> records failed (sluice_records_failed_total)
         self.dropped_clients = 0
         self.reloads_applied = 0
 
-    def count_error(self, code: int, records: int) -> None:
-        """``records`` records completed with Kafka error ``code``."""
+    def count_error(self, code: int, records: int, topic: str) -> None:
+        """``records`` records of ``topic`` completed with Kafka error ``code``."""
         name = error_name(code)
         self.errors[name] = self.errors.get(name, 0) + records
+        self.failed[topic] = self.failed.get(topic, 0) + records
         self.records_failed += records
 
 
@@ -113,10 +116,12 @@ class LatencyHistogram:
 
 
 def aggregate(workers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Totals over the workers' snapshots: sums of counters, merged error maps, max fills."""
+    """Totals over the workers' snapshots: sums of counters, merged error and per-topic
+    failure maps, max fills. (Drops are the clients' count, not the workers': see
+    :meth:`daemon.server.ControlServer.drops`.)"""
     totals: dict[str, Any] = {k: 0 for k in SUMMED}
     errors: dict[str, int] = {}
-    drops: dict[str, int] = {}
+    failed: dict[str, int] = {}
     ring = arena = 0.0
     worst = {"p50": 0.0, "p90": 0.0, "p99": 0.0, "p999": 0.0}
     for snap in workers.values():
@@ -124,15 +129,15 @@ def aggregate(workers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             totals[k] += snap.get(k, 0)
         for name, n in snap.get("errors", {}).items():
             errors[name] = errors.get(name, 0) + n
-        for topic, n in snap.get("drops", {}).items():
-            drops[topic] = drops.get(topic, 0) + n
+        for topic, n in snap.get("failed", {}).items():
+            failed[topic] = failed.get(topic, 0) + n
         ring = max(ring, snap.get("ring_fill", 0.0))
         arena = max(arena, snap.get("arena_fill", 0.0))
         for q, v in snap.get("latency_ms", {}).items():
             if q in worst:
                 worst[q] = max(worst[q], v)
     totals["errors"] = errors
-    totals["drops"] = drops
+    totals["failed"] = failed
     totals["ring_fill"] = ring
     totals["arena_fill"] = arena
     # The worst worker's percentiles: an upper bound of the daemon's, never an understatement.
@@ -196,6 +201,9 @@ def format_table(stats: Mapping[str, Any]) -> str:
     errors = totals.get("errors", {})
     if errors:
         lines.append("errors: " + ", ".join(f"{k}={v}" for k, v in sorted(errors.items())))
+    failed = totals.get("failed", {})
+    if failed:
+        lines.append("failed by topic: " + ", ".join(f"{k}={v}" for k, v in sorted(failed.items())))
     drops = stats.get("drops", {})
     if drops:
         lines.append("drops (client side): " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))

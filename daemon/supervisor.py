@@ -245,6 +245,16 @@ class Supervisor:
 
     # --- stats -----------------------------------------------------------------------------
 
+    @property
+    def topic_id_bound(self) -> int:
+        return self.topics.id_bound
+
+    def drops(self) -> dict[str, int]:
+        """Records the clients dropped under ``on_full = "drop"``, by topic (the socket
+        ingest's producer is one of the clients)."""
+        counts = self.server.drop_counts(self.topics.id_bound)
+        return {name: counts[tid] for name, (tid, _) in self.topics if counts[tid]}
+
     def stats(self) -> dict[str, Any]:
         """The ``sluice stats`` / metrics snapshot (the keys are listed in daemon/metrics.py)."""
         workers = self.workers.stats()
@@ -259,7 +269,7 @@ class Supervisor:
             "uptime_s": round(time.monotonic() - self._started, 1),
             "start_time": self._started_wall,
             "version": _VERSION,
-            "drops": self.ingest.drops,
+            "drops": self.drops(),
         }
 
     def _status_line(self) -> str:

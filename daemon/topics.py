@@ -97,6 +97,11 @@ class TopicTable:
     def get(self, name: str) -> tuple[int, int] | None:
         return self._topics.get(name)
 
+    @property
+    def id_bound(self) -> int:
+        """One past the highest id handed out: every id in use is below it."""
+        return self._next_id
+
     def snapshot(self) -> dict[str, tuple[int, int]]:
         """A copy of the table, for the saved state."""
         return dict(self._topics)

@@ -298,6 +298,7 @@ class Worker:
             "in_flight": s["in_flight"],
             "retries": s["retries"],
             "errors": dict(c.errors),
+            "failed": dict(c.failed),
             "clients": len(self.clients),
             "dropped_clients": c.dropped_clients,
             "ring_fill": ring_fill,

@@ -19,6 +19,8 @@ Segment
     | worker 1 request ring         |
     +-------------------------------+
     | ...                           |
+    +-------------------------------+  drop_counters_offset(workers, request, completion)
+    | drop counters (512 KiB)       |  one u64 per topic id
     +-------------------------------+  segment_bytes(workers, request, completion)
 
 Segment header (``client`` is the process that created the segment, ``daemon`` the process
@@ -42,6 +44,20 @@ that attached it; ``-`` is nobody):
 The fields of the first line are written once, before the segment is passed to the daemon.
 Each heartbeat (``time.monotonic_ns()``, system-wide on Linux) has its own cache line because
 it is the only header field written repeatedly, each by a different process.
+
+Drop counters
+-------------
+After the last ring: :data:`DROP_COUNTERS` little-endian u64s, indexed by topic id (ring frames
+carry a u16 topic id, so every id has its slot). Slot ``t`` counts the records to topic ``t``
+that the client dropped because a request ring was full under ``on_full = "drop"``. The client
+is the only writer; it adds 1 per drop with one aligned 8-byte store (item assignment into a
+``'Q'``-typed memoryview, as for the heads below). The daemon only reads them, for
+``sluice_drops_total``. They live in the segment rather than in a message so that they
+survive the client: the daemon keeps its mapping after a client dies, so every drop a client
+made, up to its last instruction, is still counted, and a restarted daemon reads them again
+from the same segment. Only the pages of counters that are touched take memory (a 4 KiB page
+holds the counters of 512 topic ids); the rest of the table is address space. A hostile
+client can write any number here: it can only falsify its own drop counts.
 
 Ring
 ----
@@ -157,6 +173,9 @@ __all__ = [
     "FRAME_RECORD",
     "FRAME_COMPLETION",
     "FRAME_CHUNK_DONE",
+    "DROP_COUNTERS",
+    "DROP_COUNTERS_BYTES",
+    "drop_counters_offset",
     "MIN_RING_BYTES",
     "MAX_RING_BYTES",
     "MAX_WORKERS",
@@ -192,7 +211,8 @@ def _offsets(fields: tuple[Field, ...]) -> tuple[dict[str, int], int]:
 
 
 SEGMENT_MAGIC = int.from_bytes(b"SLUICESG", "little")
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+"""2: the drop counters follow the rings."""
 RING_MAGIC = int.from_bytes(b"SLRG", "little")
 RING_REQUEST = 1
 """``ring_kind`` of a request ring (client writes RECORD frames, a worker reads)."""
@@ -239,6 +259,10 @@ FRAME_RECORD = 1
 FRAME_COMPLETION = 2
 FRAME_CHUNK_DONE = 3
 
+DROP_COUNTERS = 1 << 16
+"""Drop counters in a segment: one per possible u16 topic id."""
+DROP_COUNTERS_BYTES = 8 * DROP_COUNTERS
+
 MIN_RING_BYTES = 64
 """Smallest ring data area (tests use tiny rings to wrap often; real clients use far more)."""
 MAX_RING_BYTES = 1 << 30
@@ -271,11 +295,16 @@ def ring_region_bytes(capacity: int) -> int:
     return RING_HEADER_BYTES + capacity
 
 
-def segment_bytes(workers: int, request_ring_bytes: int, completion_ring_bytes: int) -> int:
-    """Total size of a segment with this shape."""
+def drop_counters_offset(workers: int, request_ring_bytes: int, completion_ring_bytes: int) -> int:
+    """Byte offset of the drop counters: right after the last ring (always 8-byte aligned)."""
     return SEGMENT_HEADER_BYTES + workers * (
         ring_region_bytes(request_ring_bytes) + ring_region_bytes(completion_ring_bytes)
     )
+
+
+def segment_bytes(workers: int, request_ring_bytes: int, completion_ring_bytes: int) -> int:
+    """Total size of a segment with this shape."""
+    return drop_counters_offset(workers, request_ring_bytes, completion_ring_bytes) + DROP_COUNTERS_BYTES
 
 
 def ring_offsets(

@@ -141,7 +141,7 @@ class Producer:
         self._pending_by_id: dict[int, list[deque[Any]]] = {}
         self._limits: list[int] = []
         self._keys = KeyHashCache()
-        self.drops: dict[str, int] = {}
+        self._final_drops: dict[str, int] | None = None  # drops, as they were at close()
         self._never_block = never_block
         self._name = client_name or f"{os.path.basename(sys.argv[0] or 'python')}[{os.getpid()}]"
         self._connect_timeout = connect_timeout
@@ -162,6 +162,9 @@ class Producer:
             self._ctl.close()
             raise
         self._req = [seg.request_ring(w) for w in range(self.workers)]
+        # Drops are counted in the segment, where the daemon reads them (sluice_drops_total),
+        # even after this process is gone: one u64 per topic id (shm/layout.py).
+        self._drop_counts = seg.drop_counts
         self._cmp = [seg.completion_ring(w) for w in range(self.workers)]
         # The compiled send(): everything per record of the usual send() (no serializer)
         # happens in C; what it cannot take it hands to the Python send() below.
@@ -245,7 +248,8 @@ class Producer:
         UnknownTopicOrPartitionError (unknown topic or partition out of range),
         BufferFullError (on_full=block and no room within max_block_ms), TypeError (a value
         the serializer cannot take), ProducerClosedError. With on_full=drop a record that
-        finds no room is counted in ``drops`` and its future fails with BufferFullError.
+        finds no room is counted in ``drops`` (in the segment, so the daemon counts it too)
+        and its future fails with BufferFullError.
         """
         # The per-record path: every attribute lookup and call here costs about as much as
         # the ring transfer itself (measured with bench/), so the common case is written out inline.
@@ -406,7 +410,7 @@ class Producer:
                 if t.info.on_full == "drop":
                     at += (_unpack_frame(frames, at)[0] + 15) & -8
                     left -= 1
-                    self.drops[t.name] = self.drops.get(t.name, 0) + 1
+                    self._drop_counts[t.id] += 1
                     group.settle(p, -1, 1, -1, BufferFullError(f"ring full: record to {t.name!r} dropped (on_full=drop)"))
                     continue
                 deadline = self._block(t, deadline)
@@ -437,7 +441,7 @@ class Producer:
         """The ring is full: wait (block policy) or drop. Returns the deadline, None if dropped."""
         info = t.info
         if info.on_full == "drop":
-            self.drops[t.name] = self.drops.get(t.name, 0) + 1
+            self._drop_counts[t.id] += 1
             fut.resolve(BufferFullError(f"ring full: record to {t.name!r} dropped (on_full=drop)"))
             return None
         return self._block(t, deadline)
@@ -517,6 +521,15 @@ class Producer:
     # --- flush and close ------------------------------------------------------------------
 
     @property
+    def drops(self) -> dict[str, int]:
+        """Records dropped under ``on_full = "drop"``, per topic (topics with none left out).
+        The daemon reads the same counters from the segment for ``sluice_drops_total``."""
+        if self._final_drops is not None:
+            return dict(self._final_drops)
+        counts = self._drop_counts
+        return {name: counts[t.id] for name, t in list(self._topics.items()) if counts[t.id]}
+
+    @property
     def pending(self) -> int:
         """Records sent whose outcome has not come back yet."""
         return self._core.pending
@@ -550,6 +563,7 @@ class Producer:
             self._completions.stop(timeout=1.0)
             self._fail_all(ProducerClosedError("the producer was closed before the outcome came"))
             self._ctl.close()
+            self._final_drops = self.drops
             for ring in self._req + self._cmp:
                 ring.release()
             self._segment.close()

@@ -28,6 +28,7 @@ from types import TracebackType
 from shm.doorbell import Doorbell
 from shm.errors import SegmentError
 from shm.layout import (
+    DROP_COUNTERS_BYTES,
     LAYOUT_VERSION,
     MAX_RING_BYTES,
     MAX_WORKERS,
@@ -37,6 +38,7 @@ from shm.layout import (
     SEGMENT_HEADER_BYTES,
     SEGMENT_MAGIC,
     SEGMENT_OFFSETS,
+    drop_counters_offset,
     ring_offsets,
     segment_bytes,
 )
@@ -104,6 +106,9 @@ class Segment:
         request_ring_bytes / completion_ring_bytes: data capacity of each ring.
         client_pid: the pid the creator wrote into the header (informational; trust
             SO_PEERCRED for identity).
+        drop_counts: the drop counters, a ``'Q'`` memoryview indexed by topic id (the
+            client adds to them, the daemon reads them; see :mod:`shm.layout`). Released by
+            :meth:`close`.
     """
 
     def __init__(
@@ -128,6 +133,8 @@ class Segment:
         self._doorbells = list(doorbells)
         self._requests: list[SpscRing] = []
         self._completions: list[SpscRing] = []
+        at = drop_counters_offset(workers, request_ring_bytes, completion_ring_bytes)
+        self.drop_counts = memoryview(mapping)[at : at + DROP_COUNTERS_BYTES].cast("Q")
         try:
             for w in range(workers):
                 req_off, comp_off = ring_offsets(w, request_ring_bytes, completion_ring_bytes)
@@ -364,6 +371,7 @@ class Segment:
             ring.release()
         self._requests.clear()
         self._completions.clear()
+        self.drop_counts.release()
 
     def close(self) -> None:
         """Unmap and close the memfd and the doorbells (idempotent).
