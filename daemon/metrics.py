@@ -1,10 +1,17 @@
 """Prometheus metrics: text exposition format 0.0.4 served over HTTP on loopback.
 
-The supervisor owns the numbers; this module only renders them. A callable ``snapshot()``
-(plain or ``async``) returns one dict per scrape, :func:`render` turns it into the text
-format, and :class:`MetricsServer` answers ``GET /metrics`` with it on ``127.0.0.1:<port>``.
-Port 0 in the config means "metrics off" (:func:`start_metrics` returns ``None``); the class
-itself treats port 0 as "any free port", which tests use.
+The supervisor owns the numbers; this module only exposes them. A callable ``snapshot()``
+(plain or ``async``) returns one dict per scrape (:meth:`daemon.supervisor.Supervisor.stats`),
+:class:`SnapshotCollector` turns it into metric families, prometheus_client writes the text
+format (:func:`render`), and :class:`MetricsServer` answers ``GET /metrics`` with it on
+``127.0.0.1:<port>``. Port 0 in the config means "metrics off" (:func:`start_metrics` returns
+``None``); the class itself treats port 0 as "any free port", which tests use.
+
+Why prometheus_client only for the exposition, not its registry or HTTP server: the numbers
+live in the workers' snapshots and the clients' segments, so a custom collector reads one
+snapshot per scrape (no metric objects to keep in step); and the server here is an asyncio
+one on the supervisor's loop with a loopback-only bind, a read timeout, a request-size limit
+and a connection limit, which prometheus_client's threaded server does not have.
 
 Why loopback only: the endpoint has no authentication or TLS and names topics and error
 counts. Scrape it with an agent on the same host, or put an authenticating proxy in front.
@@ -12,9 +19,9 @@ counts. Scrape it with an agent on the same host, or put an authenticating proxy
 Snapshot shape
 --------------
 Every key is optional unless marked required; a missing key produces no sample (never a
-made-up zero), unknown keys are ignored, so the supervisor can hand the same dict to
-``sluice stats``. Counters (``_total``) must not decrease for a given worker label except when
-that worker restarts, which Prometheus' ``rate()`` treats as a counter reset. ::
+made-up zero), unknown keys are ignored (``sluice stats`` shows the same dict). Counters
+(``_total``) must not decrease for a given worker label except when that worker restarts, which
+Prometheus' ``rate()`` treats as a counter reset. ::
 
     {
       "workers": {                      # required; key = worker index (str or int)
@@ -29,9 +36,8 @@ that worker restarts, which Prometheus' ``rate()`` treats as a counter reset. ::
           "requests": int,              # Produce requests sent
           "in_flight": int,             # Produce requests awaiting a response now
           "retries": int,               # batch retries (retriable errors, timeouts)
-          "errors": {name: int},        # error events by Kafka/Sluice error name
-          "failed": {topic: int},       # records completed with an error, by topic
-          "drops": {topic: int},        # records dropped by on_full="drop", by topic
+          "errors": {name: int},        # records failed, by Kafka/Sluice error name
+          "failed": {topic: int},       # records failed, by topic
           "ring_fill": float,           # 0..1, fullest request ring this worker drains
           "arena_fill": float,          # 0..1, arena bytes in use / buffer_memory
           "latency_ms": {"p50": float, "p90": float, "p99": float, "p999": float},
@@ -40,43 +46,47 @@ that worker restarts, which Prometheus' ``rate()`` treats as a counter reset. ::
           "latency_sum_ms": float,      # their total round trip, ms (summary _sum)
         },
       },
+      "drops": {topic: int},            # records clients dropped under on_full="drop"
       "clients": int,                   # connected client sessions
       "start_time": float,              # daemon start, Unix seconds
       "reloads": int,                   # successful config reloads
       "version": str,                   # Sluice version, for sluice_build_info
-      "totals": {...},                  # accepted and ignored: sum by worker in PromQL
+      "totals": {...},                  # ignored: sum by worker in PromQL
     }
 
-Metrics rendered (all per-worker ones carry ``worker="<index>"``):
+Metrics exposed (the per-worker ones carry ``worker="<index>"``):
 
 =====================================  =========  ===================  ======================
-metric                                 type       extra labels         from
+metric                                 type       labels               from
 =====================================  =========  ===================  ======================
-sluice_worker_up                       gauge                           workers.*.alive
-sluice_workers_up                      gauge      (no worker label)    count of alive workers
-sluice_worker_restarts_total           counter                         workers.*.restarts
-sluice_records_in_total                counter                         workers.*.records_in
-sluice_records_out_total               counter                         workers.*.records_out
-sluice_bytes_in_total                  counter                         workers.*.bytes_in
-sluice_bytes_out_total                 counter                         workers.*.bytes_out
-sluice_batches_total                   counter                         workers.*.batches
-sluice_requests_total                  counter                         workers.*.requests
-sluice_in_flight_requests              gauge                           workers.*.in_flight
-sluice_retries_total                   counter                         workers.*.retries
-sluice_errors_total                    counter    error                workers.*.errors
-sluice_records_failed_total            counter    topic                workers.*.failed
-sluice_drops_total                     counter    topic                workers.*.drops
-sluice_ring_fill_ratio                 gauge                           workers.*.ring_fill
-sluice_arena_fill_ratio                gauge                           workers.*.arena_fill
-sluice_request_latency_seconds         summary    quantile             workers.*.latency_*
-sluice_clients_connected               gauge      (no worker label)    clients
-sluice_start_time_seconds              gauge      (no worker label)    start_time
-sluice_config_reloads_total            counter    (no worker label)    reloads
+sluice_worker_up                       gauge      worker               workers.*.alive
+sluice_workers_up                      gauge                           count of alive workers
+sluice_worker_restarts_total           counter    worker               workers.*.restarts
+sluice_records_in_total                counter    worker               workers.*.records_in
+sluice_records_out_total               counter    worker               workers.*.records_out
+sluice_bytes_in_total                  counter    worker               workers.*.bytes_in
+sluice_bytes_out_total                 counter    worker               workers.*.bytes_out
+sluice_batches_total                   counter    worker               workers.*.batches
+sluice_requests_total                  counter    worker               workers.*.requests
+sluice_in_flight_requests              gauge      worker               workers.*.in_flight
+sluice_retries_total                   counter    worker               workers.*.retries
+sluice_errors_total                    counter    worker, error        workers.*.errors
+sluice_records_failed_total            counter    worker, topic        workers.*.failed
+sluice_ring_fill_ratio                 gauge      worker               workers.*.ring_fill
+sluice_arena_fill_ratio                gauge      worker               workers.*.arena_fill
+sluice_request_latency_seconds         summary    worker, quantile     workers.*.latency_*
+sluice_drops_total                     counter    topic                drops
+sluice_clients_connected               gauge                           clients
+sluice_start_time_seconds              gauge                           start_time
+sluice_config_reloads_total            counter                         reloads
 sluice_build_info                      gauge      version              version (value 1)
 =====================================  =========  ===================  ======================
 
-Totals are deliberately not rendered: a series for the total beside the per-worker series
-would make every ``sum()`` over the metric count each record twice.
+``sluice_drops_total`` has no worker label: a client drops a record before any worker sees
+it, and counts it in its segment (shm/layout.py), where the supervisor reads it (including the
+drops of clients that have exited or died). Totals are deliberately not exposed: a series for
+the total beside the per-worker series would make every ``sum()`` over the metric count each
+record twice.
 """
 
 from __future__ import annotations
@@ -85,9 +95,11 @@ import asyncio
 import inspect
 import ipaddress
 import logging
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
 
 from shm.errors import ConfigError
 
@@ -96,13 +108,15 @@ __all__ = [
     "METRICS",
     "MetricsServer",
     "Snapshot",
-    "escape_label_value",
+    "SnapshotCollector",
     "render",
     "start_metrics",
 ]
 
 log = logging.getLogger(__name__)
 
+# The text format 0.0.4 that generate_latest writes (with the default escaping, which leaves
+# names like ours alone). prometheus_client's CONTENT_TYPE_LATEST names a newer version.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 Snapshot = Mapping[str, Any]
@@ -137,11 +151,9 @@ _WORKER_SCALARS: tuple[tuple[str, str, str, str], ...] = (
 # Per-worker dict metrics: (metric name, type, help, snapshot key, label for the dict's keys).
 _WORKER_MAPS: tuple[tuple[str, str, str, str, str], ...] = (
     ("sluice_errors_total", "counter",
-     "Error events by Kafka or Sluice error name.", "errors", "error"),
+     "Records failed, by Kafka or Sluice error name.", "errors", "error"),
     ("sluice_records_failed_total", "counter",
-     "Records completed with an error, by topic.", "failed", "topic"),
-    ("sluice_drops_total", "counter",
-     "Records dropped because a ring was full under on_full=drop, by topic.", "drops", "topic"),
+     "Records completed with an error (refused by Kafka, timed out, too large), by topic.", "failed", "topic"),
 )
 
 # Quantile keys of latency_ms and the quantile label each becomes.
@@ -150,54 +162,40 @@ _QUANTILES: tuple[tuple[str, str], ...] = (
 )
 
 _LATENCY = "sluice_request_latency_seconds"
+_DROPS = ("sluice_drops_total",
+          "Records clients dropped because a ring was full under on_full=drop, by topic.")
+# Daemon-wide scalars: (metric name, type, help, snapshot key).
+_DAEMON_SCALARS: tuple[tuple[str, str, str, str], ...] = (
+    ("sluice_clients_connected", "gauge", "Connected client sessions.", "clients"),
+    ("sluice_start_time_seconds", "gauge", "Daemon start time, Unix seconds.", "start_time"),
+    ("sluice_config_reloads_total", "counter", "Successful configuration reloads.", "reloads"),
+)
 
-#: Every metric name this module can render, with its type (for docs and tests).
+#: Every metric name this module exposes, with its type (for docs and tests).
 METRICS: dict[str, str] = {
     "sluice_worker_up": "gauge",
     "sluice_workers_up": "gauge",
     **{name: kind for name, kind, _, _ in _WORKER_SCALARS},
     **{name: kind for name, kind, _, _, _ in _WORKER_MAPS},
     _LATENCY: "summary",
-    "sluice_clients_connected": "gauge",
-    "sluice_start_time_seconds": "gauge",
-    "sluice_config_reloads_total": "counter",
+    _DROPS[0]: "counter",
+    **{name: kind for name, kind, _, _ in _DAEMON_SCALARS},
     "sluice_build_info": "gauge",
 }
 
 
-def escape_label_value(value: str) -> str:
-    """Escape a label value for the text format: backslash, double quote and newline."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _escape_help(text: str) -> str:
-    # HELP text escapes backslash and newline only (quotes are literal there).
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "1" if v else "0"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "NaN"
-        if math.isinf(v):
-            return "+Inf" if v > 0 else "-Inf"
-        return repr(v)
+def _number(v: Any) -> float:
+    # float() would take "12" too; a snapshot with a string where a number belongs is a bug.
+    if isinstance(v, (int, float)):
+        return float(v)
     raise TypeError(f"metric value must be a number, got {type(v).__name__}: {v!r}")
 
 
-def _labels(pairs: tuple[tuple[str, str], ...]) -> str:
-    if not pairs:
-        return ""
-    return "{" + ",".join(f'{k}="{escape_label_value(v)}"' for k, v in pairs) + "}"
-
-
-def _header(out: list[str], name: str, kind: str, help_text: str) -> None:
-    out.append(f"# HELP {name} {_escape_help(help_text)}")
-    out.append(f"# TYPE {name} {kind}")
+def _family(name: str, kind: str, help_text: str, labels: tuple[str, ...]) -> Metric:
+    if kind == "counter":
+        # prometheus_client names a counter family without _total and adds it on exposition.
+        return CounterMetricFamily(name.removesuffix("_total"), help_text, labels=labels)
+    return GaugeMetricFamily(name, help_text, labels=labels)
 
 
 def _worker_order(key: Any) -> tuple[int, int, str]:
@@ -205,69 +203,85 @@ def _worker_order(key: Any) -> tuple[int, int, str]:
     return (0, int(text), "") if text.isdigit() else (1, 0, text)
 
 
-def render(snapshot: Snapshot) -> str:
-    """Render ``snapshot`` (shape in the module docstring) as exposition format 0.0.4.
+class SnapshotCollector:
+    """A prometheus_client collector of one snapshot (shape in the module docstring).
+
+    Raises (from :meth:`collect`):
+        TypeError: a value that must be a number is not one.
+    """
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snap = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snap
+        raw = snap.get("workers") or {}
+        workers = [(str(k), raw[k]) for k in sorted(raw, key=_worker_order)]
+
+        up = GaugeMetricFamily("sluice_worker_up", "1 while the worker process runs and its heartbeat is fresh.",
+                               labels=("worker",))
+        alive = 0
+        for wid, w in workers:
+            if "alive" in w:
+                alive += bool(w["alive"])
+                up.add_metric((wid,), 1.0 if w["alive"] else 0.0)
+        yield up
+        yield GaugeMetricFamily("sluice_workers_up", "Workers whose process runs and heartbeat is fresh.",
+                                value=alive)
+
+        for name, kind, help_text, key in _WORKER_SCALARS:
+            family = _family(name, kind, help_text, ("worker",))
+            for wid, w in workers:
+                if key in w:
+                    family.add_metric((wid,), _number(w[key]))
+            yield family
+
+        for name, kind, help_text, key, label in _WORKER_MAPS:
+            family = _family(name, kind, help_text, ("worker", label))
+            for wid, w in workers:
+                values = w.get(key) or {}
+                for item in sorted(values, key=str):
+                    family.add_metric((wid, str(item)), _number(values[item]))
+            yield family
+
+        latency = Metric(_LATENCY, "Produce request round trip to the broker, seconds.", "summary")
+        for wid, w in workers:
+            quantiles = w.get("latency_ms") or {}
+            for key, q in _QUANTILES:
+                if key in quantiles:
+                    latency.add_sample(_LATENCY, {"worker": wid, "quantile": q}, _number(quantiles[key]) / 1000.0)
+            if "latency_sum_ms" in w:
+                latency.add_sample(_LATENCY + "_sum", {"worker": wid}, _number(w["latency_sum_ms"]) / 1000.0)
+            if "latency_count" in w:
+                latency.add_sample(_LATENCY + "_count", {"worker": wid}, _number(w["latency_count"]))
+        yield latency
+
+        drops = _family(_DROPS[0], "counter", _DROPS[1], ("topic",))
+        values = snap.get("drops") or {}
+        for topic in sorted(values, key=str):
+            drops.add_metric((str(topic),), _number(values[topic]))
+        yield drops
+
+        for name, kind, help_text, key in _DAEMON_SCALARS:
+            family = _family(name, kind, help_text, ())
+            if key in snap:
+                family.add_metric((), _number(snap[key]))
+            yield family
+
+        info = GaugeMetricFamily("sluice_build_info", "Always 1; the version label says which Sluice runs.",
+                                 labels=("version",))
+        if "version" in snap:
+            info.add_metric((str(snap["version"]),), 1.0)
+        yield info
+
+
+def render(snapshot: Snapshot) -> bytes:
+    """``snapshot`` in the text format 0.0.4, UTF-8 (prometheus_client's exposition).
 
     Raises:
         TypeError: a value that must be a number is not one.
     """
-    raw_workers = snapshot.get("workers") or {}
-    workers = [(str(k), raw_workers[k]) for k in sorted(raw_workers, key=_worker_order)]
-    out: list[str] = []
-
-    _header(out, "sluice_worker_up", "gauge",
-            "1 while the worker process runs and its heartbeat is fresh.")
-    alive = 0
-    for wid, w in workers:
-        if "alive" in w:
-            up = bool(w["alive"])
-            alive += up
-            out.append(f"sluice_worker_up{_labels((('worker', wid),))} {_value(up)}")
-    _header(out, "sluice_workers_up", "gauge", "Workers whose process runs and heartbeat is fresh.")
-    out.append(f"sluice_workers_up {alive}")
-
-    for name, kind, help_text, key in _WORKER_SCALARS:
-        _header(out, name, kind, help_text)
-        for wid, w in workers:
-            if key in w:
-                out.append(f"{name}{_labels((('worker', wid),))} {_value(w[key])}")
-
-    for name, kind, help_text, key, label in _WORKER_MAPS:
-        _header(out, name, kind, help_text)
-        for wid, w in workers:
-            values = w.get(key) or {}
-            for item in sorted(values, key=str):
-                pairs = (("worker", wid), (label, str(item)))
-                out.append(f"{name}{_labels(pairs)} {_value(values[item])}")
-
-    _header(out, _LATENCY, "summary", "Produce request round trip to the broker, seconds.")
-    for wid, w in workers:
-        quantiles = w.get("latency_ms") or {}
-        for key, q in _QUANTILES:
-            if key in quantiles:
-                seconds = _value(float(quantiles[key]) / 1000.0)
-                out.append(f"{_LATENCY}{_labels((('worker', wid), ('quantile', q)))} {seconds}")
-        if "latency_sum_ms" in w:
-            total = _value(float(w["latency_sum_ms"]) / 1000.0)
-            out.append(f"{_LATENCY}_sum{_labels((('worker', wid),))} {total}")
-        if "latency_count" in w:
-            out.append(f"{_LATENCY}_count{_labels((('worker', wid),))} {_value(w['latency_count'])}")
-
-    for name, kind, help_text, key in (
-        ("sluice_clients_connected", "gauge", "Connected client sessions.", "clients"),
-        ("sluice_start_time_seconds", "gauge", "Daemon start time, Unix seconds.", "start_time"),
-        ("sluice_config_reloads_total", "counter", "Successful configuration reloads.", "reloads"),
-    ):
-        _header(out, name, kind, help_text)
-        if key in snapshot:
-            out.append(f"{name} {_value(snapshot[key])}")
-
-    _header(out, "sluice_build_info", "gauge", "Always 1; the version label says which Sluice runs.")
-    if "version" in snapshot:
-        out.append(f"sluice_build_info{_labels((('version', str(snapshot['version'])),))} 1")
-
-    out.append("")
-    return "\n".join(out)
+    return generate_latest(SnapshotCollector(snapshot))
 
 
 _REASONS = {
@@ -409,7 +423,7 @@ class MetricsServer:
             snap = self._snapshot()
             if inspect.isawaitable(snap):
                 snap = await asyncio.wait_for(snap, self.read_timeout)
-            body = render(snap).encode("utf-8")
+            body = render(snap)
         except Exception:
             log.exception("metrics snapshot failed")
             await self._send(writer, _response(500, b"snapshot failed\n"))

@@ -308,7 +308,7 @@ elif mode == "seccomp":
 
 # What the daemon does: the same calls, through the same libraries.
 import asyncio, fcntl, mmap, signal, socket, struct, subprocess, tempfile
-import uvloop, msgspec, crc32c, cramjam, psutil
+import uvloop, msgspec, crc32c, cramjam, psutil, prometheus_client
 from daemon import metrics, peercred, systemd
 
 fd = os.memfd_create("seg", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -358,7 +358,7 @@ async def main():
         body = await asyncio.wait_for(r.read(), 5)
         w.close()
         await w.wait_closed()
-    assert b'sluice_records_in_total{worker="0"} 5' in body, body
+    assert b'sluice_records_in_total{worker="0"} 5.0\n' in body, body
     assert systemd.ready("ok")
 
 uvloop.run(main())

@@ -1,4 +1,11 @@
-"""Prometheus rendering and the loopback HTTP endpoint, read back with a small parser."""
+"""Prometheus exposition and the loopback HTTP endpoint, read back with a small parser.
+
+The snapshots here are written by hand, to pin the exposition of every key; the numbers a real
+daemon puts in them are checked where they are produced: the workers' per-topic failures in
+tests/unit/daemon/test_worker.py (a real worker's snapshot, exposed and parsed back), the
+clients' drops in tests/unit/daemon/test_server.py (a real Producer's segment, read by a real
+ControlServer), and both end to end, scraped over HTTP from a real daemon, in
+tests/integration/test_metrics.py."""
 
 from __future__ import annotations
 
@@ -92,7 +99,7 @@ SNAP = {
         "1": {
             "alive": False, "restarts": 2, "records_in": 10, "records_out": 9,
             "bytes_in": 1000, "bytes_out": 900, "batches": 1, "requests": 1,
-            "in_flight": 0, "retries": 0, "errors": {}, "drops": {},
+            "in_flight": 0, "retries": 0, "errors": {}, "failed": {},
             "ring_fill": 0.0, "arena_fill": 0.0,
         },
         "0": {
@@ -101,12 +108,12 @@ SNAP = {
             "in_flight": 3, "retries": 7,
             "errors": {"NOT_LEADER_OR_FOLLOWER": 4, "REQUEST_TIMED_OUT": 1},
             "failed": {"payments": 2},
-            "drops": {"clicks": 55, NASTY_TOPIC: 1},
             "ring_fill": 0.25, "arena_fill": 0.5,
             "latency_ms": {"p50": 2.5, "p99": 40.0, "p999": 120.0},
             "latency_count": 400, "latency_sum_ms": 1500.0,
         },
     },
+    "drops": {"clicks": 55, NASTY_TOPIC: 1},
     "clients": 12,
     "start_time": 1_700_000_000.5,
     "reloads": 3,
@@ -116,7 +123,7 @@ SNAP = {
 
 
 def test_render_values_and_types() -> None:
-    samples, types, helps = parse(metrics.render(SNAP))
+    samples, types, helps = parse(metrics.render(SNAP).decode())
     assert types == metrics.METRICS
     assert set(helps) == set(metrics.METRICS)
     s = samples
@@ -132,8 +139,9 @@ def test_render_values_and_types() -> None:
     assert sample(s, "sluice_errors_total", worker="0", error="NOT_LEADER_OR_FOLLOWER") == 4
     assert sample(s, "sluice_errors_total", worker="0", error="REQUEST_TIMED_OUT") == 1
     assert sample(s, "sluice_records_failed_total", worker="0", topic="payments") == 2
-    assert sample(s, "sluice_drops_total", worker="0", topic="clicks") == 55
-    assert sample(s, "sluice_drops_total", worker="0", topic=NASTY_TOPIC) == 1
+    # Drops are the clients', not a worker's: no worker label.
+    assert sample(s, "sluice_drops_total", topic="clicks") == 55
+    assert sample(s, "sluice_drops_total", topic=NASTY_TOPIC) == 1
     assert sample(s, "sluice_ring_fill_ratio", worker="0") == 0.25
     assert sample(s, "sluice_arena_fill_ratio", worker="0") == 0.5
     assert sample(s, "sluice_request_latency_seconds", worker="0", quantile="0.5") == 0.0025
@@ -154,7 +162,7 @@ def test_render_values_and_types() -> None:
 
 
 def test_render_escapes_label_values_on_the_wire() -> None:
-    text = metrics.render(SNAP)
+    text = metrics.render(SNAP).decode()
     assert 'topic="we\\"ird\\\\topic\\nname"' in text
     # Every sample stays on one line despite the newline in the topic name.
     assert all(line.startswith(("#", "sluice_")) for line in text.splitlines())
@@ -162,25 +170,25 @@ def test_render_escapes_label_values_on_the_wire() -> None:
 
 def test_render_orders_workers_numerically() -> None:
     snap = {"workers": {str(i): {"records_in": i} for i in (10, 2, 1)}}
-    lines = [ln for ln in metrics.render(snap).splitlines()
+    lines = [ln for ln in metrics.render(snap).decode().splitlines()
              if ln.startswith("sluice_records_in_total{")]
-    assert lines == [f'sluice_records_in_total{{worker="{i}"}} {i}' for i in (1, 2, 10)]
+    assert lines == [f'sluice_records_in_total{{worker="{i}"}} {i}.0' for i in (1, 2, 10)]
 
 
 def test_render_missing_keys_give_no_sample() -> None:
-    samples, types, _ = parse(metrics.render({"workers": {"0": {"records_in": 5}}}))
+    samples, types, _ = parse(metrics.render({"workers": {"0": {"records_in": 5}}}).decode())
     assert types == metrics.METRICS
     assert set(k[0] for k in samples) == {"sluice_records_in_total", "sluice_workers_up"}
     assert sample(samples, "sluice_workers_up") == 0
 
 
 def test_render_empty_snapshot() -> None:
-    samples, _, _ = parse(metrics.render({}))
+    samples, _, _ = parse(metrics.render({}).decode())
     assert samples == {("sluice_workers_up", frozenset()): 0}
 
 
 def test_render_special_floats_and_bad_values() -> None:
-    text = metrics.render({"workers": {"0": {"ring_fill": math.nan, "arena_fill": math.inf}}})
+    text = metrics.render({"workers": {"0": {"ring_fill": math.nan, "arena_fill": math.inf}}}).decode()
     assert 'sluice_ring_fill_ratio{worker="0"} NaN' in text
     assert 'sluice_arena_fill_ratio{worker="0"} +Inf' in text
     with pytest.raises(TypeError):
@@ -190,13 +198,10 @@ def test_render_special_floats_and_bad_values() -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.text(min_size=0, max_size=40))
 def test_label_escaping_round_trips(topic: str) -> None:
-    snap = {"workers": {"3": {"drops": {topic: 7}}}}
-    samples, _, _ = parse(metrics.render(snap))
-    assert sample(samples, "sluice_drops_total", worker="3", topic=topic) == 7
-
-
-def test_help_escaping() -> None:
-    assert metrics._escape_help("a\\b\nc") == "a\\\\b\\nc"
+    snap = {"workers": {"3": {"failed": {topic: 7}}}, "drops": {topic: 5}}
+    samples, _, _ = parse(metrics.render(snap).decode())
+    assert sample(samples, "sluice_records_failed_total", worker="3", topic=topic) == 7
+    assert sample(samples, "sluice_drops_total", topic=topic) == 5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +246,7 @@ def test_get_metrics_over_http() -> None:
     assert int(headers["content-length"]) == len(body)
     assert scrapes == 1
     samples, _, _ = parse(body.decode())
-    assert sample(samples, "sluice_drops_total", worker="0", topic=NASTY_TOPIC) == 1
+    assert sample(samples, "sluice_drops_total", topic=NASTY_TOPIC) == 1
     assert sample(samples, "sluice_records_in_total", worker="0") == 1_234_567
 
 
@@ -264,7 +269,7 @@ def test_http_client_library_and_query_string() -> None:
     status, ctype, body = run(main())
     assert status == 200
     assert ctype == metrics.CONTENT_TYPE
-    assert body == metrics.render(SNAP).encode()
+    assert body == metrics.render(SNAP)
 
 
 def test_async_snapshot() -> None:
@@ -278,7 +283,7 @@ def test_async_snapshot() -> None:
 
     code, _, body = run(main())
     assert code == 200
-    assert 'sluice_records_out_total{worker="0"} 42' in body.decode()
+    assert 'sluice_records_out_total{worker="0"} 42.0' in body.decode()
 
 
 def test_status_codes() -> None:
@@ -302,7 +307,7 @@ def test_status_codes() -> None:
     assert r["400"][0] == 400
     code, headers, body = r["head"]
     assert code == 200 and body == b""
-    assert int(headers["content-length"]) == len(metrics.render(SNAP).encode())
+    assert int(headers["content-length"]) == len(metrics.render(SNAP))
     assert r["scrapes"] == 1
 
 
@@ -420,5 +425,5 @@ def test_works_on_uvloop() -> None:
             return ok, reply
 
     (code, _, body), reply = uvloop.run(main())
-    assert code == 200 and body == metrics.render(SNAP).encode()
+    assert code == 200 and body == metrics.render(SNAP)
     assert reply.startswith(b"HTTP/1.1 408 ")

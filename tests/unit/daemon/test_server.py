@@ -36,13 +36,14 @@ class Services:
         self.config = config
         self.produced: list[control.Produce] = []
         self.saves = 0
+        self.topic_id_bound = 5  # every topic is id 4
 
     async def lookup_topic(self, name: str) -> control.TopicInfo:
         if name == "nope":
             raise KafkaError.for_code(UNKNOWN_TOPIC_OR_PARTITION)
         return control.TopicInfo(
             topic=name, topic_id=4, partitions=3, profile="default", max_request_size=1 << 20,
-            on_full="block", max_block_ms=60_000, batch_size=16384, linger_ms=5,
+            on_full="drop" if name == "clicks" else "block", max_block_ms=60_000, batch_size=16384, linger_ms=5,
         )
 
     async def produce(self, msg: control.Produce, reply: Reply, pending: set[asyncio.Future[Any]]) -> None:
@@ -312,3 +313,30 @@ def test_peer_outside_the_allow_list_is_refused(tmp_path: Path) -> None:
     _run(tmp_path, body, config_extra=f"allowed_uids = [{foreign}]\n")
 
 
+
+
+def test_drops_are_read_from_the_segment_and_outlive_the_client(tmp_path: Path) -> None:
+    """A real Producer drops records (nothing drains its rings here) and counts them in its
+    segment; the server reads the same counts, and keeps them once the segment is released."""
+    from shm import Producer
+
+    async def body(h: Harness) -> None:
+        def fill() -> tuple[Producer, int]:
+            p = Producer(h.path, client_name="dropper", reconnect_timeout_s=0)
+            # 2 rings of 4 MiB (the default) take about 800 of these; the rest are dropped.
+            futs = [p.send("clicks", b"x" * 10_000) for _ in range(1200)]
+            return p, sum(1 for f in futs if f.done())
+
+        p, dropped = await asyncio.to_thread(fill)
+        assert 0 < dropped < 1200 and p.drops == {"clicks": dropped}
+        assert h.server.drop_counts(5) == [0, 0, 0, 0, dropped]
+        assert h.server.drop_counts(3) == [0, 0, 0]  # ids past the bound are not read
+        cid = p.client_id
+        await asyncio.to_thread(p.close, 0.1)
+        await _until(lambda: h.sent(ch.RemoveClient), "RemoveClient")
+        for w in range(WORKERS):
+            h.server.client_detached(cid, w)
+        assert h.server.segment_count() == 0
+        assert h.server.drop_counts(5) == [0, 0, 0, 0, dropped]
+
+    _run(tmp_path, body)

@@ -177,6 +177,46 @@ def test_snapshot_counts(tmp_path: Path) -> None:
             h.complete(b)
         snap = h.worker.snapshot()
         assert snap["records_out"] == 9 and snap["records_failed"] == 0
+        assert snap["failed"] == {} and snap["errors"] == {}
+
+    _run(body, tmp_path)
+
+
+def test_failed_records_reach_the_exposition_by_topic(tmp_path: Path) -> None:
+    """What a real worker's snapshot says about failures is what /metrics exposes: the
+    supervisor's stats keep each worker's snapshot as it came (daemon/workers.py)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from daemon import metrics
+
+    rng = random.Random(SEED + 6)
+    print("seed", SEED + 6)
+
+    def body(h: Harness) -> None:
+        h.write(30, rng)
+        h.worker.drain()
+        batches = h.seal()
+        assert len(batches) >= 2
+        failed = 0
+        for i, b in enumerate(batches):
+            if i % 2 == 0:
+                h.complete(b, error=ec.MESSAGE_TOO_LARGE)
+                failed += b.record_count
+            else:
+                h.complete(b)
+        snap = h.worker.snapshot()
+        assert snap["failed"] == {TOPIC: failed}
+        assert snap["errors"] == {"MESSAGE_TOO_LARGE": failed} and snap["records_failed"] == failed
+        assert snap["records_out"] == 30 - failed
+        text = metrics.render({"workers": {"0": snap}}).decode()
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        assert samples[("sluice_records_failed_total", (("topic", TOPIC), ("worker", "0")))] == failed
+        assert samples[("sluice_errors_total", (("error", "MESSAGE_TOO_LARGE"), ("worker", "0")))] == failed
+        assert samples[("sluice_records_out_total", (("worker", "0"),))] == 30 - failed
 
     run(body, tmp_path)
 

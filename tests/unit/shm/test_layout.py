@@ -7,12 +7,15 @@ import re
 import shm.layout as layout
 from shm.layout import (
     CACHE_LINE,
+    DROP_COUNTERS,
+    DROP_COUNTERS_BYTES,
     RING_HEADER_BYTES,
     RING_HEADER_FIELDS,
     RING_OFFSETS,
     SEGMENT_HEADER_BYTES,
     SEGMENT_HEADER_FIELDS,
     SEGMENT_OFFSETS,
+    drop_counters_offset,
     ring_offsets,
     segment_bytes,
 )
@@ -78,5 +81,14 @@ def test_rings_follow_the_header_and_each_other() -> None:
     assert req0 == SEGMENT_HEADER_BYTES
     assert comp0 == req0 + RING_HEADER_BYTES + 4096
     assert req1 == comp0 + RING_HEADER_BYTES + 1024
-    assert segment_bytes(2, 4096, 1024) == comp1 + RING_HEADER_BYTES + 1024
-    assert all(x % CACHE_LINE == 0 for x in (req0, comp0, req1, comp1))
+    drops = drop_counters_offset(2, 4096, 1024)
+    assert drops == comp1 + RING_HEADER_BYTES + 1024
+    assert segment_bytes(2, 4096, 1024) == drops + DROP_COUNTERS_BYTES
+    assert all(x % CACHE_LINE == 0 for x in (req0, comp0, req1, comp1, drops))
+
+
+def test_drop_counters_cover_every_topic_id() -> None:
+    # Ring frames carry a u16 topic id; the counters are aligned u64s, one per id.
+    assert DROP_COUNTERS == 1 << 16 and DROP_COUNTERS_BYTES == 8 * DROP_COUNTERS
+    for shape in ((1, 64, 64), (3, 4096, 1024), (126, 1 << 20, 1 << 16)):
+        assert drop_counters_offset(*shape) % 8 == 0

@@ -33,6 +33,7 @@ from shm.segment import Segment, recv_fds
 
 WORKERS = 2
 TOPICS = {"t": 4, "u": 1}
+TOPICS_IDS = {name: i for i, name in enumerate(TOPICS)}
 
 
 class StandIn:
@@ -240,6 +241,8 @@ def test_ring_full_drop_policy_counts_and_fails(sock_path: str) -> None:
             futs = [p.send("u", b"x" * 200) for _ in range(20)]
             dropped = [f for f in futs if f.done()]
             assert dropped and p.drops == {"u": len(dropped)}
+            # The daemon's mapping of the segment sees the same count, by topic id.
+            assert s.segment.drop_counts[TOPICS_IDS["u"]] == len(dropped)
             for f in dropped:
                 assert isinstance(f.exception(0), BufferFullError)
             kept = len(futs) - len(dropped)
@@ -248,6 +251,10 @@ def test_ring_full_drop_policy_counts_and_fails(sock_path: str) -> None:
             s.complete(w, 1, 0, 0, kept)
             assert p.flush(5) == 0
             s.chunk_done(w)
+        # After close: the producer still answers, and the counts stay in the segment, which
+        # the daemon keeps mapped after the client is gone.
+        assert p.drops == {"u": len(dropped)}
+        assert s.segment.drop_counts[TOPICS_IDS["u"]] == len(dropped)
     finally:
         s.close()
 

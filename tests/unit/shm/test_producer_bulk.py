@@ -139,6 +139,7 @@ def test_send_many_drop_policy_fails_only_the_dropped(sock_path: str) -> None:
             g = p.send_many("u", [b"x" * 200] * 20)
             kept = len(s.take(owner("u", 0, WORKERS)))
             assert 0 < kept < 20 and p.drops == {"u": 20 - kept} and g.failed == 20 - kept
+            assert s.segment.drop_counts[1] == 20 - kept  # "u" is topic id 1: what the daemon reads
             s.complete(owner("u", 0, WORKERS), 1, 0, 0, kept)
             with pytest.raises(BufferFullError):
                 g.result(timeout=5)
