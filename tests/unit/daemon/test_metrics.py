@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import http.client
 import math
+import re
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -427,3 +429,16 @@ def test_works_on_uvloop() -> None:
     (code, _, body), reply = uvloop.run(main())
     assert code == 200 and body == metrics.render(SNAP)
     assert reply.startswith(b"HTTP/1.1 408 ")
+
+
+def test_operations_doc_lists_exactly_the_metrics_exposed() -> None:
+    """docs/OPERATIONS.md is what operators alert on: its table names every metric, no other."""
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "OPERATIONS.md").read_text()
+    section = doc[doc.index("### Metrics"):doc.index("### Stopping and draining")]
+    table = [line for line in section.splitlines() if line.startswith("| `sluice_")]
+    named = {m for line in table for m in re.findall(r"`(sluice_\w+)`", line.split("|")[1])}
+    assert named == set(metrics.METRICS)
+    # Every metric the prose uses exists too.
+    assert set(re.findall(r"\b(sluice_[a-z_]+)\b", section)) <= set(metrics.METRICS) | {
+        name + suffix for name in metrics.METRICS for suffix in ("_sum", "_count")
+    }
