@@ -118,7 +118,7 @@ class LatencyHistogram:
 def aggregate(workers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Totals over the workers' snapshots: sums of counters, merged error and per-topic
     failure maps, max fills. (Drops are the clients' count, not the workers': see
-    :meth:`daemon.server.ControlServer.drops`.)"""
+    :meth:`daemon.supervisor.Supervisor.drops`.)"""
     totals: dict[str, Any] = {k: 0 for k in SUMMED}
     errors: dict[str, int] = {}
     failed: dict[str, int] = {}

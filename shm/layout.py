@@ -50,8 +50,9 @@ Drop counters
 After the last ring: :data:`DROP_COUNTERS` little-endian u64s, indexed by topic id (ring frames
 carry a u16 topic id, so every id has its slot). Slot ``t`` counts the records to topic ``t``
 that the client dropped because a request ring was full under ``on_full = "drop"``. The client
-is the only writer; it adds 1 per drop with one aligned 8-byte store (item assignment into a
-``'Q'``-typed memoryview, as for the heads below). The daemon only reads them, for
+is the only writer: it adds 1 per drop and stores the sum with one aligned 8-byte store (item
+assignment into a ``'Q'``-typed memoryview, as for the heads below), so a reader never sees a
+torn count. The daemon only reads them, for
 ``sluice_drops_total``. They live in the segment rather than in a message so that they
 survive the client: the daemon keeps its mapping after a client dies, so every drop a client
 made, up to its last instruction, is still counted, and a restarted daemon reads them again
