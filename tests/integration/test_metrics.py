@@ -84,7 +84,7 @@ def _wait_for(port: int, pred: Callable[[list[tuple[str, dict[str, str], float]]
 
 def test_records_refused_by_kafka_are_counted_by_topic(start_sluice, new_topic) -> None:
     port = _free_port()
-    d = start_sluice(daemon_extra=f"metrics_port = {port}")
+    d = start_sluice(daemon={"metrics_port": port})
     small = new_topic(partitions=2, config={"max.message.bytes": "2000"})
     fine = new_topic(partitions=2)
     n = 10
@@ -128,8 +128,8 @@ time.sleep(120)  # the test SIGKILLs this process
 def test_drops_are_counted_while_the_client_lives_and_after_it_died(start_sluice, new_topic) -> None:
     port = _free_port()
     d = start_sluice(
-        daemon_extra=f"metrics_port = {port}",
-        extra='[[topics]]\nmatch = "mdrop-*"\nprofile = "clicks"\n',  # clicks: on_full = "drop"
+        daemon={"metrics_port": port},
+        topics={"mdrop-*": "clicks"},  # clicks: on_full = "drop"
     )
     topic = new_topic(partitions=2, prefix="mdrop")
     clients_before = _total(_scrape(port), "sluice_clients_connected")

@@ -92,13 +92,17 @@ def test_aggregate_merges_error_maps_from_counters() -> None:
     """Counters.count_error is what the worker's completions call; the names it records merge
     across workers."""
     a, b = Counters(), Counters()
-    a.count_error(ec.MESSAGE_TOO_LARGE, 3)
-    b.count_error(ec.MESSAGE_TOO_LARGE, 2)
-    b.count_error(ec.UNKNOWN_TOPIC_OR_PARTITION, 1)
-    snaps = {str(i): {"records_failed": c.records_failed, "errors": dict(c.errors)} for i, c in enumerate((a, b))}
+    a.count_error(ec.MESSAGE_TOO_LARGE, 3, "t")
+    b.count_error(ec.MESSAGE_TOO_LARGE, 2, "t")
+    b.count_error(ec.UNKNOWN_TOPIC_OR_PARTITION, 1, "u")
+    snaps = {
+        str(i): {"records_failed": c.records_failed, "errors": dict(c.errors), "failed": dict(c.failed)}
+        for i, c in enumerate((a, b))
+    }
     t = aggregate(snaps)
     assert t["records_failed"] == 6
     assert t["errors"] == {"MESSAGE_TOO_LARGE": 5, "UNKNOWN_TOPIC_OR_PARTITION": 1}
+    assert t["failed"] == {"t": 5, "u": 1}
 
 
 def test_latency_histogram_percentiles_bound_the_samples() -> None:

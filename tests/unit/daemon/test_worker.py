@@ -179,7 +179,7 @@ def test_snapshot_counts(tmp_path: Path) -> None:
         assert snap["records_out"] == 9 and snap["records_failed"] == 0
         assert snap["failed"] == {} and snap["errors"] == {}
 
-    _run(body, tmp_path)
+    run(body, tmp_path)
 
 
 def test_failed_records_reach_the_exposition_by_topic(tmp_path: Path) -> None:
