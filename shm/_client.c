@@ -396,18 +396,21 @@ typedef struct {
     Py_ssize_t sticky_left;
     int *owners;        /* worker per partition */
     PyObject *appends;  /* tuple: the bound append of each partition's pending FIFO */
+    PyObject *tally;    /* the FIFO entry of produce() records (shm.futures.DeliveryTally) */
     int bound;          /* owners and appends are set for `partitions` */
 } TopicBase;
 
 static int TopicBase_traverse(TopicBase *t, visitproc visit, void *arg) {
     Py_VISIT(t->name);
     Py_VISIT(t->appends);
+    Py_VISIT(t->tally);
     return 0;
 }
 
 static int TopicBase_clear(TopicBase *t) {
     Py_CLEAR(t->name);
     Py_CLEAR(t->appends);
+    Py_CLEAR(t->tally);
     return 0;
 }
 
@@ -467,6 +470,7 @@ static PyMethodDef TopicBase_methods[] = {
 
 static PyMemberDef TopicBase_members[] = {
     {"name", T_OBJECT, offsetof(TopicBase, name), 0, NULL},
+    {"tally", T_OBJECT, offsetof(TopicBase, tally), 0, NULL},
     {"id", T_INT, offsetof(TopicBase, id), 0, NULL},
     {"partitions", T_INT, offsetof(TopicBase, partitions), 0, NULL},
     {"max_body", T_PYSSIZET, offsetof(TopicBase, max_body), 0, NULL},
@@ -498,6 +502,7 @@ typedef struct {
     PyObject *writers;     /* tuple of RingWriter, one per worker */
     PyTypeObject *future;  /* the DeliveryFuture class (a FutureBase subclass) */
     PyObject *slow;        /* the Python send(): everything the fast path does not take */
+    PyObject *slow_produce; /* the Python produce(), likewise */
     PyObject *full;        /* enqueue(topic_state, partition, ts, body, future): ring full */
     PyObject *stick;       /* stick(topic_state): the sticky partition moves on */
     int enabled;
@@ -509,6 +514,7 @@ static int SendCore_traverse(SendCore *c, visitproc visit, void *arg) {
     Py_VISIT(c->writers);
     Py_VISIT(c->future);
     Py_VISIT(c->slow);
+    Py_VISIT(c->slow_produce);
     Py_VISIT(c->full);
     Py_VISIT(c->stick);
     return 0;
@@ -519,6 +525,7 @@ static int SendCore_clear(SendCore *c) {
     Py_CLEAR(c->writers);
     Py_CLEAR(c->future);
     Py_CLEAR(c->slow);
+    Py_CLEAR(c->slow_produce);
     Py_CLEAR(c->full);
     Py_CLEAR(c->stick);
     return 0;
@@ -531,10 +538,10 @@ static void SendCore_dealloc(SendCore *c) {
 }
 
 static int SendCore_init(SendCore *c, PyObject *args, PyObject *kwds) {
-    static char *kw[] = {"topics", "future", "slow", "full", "stick", NULL};
-    PyObject *topics, *future, *slow, *full, *stick;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!OOO:SendCore", kw, &PyDict_Type, &topics, &PyType_Type, &future,
-                                     &slow, &full, &stick))
+    static char *kw[] = {"topics", "future", "slow", "slow_produce", "full", "stick", NULL};
+    PyObject *topics, *future, *slow, *slow_produce, *full, *stick;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!OOOO:SendCore", kw, &PyDict_Type, &topics, &PyType_Type,
+                                     &future, &slow, &slow_produce, &full, &stick))
         return -1;
     if (!PyType_IsSubtype((PyTypeObject *)future, &FutureBaseType)) {
         PyErr_SetString(PyExc_TypeError, "SendCore: future must subclass FutureBase");
@@ -543,6 +550,7 @@ static int SendCore_init(SendCore *c, PyObject *args, PyObject *kwds) {
     Py_XSETREF(c->topics, Py_NewRef(topics));
     Py_XSETREF(c->future, (PyTypeObject *)Py_NewRef(future));
     Py_XSETREF(c->slow, Py_NewRef(slow));
+    Py_XSETREF(c->slow_produce, Py_NewRef(slow_produce));
     Py_XSETREF(c->full, Py_NewRef(full));
     Py_XSETREF(c->stick, Py_NewRef(stick));
     Py_XSETREF(c->writers, PyTuple_New(0));
@@ -630,12 +638,13 @@ static int64_t now_ms(void) {
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static PyObject *call_slow(SendCore *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
-    return PyObject_Vectorcall(c->slow, args, nargs, kwnames);
-}
+#define call_slow(c, args, nargs, kwnames) \
+    PyObject_Vectorcall((fire) ? (c)->slow_produce : (c)->slow, (args), (nargs), (kwnames))
 
-/* send(topic, value, key=None, *, partition=None, headers=None, timestamp=None, on_delivery=None) */
-static PyObject *SendCore_send(SendCore *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+/* send(topic, value, key=None, *, partition=None, headers=None, timestamp=None, on_delivery=None)
+ * -> DeliveryFuture; with `fire` (produce()), no future: the topic's tally counts the outcome,
+ * and None is returned. */
+static PyObject *do_send(SendCore *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int fire) {
     if (!c->enabled || nargs < 2 || nargs > 3)
         return call_slow(c, args, nargs, kwnames);
     PyObject *topic = args[0], *value = args[1], *key = nargs > 2 ? args[2] : Py_None;
@@ -650,7 +659,7 @@ static PyObject *SendCore_send(SendCore *c, PyObject *const *args, Py_ssize_t na
                 headers = v;
             else if (PyUnicode_CompareWithASCIIString(name, "timestamp") == 0)
                 timestamp = v;
-            else if (PyUnicode_CompareWithASCIIString(name, "on_delivery") == 0)
+            else if (!fire && PyUnicode_CompareWithASCIIString(name, "on_delivery") == 0)
                 on_delivery = v;
             else if (PyUnicode_CompareWithASCIIString(name, "key") == 0 && nargs == 2)
                 key = v;
@@ -661,7 +670,8 @@ static PyObject *SendCore_send(SendCore *c, PyObject *const *args, Py_ssize_t na
     if (!PyUnicode_CheckExact(topic))
         return call_slow(c, args, nargs, kwnames);
     PyObject *tobj = PyDict_GetItemWithError(c->topics, topic); /* borrowed */
-    if (tobj == NULL || !PyObject_TypeCheck(tobj, &TopicBaseType) || !((TopicBase *)tobj)->bound) {
+    if (tobj == NULL || !PyObject_TypeCheck(tobj, &TopicBaseType) || !((TopicBase *)tobj)->bound ||
+        (fire && ((TopicBase *)tobj)->tally == NULL)) {
         if (PyErr_Occurred())
             return NULL;
         return call_slow(c, args, nargs, kwnames);
@@ -734,23 +744,28 @@ static PyObject *SendCore_send(SendCore *c, PyObject *const *args, Py_ssize_t na
     RingWriter *w = (RingWriter *)PyTuple_GET_ITEM(c->writers, owner);
     /* The future first: making it may run Python code (the GC), which must not happen between
      * the claim and the publish. */
-    FutureBase *f = (FutureBase *)c->future->tp_alloc(c->future, 0);
-    if (f == NULL)
-        return NULL;
-    f->topic = Py_NewRef(t->name);
-    f->partition = PyLong_FromLong(p);
-    f->timestamp = PyLong_FromLongLong(ts);
-    f->outcome = Py_NewRef(Py_None);
-    if (on_delivery == Py_None) {
-        f->waiters = Py_NewRef(Py_None);
+    FutureBase *f;
+    if (fire) {
+        f = (FutureBase *)Py_NewRef(t->tally); /* the FIFO entry; not returned */
     } else {
-        f->waiters = PyList_New(1);
-        if (f->waiters != NULL)
-            PyList_SET_ITEM(f->waiters, 0, Py_NewRef(on_delivery));
-    }
-    if (f->partition == NULL || f->timestamp == NULL || f->waiters == NULL) {
-        Py_DECREF(f);
-        return NULL;
+        f = (FutureBase *)c->future->tp_alloc(c->future, 0);
+        if (f == NULL)
+            return NULL;
+        f->topic = Py_NewRef(t->name);
+        f->partition = PyLong_FromLong(p);
+        f->timestamp = PyLong_FromLongLong(ts);
+        f->outcome = Py_NewRef(Py_None);
+        if (on_delivery == Py_None) {
+            f->waiters = Py_NewRef(Py_None);
+        } else {
+            f->waiters = PyList_New(1);
+            if (f->waiters != NULL)
+                PyList_SET_ITEM(f->waiters, 0, Py_NewRef(on_delivery));
+        }
+        if (f->partition == NULL || f->timestamp == NULL || f->waiters == NULL) {
+            Py_DECREF(f);
+            return NULL;
+        }
     }
     if (w->pending != w->published) {
         /* Another thread's Python writer is between its claim and its publish: wait for it
@@ -785,6 +800,10 @@ static PyObject *SendCore_send(SendCore *c, PyObject *const *args, Py_ssize_t na
             return NULL;
         }
         Py_DECREF(r);
+        if (fire) {
+            Py_DECREF(f);
+            Py_RETURN_NONE;
+        }
         return (PyObject *)f;
     }
     unsigned char *rec = w->base + pos;
@@ -808,7 +827,21 @@ static PyObject *SendCore_send(SendCore *c, PyObject *const *args, Py_ssize_t na
     c->pending++;
     if (rw_publish(w))
         rw_ring(w);
+    if (fire) {
+        Py_DECREF(f);
+        Py_RETURN_NONE;
+    }
     return (PyObject *)f;
+}
+
+#undef call_slow
+
+static PyObject *SendCore_send(SendCore *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    return do_send(c, args, nargs, kwnames, 0);
+}
+
+static PyObject *SendCore_produce(SendCore *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    return do_send(c, args, nargs, kwnames, 1);
 }
 
 static PyObject *SendCore_set_writers(SendCore *c, PyObject *arg) {
@@ -837,6 +870,8 @@ static PyObject *SendCore_add_pending(SendCore *c, PyObject *arg) {
 static PyMethodDef SendCore_methods[] = {
     {"send", (PyCFunction)(void (*)(void))SendCore_send, METH_FASTCALL | METH_KEYWORDS,
      "send(topic, value, key=None, *, partition=None, headers=None, timestamp=None, on_delivery=None)"},
+    {"produce", (PyCFunction)(void (*)(void))SendCore_produce, METH_FASTCALL | METH_KEYWORDS,
+     "produce(topic, value, key=None, *, partition=None, headers=None, timestamp=None): send() without a future"},
     {"set_writers", (PyCFunction)SendCore_set_writers, METH_O, "The request rings' writers, one per worker."},
     {"add_pending", (PyCFunction)SendCore_add_pending, METH_O,
      "Add n (negative: records completed) to the pending count; returns it."},

@@ -28,6 +28,7 @@ __all__ = [
     "DeliveryFuture",
     "DeliveryGroup",
     "PendingRun",
+    "DeliveryTally",
     "settle_fifo",
     "fail_fifo",
 ]
@@ -336,6 +337,47 @@ class PendingRun:
         self.left = left
 
 
+class DeliveryTally:
+    """The pending-FIFO entry of every ``produce()`` record of one topic (fire and forget):
+    no future per record, but every outcome is counted here, and the first failure of each
+    Kafka error is logged. Shared by the topic's records: the FIFO holds it once per record.
+
+    Attributes:
+        delivered: records Kafka accepted.
+        failed: records that failed (Kafka refused them, the ring was full under
+            ``on_full = "drop"``, or the producer closed before their outcome).
+        errors: failure name (the exception's class name) -> records.
+    """
+
+    __slots__ = ("topic", "delivered", "failed", "errors")
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.delivered = 0
+        self.failed = 0
+        self.errors: dict[str, int] = {}
+
+    def settle(self, count: int, exc: BaseException | None) -> None:
+        """``count`` records have their outcome: delivered when ``exc`` is None."""
+        if exc is None:
+            self.delivered += count
+            return
+        self.failed += count
+        name = type(exc).__name__
+        seen = self.errors.get(name, 0)
+        self.errors[name] = seen + count
+        if not seen:
+            log.warning("sluice: produce() to %r: %d record(s) failed with %s: %s (the first of its kind; all "
+                        "are counted in Producer.delivery_errors)", self.topic, count, name, exc)
+
+    def resolve(self, exc: BaseException) -> None:
+        """One record failed before it entered the ring (the DeliveryFuture protocol)."""
+        self.settle(1, exc)
+
+    def __repr__(self) -> str:
+        return f"DeliveryTally({self.topic!r}, delivered={self.delivered}, failed={self.failed})"
+
+
 def settle_fifo(dq: deque[Any], part: int, err: int, base: int, ts: int, count: int) -> None:
     """One COMPLETION: the next ``count`` records pending for partition ``part`` have their
     outcome. FIFO entries are DeliveryFutures (one record) or PendingRuns (a DeliveryGroup's
@@ -362,6 +404,11 @@ def settle_fifo(dq: deque[Any], part: int, err: int, base: int, ts: int, count: 
             off += m * step
             i += m
             continue
+        if type(e) is DeliveryTally:
+            e.settle(1, exc)
+            off += step
+            i += 1
+            continue
         # DeliveryFuture.resolve, inlined: this is the completion thread's per-record path.
         if exc is None:
             if ts >= 0:
@@ -381,5 +428,7 @@ def fail_fifo(dq: deque[Any], part: int, exc: BaseException) -> None:
         e = dq.popleft()
         if type(e) is PendingRun:
             e.group.settle(part, -1, e.left, -1, exc)
+        elif type(e) is DeliveryTally:
+            e.settle(1, exc)
         else:
             e.resolve(exc)

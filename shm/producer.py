@@ -172,6 +172,7 @@ class Producer:
             topics=self._topics,
             future=DeliveryFuture,
             slow=MethodType(type(self).send, self),
+            slow_produce=MethodType(type(self).produce, self),
             full=self._enqueue,
             stick=stick,
         )
@@ -179,6 +180,7 @@ class Producer:
         if self._vser is None and self._kser is None:
             self._core.enabled = 1
             self.send = self._core.send  # type: ignore[method-assign]
+            self.produce = self._core.produce  # type: ignore[method-assign]
         self._completions = CompletionReader(
             seg,
             self._req,
@@ -317,6 +319,38 @@ class Producer:
                 return fut
         self._enqueue(t, partition, ts, body, fut)  # no room: wait or drop
         return fut
+
+    def produce(
+        self,
+        topic: str,
+        value: Any,
+        key: Any = None,
+        *,
+        partition: int | None = None,
+        headers: Sequence[tuple[str | bytes, bytes | None]] | None = None,
+        timestamp: int | None = None,
+    ) -> None:
+        """Fire and forget: queue one record as :meth:`send` does, without a future.
+
+        As confluent-kafka's ``produce()`` without a callback: the cheapest way to send when
+        the caller does not wait for each record. Outcomes are still counted per topic
+        (:attr:`delivery_errors`, :attr:`delivered`), and the first failure of each kind is
+        logged on ``sluice.client``. :meth:`flush` waits for these records too. Raises what
+        :meth:`send` raises before a record enters shared memory.
+        """
+        fut = type(self).send(self, topic, value, key, partition=partition, headers=headers, timestamp=timestamp)
+        tally = self._topics[topic].tally
+        fut.add_done_callback(lambda f: tally.settle(1, f.exception(0)))
+
+    @property
+    def delivery_errors(self) -> dict[str, dict[str, int]]:
+        """Failed :meth:`produce` records: topic -> error name -> records (a copy)."""
+        return {name: dict(t.tally.errors) for name, t in list(self._topics.items()) if t.tally.failed}
+
+    @property
+    def delivered(self) -> dict[str, int]:
+        """:meth:`produce` records Kafka accepted, per topic (a copy)."""
+        return {name: t.tally.delivered for name, t in list(self._topics.items()) if t.tally.delivered}
 
     def send_many(
         self,

@@ -15,7 +15,7 @@ from shm import control
 from shm._client import TopicBase
 from shm.errors import KafkaError
 from shm.frames import encode_record_body
-from shm.futures import DeliveryFuture, DeliveryGroup, PendingRun
+from shm.futures import DeliveryFuture, DeliveryGroup, DeliveryTally, PendingRun
 from shm.partitioner import KeyHashCache, StickyPartitioner, owner, partitions_many
 
 __all__ = [
@@ -61,6 +61,7 @@ class TopicState(TopicBase):
         self.sticky_p = 0  # keyless records go here until sticky_left bytes are used up
         self.sticky_left = 0
         self.max_body = info.max_request_size - BATCH_OVERHEAD
+        self.tally = DeliveryTally(self.name)  # the outcomes of produce() records
         self._bind(self.owners, self.pending)
 
 

@@ -457,3 +457,44 @@ def test_serializers_take_the_python_send(standin: StandIn) -> None:
         assert p.send == Producer.send.__get__(p)
         p.send("t", {"a": 1}, partition=0)
         assert [json.loads(body[2:-1]) for *_, body in standin.take(0) + standin.take(1)] == [{"a": 1}]
+
+
+def test_produce_is_fire_and_forget_and_counts_every_outcome(standin: StandIn, caplog: Any) -> None:
+    with _quick(Producer(standin.path)) as p:
+        for i in range(10):
+            assert p.produce("t", b"v%d" % i, partition=i % 2, timestamp=7) is None
+        assert p.pending == 10
+        frames = standin.take(0) + standin.take(1)
+        assert sorted(body for *_, body in frames) == sorted(encode_record_body(None, b"v%d" % i) for i in range(10))
+        # Partition 0's five are delivered, partition 1's five refused (MESSAGE_TOO_LARGE).
+        standin.complete(owner("t", 0, WORKERS), 0, 0, 100, 5)
+        with caplog.at_level("WARNING", logger="sluice.client"):
+            standin.complete(owner("t", 1, WORKERS), 0, 1, -1, 5, err=10)
+            assert p.flush(5) == 0
+        assert p.delivered == {"t": 5}
+        assert p.delivery_errors == {"t": {"MessageTooLargeError": 5}}
+        assert sum("MessageTooLargeError" in r.getMessage() or "too large" in r.getMessage().lower()
+                   for r in caplog.records) == 1  # the first failure of a kind is logged once
+
+
+def test_produce_through_the_python_path_counts_too(standin: StandIn) -> None:
+    with _quick(Producer(standin.path, value_serializer="json")) as p:
+        p.produce("t", {"a": 1}, partition=0)
+        assert [json.loads(body[2:-1]) for *_, body in standin.take(0) + standin.take(1)] == [{"a": 1}]
+        standin.complete(owner("t", 0, WORKERS), 0, 0, 3, 1)
+        assert p.flush(5) == 0
+        wait_until(lambda: p.delivered == {"t": 1})
+
+
+def test_produce_dropped_on_a_full_ring_is_counted(sock_path: str) -> None:
+    s = StandIn(sock_path, request_ring_bytes=4096, on_full="drop")
+    try:
+        with _quick(Producer(s.path)) as p:
+            for _ in range(200):
+                p.produce("t", b"x" * 100, partition=0)
+            dropped = p.drops.get("t", 0)
+            assert dropped > 0
+            assert p.delivery_errors == {"t": {"BufferFullError": dropped}}
+            assert p.pending == 200 - dropped
+    finally:
+        s.close()
