@@ -78,8 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", default=None, help="Sluice daemon worker counts to sweep, e.g. 1,2,4 (default: usable CPUs)")
     p.add_argument("--peers", default=",".join(PEERS), help="peers to run: any of confluent,aiokafka,java, or none")
     p.add_argument("--sluice", default="shm,socket", help="Sluice runners: any of shm,socket, or none")
-    p.add_argument("--sluice-api", choices=("send", "many"), default="send",
-                   help="shm runner: send() per record (default) or send_many() in chunks")
+    p.add_argument("--sluice-api", choices=("send", "produce", "many"), default="send",
+                   help="shm runner: send() per record (default), produce() per record (fire and forget), "
+                        "or send_many() in chunks")
     p.add_argument("--fleet-rate", type=float, default=sc.FLEET_RATE, help="records/s offered by each fleet client")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="data seed (same data for every runner)")
     p.add_argument("--json", type=Path, help="also write the results to this file")
