@@ -638,43 +638,24 @@ static int64_t now_ms(void) {
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-#define call_slow(c, args, nargs, kwnames) \
-    PyObject_Vectorcall((fire) ? (c)->slow_produce : (c)->slow, (args), (nargs), (kwnames))
+/* The sentinel send_one() returns for "take the Python path" (no exception set). */
+static PyObject slow_sentinel_obj;
+#define SLOW (&slow_sentinel_obj)
 
-/* send(topic, value, key=None, *, partition=None, headers=None, timestamp=None, on_delivery=None)
- * -> DeliveryFuture; with `fire` (produce()), no future: the topic's tally counts the outcome,
- * and None is returned. */
-static PyObject *do_send(SendCore *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int fire) {
-    if (!c->enabled || nargs < 2 || nargs > 3)
-        return call_slow(c, args, nargs, kwnames);
-    PyObject *topic = args[0], *value = args[1], *key = nargs > 2 ? args[2] : Py_None;
-    PyObject *partition = Py_None, *headers = Py_None, *timestamp = Py_None, *on_delivery = Py_None;
-    if (kwnames != NULL) {
-        Py_ssize_t nk = PyTuple_GET_SIZE(kwnames);
-        for (Py_ssize_t i = 0; i < nk; i++) {
-            PyObject *name = PyTuple_GET_ITEM(kwnames, i), *v = args[nargs + i];
-            if (PyUnicode_CompareWithASCIIString(name, "partition") == 0)
-                partition = v;
-            else if (PyUnicode_CompareWithASCIIString(name, "headers") == 0)
-                headers = v;
-            else if (PyUnicode_CompareWithASCIIString(name, "timestamp") == 0)
-                timestamp = v;
-            else if (!fire && PyUnicode_CompareWithASCIIString(name, "on_delivery") == 0)
-                on_delivery = v;
-            else if (PyUnicode_CompareWithASCIIString(name, "key") == 0 && nargs == 2)
-                key = v;
-            else
-                return call_slow(c, args, nargs, kwnames); /* let Python report it */
-        }
-    }
+/* One record of send()/produce() (fire), arguments already unpacked (borrowed). Returns the
+ * future (a new reference; None with fire), NULL with an exception set, or SLOW when the
+ * Python path must take the record (nothing was written). no_full: a full ring is SLOW too,
+ * instead of calling the Python full-ring path (which may block). */
+static PyObject *send_one(SendCore *c, PyObject *topic, PyObject *value, PyObject *key, PyObject *partition,
+                          PyObject *headers, PyObject *timestamp, PyObject *on_delivery, int fire, int no_full) {
     if (!PyUnicode_CheckExact(topic))
-        return call_slow(c, args, nargs, kwnames);
+        return SLOW;
     PyObject *tobj = PyDict_GetItemWithError(c->topics, topic); /* borrowed */
     if (tobj == NULL || !PyObject_TypeCheck(tobj, &TopicBaseType) || !((TopicBase *)tobj)->bound ||
         (fire && ((TopicBase *)tobj)->tally == NULL)) {
         if (PyErr_Occurred())
             return NULL;
-        return call_slow(c, args, nargs, kwnames);
+        return SLOW;
     }
     TopicBase *t = (TopicBase *)tobj;
     const char *val = NULL, *kp = NULL;
@@ -683,33 +664,33 @@ static PyObject *do_send(SendCore *c, PyObject *const *args, Py_ssize_t nargs, P
         val = PyBytes_AS_STRING(value);
         vlen = PyBytes_GET_SIZE(value);
     } else if (value != Py_None) {
-        return call_slow(c, args, nargs, kwnames);
+        return SLOW;
     }
     if (PyBytes_CheckExact(key)) {
         kp = PyBytes_AS_STRING(key);
         klen = PyBytes_GET_SIZE(key);
     } else if (key != Py_None) {
-        return call_slow(c, args, nargs, kwnames);
+        return SLOW;
     }
     hdr_t hdrs[MAX_FAST_HEADERS];
     int64_t hbytes = 1;
     Py_ssize_t nh = parse_headers(headers, hdrs, &hbytes);
     if (nh < 0)
-        return call_slow(c, args, nargs, kwnames);
+        return SLOW;
     int64_t blen = sl_varint_len(klen) + (klen > 0 ? klen : 0) + sl_varint_len(vlen) + (vlen > 0 ? vlen : 0) + hbytes;
     if (blen > t->max_body)
-        return call_slow(c, args, nargs, kwnames); /* raises MessageTooLargeError */
+        return SLOW; /* raises MessageTooLargeError */
     int p;
     if (partition != Py_None) {
         if (!PyLong_CheckExact(partition))
-            return call_slow(c, args, nargs, kwnames);
+            return SLOW;
         long pv = PyLong_AsLong(partition);
         if (pv == -1 && PyErr_Occurred()) {
             PyErr_Clear();
-            return call_slow(c, args, nargs, kwnames);
+            return SLOW;
         }
         if (pv < 0 || pv >= t->partitions)
-            return call_slow(c, args, nargs, kwnames); /* raises UnknownTopicOrPartitionError */
+            return SLOW; /* raises UnknownTopicOrPartitionError */
         p = (int)pv;
     } else if (kp != NULL) {
         p = partition_of_key((const unsigned char *)kp, klen, t->partitions);
@@ -720,7 +701,7 @@ static PyObject *do_send(SendCore *c, PyObject *const *args, Py_ssize_t nargs, P
                 return NULL;
             Py_DECREF(r);
             if (t->sticky_p < 0 || t->sticky_p >= t->partitions)
-                return call_slow(c, args, nargs, kwnames);
+                return SLOW;
         }
         p = t->sticky_p;
         t->sticky_left -= (Py_ssize_t)blen;
@@ -730,17 +711,17 @@ static PyObject *do_send(SendCore *c, PyObject *const *args, Py_ssize_t nargs, P
         ts = now_ms();
     } else {
         if (!PyLong_CheckExact(timestamp))
-            return call_slow(c, args, nargs, kwnames);
+            return SLOW;
         int overflow = 0;
         ts = PyLong_AsLongLongAndOverflow(timestamp, &overflow);
         if (overflow || (ts == -1 && PyErr_Occurred())) {
             PyErr_Clear();
-            return call_slow(c, args, nargs, kwnames);
+            return SLOW;
         }
     }
     int owner = t->owners[p];
     if (owner < 0 || owner >= PyTuple_GET_SIZE(c->writers))
-        return call_slow(c, args, nargs, kwnames);
+        return SLOW;
     RingWriter *w = (RingWriter *)PyTuple_GET_ITEM(c->writers, owner);
     /* The future first: making it may run Python code (the GC), which must not happen between
      * the claim and the publish. */
@@ -771,13 +752,13 @@ static PyObject *do_send(SendCore *c, PyObject *const *args, Py_ssize_t nargs, P
         /* Another thread's Python writer is between its claim and its publish: wait for it
          * in the Python path (it holds the send lock). */
         Py_DECREF(f);
-        return call_slow(c, args, nargs, kwnames);
+        return SLOW;
     }
     Py_ssize_t pos = rw_claim(w, SL_FRAME_RECORD, (uint64_t)(SL_RECORD_PREFIX_BYTES + blen));
     if (pos < 0) {
-        if (pos != CLAIM_FULL) {
+        if (pos != CLAIM_FULL || no_full) {
             Py_DECREF(f);
-            return call_slow(c, args, nargs, kwnames); /* raises what is wrong */
+            return SLOW; /* raises what is wrong, or waits for room */
         }
         /* No room: the Python path waits (on_full=block) or drops, with the body we made. */
         PyObject *body = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)blen);
@@ -834,7 +815,93 @@ static PyObject *do_send(SendCore *c, PyObject *const *args, Py_ssize_t nargs, P
     return (PyObject *)f;
 }
 
+#define call_slow(c, args, nargs, kwnames) \
+    PyObject_Vectorcall((fire) ? (c)->slow_produce : (c)->slow, (args), (nargs), (kwnames))
+
+/* send(topic, value, key=None, *, partition=None, headers=None, timestamp=None, on_delivery=None)
+ * -> DeliveryFuture; with `fire` (produce()), no future: the topic's tally counts the outcome,
+ * and None is returned. */
+static PyObject *do_send(SendCore *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int fire) {
+    if (!c->enabled || nargs < 2 || nargs > 3)
+        return call_slow(c, args, nargs, kwnames);
+    PyObject *topic = args[0], *value = args[1], *key = nargs > 2 ? args[2] : Py_None;
+    PyObject *partition = Py_None, *headers = Py_None, *timestamp = Py_None, *on_delivery = Py_None;
+    if (kwnames != NULL) {
+        Py_ssize_t nk = PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t i = 0; i < nk; i++) {
+            PyObject *name = PyTuple_GET_ITEM(kwnames, i), *v = args[nargs + i];
+            if (PyUnicode_CompareWithASCIIString(name, "partition") == 0)
+                partition = v;
+            else if (PyUnicode_CompareWithASCIIString(name, "headers") == 0)
+                headers = v;
+            else if (PyUnicode_CompareWithASCIIString(name, "timestamp") == 0)
+                timestamp = v;
+            else if (!fire && PyUnicode_CompareWithASCIIString(name, "on_delivery") == 0)
+                on_delivery = v;
+            else if (PyUnicode_CompareWithASCIIString(name, "key") == 0 && nargs == 2)
+                key = v;
+            else
+                return call_slow(c, args, nargs, kwnames); /* let Python report it */
+        }
+    }
+    PyObject *r = send_one(c, topic, value, key, partition, headers, timestamp, on_delivery, fire, 0);
+    return r == SLOW ? call_slow(c, args, nargs, kwnames) : r;
+}
+
 #undef call_slow
+
+static PyObject *s_value, *s_key, *s_partition, *s_headers, *s_timestamp; /* interned at init */
+
+PyDoc_STRVAR(send_records_doc,
+"send_records(topic, records, start, fire) -> (next, futures)\n\n"
+"send() (or produce(), with fire) each of records[start:], objects with the attributes value,\n"
+"key, partition, headers and timestamp (shm.control.Rec, as socket ingest decodes them), until\n"
+"the end or the first record the compiled path cannot take (nothing of it is written: the\n"
+"caller sends it through the Python send(), which raises or waits, and goes on after it). A\n"
+"full ring stops it too. Returns that record's index (len(records) when all went) and the\n"
+"futures of records[start:next] (None each with fire).");
+
+static PyObject *SendCore_send_records(SendCore *c, PyObject *args) {
+    PyObject *topic, *records;
+    Py_ssize_t start;
+    int fire;
+    if (!PyArg_ParseTuple(args, "UO!np:send_records", &topic, &PyList_Type, &records, &start, &fire))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(records);
+    if (start < 0 || start > n) {
+        PyErr_SetString(PyExc_IndexError, "send_records: start outside the records");
+        return NULL;
+    }
+    PyObject *futs = PyList_New(0);
+    if (futs == NULL)
+        return NULL;
+    Py_ssize_t i = start;
+    for (; i < n && c->enabled; i++) {
+        PyObject *rec = PyList_GET_ITEM(records, i);
+        Py_INCREF(rec); /* the list may change under Python code the GC runs */
+        PyObject *a[5] = {NULL, NULL, NULL, NULL, NULL};
+        PyObject *names[5] = {s_value, s_key, s_partition, s_headers, s_timestamp};
+        int ok = 1;
+        for (int k = 0; k < 5 && ok; k++) {
+            a[k] = PyObject_GetAttr(rec, names[k]);
+            ok = a[k] != NULL;
+        }
+        PyObject *r = ok ? send_one(c, topic, a[0], a[1], a[2], a[3], a[4], Py_None, fire, 1) : NULL;
+        for (int k = 0; k < 5; k++)
+            Py_XDECREF(a[k]);
+        Py_DECREF(rec);
+        if (r == SLOW)
+            break;
+        if (r == NULL || PyList_Append(futs, r) < 0) {
+            Py_XDECREF(r);
+            Py_DECREF(futs);
+            return NULL;
+        }
+        Py_DECREF(r);
+    }
+    PyObject *out = Py_BuildValue("nN", i, futs);
+    return out;
+}
 
 static PyObject *SendCore_send(SendCore *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     return do_send(c, args, nargs, kwnames, 0);
@@ -872,6 +939,7 @@ static PyMethodDef SendCore_methods[] = {
      "send(topic, value, key=None, *, partition=None, headers=None, timestamp=None, on_delivery=None)"},
     {"produce", (PyCFunction)(void (*)(void))SendCore_produce, METH_FASTCALL | METH_KEYWORDS,
      "produce(topic, value, key=None, *, partition=None, headers=None, timestamp=None): send() without a future"},
+    {"send_records", (PyCFunction)SendCore_send_records, METH_VARARGS, send_records_doc},
     {"set_writers", (PyCFunction)SendCore_set_writers, METH_O, "The request rings' writers, one per worker."},
     {"add_pending", (PyCFunction)SendCore_add_pending, METH_O,
      "Add n (negative: records completed) to the pending count; returns it."},
@@ -915,6 +983,13 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__client(void) {
     if (PyType_Ready(&RingWriterType) < 0 || PyType_Ready(&FutureBaseType) < 0 || PyType_Ready(&TopicBaseType) < 0 ||
         PyType_Ready(&SendCoreType) < 0)
+        return NULL;
+    s_value = PyUnicode_InternFromString("value");
+    s_key = PyUnicode_InternFromString("key");
+    s_partition = PyUnicode_InternFromString("partition");
+    s_headers = PyUnicode_InternFromString("headers");
+    s_timestamp = PyUnicode_InternFromString("timestamp");
+    if (!s_value || !s_key || !s_partition || !s_headers || !s_timestamp)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

@@ -342,6 +342,24 @@ class Producer:
         tally = self._topics[topic].tally
         fut.add_done_callback(lambda f: tally.settle(1, f.exception(0)))
 
+    def send_records(self, topic: str, records: list[Any], start: int = 0) -> tuple[int, list[DeliveryFuture]]:
+        """:meth:`send` each of ``records[start:]`` (objects with the attributes ``value``,
+        ``key``, ``partition``, ``headers`` and ``timestamp``, such as the socket protocol's
+        decoded :class:`shm.control.Rec`) in one compiled call, for socket ingest.
+
+        It stops at the end, or at the first record it cannot take without Python (a full ring,
+        an error to raise, a serializer): nothing of that record is written, and the caller
+        sends it with :meth:`send` (which raises or waits) and goes on after it.
+
+        Returns:
+            ``(next, futures)``: the index of the record it stopped at (``len(records)`` when
+            all went), and the futures of ``records[start:next]``, in order.
+        """
+        topic_state = self._topics.get(topic)
+        if topic_state is None or not self._core.enabled:
+            return start, []
+        return self._core.send_records(topic, records, start, False)
+
     @property
     def delivery_errors(self) -> dict[str, dict[str, int]]:
         """Failed :meth:`produce` records: topic -> error name -> records (a copy)."""

@@ -63,6 +63,17 @@ class Producer:
         self.sent.append(fut)
         return fut
 
+    def send_records(self, topic: str, records: list[Any], start: int) -> tuple[int, list[Outcome]]:
+        """As shm.Producer.send_records: the records send() would take without raising, in
+        one call; it stops before the first that would raise (the caller sends that one)."""
+        futs = []
+        i = start
+        while i < len(records) and not self.full_for and records[i].value not in self.refuse:
+            r = records[i]
+            futs.append(self.send(topic, r.value, r.key, partition=r.partition))
+            i += 1
+        return i, futs
+
     def complete(self, outcomes: Callable[[int, Outcome], None]) -> None:
         """Settle every sent record from another thread, as the completion thread does."""
 

@@ -498,3 +498,25 @@ def test_produce_dropped_on_a_full_ring_is_counted(sock_path: str) -> None:
             assert p.pending == 200 - dropped
     finally:
         s.close()
+
+
+def test_send_records_takes_the_records_the_compiled_path_can_and_stops_before_the_rest(standin: StandIn) -> None:
+    recs = [
+        control.Rec(value=b"a", partition=0, timestamp=11),
+        control.Rec(value=b"b", key=b"k", headers=[("h", b"v")], timestamp=12),
+        control.Rec(value=b"x" * 5000, partition=1),  # too large: send() must raise it
+        control.Rec(value=None, key=b"t", timestamp=13),  # a tombstone
+    ]
+    with _quick(Producer(standin.path)) as p:
+        p.lookup("t")
+        nxt, futs = p.send_records("t", recs, 0)
+        assert nxt == 2 and [f.partition for f in futs] == [0, partition_for_key(b"k", 4)]
+        with pytest.raises(MessageTooLargeError):
+            p.send("t", recs[2].value, partition=recs[2].partition)
+        nxt, futs2 = p.send_records("t", recs, 3)
+        assert nxt == 4 and len(futs2) == 1 and futs2[0].timestamp == 13
+        frames = standin.take(0) + standin.take(1)
+        assert sorted(body for *_, body in frames) == sorted(
+            encode_record_body(r.key, r.value, r.headers) for r in (recs[0], recs[1], recs[3])
+        )
+        assert p.pending == 3
