@@ -23,4 +23,5 @@ export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-sanitize}
 "$PY" -m pytest -q -p no:cacheprovider \
   tests/unit/daemon/test_batcher.py tests/unit/daemon/test_accumulator.py \
   tests/unit/daemon/test_accumulator_runs.py tests/unit/shm/test_ring.py tests/unit/shm/test_frames.py \
-  tests/unit/shm/test_partitioner.py tests/unit/shm/test_producer.py tests/unit/shm/test_segment.py "$@"
+  tests/unit/shm/test_partitioner.py tests/unit/shm/test_producer.py tests/unit/shm/test_segment.py \
+  tests/unit/shm/test_settle.py "$@"

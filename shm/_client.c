@@ -1,4 +1,5 @@
-/* shm._client: the client's per-record path, compiled. Serves shm.producer and shm.ring.
+/* shm._client: the client's per-record path, compiled. Serves shm.producer, shm.ring,
+ * shm.futures and shm.topic.
  *
  *   murmur2(key)      Kafka's murmur2 (the Java client's Utils.murmur2), signed 32-bit.
  *   RingWriter        the writer half of an SpscRing (shm/ring.py): claim, publish, rollback.
@@ -204,8 +205,8 @@ static int RingWriter_init(RingWriter *w, PyObject *args, PyObject *kwds) {
     if (PyObject_GetBuffer(view, &w->view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
         return -1;
     w->held = 1;
-    if (capacity < 64 || (capacity & (capacity - 1)) || offset < 0 || (offset & 7) || data_start < offset ||
-        (uint64_t)data_start + capacity > (uint64_t)w->view.len || offset + 256 > w->view.len) {
+    if (capacity < 64 || (capacity & (capacity - 1)) || offset < 0 || (offset & 7) ||
+        data_start < offset + SL_RING_HEADER_BYTES || (uint64_t)data_start + capacity > (uint64_t)w->view.len) {
         rw_release(w);
         PyErr_SetString(PyExc_ValueError, "RingWriter: ring outside the buffer or bad capacity");
         return -1;
@@ -215,11 +216,11 @@ static int RingWriter_init(RingWriter *w, PyObject *args, PyObject *kwds) {
     w->capacity = capacity;
     w->mask = capacity - 1;
     w->max_frame = capacity / 2;
-    /* Offsets of shm.layout's ring header (a test checks them through the exported names). */
-    w->head_word = (uint64_t *)(w->base + offset + 64);
-    w->full_word = (uint64_t *)(w->base + offset + 72);
-    w->tail_word = (uint64_t *)(w->base + offset + 128);
-    w->flag = w->base + offset + 192;
+    /* shm/_layout.h's ring header offsets (test_native_layout holds them to shm.layout). */
+    w->head_word = (uint64_t *)(w->base + offset + SL_RING_HEAD_OFFSET);
+    w->full_word = (uint64_t *)(w->base + offset + SL_RING_FULL_COUNT_OFFSET);
+    w->tail_word = (uint64_t *)(w->base + offset + SL_RING_TAIL_OFFSET);
+    w->flag = w->base + offset + SL_RING_READER_SLEEPING_OFFSET;
     w->pending = w->published = head;
     w->tail_cache = tail;
     w->limit = tail + capacity;
@@ -966,10 +967,157 @@ static PyTypeObject SendCoreType = {
     .tp_members = SendCore_members,
 };
 
+/* ------------------------------------------------------------------------------------------
+ * settle(): the completion thread's per-record work
+ */
+
+PyDoc_STRVAR(settle_doc,
+"settle(fifo, partition, exc, base, timestamp, count, run_type, tally_type) -> None\n\n"
+"One COMPLETION frame: the next `count` entries' records of a partition's pending FIFO (a\n"
+"deque) have their outcome: the offsets from `base` (-1 under acks=0), or the exception `exc`.\n"
+"A DeliveryFuture (a FutureBase) is resolved in place and its waiters run; a PendingRun (a\n"
+"DeliveryGroup's run, `run_type`) and the produce() tally (`tally_type`) are settled through\n"
+"their Python methods, once per run of them. IndexError: fewer records pending than `count`.");
+
+static PyObject *settle(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "settle() takes 8 arguments");
+        return NULL;
+    }
+    PyObject *dq = args[0], *part = args[1], *exc = args[2], *run_type = args[6], *tally_type = args[7];
+    long long base = PyLong_AsLongLong(args[3]);
+    long long ts = PyLong_AsLongLong(args[4]);
+    long long count = PyLong_AsLongLong(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    int ok = exc == Py_None;
+    long long step = (base >= 0 && ok) ? 1 : 0;
+    long long off = step ? base : -1;
+    PyObject *popleft = PyObject_GetAttrString(dq, "popleft");
+    PyObject *tsobj = (ok && ts >= 0) ? PyLong_FromLongLong(ts) : NULL;
+    if (popleft == NULL || (ok && ts >= 0 && tsobj == NULL))
+        goto fail;
+    long long i = 0;
+    while (i < count) {
+        PyObject *e = PyObject_CallNoArgs(popleft);
+        if (e == NULL)
+            goto fail;
+        if (PyObject_TypeCheck(e, &FutureBaseType)) {
+            FutureBase *f = (FutureBase *)e;
+            if (ok) {
+                if (tsobj != NULL)
+                    Py_XSETREF(f->timestamp, Py_NewRef(tsobj)); /* LogAppendTime: the broker's */
+                PyObject *o = PyLong_FromLongLong(off);
+                if (o == NULL) {
+                    Py_DECREF(e);
+                    goto fail;
+                }
+                Py_XSETREF(f->outcome, o);
+                off += step;
+            } else {
+                Py_XSETREF(f->outcome, Py_NewRef(exc));
+            }
+            if (f->waiters != Py_None && f->waiters != NULL) {
+                PyObject *r = PyObject_CallMethod(e, "_wake", NULL);
+                if (r == NULL) {
+                    Py_DECREF(e);
+                    goto fail;
+                }
+                Py_DECREF(r);
+            }
+            Py_DECREF(e);
+            i++;
+            continue;
+        }
+        if ((PyObject *)Py_TYPE(e) == tally_type) {
+            /* Consecutive produce() records of the topic: one settle() for the run. */
+            long long m = 1;
+            while (i + m < count) {
+                PyObject *nx = PyObject_CallNoArgs(popleft);
+                if (nx == NULL) {
+                    Py_DECREF(e);
+                    goto fail;
+                }
+                if (nx != e) {
+                    PyObject *r = PyObject_CallMethod(dq, "appendleft", "O", nx);
+                    Py_DECREF(nx);
+                    if (r == NULL) {
+                        Py_DECREF(e);
+                        goto fail;
+                    }
+                    Py_DECREF(r);
+                    break;
+                }
+                Py_DECREF(nx);
+                m++;
+            }
+            PyObject *r = PyObject_CallMethod(e, "settle", "LO", m, exc);
+            Py_DECREF(e);
+            if (r == NULL)
+                goto fail;
+            Py_DECREF(r);
+            off += m * step;
+            i += m;
+            continue;
+        }
+        if ((PyObject *)Py_TYPE(e) == run_type) {
+            PyObject *left_o = PyObject_GetAttrString(e, "left");
+            long long left = left_o ? PyLong_AsLongLong(left_o) : -1;
+            Py_XDECREF(left_o);
+            if (left < 0) {
+                Py_DECREF(e);
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_ValueError, "a PendingRun with a negative count");
+                goto fail;
+            }
+            long long m = count - i;
+            PyObject *r;
+            if (left > m) {
+                /* The rest of the run waits for the next completion. */
+                PyObject *rest = PyLong_FromLongLong(left - m);
+                int bad = rest == NULL || PyObject_SetAttrString(e, "left", rest) < 0;
+                Py_XDECREF(rest);
+                r = bad ? NULL : PyObject_CallMethod(dq, "appendleft", "O", e);
+                if (r == NULL) {
+                    Py_DECREF(e);
+                    goto fail;
+                }
+                Py_DECREF(r);
+            } else {
+                m = left;
+            }
+            PyObject *group = PyObject_GetAttrString(e, "group");
+            Py_DECREF(e);
+            if (group == NULL)
+                goto fail;
+            r = PyObject_CallMethod(group, "settle", "OLLLO", part, step ? off : -1LL, m, ts, exc);
+            Py_DECREF(group);
+            if (r == NULL)
+                goto fail;
+            Py_DECREF(r);
+            off += m * step;
+            i += m;
+            continue;
+        }
+        Py_DECREF(e);
+        PyErr_SetString(PyExc_TypeError, "settle(): an entry of unknown type in a pending FIFO");
+        goto fail;
+    }
+    Py_DECREF(popleft);
+    Py_XDECREF(tsobj);
+    Py_RETURN_NONE;
+fail:
+    Py_XDECREF(popleft);
+    Py_XDECREF(tsobj);
+    return NULL;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 
 static PyMethodDef methods[] = {
     {"murmur2", py_murmur2, METH_O, murmur2_doc},
+    {"settle", (PyCFunction)(void (*)(void))settle, METH_FASTCALL, settle_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1006,8 +1154,10 @@ PyMODINIT_FUNC PyInit__client(void) {
         long value;
     } consts[] = {
         {"CLAIM_FULL", CLAIM_FULL}, {"CLAIM_CORRUPT", CLAIM_CORRUPT}, {"CLAIM_TOO_BIG", CLAIM_TOO_BIG},
-        {"RING_HEAD_OFFSET", 64}, {"RING_FULL_COUNT_OFFSET", 72}, {"RING_TAIL_OFFSET", 128},
-        {"RING_READER_SLEEPING_OFFSET", 192}, {"RECORD_PREFIX_BYTES", SL_RECORD_PREFIX_BYTES},
+        {"RING_HEADER_BYTES", SL_RING_HEADER_BYTES}, {"RING_HEAD_OFFSET", SL_RING_HEAD_OFFSET},
+        {"RING_FULL_COUNT_OFFSET", SL_RING_FULL_COUNT_OFFSET}, {"RING_TAIL_OFFSET", SL_RING_TAIL_OFFSET},
+        {"RING_READER_SLEEPING_OFFSET", SL_RING_READER_SLEEPING_OFFSET},
+        {"RECORD_PREFIX_BYTES", SL_RECORD_PREFIX_BYTES},
         {"FRAME_RECORD", SL_FRAME_RECORD}, {"FRAME_PADDING", SL_FRAME_PADDING},
     };
     for (size_t i = 0; i < sizeof consts / sizeof consts[0]; i++) {

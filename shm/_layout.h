@@ -30,6 +30,14 @@
 #define SL_COMPLETION_BYTES 32
 #define SL_CHUNK_DONE_BYTES 8
 
+/* Ring header (256 bytes): the writer's head and full count, the reader's tail and its
+ * sleeping flag, each on its own cache line (shm.layout.RING_OFFSETS). */
+#define SL_RING_HEADER_BYTES 256
+#define SL_RING_HEAD_OFFSET 64
+#define SL_RING_FULL_COUNT_OFFSET 72
+#define SL_RING_TAIL_OFFSET 128
+#define SL_RING_READER_SLEEPING_OFFSET 192
+
 /* Bytes a frame of payload length `plen` takes: header + payload rounded up to 8
  * (shm.layout.frame_size). 64-bit arithmetic: plen is a u32 read from a peer. */
 static inline uint64_t sl_frame_size(uint32_t plen) {

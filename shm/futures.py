@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from shm._client import FutureBase
+from shm._client import settle as _settle
 from shm.errors import KafkaError
 
 __all__ = [
@@ -380,46 +381,15 @@ class DeliveryTally:
 
 def settle_fifo(dq: deque[Any], part: int, err: int, base: int, ts: int, count: int) -> None:
     """One COMPLETION: the next ``count`` records pending for partition ``part`` have their
-    outcome. FIFO entries are DeliveryFutures (one record) or PendingRuns (a DeliveryGroup's
-    consecutive records, settled with one call however many there are).
+    outcome. FIFO entries are DeliveryFutures (one record), PendingRuns (a DeliveryGroup's
+    consecutive records, settled with one call however many there are) and the topic's
+    DeliveryTally (one produce() record each). The completion thread's per-record path, so
+    compiled (shm._client.settle); the exception is made once per completion, here.
 
     Raises:
         IndexError: fewer records pending than the completion names (a broken peer).
     """
-    popleft = dq.popleft
-    exc = KafkaError.for_code(err) if err else None
-    step = 1 if base >= 0 and exc is None else 0
-    off = base if step else -1
-    i = 0
-    while i < count:
-        e = popleft()
-        if type(e) is PendingRun:
-            m = count - i
-            if e.left > m:
-                e.left -= m
-                dq.appendleft(e)  # the rest of the run waits for the next completion
-            else:
-                m = e.left
-            e.group.settle(part, off, m, ts, exc)
-            off += m * step
-            i += m
-            continue
-        if type(e) is DeliveryTally:
-            e.settle(1, exc)
-            off += step
-            i += 1
-            continue
-        # DeliveryFuture.resolve, inlined: this is the completion thread's per-record path.
-        if exc is None:
-            if ts >= 0:
-                e.timestamp = ts  # LogAppendTime topic: the broker's time
-            e._outcome = off
-            off += step
-        else:
-            e._outcome = exc
-        if e._waiters is not None:
-            e._wake()
-        i += 1
+    _settle(dq, part, KafkaError.for_code(err) if err else None, base, ts, count, PendingRun, DeliveryTally)
 
 
 def fail_fifo(dq: deque[Any], part: int, exc: BaseException) -> None:
