@@ -1,4 +1,5 @@
-/* daemon._batcher: the worker's per-record path, compiled. Serves daemon.accumulator.
+/* daemon._batcher: the worker's per-record path, compiled. Serves daemon.accumulator (and
+ * daemon.drain, which checks a region's bodies with first_bad_body before appending it).
  *
  * A worker copies a region of a client's request ring into private memory (bytes) and hands it
  * here. append_region() walks its RECORD frames, validates each (frame header, topic id,
@@ -115,7 +116,7 @@ PyDoc_STRVAR(append_region_doc,
 "-> (code, pos, records, ntouched)\n\n"
 "Validate and append the RECORD frames of data[start:end] (data: the worker's private copy of\n"
 "a ring region; start a frame start) to their partitions' open batches. Stops at the first\n"
-"frame it cannot take and returns its code and position (see the module's R_* constants);\n"
+"frame it cannot take and returns its code and position (see the module's RC_* constants);\n"
 "`records` is how many records this call appended. `wraps`: end is the end of the ring's data\n"
 "area, so a padding frame may end there.");
 

@@ -25,14 +25,14 @@ Arena header:
 
 | offset | size | field | writer | reader |
 |---|---|---|---|---|
-| 0 | 8 | magic | creator (supervisor) | recovery |
-| 8 | 4 | version | creator (supervisor) | recovery |
-| 12 | 4 | chunk_size | creator (supervisor) | recovery |
-| 16 | 4 | n_chunks | creator (supervisor) | recovery |
-| 20 | 4 | max_topics | creator (supervisor) | recovery |
-| 24 | 8 | topics_offset | creator (supervisor) | recovery |
-| 32 | 8 | slots_offset | creator (supervisor) | recovery |
-| 40 | 8 | data_offset | creator (supervisor) | recovery |
+| 0 | 8 | magic | creator (worker) | recovery |
+| 8 | 4 | version | creator (worker) | recovery |
+| 12 | 4 | chunk_size | creator (worker) | recovery |
+| 16 | 4 | n_chunks | creator (worker) | recovery |
+| 20 | 4 | max_topics | creator (worker) | recovery |
+| 24 | 8 | topics_offset | creator (worker) | recovery |
+| 32 | 8 | slots_offset | creator (worker) | recovery |
+| 40 | 8 | data_offset | creator (worker) | recovery |
 | 48 | 16 | reserved | nobody | nobody |
 
 Slot (one per chunk; only the slot of a batch's first chunk is used):

@@ -6,7 +6,7 @@ answer means; the sender then sends, retries or fails the batch itself.
 
 Policy (profiles with ``enable_idempotence`` and ``acks=-1``)
     One InitProducerId gives the producer id and epoch. A batch is stamped (producer id, epoch,
-    base sequence) with :meth:`Batch.stamp <daemon.accumulator.Batch.stamp>` the first time it
+    base sequence) with :meth:`Batch.stamp <daemon.batch.Batch.stamp>` the first time it
     is sent; the partition's next sequence advances by its record count. Retries resend the same
     stamped bytes. Up to 5 batches per partition are in flight (:data:`MAX_IN_FLIGHT`), except
     that a batch at sequence 0 (the first of a producer id on the partition) is sent alone and

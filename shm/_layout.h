@@ -1,7 +1,7 @@
 /* The ring-frame constants of shm/layout.py and shm/frames.py, for the compiled code.
  *
- * shm/layout.py is the source of truth; tests/unit/shm/test_native_layout.py checks every value
- * here against it (through the constants each extension exports), so the two cannot drift.
+ * shm/layout.py is the source of truth; tests/unit/daemon/test_batcher.py
+ * (test_layout_constants_match_shm_layout) checks the values daemon._batcher exports against it.
  * Everything is little-endian; the platform is x86-64 (see shm/layout.py, "Ordering").
  */
 #ifndef SLUICE_LAYOUT_H

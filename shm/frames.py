@@ -34,7 +34,8 @@ one ``b"".join``) and copies them into the ring with one claim (:func:`put_frame
 :func:`iter_completions`, :func:`iter_frames`) walk a region returned by
 :meth:`SpscRing.region <shm.ring.SpscRing.region>` and validate every frame: a bad one raises
 :class:`~shm.errors.CorruptFrameError` naming what was wrong, and the reading side drops the
-writer.
+writer. The client's completion thread uses :func:`iter_completions`; the worker reads RECORD
+frames with the compiled :mod:`daemon._batcher` instead, over a private copy of each region.
 """
 
 from __future__ import annotations
@@ -230,10 +231,11 @@ def record_body_valid(buf: memoryview, pos: int, end: int) -> bool:
 
 
 
-# The fast path of body validation, shared by iter_records and the worker. A one-byte zig-zag
-# varint n used as a length: LENGTH_SKIP1[n] = bytes to skip past the varint and the field it
-# announces (1 for null), 0 = not a valid length or not a one-byte varint. LENGTH_SKIP2 does the
-# same for the next two bytes read as <H, covering one- and two-byte varints (up to 8191).
+# The fast path of body validation, for iter_records (the worker validates in daemon._batcher).
+# A one-byte zig-zag varint n used as a length: LENGTH_SKIP1[n] = bytes to skip past the varint
+# and the field it announces (1 for null), 0 = not a valid length or not a one-byte varint.
+# LENGTH_SKIP2 does the same for the next two bytes read as <H, covering one- and two-byte
+# varints (up to 8191).
 def _length_skip(n: int, width: int) -> int:
     z = (n >> 1) ^ -(n & 1)
     if z < -1:

@@ -51,7 +51,7 @@ After the last ring: :data:`DROP_COUNTERS` little-endian u64s, indexed by topic 
 carry a u16 topic id, so every id has its slot). Slot ``t`` counts the records to topic ``t``
 that the client dropped because a request ring was full under ``on_full = "drop"``. The client
 is the only writer: it adds 1 per drop and stores the sum with one aligned 8-byte store (item
-assignment into a ``'Q'``-typed memoryview, as for the heads below), so a reader never sees a
+assignment into a ``'Q'``-typed memoryview, as for the tails below), so a reader never sees a
 torn count. The daemon only reads them, for
 ``sluice_drops_total``. They live in the segment rather than in a message so that they
 survive the client: the daemon keeps its mapping after a client dies, so every drop a client
@@ -116,22 +116,27 @@ Ordering
 --------
 - **Which store commits.** The writer writes the frame (its header, its payload, and any
   padding frame before it) and then *publishes the head*: one aligned 8-byte store of the new
-  head position, made by item assignment into a ``'Q'``-typed memoryview of the ring header
-  (``words[head_index] = head``). CPython implements that as a ``memcpy`` of one
+  head position. Every ring's writer half is compiled (``shm._client.RingWriter``; its
+  ``rw_publish`` is a release store, ``__atomic_store_n(head, __ATOMIC_RELEASE)``), which on
+  x86-64 is a single 8-byte ``mov``; an aligned 8-byte store is atomic on x86-64, so a reader
+  never sees a torn head. Bulk writes publish once. The tail (the reader's, and the client's
+  deferred release of a request ring, see :meth:`shm.ring.SpscRing.free_to`) is stored from
+  Python, by item assignment into a ``'Q'``-typed memoryview of the ring header
+  (``words[tail_index] = tail``): CPython implements that as a ``memcpy`` of one
   ``unsigned long long`` into an 8-aligned address, which the C compiler emits as a single
-  8-byte ``mov``; an aligned 8-byte store is atomic on x86-64, so a reader never sees a torn
-  head. Positions must never be stored with ``struct.pack_into``: CPython zeroes the
+  8-byte ``mov``. Positions must never be stored with ``struct.pack_into``: CPython zeroes the
   destination before packing, so a concurrent reader can load a transient 0 (seen in testing:
-  a worker read head 0 between the memset and the memcpy). Bulk writes publish once.
-  The reader's tail (and the client's deferred release of a request ring, see
-  :meth:`shm.ring.SpscRing.free_to`) is stored the same way.
+  a worker read head 0 between the memset and the memcpy).
 - **Platform assumption: x86-64 TSO.** Stores become visible to other cores in program order,
   and loads are not reordered with older loads. So a reader that loads a head value also sees
   every frame byte stored before that head was published; and a writer that loads a tail sees
   that the reader finished reading the bytes before it (the reader's loads of a frame precede
-  its tail store). Each store is a separate C call in CPython, so the C compiler cannot reorder
-  them either. Other architectures (ARM) would need explicit release/acquire fences that pure
-  Python cannot issue; Sluice's shared-memory transport supports x86-64 only.
+  its tail store). The compiler cannot reorder them either: the head store is a release store
+  (the compiled send() writes its frame in the same C function), the writer loads the tail with
+  an acquire load, and each Python store is a separate C call. Other architectures (ARM) would
+  also need acquire loads and release stores on the Python side (the reader's head loads, the
+  tail stores), which Python cannot issue; Sluice's shared-memory transport supports x86-64
+  only.
 - **Writer dies mid-frame.** The reader never reads past the last published head: a
   half-written frame (or a padding frame whose successor was not finished) is invisible. What
   the reader gets is exactly the frames committed before the crash, each complete.
@@ -141,7 +146,8 @@ Ordering
   reader resumes from the stored tail (frames after it are read again, never skipped).
 - **The doorbell race.** The reader stores ``reader_sleeping = 1`` and then re-loads the head;
   the writer stores the head and then loads ``reader_sleeping``. x86-64 may reorder a store
-  with a *later load* (store buffer), and Python has no fence, so both may see the old value:
+  with a *later load* (store buffer), and neither side issues a full fence (the Python reader
+  cannot; the writer's release store is not one), so both may see the old value:
   the reader sleeps with a frame waiting and the writer does not ring. The reader therefore
   never sleeps longer than :data:`WAKE_TIMEOUT_S` (20 ms); a lost wake-up costs at most that
   delay, and an idle reader wakes 50 times a second (about 0.1 % of a core).

@@ -12,15 +12,12 @@ worker owns a partition.
 - Records without a key use :class:`StickyPartitioner`, Kafka's uniform sticky partitioner
   (KIP-794): stay on one random partition until about ``batch_size`` bytes went to it.
 
-Speed: pure-Python murmur2 costs about a microsecond for a short key, more than all the rest
-of ``send()``. Keys repeat in most workloads, so :func:`partition_for_key` keeps a bounded
-two-generation cache of key hashes (a hit is one dict lookup), and
-:func:`partitions_for_keys` does a whole list in one call. No maintained compiled Kafka-murmur2
-exists on PyPI (checked: ``murmurhash`` exposes only MurmurHash3, ``mmh``/``mmhash2`` are
-unmaintained sdists or 64-bit variants), so the hash itself is pure Python, one C call to
-unpack all 4-byte words plus two multiplications per word. Many keys of one length at once
-(``send_many``) go through :func:`partitions_many`, which runs murmur2 over all of them with
-numpy: about 35 ns a key, against about 1,100 ns a key in pure Python.
+Speed: the compiled ``send()`` hashes keys itself (``shm._client.murmur2``, C, no cache); what
+is here serves the Python paths. Pure-Python murmur2 costs about a microsecond for a short key,
+so :func:`partition_for_key` keeps a bounded two-generation cache of key hashes (a hit is one
+dict lookup), and :func:`partitions_for_keys` does a whole list in one call. Many keys of one
+length at once (``send_many``) go through :func:`partitions_many`, which runs murmur2 over all
+of them with numpy: about 35 ns a key, against about 1,100 ns a key in pure Python.
 """
 
 from __future__ import annotations

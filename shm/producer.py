@@ -10,10 +10,13 @@ Usage::
 
 How it works: the constructor connects to the daemon's Unix socket and says Hello
 (:mod:`shm.connection`), creates a sealed memfd segment with a request and a completion ring
-per worker and passes it over the socket (SCM_RIGHTS). ``send()`` serializes, picks the
-partition (explicit, murmur2 of the key, or sticky for null keys, as Kafka's default
-partitioner), finds the worker that owns it (:func:`shm.partitioner.owner`) and writes one
-RECORD frame into that worker's request ring. The completion thread
+per worker and passes it over the socket (SCM_RIGHTS). ``send()`` is compiled
+(``shm._client.SendCore.send``): it encodes, picks the partition (explicit, murmur2 of the key,
+or sticky for null keys, as Kafka's default partitioner), finds the worker that owns it
+(:func:`shm.partitioner.owner`) and writes one RECORD frame into that worker's request ring.
+What it does not take (serializers, a topic not looked up yet, unusual types, an error to
+raise) goes to the Python :meth:`Producer.send` below; a full ring goes to the wait-or-drop
+policy (``_enqueue``). The completion thread
 (:mod:`shm.completions`) reads the completion rings and settles the futures
 (:mod:`shm.futures`).
 
@@ -22,9 +25,12 @@ records bound for one partition together, copies them into the ring with one cla
 registers them as one run in the partition's pending FIFO, so the completion thread settles
 a whole run with one call. The per-record costs left are a few C-level list operations.
 
-Thread safety: ``send()`` may be called from several threads (a lock keeps each ring single-
-producer). Futures are resolved on the completion thread; ``on_delivery`` callbacks run there
-too and must be quick (an exception they raise is logged on ``sluice.client``).
+Thread safety: ``send()`` may be called from several threads. The compiled send() holds the
+GIL from its ring claim to its publish and runs no Python code in between; the Python writers
+hold ``_send_lock``, and the compiled send() hands its record to the Python path while one of
+them is between its claim and its publish, so each ring keeps a single producer. Futures are
+resolved on the completion thread; ``on_delivery`` callbacks run there too and must be quick
+(an exception they raise is logged on ``sluice.client``).
 """
 
 from __future__ import annotations

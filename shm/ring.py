@@ -173,9 +173,10 @@ class SpscRing:
         self._tail_off = offset + RING_OFFSETS["tail"]
         self._full_off = offset + RING_OFFSETS["full_count"]
         self._flag_off = offset + RING_OFFSETS["reader_sleeping"]
-        # Positions are stored through a 'Q'-typed memoryview: item assignment is one aligned
-        # 8-byte memcpy. struct.pack_into is NOT safe here: CPython zeroes the destination before
-        # packing into it, so a concurrent reader could see a transient 0 (we saw it happen).
+        # The tail (the head is RingWriter's) is stored through a 'Q'-typed memoryview: item
+        # assignment is one aligned 8-byte memcpy. struct.pack_into is NOT safe here: CPython
+        # zeroes the destination before packing into it, so a concurrent reader could see a
+        # transient 0 (we saw it happen).
         self._words = view[offset : offset + RING_HEADER_BYTES].cast("Q")
         self._head_i = RING_OFFSETS["head"] // 8
         self._tail_i = RING_OFFSETS["tail"] // 8

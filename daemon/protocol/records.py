@@ -1,10 +1,10 @@
 """Kafka RecordBatch v2 (magic 2): building batches in place, stamping, compressing, decoding.
 
 A batch is built in a caller-owned buffer (a region of the worker arena): the records are copied
-into ``buf[start + HEADER_SIZE:]`` by the accumulator's bulk loop, then :func:`finish_batch`
-compresses them in place (when that saves space), writes the 61-byte header and the CRC32C.
-:func:`stamp_batch` later writes the producer id, epoch and base sequence and recomputes the CRC,
-which covers them.
+into ``buf[start + HEADER_SIZE:]`` by the compiled ``daemon._batcher.append_region`` (driven by
+the accumulator), then :func:`finish_batch` compresses them in place (when that saves space),
+writes the 61-byte header and the CRC32C. :func:`stamp_batch` later writes the producer id,
+epoch and base sequence and recomputes the CRC, which covers them.
 
 Batch header, big-endian (``BATCH_HEADER`` below; offsets come from ``struct.calcsize``)::
 

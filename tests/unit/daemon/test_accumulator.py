@@ -20,7 +20,8 @@ T0 = 1_700_000_000_000
 
 
 def frame(topic_id: int, partition: int, ts: int, rec_body: bytes, ftype: int = 1) -> bytes:
-    """One ring frame as COMMON.md specifies: <II header, <HHiq record header, body, pad to 8."""
+    """One ring frame as shm/layout.py and shm/frames.py specify: <II header, <HHiq record header,
+    body, pad to 8."""
     payload = struct.pack("<HHiq", topic_id, 0, partition, ts) + rec_body
     f = struct.pack("<II", len(payload), ftype) + payload
     return f + b"\0" * (-len(f) % 8)

@@ -3,7 +3,7 @@
 A Connection is driven through its asyncio.Protocol methods with a recording transport; the
 responses are raw frames (size, correlation id, body). ApiVersions is used as the API because
 its response header is v0 (no tagged fields). Connecting to a real broker is in
-tests/integration/test_connection.py.
+tests/integration/test_metadata.py.
 """
 
 from __future__ import annotations

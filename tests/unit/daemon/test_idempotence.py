@@ -1,7 +1,7 @@
 """daemon.idempotence: stamping and sequence chains on real batches, the send and out-of-order rules.
 
 The InitProducerId exchange itself runs against the real broker in
-tests/integration/test_connection.py; here the producer id is one the broker handed out there
+tests/integration/test_metadata.py; here the producer id is one the broker handed out there
 or, for the rules that do not need one, none at all.
 """
 
