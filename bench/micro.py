@@ -104,14 +104,12 @@ def client_stages(values: list[bytes], keys: list[bytes], repeat: int) -> dict[s
     out["client partition sticky"] = _best(partition_sticky, repeat)
     out["client partition murmur2"] = _best(partition_murmur2, repeat)
     out["client ring write"] = _best(ring_write, repeat)
-    try:
-        from shm.futures import DeliveryFuture  # type: ignore[import-not-found]
-    except ImportError:
-        from shm.producer import DeliveryFuture  # type: ignore[attr-defined,no-redef]
-    try:
-        from shm.completions import resolve_fifo  # type: ignore[import-not-found]
-    except ImportError:
-        from shm.producer import _resolve_fifo as resolve_fifo  # type: ignore[attr-defined,no-redef]
+    from shm import control
+    from shm._client import SendCore
+    from shm.futures import DeliveryFuture
+    from shm.futures import settle_fifo as resolve_fifo
+    from shm.topic import TopicState, stick
+
     futures: list[Any] = []
 
     def future() -> int:
@@ -136,6 +134,47 @@ def client_stages(values: list[bytes], keys: list[bytes], repeat: int) -> dict[s
         return completion()
 
     out["client completion"] = max(0.0, _best(fut_and_complete, repeat) - out["client future"])
+
+    # The whole compiled send() / produce(), as a Producer binds it, into a local ring (one
+    # worker): encode, partition, clock, future, claim, copy, pending FIFO, publish.
+    info = control.TopicInfo(topic="t", topic_id=0, partitions=PARTITIONS, profile="p", max_request_size=1 << 20,
+                             on_full="block", max_block_ms=0, batch_size=131072, linger_ms=5)
+    ring2 = SpscRing(bytearray(RING_HEADER_BYTES + capacity), 0, capacity, create=True)
+    topic = TopicState(info, 1)
+
+    def refuse(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("the micro benchmark's records all take the compiled path")
+
+    core = SendCore(topics={"t": topic}, future=DeliveryFuture, slow=refuse, slow_produce=refuse,
+                    full=refuse, stick=stick)
+    core.set_writers((ring2.writer,))
+    core.enabled = 1
+
+    def compiled(fn: Any, with_keys: bool) -> Callable[[], int]:
+        def run() -> int:
+            per = (capacity // 2) // 160  # records that surely fit, then the ring is emptied
+            for start in range(0, len(values), per):
+                end = min(start + per, len(values))
+                if with_keys:
+                    for i in range(start, end):
+                        fn("t", values[i], keys[i])
+                else:
+                    for i in range(start, end):
+                        fn("t", values[i])
+                s, e = ring2.region()
+                while s != e:
+                    ring2.advance(e - s)
+                    s, e = ring2.region()
+                ring2.free_to(ring2.cursor)
+                for dq in topic.pending:
+                    dq.clear()
+            return len(values)
+
+        return run
+
+    out["client send() compiled"] = _best(compiled(core.send, False), repeat)
+    out["client send() compiled keyed"] = _best(compiled(core.send, True), repeat)
+    out["client produce() compiled"] = _best(compiled(core.produce, False), repeat)
     return out
 
 

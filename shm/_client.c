@@ -324,15 +324,6 @@ typedef struct {
     PyObject *waiters; /* None or a list of callables */
 } FutureBase;
 
-static int FutureBase_traverse(FutureBase *f, visitproc visit, void *arg) {
-    Py_VISIT(f->topic);
-    Py_VISIT(f->partition);
-    Py_VISIT(f->timestamp);
-    Py_VISIT(f->outcome);
-    Py_VISIT(f->waiters);
-    return 0;
-}
-
 static int FutureBase_clear(FutureBase *f) {
     Py_CLEAR(f->topic);
     Py_CLEAR(f->partition);
@@ -343,7 +334,6 @@ static int FutureBase_clear(FutureBase *f) {
 }
 
 static void FutureBase_dealloc(FutureBase *f) {
-    PyObject_GC_UnTrack(f);
     FutureBase_clear(f);
     Py_TYPE(f)->tp_free((PyObject *)f);
 }
@@ -371,15 +361,17 @@ static PyMemberDef FutureBase_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
+/* Not tracked by the garbage collector (as msgspec's gc=False Structs): one future per record
+ * made and dropped at a million a second would drive collections that cost more than the
+ * future. A cycle through a waiter (an on_delivery callback that holds its future) is broken
+ * when the outcome comes: the waiters are dropped then (DeliveryFuture._wake). */
 static PyTypeObject FutureBaseType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shm._client.FutureBase",
     .tp_basicsize = sizeof(FutureBase),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_doc = "The slots of shm.futures.DeliveryFuture, so that send() can make one in C.",
     .tp_new = FutureBase_new,
     .tp_dealloc = (destructor)FutureBase_dealloc,
-    .tp_traverse = (traverseproc)FutureBase_traverse,
-    .tp_clear = (inquiry)FutureBase_clear,
     .tp_members = FutureBase_members,
 };
 
@@ -733,6 +725,10 @@ static PyObject *send_one(SendCore *c, PyObject *topic, PyObject *value, PyObjec
         f = (FutureBase *)c->future->tp_alloc(c->future, 0);
         if (f == NULL)
             return NULL;
+        /* The Python subclass is a heap type, so the collector tracks it; untracked, a
+         * collection skips it (see FutureBaseType: its references are not traversed anyway). */
+        if (PyObject_IS_GC((PyObject *)f))
+            PyObject_GC_UnTrack(f);
         f->topic = Py_NewRef(t->name);
         f->partition = PyLong_FromLong(p);
         f->timestamp = PyLong_FromLongLong(ts);
