@@ -58,6 +58,7 @@ import cramjam
 from crc32c import crc32c
 
 from shm.errors import ProtocolError
+from shm.frames import zigzag_varint
 
 __all__ = [
     "BATCH_HEADER",
@@ -78,12 +79,6 @@ __all__ = [
     "ATTR_TIMESTAMP_TYPE",
     "ATTR_TRANSACTIONAL",
     "ATTR_CONTROL",
-    "VARINT_TABLE_SIZE",
-    "VARINT",
-    "VARINT_LEN",
-    "TS_TABLE_SIZE",
-    "ATTR_TS",
-    "ATTR_TS_LEN",
     "encode_varint",
     "record_prefix",
     "encode_records",
@@ -161,29 +156,9 @@ ATTR_CONTROL = 0x20
 # -- varints --------------------------------------------------------------------------------------
 
 
-def encode_varint(value: int) -> bytes:
-    """Kafka's zig-zag varint of a signed 64-bit integer (the general, slow path)."""
-    v = ((value << 1) ^ (value >> 63)) & 0xFFFFFFFFFFFFFFFF
-    out = bytearray()
-    while v > 0x7F:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
-
-
-# The per-record hot path indexes these tuples instead of calling encode_varint(): a tuple index
-# is one bytecode, the function a few hundred nanoseconds. 16384 non-negative values cover the
-# offset deltas of a batch (the accumulator caps a batch at this many records) and the record
-# lengths of bodies up to about 16 KB.
-VARINT_TABLE_SIZE = 1 << 14
-VARINT: tuple[bytes, ...] = tuple(encode_varint(i) for i in range(VARINT_TABLE_SIZE))
-VARINT_LEN: tuple[int, ...] = tuple(len(v) for v in VARINT)
-# The record attributes byte (always 0) followed by the timestamp delta, for deltas of 0 ms up to
-# 16.4 s after the batch's first record: one table lookup instead of two pieces.
-TS_TABLE_SIZE = 1 << 14
-ATTR_TS: tuple[bytes, ...] = tuple(b"\x00" + VARINT[i] for i in range(TS_TABLE_SIZE))
-ATTR_TS_LEN: tuple[int, ...] = tuple(len(v) for v in ATTR_TS)
+# The record-level zig-zag varint encoder is shm.frames.zigzag_varint (one encoder for the
+# project; the compiled one is shm/_record.h sl_put_varint, held to it by the tests).
+encode_varint = zigzag_varint
 
 
 def _read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
@@ -207,7 +182,7 @@ def _read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
 def record_prefix(body_len: int, timestamp_delta: int, offset_delta: int) -> bytes:
     """The bytes that precede a body to make a record: length, attributes, both deltas.
 
-    The general path for values outside the tables; the accumulator's loop inlines the common case.
+    The Python encoder (build_batch, tests); the worker's is daemon._batcher.append_region.
     """
     tail = b"\x00" + encode_varint(timestamp_delta) + encode_varint(offset_delta)
     return encode_varint(len(tail) + body_len) + tail
