@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sluice-api", choices=("send", "produce", "many"), default="send",
                    help="shm runner: send() per record (default), produce() per record (fire and forget), "
                         "or send_many() in chunks")
+    p.add_argument("--buffer-memory", type=int, default=None, metavar="BYTES",
+                   help="Sluice workers' arena size (buffer_memory; default: the daemon's, 32 MiB)")
     p.add_argument("--fleet-rate", type=float, default=sc.FLEET_RATE, help="records/s offered by each fleet client")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="data seed (same data for every runner)")
     p.add_argument("--json", type=Path, help="also write the results to this file")
@@ -342,7 +344,7 @@ def run_case(case: Case, args: argparse.Namespace, topics: Any, availability: Av
 
             progress.stage(f"starting daemon ({case.workers} workers)")
             daemon = SluiceDaemon(workdir, workers=case.workers or 1, bootstrap=args.bootstrap,
-                                  delivery=s.delivery, topic=topic,
+                                  delivery=s.delivery, topic=topic, buffer_memory=args.buffer_memory,
                                   command=shlex.split(args.daemon_cmd) if args.daemon_cmd else None)
             try:
                 daemon.start()

@@ -57,9 +57,9 @@ def sluice_unavailable_reason(runner: str, *, own_daemon: bool = True) -> str | 
 
 
 def config_text(*, socket_path: str, runtime_dir: str, workers: int, bootstrap: str,
-                delivery: Delivery, topic: str) -> str:
+                delivery: Delivery, topic: str, buffer_memory: int | None = None) -> str:
     """The daemon's TOML config for one case: one profile with the case's delivery settings and
-    one topic rule for the case's topic."""
+    one topic rule for the case's topic; ``buffer_memory`` (bytes per worker) when given."""
     profile = {
         "acks": "all" if delivery.acks == -1 else delivery.acks,  # Kafka's spelling, as a user writes it
         "enable_idempotence": delivery.idempotent,
@@ -68,6 +68,7 @@ def config_text(*, socket_path: str, runtime_dir: str, workers: int, bootstrap: 
         "compression_type": delivery.compression,
     }
     return config_toml(socket_path, bootstrap, workers=workers,
+                       kafka={"buffer_memory": buffer_memory} if buffer_memory else None,
                        daemon={"runtime_dir": runtime_dir, "log_level": "warning", "shutdown_timeout_ms": 10000},
                        profiles={"bench": profile}, topics={topic: "bench"},
                        comment="Written by bench/sluice_daemon.py for one benchmark case.")
@@ -117,12 +118,13 @@ class SluiceDaemon(DaemonProcess):
     failures to start reported as :class:`DaemonUnavailable`)."""
 
     def __init__(self, workdir: Path, *, workers: int, bootstrap: str, delivery: Delivery, topic: str,
-                 command: list[str] | None = None) -> None:
-        """``command``: the program to run instead of ``sluice`` (it gets ``run --config FILE``)."""
+                 command: list[str] | None = None, buffer_memory: int | None = None) -> None:
+        """``command``: the program to run instead of ``sluice`` (it gets ``run --config FILE``);
+        ``buffer_memory``: the workers' arena size (the daemon's default when None)."""
         super().__init__(workdir, socket_name="sluice.sock", command=command)
         self.write_config(config_text(
             socket_path=self.socket_path, runtime_dir=str(workdir), workers=workers,
-            bootstrap=bootstrap, delivery=delivery, topic=topic))
+            bootstrap=bootstrap, delivery=delivery, topic=topic, buffer_memory=buffer_memory))
         self._ps: psutil.Process | None = None
 
     def start(self, *, wait: bool = True, timeout: float = 30.0) -> SluiceDaemon:
