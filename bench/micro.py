@@ -54,7 +54,7 @@ def _data(seed: int) -> tuple[list[bytes], list[bytes]]:
 def client_stages(values: list[bytes], keys: list[bytes], repeat: int) -> dict[str, float]:
     from shm.frames import encode_record_body, put_record
     from shm.layout import RING_HEADER_BYTES
-    from shm.partitioner import StickyPartitioner, murmur2
+    from shm.partitioner import StickyPartitioner, partition_for_key
     from shm.ring import SpscRing
 
     out: dict[str, float] = {}
@@ -79,7 +79,7 @@ def client_stages(values: list[bytes], keys: list[bytes], repeat: int) -> dict[s
 
     def partition_murmur2() -> int:
         for k in keys:
-            (murmur2(k) & 0x7FFFFFFF) % PARTITIONS
+            partition_for_key(k, PARTITIONS)
         return len(keys)
 
     bodies = [encode_record_body(None, v) for v in values]

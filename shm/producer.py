@@ -54,7 +54,7 @@ from shm.errors import BufferFullError, KafkaError, ProducerClosedError, Protoco
 from shm.frames import RECORD_HEADER, ZIGZAG, encode_headers, encode_record_body, encode_record_frames, put_frames, put_record
 from shm.futures import DeliveryFuture, DeliveryGroup, PendingRun, RecordMetadata, fail_fifo
 from shm.layout import FRAME_HEADER, FRAME_RECORD
-from shm.partitioner import KeyHashCache
+from shm.partitioner import partition_for_key
 from shm.segment import Segment
 from shm.serializers import Serializer, as_bytes, bytes_list, serializer
 from shm.topic import (
@@ -146,7 +146,6 @@ class Producer:
         self._topics: dict[str, TopicState] = {}
         self._pending_by_id: dict[int, list[deque[Any]]] = {}
         self._limits: list[int] = []
-        self._keys = KeyHashCache()
         self._final_drops: dict[str, int] | None = None  # drops, as they were at close()
         self._never_block = never_block
         self._name = client_name or f"{os.path.basename(sys.argv[0] or 'python')}[{os.getpid()}]"
@@ -300,7 +299,7 @@ class Producer:
                 partition = t.sticky_p
                 t.sticky_left -= size
             else:
-                partition = self._keys.partition(key if type(key) is bytes else bytes(key), t.partitions)
+                partition = partition_for_key(key, t.partitions)
         elif not 0 <= partition < t.partitions:
             raise KafkaError.for_code(UNKNOWN_TOPIC_OR_PARTITION, f"partition {partition} of {topic!r} (it has {t.partitions})")
         ts = timestamp if timestamp is not None else int(_time() * 1000)
@@ -431,7 +430,7 @@ class Producer:
             group.add_done_callback(on_delivery)
         if not vals:
             return group
-        plan = plan_runs(t, vals, ks, partition, len(tail), self._keys, group)
+        plan = plan_runs(t, vals, ks, partition, len(tail), group)
         tid = t.id
         i = 0
         try:

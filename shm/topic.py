@@ -16,7 +16,7 @@ from shm._client import TopicBase
 from shm.errors import KafkaError
 from shm.frames import encode_record_body
 from shm.futures import DeliveryFuture, DeliveryGroup, DeliveryTally, PendingRun
-from shm.partitioner import KeyHashCache, StickyPartitioner, owner, partitions_many
+from shm.partitioner import StickyPartitioner, owner, partition_for_key, partitions_for_keys, partitions_many
 
 __all__ = [
     "TopicState",
@@ -102,12 +102,10 @@ def plan_runs(
     ks: list[Any] | None,
     partition: int | None,
     tail: int,
-    keys: KeyHashCache,
     group: DeliveryGroup,
 ) -> list[tuple[int, list[Any], list[Any] | None]]:
     """Split a send_many into runs ``(partition, values, keys)`` of at most BULK records,
-    and record the send order in ``group``. ``tail``: the encoded headers' size; ``keys``:
-    the producer's key-hash cache."""
+    and record the send order in ``group``. ``tail``: the encoded headers' size."""
     total = len(vals)
     plan: list[tuple[int, list[Any], list[Any] | None]] = []
     if partition is not None or ks is None:
@@ -138,7 +136,6 @@ def plan_runs(
     if None in ks:
         # Some null keys among keyed records: those go sticky, record by record.
         parts = []
-        kpart = keys.partition
         for k, v in zip(ks, vals):
             if k is None:
                 if t.sticky_left <= 0:
@@ -146,14 +143,13 @@ def plan_runs(
                 parts.append(t.sticky_p)
                 t.sticky_left -= (len(v) if v is not None else 0) + 3 + tail
             else:
-                parts.append(kpart(k if type(k) is bytes else bytes(k), n))
+                parts.append(partition_for_key(k, n))
     else:
         hk = ks if set(map(type, ks)) == _ONLY_BYTES else [bytes(k) for k in ks]
-        # Keys of one length: murmur2 of all of them in one numpy pass; else per key
-        # through the cache.
+        # Keys of one length: murmur2 of all of them in one numpy pass; else per key.
         parts = partitions_many(hk, n)
         if parts is None:
-            parts = keys.partitions(hk, n)
+            parts = partitions_for_keys(hk, n)
     group.note_order(parts)  # type: ignore[arg-type]
     by_part: dict[int, tuple[list[Any], list[Any]]]
     if parts.count(parts[0]) == total:

@@ -1,4 +1,4 @@
-"""partitions_many: numpy murmur2 agrees with the pure-Python murmur2 for every key length."""
+"""partitions_many: numpy murmur2 agrees with the C murmur2 for every key length."""
 
 from __future__ import annotations
 
