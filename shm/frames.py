@@ -25,23 +25,24 @@ at the wrap) is described in :mod:`shm.layout`. The payloads, little-endian::
     CHUNK_DONE payload
       end           u64   request-ring position up to which every record's outcome was written
 
-Writers (:func:`put_record`, :func:`put_records`, :func:`put_completion`) pack straight into
-the ring with ``struct.pack_into`` and leave the commit (``ring.publish_head()``) to the
-caller, so a burst of frames costs one head store. The bulk path builds the frames of many
-records to one partition in one go (:func:`encode_record_frames`: per distinct length one
-prebuilt prefix and suffix, interleaved with the keys and values by slice assignment, then
-one ``b"".join``) and copies them into the ring with one claim (:func:`put_frames`). Readers (:func:`iter_records`,
-:func:`iter_completions`, :func:`iter_frames`) walk a region returned by
-:meth:`SpscRing.region <shm.ring.SpscRing.region>` and validate every frame: a bad one raises
+:func:`put_record` packs straight into the ring with ``struct.pack_into`` and leaves
+the commit (``ring.publish_head()``) to the caller, so a burst of frames costs one head store.
+The bulk path builds the frames of many records to one partition in one go
+(:func:`encode_record_frames`: per distinct length one prebuilt prefix and suffix, interleaved
+with the keys and values by slice assignment, then one ``b"".join``) and copies them into the
+ring with one claim (:func:`put_frames`). The client's completion thread reads with
+:func:`iter_completions`, which walks a region returned by
+:meth:`SpscRing.region <shm.ring.SpscRing.region>` and validates every frame: a bad one raises
 :class:`~shm.errors.CorruptFrameError` naming what was wrong, and the reading side drops the
-writer. The client's completion thread uses :func:`iter_completions`; the worker reads RECORD
-frames with the compiled :mod:`daemon._batcher` instead, over a private copy of each region.
+writer. The worker reads RECORD frames with the compiled :mod:`daemon._batcher` instead, over a
+private copy of each region; the pure-Python record-body validator and RECORD reader that tests
+check it against live in ``tests/frames_oracle.py``.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from shm.errors import CorruptFrameError
@@ -68,22 +69,10 @@ __all__ = [
     "zigzag_varint",
     "ZIGZAG",
     "encode_record_body",
-    "record_body_valid",
-    "body_valid",
-    "LENGTH_SKIP1",
-    "LENGTH_SKIP2",
-    "LENGTH_SKIP2_INDEX",
-    "encode_record",
     "put_record",
-    "put_records",
     "encode_headers",
     "encode_record_frames",
     "put_frames",
-    "encode_completion",
-    "decode_completion",
-    "put_completion",
-    "iter_frames",
-    "iter_records",
     "iter_completions",
 ]
 
@@ -106,10 +95,8 @@ _FRAME_AND_COMPLETION = struct.Struct("<IIHhiqqII")
 _REC_PREFIX = RECORD_HEADER.size
 _unpack_frame = FRAME_HEADER.unpack_from
 _unpack_u64 = CHUNK_DONE.unpack_from
-_unpack_frame_record = _FRAME_AND_RECORD.unpack_from
 _unpack_frame_completion = _FRAME_AND_COMPLETION.unpack_from
 _pack_record = RECORD_HEADER.pack_into
-_pack_completion = COMPLETION.pack_into
 
 
 def zigzag_varint(value: int) -> bytes:
@@ -130,6 +117,8 @@ _NULL = b"\x01"  # varint(-1)
 ZIGZAG = _ZZ
 """``ZIGZAG[n + 1] == zigzag_varint(n)`` for ``-1 <= n < len(ZIGZAG) - 1`` (8191): record
 length fields without a function call, for callers that inline the body encoding."""
+
+
 def encode_record_body(key: _Bytes | None, value: _Bytes | None, headers: Headers = None) -> bytes:
     """The record body: key, value and headers as Kafka's RecordBatch v2 record has them.
 
@@ -172,109 +161,6 @@ def encode_record_body(key: _Bytes | None, value: _Bytes | None, headers: Header
     return b"".join(parts)
 
 
-def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
-    """(zig-zag decoded value, next position); next position -1 if malformed or past end."""
-    shift = 0
-    acc = 0
-    while pos < end and shift < 35:  # Kafka's record varints are int32: at most 5 bytes
-        b = buf[pos]
-        pos += 1
-        acc |= (b & 0x7F) << shift
-        if b < 0x80:
-            return (acc >> 1) ^ -(acc & 1), pos
-        shift += 7
-    return 0, -1
-
-
-def record_body_valid(buf: memoryview, pos: int, end: int) -> bool:
-    """True when ``buf[pos:end]`` is exactly one well-formed record body.
-
-    Checks every varint, that lengths are >= -1 (>= 0 where null is not allowed) and that the
-    fields end exactly at ``end``. Kafka would reject a batch holding a malformed record as a
-    whole, so one client's bad body must not reach a batch shared with others.
-    """
-    # Key and value: the common case is a one-byte varint, decoded inline.
-    for _ in (0, 1):
-        if pos >= end:
-            return False
-        b = buf[pos]
-        if b < 0x80:
-            n = (b >> 1) ^ -(b & 1)
-            pos += 1
-        else:
-            n, pos = _read_varint(buf, pos, end)
-            if pos < 0:
-                return False
-        if n > 0:
-            pos += n
-        elif n < -1:
-            return False
-    if pos >= end:
-        return False
-    b = buf[pos]
-    if b == 0:
-        return pos + 1 == end
-    count, pos = _read_varint(buf, pos, end)
-    if pos < 0 or count < 0:
-        return False
-    for _ in range(count):
-        n, pos = _read_varint(buf, pos, end)
-        if pos < 0 or n < 0:
-            return False
-        pos += n
-        n, pos = _read_varint(buf, pos, end)
-        if pos < 0 or n < -1:
-            return False
-        if n > 0:
-            pos += n
-    return pos == end
-
-
-
-# The fast path of body validation, for iter_records (the worker validates in daemon._batcher).
-# A one-byte zig-zag varint n used as a length: LENGTH_SKIP1[n] = bytes to skip past the varint
-# and the field it announces (1 for null), 0 = not a valid length or not a one-byte varint.
-# LENGTH_SKIP2 does the same for the next two bytes read as <H, covering one- and two-byte
-# varints (up to 8191).
-def _length_skip(n: int, width: int) -> int:
-    z = (n >> 1) ^ -(n & 1)
-    if z < -1:
-        return 0
-    return width + max(z, 0)
-
-
-LENGTH_SKIP1: tuple[int, ...] = tuple(_length_skip(n, 1) if n < 0x80 else 0 for n in range(256))
-LENGTH_SKIP2: tuple[int, ...] = tuple(
-    LENGTH_SKIP1[w & 0xFF] if w & 0xFF < 0x80 else (0 if w >> 8 >= 0x80 else _length_skip((w & 0x7F) | (w >> 8) << 7, 2))
-    for w in range(65536)
-)
-LENGTH_SKIP2_INDEX = struct.Struct("<H")
-"""How :data:`LENGTH_SKIP2` is indexed: the two bytes after the key, little-endian."""
-_unpack_u16 = LENGTH_SKIP2_INDEX.unpack_from
-
-
-def body_valid(buf: _Bytes, pos: int, end: int) -> bool:
-    """:func:`record_body_valid`, with two table lookups first for the usual shape (key and
-    value lengths as short varints, no headers)."""
-    b = pos
-    if b + 3 <= end:
-        s = LENGTH_SKIP1[buf[b]]
-        if s:
-            b += s
-            if b + 2 <= end:
-                s = LENGTH_SKIP2[_unpack_u16(buf, b)[0]]
-                if s:
-                    b += s
-                    if b + 1 == end and buf[b] == 0:
-                        return True
-    return record_body_valid(buf, pos, end)
-
-
-def encode_record(topic_id: int, partition: int, timestamp_ms: int, body: _Bytes) -> bytes:
-    """A whole RECORD payload (for :meth:`SpscRing.write`); :func:`put_record` avoids the copy."""
-    return RECORD_HEADER.pack(topic_id, 0, partition, timestamp_ms) + bytes(body)
-
-
 def put_record(ring: SpscRing, topic_id: int, partition: int, timestamp_ms: int, body: _Bytes) -> bool:
     """Pack one RECORD frame into ``ring``; False when full. Not committed until
     ``ring.publish_head()``.
@@ -295,30 +181,6 @@ def put_record(ring: SpscRing, topic_id: int, partition: int, timestamp_ms: int,
     pos += _REC_PREFIX
     view[pos : pos + n] = body
     return True
-
-
-def put_records(ring: SpscRing, records: Iterable[tuple[int, int, int, _Bytes]]) -> int:
-    """Pack ``(topic_id, partition, timestamp_ms, body)`` records until one does not fit;
-    publish once. Returns how many were written (the rest: retry later)."""
-    view = ring.view
-    claim = ring.claim
-    count = 0
-    try:
-        for topic_id, partition, timestamp_ms, body in records:
-            n = len(body)
-            pos = claim(FRAME_RECORD, _REC_PREFIX + n)
-            if pos < 0:
-                break
-            _pack_record(view, pos, topic_id, 0, partition, timestamp_ms)
-            pos += _REC_PREFIX
-            view[pos : pos + n] = body
-            count += 1
-    except struct.error:
-        ring.rollback()
-        raise
-    if count:
-        ring.publish_head()
-    return count
 
 
 def encode_headers(headers: Headers) -> bytes:
@@ -473,146 +335,8 @@ def put_frames(ring: SpscRing, frames: bytes, start: int, count: int) -> tuple[i
     return at, written
 
 
-def encode_completion(
-    topic_id: int, error_code: int, partition: int, base_offset: int, timestamp_ms: int, count: int
-) -> bytes:
-    """A COMPLETION payload."""
-    return COMPLETION.pack(topic_id, error_code, partition, base_offset, timestamp_ms, count, 0)
-
-
-def decode_completion(payload: _Bytes) -> tuple[int, int, int, int, int, int]:
-    """``(topic_id, error_code, partition, base_offset, timestamp_ms, count)`` of a payload.
-
-    Raises:
-        CorruptFrameError: wrong length.
-    """
-    if len(payload) != COMPLETION.size:
-        raise CorruptFrameError(f"COMPLETION payload is {len(payload)} bytes, expected 32")
-    return COMPLETION.unpack(payload)[:6]
-
-
-def put_completion(
-    ring: SpscRing,
-    topic_id: int,
-    error_code: int,
-    partition: int,
-    base_offset: int,
-    timestamp_ms: int,
-    count: int,
-) -> bool:
-    """Pack one COMPLETION frame into ``ring``; False when full. Commit with
-    ``ring.publish_head()``."""
-    pos = ring.claim(FRAME_COMPLETION, COMPLETION.size)
-    if pos < 0:
-        return False
-    try:
-        _pack_completion(ring.view, pos, topic_id, error_code, partition, base_offset, timestamp_ms, count, 0)
-    except struct.error:
-        ring.rollback()
-        raise
-    return True
-
-
 def _frame_error(ring: SpscRing, pos: int, what: str) -> CorruptFrameError:
     return CorruptFrameError(f"{ring.name}: frame at data offset {pos - ring.data_start}: {what}")
-
-
-def iter_frames(ring: SpscRing, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
-    """Walk the frames of ``ring.view[start:end]``, skipping padding.
-
-    Yields ``(frame_end, frame_type, payload_start, payload_end)`` (offsets into
-    ``ring.view``); ``frame_end - start`` is what to :meth:`consume <SpscRing.consume>` after
-    handling frames up to that one.
-
-    Raises:
-        CorruptFrameError: a header past ``end``, a length past ``end``, an unknown frame
-            type, or a padding frame that does not end at the end of the data area.
-    """
-    view = ring.view
-    data_end = ring.data_end
-    pos = start
-    while pos < end:
-        if end - pos < 8:
-            raise _frame_error(ring, pos, f"frame header past the end ({end - pos} bytes left)")
-        plen, ftype = _unpack_frame(view, pos)
-        fend = pos + ((plen + 15) & -8)
-        if fend > end:
-            raise _frame_error(ring, pos, f"payload length {plen} runs past the committed end")
-        if ftype == FRAME_PADDING:
-            if fend != data_end:
-                raise _frame_error(ring, pos, "padding frame does not end at the wrap")
-        elif ftype == FRAME_RECORD or ftype == FRAME_COMPLETION or ftype == FRAME_CHUNK_DONE:
-            yield fend, ftype, pos + 8, pos + 8 + plen
-        else:
-            raise _frame_error(ring, pos, f"unknown frame type {ftype}")
-        pos = fend
-
-
-def iter_records(
-    ring: SpscRing,
-    start: int,
-    end: int,
-    partition_limits: Sequence[int],
-    check_body: bool = True,
-) -> Iterator[tuple[int, int, int, int, memoryview]]:
-    """Walk and validate the RECORD frames of ``ring.view[start:end]`` (a request ring region).
-
-    Args:
-        partition_limits: for each topic id the client may use, its partition count; a
-            topic id ``>= len(partition_limits)`` or a partition outside ``[0, limit)`` is
-            corrupt.
-        check_body: also parse each body (:func:`body_valid`); about 200 ns per record, and it keeps one client's
-            malformed record out of batches shared with other clients (Kafka would reject
-            the whole batch).
-
-    Yields:
-        ``(frame_end, topic_id, partition, timestamp_ms, body)``: ``body`` is a memoryview
-        into the ring, valid until the bytes are consumed (copy it out first; drop it before
-        the segment is closed). ``frame_end - start`` is what to consume after this record.
-
-    Raises:
-        CorruptFrameError: on any bad frame, with what was wrong (the frames before it were
-            yielded and are good).
-    """
-    view = ring.view
-    data_end = ring.data_end
-    ntopics = len(partition_limits)
-    pos = start
-    while pos < end:
-        if end - pos < 8:
-            raise _frame_error(ring, pos, f"frame header past the end ({end - pos} bytes left)")
-        if end - pos >= 24:
-            plen, ftype, topic_id, flags, partition, ts = _unpack_frame_record(view, pos)
-        else:
-            plen, ftype = _unpack_frame(view, pos)
-        fend = pos + ((plen + 15) & -8)
-        if fend > end:
-            raise _frame_error(ring, pos, f"payload length {plen} runs past the committed end")
-        if ftype == FRAME_RECORD:
-            if plen < 16:
-                raise _frame_error(ring, pos, f"RECORD payload of {plen} bytes is shorter than 16")
-            if topic_id >= ntopics:
-                raise _frame_error(ring, pos, f"topic id {topic_id} unknown ({ntopics} topics)")
-            if partition < 0 or partition >= partition_limits[topic_id]:
-                raise _frame_error(
-                    ring,
-                    pos,
-                    f"partition {partition} of topic id {topic_id} outside "
-                    f"[0, {partition_limits[topic_id]})",
-                )
-            if flags:
-                raise _frame_error(ring, pos, f"unknown RECORD flags {flags:#x}")
-            bstart = pos + 24
-            bend = pos + 8 + plen
-            if check_body and not body_valid(view, bstart, bend):
-                raise _frame_error(ring, pos, "malformed record body")
-            yield fend, topic_id, partition, ts, view[bstart:bend]
-        elif ftype == FRAME_PADDING:
-            if fend != data_end:
-                raise _frame_error(ring, pos, "padding frame does not end at the wrap")
-        else:
-            raise _frame_error(ring, pos, f"frame type {ftype} in a request ring")
-        pos = fend
 
 
 def iter_completions(
@@ -621,7 +345,8 @@ def iter_completions(
     """Walk and validate the COMPLETION frames of ``ring.view[start:end]``.
 
     Args:
-        partition_limits: as for :func:`iter_records`, from the client's topic table.
+        partition_limits: for each topic id the client uses, its partition count; a topic id
+            ``>= len(partition_limits)`` or a partition outside ``[0, limit)`` is corrupt.
 
     Yields:
         ``(frame_end, topic_id, error_code, partition, base_offset, timestamp_ms, count)``;

@@ -31,7 +31,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 KAFKA_SH = ROOT / "scripts" / "kafka.sh"
 
 # The daemon fixture and the client programs live in tests/integration/daemon_fixture.py, the
-# helpers every directory shares in tests/helpers.py, the daemon runner they build on in
+# helpers every directory shares in tests/helpers.py, the pure-Python frame oracles in
+# tests/frames_oracle.py, the daemon runner they build on in
 # bench/daemon_process.py (bench/ is not installed); spawned client processes import them by
 # these paths too.
 for _path in (str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "integration")):

@@ -1,6 +1,6 @@
 """daemon._batcher, the worker's compiled per-record path, against independent Python oracles.
 
-The oracles are shm.frames.record_body_valid (body validation), a small frame walker written
+The oracles are frames_oracle.record_body_valid (body validation), a small frame walker written
 here from shm/layout.py's rules, and daemon.protocol.records' pure-Python decoder. Hypothesis
 feeds random and mutated frames; ``make sanitize`` runs this file under ASan and UBSan.
 """
@@ -12,11 +12,12 @@ from array import array
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from frames_oracle import record_body_valid
 
 from daemon import _batcher as nat
 from daemon.protocol.records import HEADER_SIZE, decode_batches, encode_records, finish_batch
 from shm import layout
-from shm.frames import COMPLETION, RECORD_HEADER, encode_record_body, record_body_valid
+from shm.frames import COMPLETION, RECORD_HEADER, encode_record_body
 
 W = nat.STATE_WIDTH
 T0 = 1_700_000_000_000

@@ -225,9 +225,10 @@ def test_failed_records_reach_the_exposition_by_topic(tmp_path: Path) -> None:
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from frames_oracle import record_body_valid  # noqa: E402
 
 from daemon.drain import first_bad_body  # noqa: E402
-from shm.frames import RECORD_HEADER, record_body_valid  # noqa: E402
+from shm.frames import RECORD_HEADER  # noqa: E402
 
 
 def _frame(body: bytes) -> bytes:

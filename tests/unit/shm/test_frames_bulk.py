@@ -7,8 +7,9 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from frames_oracle import iter_records
 
-from shm.frames import encode_headers, encode_record_body, encode_record_frames, iter_records, put_frames, put_record
+from shm.frames import encode_headers, encode_record_body, encode_record_frames, put_frames, put_record
 from shm.layout import RING_HEADER_BYTES
 from shm.ring import SpscRing
 

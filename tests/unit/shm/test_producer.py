@@ -21,11 +21,12 @@ from typing import Any
 
 import msgspec
 import pytest
+from frames_oracle import iter_records, put_completion
 from helpers import wait_until
 
 from shm import control
 from shm.errors import BufferFullError, MessageTooLargeError, UnknownTopicOrPartitionError  # type: ignore[attr-defined]
-from shm.frames import encode_record_body, iter_records, put_completion
+from shm.frames import encode_record_body
 from shm.layout import FRAME_CHUNK_DONE
 from shm.partitioner import owner, partition_for_key
 from shm.producer import Producer, ProducerClosedError, RecordMetadata

