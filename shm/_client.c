@@ -89,6 +89,57 @@ static PyObject *py_murmur2(PyObject *self, PyObject *arg) {
     return PyLong_FromLong(h);
 }
 
+PyDoc_STRVAR(partitions_doc,
+"partitions(keys, num_partitions) -> list[int]\n\n"
+"Kafka's default partition of each key (a sequence of bytes-like keys), in one call.");
+
+static PyObject *py_partitions(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *keys;
+    int n;
+    if (!PyArg_ParseTuple(args, "Oi:partitions", &keys, &n))
+        return NULL;
+    if (n <= 0) {
+        PyErr_SetString(PyExc_ValueError, "partitions: num_partitions must be positive");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(keys, "partitions: keys must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *out = PyList_New(count);
+    if (out == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *k = items[i];
+        int p;
+        if (PyBytes_CheckExact(k)) {
+            p = partition_of_key((const unsigned char *)PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), n);
+        } else {
+            Py_buffer b;
+            if (PyObject_GetBuffer(k, &b, PyBUF_SIMPLE) < 0) {
+                Py_DECREF(out);
+                Py_DECREF(seq);
+                return NULL;
+            }
+            p = partition_of_key(b.buf, b.len, n);
+            PyBuffer_Release(&b);
+        }
+        PyObject *v = PyLong_FromLong(p);
+        if (v == NULL) {
+            Py_DECREF(out);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, v);
+    }
+    Py_DECREF(seq);
+    return out;
+}
+
 /* ------------------------------------------------------------------------------------------
  * RingWriter
  */
@@ -1113,6 +1164,7 @@ fail:
 
 static PyMethodDef methods[] = {
     {"murmur2", py_murmur2, METH_O, murmur2_doc},
+    {"partitions", py_partitions, METH_VARARGS, partitions_doc},
     {"settle", (PyCFunction)(void (*)(void))settle, METH_FASTCALL, settle_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -14,37 +14,28 @@ worker owns a partition.
 
 Speed: :func:`murmur2` is ``shm._client.murmur2`` (C), the function the compiled ``send()``
 uses, with no cache in front (a call costs about what a dict hit would). :func:`partition_for_key`
-serves the Python ``send()`` (serializers, hand-overs from the compiled one),
-:func:`partitions_for_keys` a list of keys. Many keys of one length at once (``send_many``) go
-through :func:`partitions_many`, which runs murmur2 over all of them with numpy: about 15 ns a
-key against 65 for a loop over the C function (4,096 16-byte keys; the tests check it against
-the C function and Kafka's vectors).
+serves the Python ``send()`` (serializers, hand-overs from the compiled one);
+:func:`partitions_for_keys` (``shm._client.partitions``) hashes a list of keys in one call
+(``send_many``): 6 ns a key, against 16 for the numpy pass it replaced and 65 for a loop over
+the C function (4,096 16-byte keys; the tests check it against Kafka's vectors).
 """
 
 from __future__ import annotations
 
 import random
 import zlib
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from shm._client import murmur2
+from shm._client import murmur2, partitions
 
 __all__ = [
     "murmur2",
     "to_positive",
     "partition_for_key",
     "partitions_for_keys",
-    "partitions_many",
     "owner",
     "StickyPartitioner",
 ]
-
-# Kafka's murmur2 constants, for the vectorised partitions_many.
-_SEED = 0x9747B28C
-_M = 0x5BD1E995
-_MASK = 0xFFFFFFFF
-
 
 def to_positive(n: int) -> int:
     """Kafka's ``Utils.toPositive``: clears the sign bit (a mask, not ``abs``)."""
@@ -56,76 +47,9 @@ def partition_for_key(key: bytes | bytearray | memoryview, num_partitions: int) 
     return (murmur2(key) & 0x7FFFFFFF) % num_partitions
 
 
-def partitions_for_keys(keys: Iterable[bytes | bytearray | memoryview], num_partitions: int) -> list[int]:
-    """:func:`partition_for_key` of each key, in one call."""
-    return [(h & 0x7FFFFFFF) % num_partitions for h in map(murmur2, keys)]
-
-
-def partitions_many(keys: Sequence[bytes], num_partitions: int) -> list[int] | None:
-    """Kafka's default partition of each key, all keys hashed in one vectorised pass.
-
-    For keys that all have the same length (ids, UUIDs, fixed-width numbers): murmur2 runs
-    column by column over a ``(len(keys), key_length)`` array with numpy (uint32 arithmetic
-    wraps exactly as Kafka's int arithmetic does).
-
-    Returns:
-        One partition per key, or None when the keys differ in length or numpy is not
-        installed (then use :func:`partitions_for_keys`).
-    """
-    n = len(keys)
-    if not n:
-        return []
-    np = _numpy()
-    if np is None:
-        return None
-    klen = len(keys[0])
-    joined = b"".join(keys)
-    if len(joined) != n * klen:
-        return None
-    u32 = np.uint32
-    m = u32(_M)
-    h = np.full(n, (_SEED ^ klen) & _MASK, dtype=u32)
-    nw = klen >> 2
-    if nw:
-        cols = np.frombuffer(joined, dtype=np.uint8).reshape(n, klen)[:, : nw * 4]
-        words = np.ascontiguousarray(cols).view("<u4")  # (n, nw)
-        s24 = u32(24)
-        for j in range(nw):
-            k = words[:, j] * m
-            k ^= k >> s24
-            k *= m
-            h *= m
-            h ^= k
-    rem = klen & 3
-    if rem:
-        tail = np.frombuffer(joined, dtype=np.uint8).reshape(n, klen)[:, nw * 4 :].astype(u32)
-        if rem == 3:
-            h ^= tail[:, 2] << u32(16)
-        if rem >= 2:
-            h ^= tail[:, 1] << u32(8)
-        h ^= tail[:, 0]
-        h *= m
-    h ^= h >> u32(13)
-    h *= m
-    h ^= h >> u32(15)
-    h &= u32(0x7FFFFFFF)
-    h %= u32(num_partitions)
-    return h.tolist()
-
-
-_np: Any = None
-
-
-def _numpy() -> Any:
-    """numpy, imported on first use (it costs about 0.1 s to import); None if absent."""
-    global _np
-    if _np is None:
-        try:
-            import numpy
-        except ImportError:
-            numpy = False
-        _np = numpy
-    return _np or None
+def partitions_for_keys(keys: Sequence[bytes | bytearray | memoryview], num_partitions: int) -> list[int]:
+    """:func:`partition_for_key` of each key, in one compiled call."""
+    return partitions(keys, num_partitions)
 
 
 _TOPIC_HASH: dict[str, int] = {}

@@ -16,7 +16,7 @@ from shm._client import TopicBase
 from shm.errors import KafkaError
 from shm.frames import encode_record_body
 from shm.futures import DeliveryFuture, DeliveryGroup, DeliveryTally, PendingRun
-from shm.partitioner import StickyPartitioner, owner, partition_for_key, partitions_for_keys, partitions_many
+from shm.partitioner import StickyPartitioner, owner, partition_for_key, partitions_for_keys
 
 __all__ = [
     "TopicState",
@@ -145,11 +145,7 @@ def plan_runs(
             else:
                 parts.append(partition_for_key(k, n))
     else:
-        hk = ks if set(map(type, ks)) == _ONLY_BYTES else [bytes(k) for k in ks]
-        # Keys of one length: murmur2 of all of them in one numpy pass; else per key.
-        parts = partitions_many(hk, n)
-        if parts is None:
-            parts = partitions_for_keys(hk, n)
+        parts = partitions_for_keys(ks, n)  # every key hashed in one compiled call
     group.note_order(parts)  # type: ignore[arg-type]
     by_part: dict[int, tuple[list[Any], list[Any]]]
     if parts.count(parts[0]) == total:

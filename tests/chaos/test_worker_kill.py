@@ -22,7 +22,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pytest
 from chaos_util import SendLoop, check_exactly_once, seq_of
 from helpers import wait_until
@@ -65,16 +64,20 @@ def _wait_for_live_batch(path: str, timeout: float) -> bool:
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         fields = HEADER.unpack_from(mm, 0)
         n_chunks, slots_offset = fields[3], fields[6]
-        states = np.frombuffer(mm, np.uint32, n_chunks * SLOT_SIZE // 4, slots_offset)[:: SLOT_SIZE // 4]
+        # Each slot's state word (the slot table's first field), read in place.
+        words = memoryview(mm)[slots_offset : slots_offset + n_chunks * SLOT_SIZE].cast("I")
+        states = words[:: SLOT_SIZE // 4]
+        live = {STATE_STAMPED, STATE_DONE}
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
-                if ((states == STATE_STAMPED) | (states == STATE_DONE)).any():
+                if not live.isdisjoint(states.tolist()):
                     return True
                 time.sleep(0.0005)
             return False
         finally:
-            del states
+            states.release()
+            words.release()
 
 
 def test_worker_sigkill_20_times_loses_and_duplicates_nothing(start_sluice, topic, read_topic, killer_rng) -> None:

@@ -152,3 +152,11 @@ def test_sticky_partitioner_rejects_nonsense() -> None:
         StickyPartitioner(batch_size=0)
     with pytest.raises(ValueError):
         StickyPartitioner().partition("t", 0, 10)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.binary(max_size=40), max_size=50), st.integers(1, 2**31 - 1))
+def test_partitions_for_keys_is_partition_for_key_of_each(keys: list[bytes], n: int) -> None:
+    want = [to_positive(reference_murmur2(k)) % n for k in keys]
+    assert partitions_for_keys(keys, n) == want
+    assert partitions_for_keys([bytearray(k) for k in keys], n) == want  # any bytes-like key
