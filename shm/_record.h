@@ -1,8 +1,8 @@
 /* Kafka record-body codec for the compiled code: zig-zag varints and body validation.
  *
- * The C twin of shm.frames' zigzag_varint / record_body_valid (the Python send() path still
- * encodes with the former; the latter is the tests' independent oracle). A record body is the
- * tail of a RecordBatch v2 record:
+ * The C twin of shm.frames.zigzag_varint (the Python send() path still encodes with it) and of
+ * tests/frames_oracle.py's record_body_valid (the tests' independent oracle). A record body is
+ * the tail of a RecordBatch v2 record:
  *
  *   varint keyLength (-1 null) | key | varint valueLength (-1 null) | value |
  *   varint headerCount | per header: varint keyLength | key | varint valueLength (-1) | value

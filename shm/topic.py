@@ -35,7 +35,6 @@ MESSAGE_TOO_LARGE = 10
 BATCH_OVERHEAD = 90  # batch header and record prefix beyond the body, for the size check
 BULK = 4096  # send_many encodes and copies at most this many records at a time
 
-_ONLY_BYTES = {bytes}
 
 
 class TopicState(TopicBase):
