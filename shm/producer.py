@@ -16,14 +16,20 @@ or sticky for null keys, as Kafka's default partitioner), finds the worker that 
 (:func:`shm.partitioner.owner`) and writes one RECORD frame into that worker's request ring.
 What it does not take (serializers, a topic not looked up yet, unusual types, an error to
 raise) goes to the Python :meth:`Producer.send` below; a full ring goes to the wait-or-drop
-policy (``_enqueue``). The completion thread
+policy (:meth:`shm.backpressure.Backpressure.enqueue`). The completion thread
 (:mod:`shm.completions`) reads the completion rings and settles the futures
-(:mod:`shm.futures`).
+(:mod:`shm.futures`); what it reports (records completed, the daemon hung up: reconnect or
+fail what is pending) is handled by the :class:`shm.session.Session`, and ring space freed
+wakes the senders waiting for room.
 
 Bulk: ``send_many()`` returns one :class:`DeliveryGroup` for all its records. It encodes the
-records bound for one partition together, copies them into the ring with one claim, and
-registers them as one run in the partition's pending FIFO, so the completion thread settles
-a whole run with one call. The per-record costs left are a few C-level list operations.
+records bound for one partition together, copies them into the ring with one claim
+(:meth:`shm.backpressure.Backpressure.put_runs`), and registers them as one run in the
+partition's pending FIFO, so the completion thread settles a whole run with one call. The
+per-record costs left are a few C-level list operations.
+
+This module wires the parts together and keeps the Python ``send()``, ``send_many()``'s
+checks, the topic table, ``flush()`` and ``close()``.
 
 Thread safety: ``send()`` may be called from several threads. The compiled send() holds the
 GIL from its ring claim to its publish and runs no Python code in between; the Python writers
@@ -35,7 +41,6 @@ resolved on the completion thread; ``on_delivery`` callbacks run there too and m
 
 from __future__ import annotations
 
-import logging
 import os
 import struct
 import sys
@@ -48,15 +53,17 @@ from typing import Any
 
 from shm import connection, control
 from shm._client import SendCore
+from shm.backpressure import Backpressure
 from shm.completions import CompletionReader
 from shm.connection import DEFAULT_SOCKET, ProducerConnection
-from shm.errors import BufferFullError, KafkaError, ProducerClosedError, ProtocolError
-from shm.frames import RECORD_HEADER, ZIGZAG, encode_headers, encode_record_body, encode_record_frames, put_frames, put_record
-from shm.futures import DeliveryFuture, DeliveryGroup, PendingRun, RecordMetadata, fail_fifo
-from shm.layout import FRAME_HEADER, FRAME_RECORD
+from shm.errors import KafkaError, ProducerClosedError
+from shm.frames import RECORD_HEADER, ZIGZAG, encode_headers, encode_record_body
+from shm.futures import DeliveryFuture, DeliveryGroup, RecordMetadata
+from shm.layout import FRAME_RECORD
 from shm.partitioner import partition_for_key
 from shm.segment import Segment
 from shm.serializers import Serializer, as_bytes, bytes_list, serializer
+from shm.session import Session
 from shm.topic import (
     BATCH_OVERHEAD,
     MESSAGE_TOO_LARGE,
@@ -66,8 +73,6 @@ from shm.topic import (
     plan_runs,
     stick,
 )
-
-log = logging.getLogger("sluice.client")
 
 # Re-exported: these names were defined here before the futures, errors and connection got
 # their own modules, and applications import them from here.
@@ -89,7 +94,6 @@ _ZZ = ZIGZAG
 _ZZ_MAX = len(ZIGZAG) - 1
 _time = time.time
 _pack_record = RECORD_HEADER.pack_into
-_unpack_frame = FRAME_HEADER.unpack_from
 
 
 class Producer:
@@ -137,29 +141,22 @@ class Producer:
         self._vser = serializer(value_serializer)
         self._kser = serializer(key_serializer)
         self._closed = False
-        self._gone = False  # the daemon closed the connection: nothing sent now can be delivered
         self._send_lock = threading.Lock()
-        self._space = threading.Condition(threading.Lock())
-        self._idle = threading.Condition(threading.Lock())
         # The topic table: by name for send(); by id, each partition's pending FIFO, for the
         # completion thread; by id, the partition count, for validating completions.
         self._topics: dict[str, TopicState] = {}
         self._pending_by_id: dict[int, list[deque[Any]]] = {}
         self._limits: list[int] = []
         self._final_drops: dict[str, int] | None = None  # drops, as they were at close()
-        self._never_block = never_block
         self._name = client_name or f"{os.path.basename(sys.argv[0] or 'python')}[{os.getpid()}]"
-        self._connect_timeout = connect_timeout
         self._reconnect_s = max(0.0, float(reconnect_timeout_s))
         # The identity a restarted daemon knows this segment by (0: never reconnects).
         self._token = (int.from_bytes(os.urandom(8), "little") | 1) if self._reconnect_s else 0
-        self.reconnects = 0
 
         self._ctl = ProducerConnection(self.socket_path, self._name, self._token, connect_timeout)
         try:
             welcome = self._ctl.welcome
             self.workers = welcome.workers
-            self.client_id = welcome.client_id
             seg = Segment.create(welcome.workers, welcome.request_ring_bytes, welcome.completion_ring_bytes)
             self._segment = seg
             self._ctl.offer_segment(seg)
@@ -167,10 +164,13 @@ class Producer:
             self._ctl.close()
             raise
         self._req = [seg.request_ring(w) for w in range(self.workers)]
-        # Drops are counted in the segment, where the daemon reads them (sluice_drops_total),
-        # even after this process is gone: one u64 per topic id (shm/layout.py).
-        self._drop_counts = seg.drop_counts
         self._cmp = [seg.completion_ring(w) for w in range(self.workers)]
+        # A full ring: wait or drop. The pending count it adds to is the core's, made below
+        # with the room's enqueue as its full= callable, hence the lambda.
+        self._room = Backpressure(
+            self._req, self._send_lock, self._check_open, lambda n: self._core.add_pending(n), seg.drop_counts,
+            never_block=never_block,
+        )
         # The compiled send(): everything per record of the usual send() (no serializer)
         # happens in C; what it cannot take it hands to the Python send() below.
         self._core = SendCore(
@@ -178,7 +178,7 @@ class Producer:
             future=DeliveryFuture,
             slow=MethodType(type(self).send, self),
             slow_produce=MethodType(type(self).produce, self),
-            full=self._enqueue,
+            full=self._room.enqueue,
             stick=stick,
         )
         self._core.set_writers(tuple(ring.writer for ring in self._req))
@@ -186,6 +186,11 @@ class Producer:
             self._core.enabled = 1
             self.send = self._core.send  # type: ignore[method-assign]
             self.produce = self._core.produce  # type: ignore[method-assign]
+        # What the completion thread reports: records completed, the daemon hung up.
+        self._session = Session(
+            self._ctl, seg, self._core, self._topics, self._send_lock,
+            reconnect_s=self._reconnect_s, closed=lambda: self._closed, wake_writers=self._room.wake,
+        )
         self._completions = CompletionReader(
             seg,
             self._req,
@@ -193,10 +198,10 @@ class Producer:
             self._pending_by_id,
             self._limits,
             self._ctl.fileno(),
-            on_completed=self._completed,
-            on_freed=self._freed,
-            on_hangup=self._hung_up,
-            on_error=self._unreadable,
+            on_completed=self._session.completed,
+            on_freed=self._room.wake,
+            on_hangup=self._session.hung_up,
+            on_error=self._session.unreadable,
             name=f"sluice-completions-{self.client_id}",
         )
         self._completions.start()
@@ -306,7 +311,7 @@ class Producer:
         fut = DeliveryFuture(topic, partition, ts, on_delivery)
         ring = self._req[t.owners[partition]]
         with self._send_lock:
-            if self._closed or self._gone:
+            if self._closed or self._session.gone:
                 self._check_open()
             pos = ring.claim(FRAME_RECORD, _REC_PREFIX + size)
             if pos >= 0:
@@ -322,7 +327,7 @@ class Producer:
                 self._core.add_pending(1)
                 ring.publish_head()
                 return fut
-        self._enqueue(t, partition, ts, body, fut)  # no room: wait or drop
+        self._room.enqueue(t, partition, ts, body, fut)  # no room: wait or drop
         return fut
 
     def produce(
@@ -430,150 +435,12 @@ class Producer:
             group.add_done_callback(on_delivery)
         if not vals:
             return group
-        plan = plan_runs(t, vals, ks, partition, len(tail), group)
-        tid = t.id
-        i = 0
-        try:
-            for i, (p, vs, kk) in enumerate(plan):  # noqa: B007 - i is read after a raise
-                frames = encode_record_frames(tid, p, ts, vs, kk, headers)
-                self._put_run(t, group, p, frames, len(vs))
-        except BaseException as exc:
-            for p, vs, _kk in plan[i + 1 :]:
-                group.settle(p, -1, len(vs), -1, exc)
-            raise
+        self._room.put_runs(t, group, plan_runs(t, vals, ks, partition, len(tail), group), ts, headers)
         return group
 
-    def _put_run(self, t: TopicState, group: DeliveryGroup, p: int, frames: bytes, count: int) -> None:
-        """Copy ``count`` frames of partition ``p`` into its ring as one pending run (more than
-        one when the ring fills up); wait or drop by the topic's on_full policy."""
-        ring = self._req[t.owners[p]]
-        dq = t.pending[p]
-        at = 0
-        left = count
-        deadline = None
-        try:
-            while left:
-                with self._send_lock:
-                    if self._closed or self._gone:
-                        self._check_open()
-                    at, m = put_frames(ring, frames, at, left)
-                    if m:
-                        dq.append(PendingRun(group, m))
-                        self._core.add_pending(m)
-                        ring.publish_head()
-                        left -= m
-                        continue
-                # The ring is full.
-                if t.info.on_full == "drop":
-                    at += (_unpack_frame(frames, at)[0] + 15) & -8
-                    left -= 1
-                    self._drop_counts[t.id] += 1
-                    group.settle(p, -1, 1, -1, BufferFullError(f"ring full: record to {t.name!r} dropped (on_full=drop)"))
-                    continue
-                deadline = self._block(t, deadline)
-        except BaseException as exc:
-            if left:
-                group.settle(p, -1, left, -1, exc)
-            raise
-
-    def _enqueue(self, t: TopicState, partition: int, ts: int, body: bytes, fut: DeliveryFuture) -> None:
-        ring = self._req[t.owners[partition]]
-        dq = t.pending[partition]
-        deadline = None
-        while True:
-            with self._send_lock:
-                self._check_open()
-                # Pending first: the outcome may come back before put_record returns.
-                dq.append(fut)
-                if put_record(ring, t.id, partition, ts, body):
-                    ring.publish_head()
-                    self._core.add_pending(1)
-                    return
-                dq.pop()
-            deadline = self._wait_for_room(t, ring, deadline, fut)
-            if deadline is None:
-                return
-
-    def _wait_for_room(self, t: TopicState, ring: Any, deadline: float | None, fut: DeliveryFuture) -> float | None:
-        """The ring is full: wait (block policy) or drop. Returns the deadline, None if dropped."""
-        info = t.info
-        if info.on_full == "drop":
-            self._drop_counts[t.id] += 1
-            fut.resolve(BufferFullError(f"ring full: record to {t.name!r} dropped (on_full=drop)"))
-            return None
-        return self._block(t, deadline)
-
-    def _block(self, t: TopicState, deadline: float | None) -> float:
-        """Wait a little for ring space (on_full=block); BufferFullError past max_block_ms."""
-        info = t.info
-        now = time.monotonic()
-        if deadline is None:
-            deadline = now + info.max_block_ms / 1000.0
-        if self._never_block or now >= deadline:
-            raise BufferFullError(
-                f"no room in the ring for {t.name!r} within max_block_ms={info.max_block_ms}"
-            )
-        with self._space:
-            self._space.wait(min(0.01, deadline - now))
-        return deadline
-
     def _check_open(self) -> None:
-        if self._closed or self._gone:
+        if self._closed or self._session.gone:
             raise ProducerClosedError("the producer is closed" if self._closed else "the daemon closed the connection")
-
-    # --- the completion thread's callbacks ------------------------------------------------
-
-    def _completed(self, count: int) -> None:
-        if self._core.add_pending(-count) <= 0:
-            with self._idle:
-                self._idle.notify_all()
-
-    def _freed(self) -> None:
-        with self._space:
-            self._space.notify_all()
-
-    def _unreadable(self, exc: Exception) -> None:
-        self._fail_all(ProtocolError(f"completion ring unreadable: {exc}"))
-
-    def _hung_up(self) -> int | None:
-        """The daemon closed the connection: reconnect if allowed (returns the new socket's fd
-        for the completion thread to watch), else fail what is pending (returns None)."""
-        if self._closed:
-            return None  # our own Goodbye: close() is finishing
-        if self._reconnect_s and not self._ctl.dropped():
-            log.warning("sluice: the daemon hung up; reconnecting for up to %.0fs", self._reconnect_s)
-            if self._ctl.reconnect(
-                self._segment,
-                lambda: {name: t.id for name, t in list(self._topics.items())},
-                within_s=self._reconnect_s,
-                stopped=lambda: self._closed,
-            ):
-                self.client_id = self._ctl.welcome.client_id
-                self.reconnects += 1
-                log.warning("sluice: reconnected as client %d; %d records pending", self.client_id, self._core.pending)
-                return self._ctl.fileno()
-        self._daemon_gone()
-        return None
-
-    def _daemon_gone(self) -> None:
-        """Fail every pending record: its outcome can no longer come (the daemon's mapping of
-        the segment is gone with the connection). Later sends raise ProducerClosedError."""
-        with self._send_lock:
-            self._gone = True
-            self._core.enabled = 0
-            self._fail_all(ProducerClosedError("the daemon closed the connection before the outcome came"))
-            self._core.pending = 0
-        with self._idle:
-            self._idle.notify_all()
-        with self._space:
-            self._space.notify_all()
-
-    def _fail_all(self, exc: BaseException) -> None:
-        for t in self._topics.values():
-            for part, dq in enumerate(t.pending):
-                fail_fifo(dq, part, exc)
-        with self._idle:
-            self._idle.notify_all()
 
     # --- flush and close ------------------------------------------------------------------
 
@@ -583,8 +450,17 @@ class Producer:
         The daemon reads the same counters from the segment for ``sluice_drops_total``."""
         if self._final_drops is not None:
             return dict(self._final_drops)
-        counts = self._drop_counts
-        return {name: counts[t.id] for name, t in list(self._topics.items()) if counts[t.id]}
+        return self._room.drops(self._topics)
+
+    @property
+    def client_id(self) -> int:
+        """The id the daemon gave this client (a new one after each reconnect)."""
+        return self._session.client_id
+
+    @property
+    def reconnects(self) -> int:
+        """How many times a restarted daemon took this client's segment back."""
+        return self._session.reconnects
 
     @property
     def pending(self) -> int:
@@ -594,14 +470,7 @@ class Producer:
     def flush(self, timeout: float | None = None) -> int:
         """Wait until every record sent so far has its outcome; returns how many are still
         pending (0 = all done) when ``timeout`` runs out."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._idle:
-            while self._core.pending > 0 and self._completions.is_alive():
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                self._idle.wait(0.05 if remaining is None else min(0.05, remaining))
-        return max(0, self._core.pending)
+        return self._session.wait(timeout, self._completions.is_alive)
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Flush (up to ``timeout``), say Goodbye and release everything.
@@ -618,7 +487,7 @@ class Producer:
             self._core.enabled = 0
             self._ctl.goodbye()
             self._completions.stop(timeout=1.0)
-            self._fail_all(ProducerClosedError("the producer was closed before the outcome came"))
+            self._session.fail_all(ProducerClosedError("the producer was closed before the outcome came"))
             self._ctl.close()
             self._final_drops = self.drops
             for ring in self._req + self._cmp:
