@@ -690,8 +690,30 @@ static PyObject slow_sentinel_obj;
  * future (a new reference; None with fire), NULL with an exception set, or SLOW when the
  * Python path must take the record (nothing was written). no_full: a full ring is SLOW too,
  * instead of calling the Python full-ring path (which may block). */
+static PyObject *send_one_with(SendCore *c, PyObject *topic, PyObject *value, PyObject *key, PyObject *partition,
+                               PyObject *headers, PyObject *timestamp, PyObject *on_delivery, int fire, int no_full);
+
 static PyObject *send_one(SendCore *c, PyObject *topic, PyObject *value, PyObject *key, PyObject *partition,
                           PyObject *headers, PyObject *timestamp, PyObject *on_delivery, int fire, int no_full) {
+    /* The headers' bytes are read in place (UTF-8 of str keys too) after Python code may have
+     * run (the sticky partitioner, the collector): a tuple snapshot keeps every header pair
+     * alive even if another thread changes the caller's list meanwhile. */
+    PyObject *snap;
+    if (headers == Py_None || PyTuple_CheckExact(headers))
+        snap = Py_NewRef(headers);
+    else if (PyList_CheckExact(headers))
+        snap = PyList_AsTuple(headers);
+    else
+        return SLOW;
+    if (snap == NULL)
+        return NULL;
+    PyObject *r = send_one_with(c, topic, value, key, partition, snap, timestamp, on_delivery, fire, no_full);
+    Py_DECREF(snap);
+    return r;
+}
+
+static PyObject *send_one_with(SendCore *c, PyObject *topic, PyObject *value, PyObject *key, PyObject *partition,
+                               PyObject *headers, PyObject *timestamp, PyObject *on_delivery, int fire, int no_full) {
     if (!PyUnicode_CheckExact(topic))
         return SLOW;
     PyObject *tobj = PyDict_GetItemWithError(c->topics, topic); /* borrowed */
