@@ -170,7 +170,8 @@ class Accumulator:
                     self._rows[old + p] = None
                     b._row = first + p
             # Touched rows are stored by number; topics change only between append calls.
-            assert self._ntouched == 0
+            if self._ntouched:
+                raise RuntimeError("a topic grew in the middle of an append call")
         self._ranges[topic] = (first, partitions)
         return first
 
@@ -225,7 +226,8 @@ class Accumulator:
         if code != _RC_OK:
             raise RuntimeError(f"accumulator state table broken (code {code})")
         b = self._rows[row]
-        assert b is not None
+        if b is None:
+            raise RuntimeError("accumulator state table broken (an open row without its batch)")
         self._settle(b, row, self._st[row * _W + _S_COUNT] - n0, -1, client_id, client_id)
         return APPEND_OK
 
@@ -293,7 +295,8 @@ class Accumulator:
                 continue
             plen, _ftype, tid, _flags, part, ts = _FRAME_RECORD.unpack_from(data, pos)
             topic = topics[tid]
-            assert topic is not None  # the compiled walk checked the topic id
+            if topic is None:  # the compiled walk checked the topic id: a broken table
+                raise RuntimeError(f"accumulator topic table broken (topic id {tid})")
             code = self._open_batch(self._topics[2 * tid] + part, topic, part, ts, plen - 16, now_ms)
             if code != APPEND_OK:
                 break

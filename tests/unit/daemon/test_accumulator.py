@@ -346,3 +346,19 @@ def test_runs_table_keeps_one_clients_calls_apart() -> None:
     assert RUNS_HEADER.unpack_from(acc.arena.buf, at)[0] == 2
     runs = [RUN.unpack_from(acc.arena.buf, at + RUNS_HEADER.size + i * RUN.size)[:3] for i in range(2)]
     assert runs == [(5, 800, 2), (5, 2_000, 2)] and b.runs == [(1, 2), (2, 2)]
+
+
+def test_a_topic_that_grows_keeps_its_open_batches_and_takes_the_new_partitions() -> None:
+    # The worker hears of more partitions between two drains: the state table moves the
+    # topic's open batches to a larger range, and records to the new partitions are taken.
+    acc = make(linger_ms=1000)
+    first = b"".join(frame(0, p, T0, ref_record_body(None, b"a%d" % p)) for p in range(2))
+    assert acc.append_region(first, 0, len(first), ["t"], [2], 1, 1, 0, 0.0) == (APPEND_OK, len(first), 2)
+    more = b"".join(frame(0, p, T0, ref_record_body(None, b"b%d" % p)) for p in range(4))
+    assert acc.append_region(more, 0, len(more), ["t"], [4], 2, 1, 0, 0.0) == (APPEND_OK, len(more), 4)
+    acc.flush()
+    out = {b.partition: b for b in acc.ready(0.0)}
+    assert sorted(out) == [0, 1, 2, 3]
+    assert values_of([out[0]]) == [b"a0", b"b0"] and values_of([out[1]]) == [b"a1", b"b1"]
+    assert values_of([out[2]]) == [b"b2"] and values_of([out[3]]) == [b"b3"]
+    assert [out[p].runs for p in range(4)] == [[(1, 1), (2, 1)], [(1, 1), (2, 1)], [(2, 1)], [(2, 1)]]
