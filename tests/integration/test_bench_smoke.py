@@ -53,7 +53,9 @@ def test_quick_single_case_is_valid_and_counted(kafka_bootstrap, tmp_path):
         assert r["status"] == "valid", f"{name}: {r['reason']}\n{r.get('daemon_log_tail', '')}"
         assert r["records_sent"] == r["records_read"] == RECORDS
         assert r["workers"] == 1
-        assert r["cpu_s"]["daemon"] is not None and r["cpu_s"]["daemon"] > 0
+        # The daemon's CPU is accounted (None would mean its processes were not found). It may
+        # read 0.0: CPU times tick in 10 ms, and the daemon now takes these few records in less.
+        assert r["cpu_s"]["daemon"] is not None and r["cpu_s"]["daemon"] >= 0
 
 
 def _bench(tmp_path: Path, bootstrap: str, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict]:
