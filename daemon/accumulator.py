@@ -46,10 +46,11 @@ __all__ = [
     "APPEND_FULL",
     "APPEND_TOO_LARGE",
     "APPEND_INVALID",
+    "APPEND_MALFORMED",
     "Accumulator",
 ]
 
-APPEND_OK, APPEND_FULL, APPEND_TOO_LARGE, APPEND_INVALID = 0, 1, 2, 3
+APPEND_OK, APPEND_FULL, APPEND_TOO_LARGE, APPEND_INVALID, APPEND_MALFORMED = 0, 1, 2, 3, 4
 
 # The frame header and RECORD prefix of the frame the compiled walk stopped at (per batch).
 _FRAME_RECORD = struct.Struct("<" + FRAME_HEADER.format.lstrip("<") + RECORD_HEADER.format.lstrip("<"))
@@ -70,6 +71,7 @@ _W = nat.STATE_WIDTH
 _S_OPEN, _S_WRITE_AT, _S_ROOM, _S_COUNT = nat.S_OPEN, nat.S_WRITE_AT, nat.S_ROOM, nat.S_COUNT
 _S_BASE_TS, _S_DMAX, _S_TOUCHED, _S_N0, _S_P0 = nat.S_BASE_TS, nat.S_DMAX, nat.S_TOUCHED, nat.S_N0, nat.S_P0
 _RC_OK, _RC_NEED_BATCH, _RC_PARTIAL = nat.RC_OK, nat.RC_NEED_BATCH, nat.RC_PARTIAL
+_RC_BAD_BODY, _RC_BAD_PADDING = nat.RC_BAD_BODY, nat.RC_BAD_PADDING
 _append_region = nat.append_region
 _append_record = nat.append_record
 
@@ -266,8 +268,10 @@ class Accumulator:
             to it), ``count`` the records taken. ``code`` is APPEND_OK when everything up to
             ``end`` was consumed (a PADDING frame consumes the rest of the region), else the
             code of the frame at ``pos``: APPEND_FULL (retry later), APPEND_TOO_LARGE (the
-            caller fails that record and continues after it) or APPEND_INVALID (malformed
-            frame or body: disconnect the client).
+            caller fails that record and continues after it), APPEND_MALFORMED (a RECORD whose
+            body is not one well-formed record body, or a padding frame short of the wrap:
+            disconnect the client) or APPEND_INVALID (a bad frame header, or a topic id or
+            partition not known: disconnect the client unless a topic was announced late).
         """
         if type(data) is not bytes:
             data = bytes(data)
@@ -287,7 +291,9 @@ class Accumulator:
             if rc == _RC_OK:
                 break
             if rc != _RC_NEED_BATCH:
-                if not (partial and rc == _RC_PARTIAL):
+                if rc == _RC_BAD_BODY or rc == _RC_BAD_PADDING:
+                    code = APPEND_MALFORMED
+                elif not (partial and rc == _RC_PARTIAL):
                     code = APPEND_INVALID
                 break
             if self._ntouched == len(self._touched):

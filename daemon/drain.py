@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from daemon import _batcher
-from daemon.accumulator import APPEND_FULL, APPEND_INVALID, APPEND_OK, APPEND_TOO_LARGE, Accumulator
+from daemon.accumulator import APPEND_FULL, APPEND_INVALID, APPEND_MALFORMED, APPEND_OK, APPEND_TOO_LARGE, Accumulator
 from daemon.protocol import errors as ec
 from daemon.stats import Counters
 from shm.errors import CorruptFrameError
@@ -305,15 +305,16 @@ class Drainer:
             # One private copy of the region, validated and appended from the same bytes: the
             # client can rewrite its ring at any moment, even frames it already published.
             data = bytes(ring.view[start:cut])
+            stop = cut - start
             wraps = cut == ring.data_end
-            # A malformed record body would make Kafka refuse (or, for some, store) the whole
-            # batch it shares with other clients' records: stop before it, drop its client.
-            bad = first_bad_body(data, cut - start, wraps)
-            stop = cut - start if bad < 0 else bad
+            partial = cut < end
             key = table.next_key()
+            # The compiled walk validates every frame and body as it appends: it stops at a
+            # malformed record body (APPEND_MALFORMED), which would make Kafka refuse (or, for
+            # some, store) the whole batch it shares with other clients' records.
             code, pos, count = acc.append_region(
                 data, 0, stop, topics.names, topics.partition_counts, key, cid, ring.cursor, now,
-                wraps=wraps, partial=cut < end,
+                wraps=wraps, partial=partial,
             )
             if count:
                 self._open_chunk(client, key, ring.position_after(pos), count, pos)
@@ -321,15 +322,15 @@ class Drainer:
                 ring.advance(pos)
                 took += pos
             if code == APPEND_OK:
-                if cut < end and pos < stop:
+                if partial and pos < stop:
                     return took  # the budget cut a frame: it is read whole next pass
-                if bad >= 0 and pos == bad:
-                    bad_type = _unpack_frame_header(data, bad)[1]
-                    what = "malformed record body" if bad_type == FRAME_RECORD else "padding frame short of the wrap"
-                    raise CorruptFrameError(f"client {cid} ({client.name}): {what} at ring position {ring.cursor}")
                 if wraps:
                     continue  # the region ended at the wrap: the rest starts at the beginning
                 return took
+            if code == APPEND_MALFORMED:
+                bad_type = _unpack_frame_header(data, pos)[1]
+                what = "malformed record body" if bad_type == FRAME_RECORD else "padding frame short of the wrap"
+                raise CorruptFrameError(f"client {cid} ({client.name}): {what} at ring position {ring.cursor}")
             if code == APPEND_FULL:
                 self._full = True
                 return took
@@ -342,9 +343,10 @@ class Drainer:
                 # A chunk of its own: the records taken above are the chunk ``key``.
                 key2 = table.next_key()
                 code2, pos2, count2 = acc.append_region(
-                    data, pos, stop, topics.names, topics.partition_counts, key2, cid, ring.cursor, now
+                    data, pos, stop, topics.names, topics.partition_counts, key2, cid, ring.cursor, now,
+                    wraps=wraps, partial=partial,
                 )
-                if code2 == APPEND_INVALID and pos2 == pos:
+                if code2 in (APPEND_INVALID, APPEND_MALFORMED) and pos2 == pos:
                     raise CorruptFrameError(
                         f"client {cid} ({client.name}): invalid frame at ring position {ring.cursor}"
                     )
