@@ -16,6 +16,8 @@ from typing import Any, TypeAlias
 
 import msgspec
 
+from shm.segment import fds_of
+
 __all__ = [
     "Start",
     "AddTopic",
@@ -172,12 +174,7 @@ class Channel:
                 data, anc, flags, _ = self.sock.recvmsg(MAX_MESSAGE, fds_size)
             except (BlockingIOError, InterruptedError):
                 return out
-            fds: list[int] = []
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    arr = array.array("i")
-                    arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-                    fds.extend(arr)
+            fds = fds_of(anc)
             if not data:
                 for fd in fds:
                     _close(fd)

@@ -25,7 +25,6 @@ Policies:
 
 from __future__ import annotations
 
-import array
 import asyncio
 import functools
 import logging
@@ -41,7 +40,7 @@ from daemon.state import Tokens
 from daemon.tasks import TaskSet
 from shm import control
 from shm.errors import KafkaError, SegmentError, SluiceError
-from shm.segment import Segment
+from shm.segment import Segment, fds_of
 
 __all__ = ["Client", "ControlServer", "Services", "WorkerLink", "bind_listener"]
 
@@ -288,7 +287,7 @@ class ControlServer:
                 data, anc, _flags, _ = client.sock.recvmsg(_RECV_BYTES, _MAX_ANCILLARY)
             except (BlockingIOError, InterruptedError):
                 continue
-            fds = _fds_of(anc)
+            fds = fds_of(anc)
             if not data:
                 for fd_ in fds:
                     os.close(fd_)
@@ -473,12 +472,3 @@ class ControlServer:
         if self._tokens.forget(client.token, client.client_id):
             self._services.state_changed()
 
-
-def _fds_of(anc: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-            fds.extend(arr)
-    return fds

@@ -88,6 +88,13 @@ class _Awaitable:
         if waiters:
             _run_callbacks(self, waiters)
 
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Block until the outcome; the error, or None on success (or TimeoutError)."""
+        if self._outcome is None:  # type: ignore[attr-defined]
+            self._wait(timeout)
+        o = self._outcome  # type: ignore[attr-defined]
+        return None if type(o) is int else o
+
     def _wait(self, timeout: float | None) -> None:
         if self._outcome is not None:  # type: ignore[attr-defined]
             return
@@ -153,12 +160,6 @@ class DeliveryFuture(FutureBase, _Awaitable):
         if type(o) is int:
             return RecordMetadata(self.topic, self.partition, o, self.timestamp)
         raise o  # type: ignore[misc]
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        if self._outcome is None:
-            self._wait(timeout)
-        o = self._outcome
-        return None if type(o) is int else o  # type: ignore[return-value]
 
     def resolve(self, outcome: int | BaseException) -> None:
         """Set the outcome (the offset, or the exception) and run the waiters. For the
@@ -233,12 +234,6 @@ class DeliveryGroup(_Awaitable):
         if type(o) is int:
             return o
         raise o  # type: ignore[misc]
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        if self._outcome is None:
-            self._wait(timeout)
-        o = self._outcome
-        return None if type(o) is int else o  # type: ignore[return-value]
 
     @property
     def offsets(self) -> dict[int, list[tuple[int, int]]]:

@@ -15,6 +15,7 @@ still read and delivered.
 
 from __future__ import annotations
 
+import array
 import fcntl
 import mmap
 import os
@@ -44,7 +45,7 @@ from shm.layout import (
 )
 from shm.ring import SpscRing
 
-__all__ = ["Segment", "REQUIRED_SEALS", "send_fds", "recv_fds"]
+__all__ = ["Segment", "REQUIRED_SEALS", "send_fds", "recv_fds", "fds_of"]
 
 REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 """Seals a segment must carry: its size can never change, and no seal can be added later."""
@@ -64,6 +65,18 @@ def send_fds(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:
     if sent != len(data):
         # Ancillary data rides on the first byte; send the rest of the message plainly.
         sock.sendall(data[sent:])
+
+
+def fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds of a ``recvmsg`` ancillary list (SCM_RIGHTS), for readers that call ``recvmsg``
+    themselves (non-blocking loops); the caller owns them."""
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    return fds
 
 
 def recv_fds(sock: socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
