@@ -149,7 +149,7 @@ def client_stages(values: list[bytes], keys: list[bytes], repeat: int) -> dict[s
     def refuse(*args: Any, **kw: Any) -> Any:
         raise AssertionError("the micro benchmark's records all take the compiled path")
 
-    core = SendCore(topics={"t": topic}, future=DeliveryFuture, slow=refuse, slow_produce=refuse,
+    core = SendCore(topics={"t": topic}, future=DeliveryFuture, lookup=refuse, check_open=refuse, refusal=refuse,
                     full=refuse, stick=stick)
     core.set_writers((ring2.writer,))
     core.enabled = 1

@@ -10,16 +10,25 @@
  *                     one without running Python code.
  *   TopicBase         the per-record slots of shm.topic.TopicState (id, partitions, owners,
  *                     sticky partition, largest body, pending FIFOs).
- *   SendCore          send(): body encode, partition (explicit, sticky, murmur2), timestamp,
- *                     future, ring claim, copy, pending bookkeeping, publish, doorbell.
+ *   SendCore          send() and produce(): serializers and their output check, body encode,
+ *                     partition (explicit, sticky, murmur2), timestamp, future, ring claim,
+ *                     copy, pending bookkeeping, publish, doorbell; send_records() for
+ *                     socket ingest.
  *
  * Thread safety: send() runs with the GIL held from the moment it claims ring space until it
  * has published the frame, and runs no Python code in between (no allocation of GC-tracked
- * objects, no callbacks), so it is atomic against every other Python thread of the process.
- * Python writers that claim and publish in several bytecodes hold the producer's send lock;
- * send() sees their claim in progress (pending != published) and hands the record to the
- * Python path, which waits for that lock. Anything unusual (a serializer, an unknown topic, a
- * full ring, a closed producer, an error to raise) goes to the Python path too.
+ * objects, no callbacks), so it is atomic against every other Python thread of the process;
+ * no lock is taken on this path. The only Python writers (send_many's runs, and a record that
+ * found its ring full and waits for room, shm/backpressure.py) claim and publish in several
+ * bytecodes and hold the producer's send lock meanwhile; send() sees such a claim in progress
+ * (pending != published) and hands its record, encoded, to the Python writer's path
+ * (Backpressure.enqueue), which takes the lock first. So each ring has one writer at a time.
+ *
+ * There is no other send path: serializers are called from here and their output checked
+ * here, str is encoded here, and errors (too large, a partition out of range, bad types) are
+ * raised from here. Python is called only for what is not per record: a topic's first lookup
+ * (I/O to the daemon), the sticky partitioner's move (once per batch_size bytes), the
+ * exception to raise, and the full-ring policy.
  *
  * Ordering (shm/layout.py, "Ordering"): the frame is written, then the head is published with
  * one aligned 8-byte release store; x86-64 TSO makes the frame visible first.
@@ -545,11 +554,14 @@ typedef struct {
     PyObject *topics;      /* dict: name -> TopicState (a TopicBase) */
     PyObject *writers;     /* tuple of RingWriter, one per worker */
     PyTypeObject *future;  /* the DeliveryFuture class (a FutureBase subclass) */
-    PyObject *slow;        /* the Python send(): everything the fast path does not take */
-    PyObject *slow_produce; /* the Python produce(), likewise */
-    PyObject *full;        /* enqueue(topic_state, partition, ts, body, future): ring full */
+    PyObject *lookup;      /* lookup(topic): asks the daemon about a topic not in `topics` (may raise) */
+    PyObject *check_open;  /* check_open(): raises ProducerClosedError; called when not enabled */
+    PyObject *refusal;     /* refusal(code, topic_state, n) -> the KafkaError to raise */
+    PyObject *full;        /* enqueue(topic_state, partition, ts, body, future): ring full or busy */
     PyObject *stick;       /* stick(topic_state): the sticky partition moves on */
-    int enabled;
+    PyObject *vser;        /* the value serializer, or None */
+    PyObject *kser;        /* the key serializer, or None */
+    int enabled;           /* 0: the producer is closed, or the daemon gone for good */
     long long pending;     /* records sent whose outcome has not come back */
 } SendCore;
 
@@ -557,10 +569,13 @@ static int SendCore_traverse(SendCore *c, visitproc visit, void *arg) {
     Py_VISIT(c->topics);
     Py_VISIT(c->writers);
     Py_VISIT(c->future);
-    Py_VISIT(c->slow);
-    Py_VISIT(c->slow_produce);
+    Py_VISIT(c->lookup);
+    Py_VISIT(c->check_open);
+    Py_VISIT(c->refusal);
     Py_VISIT(c->full);
     Py_VISIT(c->stick);
+    Py_VISIT(c->vser);
+    Py_VISIT(c->kser);
     return 0;
 }
 
@@ -568,10 +583,13 @@ static int SendCore_clear(SendCore *c) {
     Py_CLEAR(c->topics);
     Py_CLEAR(c->writers);
     Py_CLEAR(c->future);
-    Py_CLEAR(c->slow);
-    Py_CLEAR(c->slow_produce);
+    Py_CLEAR(c->lookup);
+    Py_CLEAR(c->check_open);
+    Py_CLEAR(c->refusal);
     Py_CLEAR(c->full);
     Py_CLEAR(c->stick);
+    Py_CLEAR(c->vser);
+    Py_CLEAR(c->kser);
     return 0;
 }
 
@@ -582,28 +600,36 @@ static void SendCore_dealloc(SendCore *c) {
 }
 
 static int SendCore_init(SendCore *c, PyObject *args, PyObject *kwds) {
-    static char *kw[] = {"topics", "future", "slow", "slow_produce", "full", "stick", NULL};
-    PyObject *topics, *future, *slow, *slow_produce, *full, *stick;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!OOOO:SendCore", kw, &PyDict_Type, &topics, &PyType_Type,
-                                     &future, &slow, &slow_produce, &full, &stick))
+    static char *kw[] = {"topics", "future", "lookup", "check_open", "refusal", "full", "stick",
+                         "value_serializer", "key_serializer", NULL};
+    PyObject *topics, *future, *lookup, *check_open, *refusal, *full, *stick, *vser = Py_None, *kser = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!OOOOO|OO:SendCore", kw, &PyDict_Type, &topics, &PyType_Type,
+                                     &future, &lookup, &check_open, &refusal, &full, &stick, &vser, &kser))
         return -1;
     if (!PyType_IsSubtype((PyTypeObject *)future, &FutureBaseType)) {
         PyErr_SetString(PyExc_TypeError, "SendCore: future must subclass FutureBase");
         return -1;
     }
+    if ((vser != Py_None && !PyCallable_Check(vser)) || (kser != Py_None && !PyCallable_Check(kser))) {
+        PyErr_SetString(PyExc_TypeError, "SendCore: a serializer must be callable or None");
+        return -1;
+    }
     Py_XSETREF(c->topics, Py_NewRef(topics));
     Py_XSETREF(c->future, (PyTypeObject *)Py_NewRef(future));
-    Py_XSETREF(c->slow, Py_NewRef(slow));
-    Py_XSETREF(c->slow_produce, Py_NewRef(slow_produce));
+    Py_XSETREF(c->lookup, Py_NewRef(lookup));
+    Py_XSETREF(c->check_open, Py_NewRef(check_open));
+    Py_XSETREF(c->refusal, Py_NewRef(refusal));
     Py_XSETREF(c->full, Py_NewRef(full));
     Py_XSETREF(c->stick, Py_NewRef(stick));
+    Py_XSETREF(c->vser, Py_NewRef(vser));
+    Py_XSETREF(c->kser, Py_NewRef(kser));
     Py_XSETREF(c->writers, PyTuple_New(0));
     c->enabled = 0;
     c->pending = 0;
     return c->writers ? 0 : -1;
 }
 
-/* One header of a send(): key (str or bytes) and value (bytes or None), borrowed. */
+/* One header, borrowed from a header snapshot: key bytes (UTF-8 of a str key) and value bytes. */
 typedef struct {
     const char *k;
     Py_ssize_t klen;
@@ -611,49 +637,117 @@ typedef struct {
     Py_ssize_t vlen; /* -1: null */
 } hdr_t;
 
-#define MAX_FAST_HEADERS 16
+#define STACK_HEADERS 16 /* headers parsed without an allocation */
 
-/* Parse headers for the fast path; returns the count, or -1 to take the slow path. */
-static Py_ssize_t parse_headers(PyObject *headers, hdr_t *out, int64_t *bytes) {
+/* `v` as the bytes a record carries (a new reference; None stays None): the serializer's output
+ * when there is one, which must be bytes-like; else bytes as they are, str as UTF-8, other
+ * buffers copied. TypeError for anything else, saying how to send it. */
+static PyObject *record_bytes(PyObject *v, PyObject *ser, const char *what) {
+    if (v == Py_None)
+        return Py_NewRef(Py_None);
+    if (ser != Py_None) {
+        PyObject *out = PyObject_CallOneArg(ser, v);
+        if (out == NULL || out == Py_None || PyBytes_Check(out))
+            return out;
+        if (PyByteArray_Check(out) || PyMemoryView_Check(out)) {
+            Py_SETREF(out, PyBytes_FromObject(out));
+            return out;
+        }
+        PyErr_Format(PyExc_TypeError, "the %s serializer returned %.100s, not bytes", what, Py_TYPE(out)->tp_name);
+        Py_DECREF(out);
+        return NULL;
+    }
+    if (PyBytes_Check(v))
+        return Py_NewRef(v);
+    if (PyUnicode_Check(v))
+        return PyUnicode_AsUTF8String(v);
+    if (PyByteArray_Check(v) || PyMemoryView_Check(v))
+        return PyBytes_FromObject(v);
+    PyErr_Format(PyExc_TypeError,
+                 "cannot send %.100s as the %s: pass bytes or str, or give the Producer a serializer "
+                 "('json', 'msgpack' or a callable)", Py_TYPE(v)->tp_name, what);
+    return NULL;
+}
+
+/* The headers as a tuple of (key, value) pairs, key str or bytes, value bytes or None (a new
+ * reference; None for no headers), or NULL with TypeError. A snapshot: the bytes are read in
+ * place after Python code may have run (the sticky partitioner, the collector), and the
+ * caller's list may change meanwhile. */
+static PyObject *header_snapshot(PyObject *headers) {
     if (headers == Py_None)
-        return 0;
-    if (!PyList_CheckExact(headers) && !PyTuple_CheckExact(headers))
-        return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(headers);
-    if (n > MAX_FAST_HEADERS)
-        return -1;
-    PyObject **items = PySequence_Fast_ITEMS(headers);
+        return Py_NewRef(Py_None);
+    if (PyUnicode_Check(headers) || PyBytes_Check(headers) || PyDict_Check(headers)) {
+        PyErr_Format(PyExc_TypeError, "headers must be a sequence of (key, value) pairs, not %.100s",
+                     Py_TYPE(headers)->tp_name);
+        return NULL;
+    }
+    PyObject *seq = PySequence_Tuple(headers);
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *h = PyTuple_GET_ITEM(seq, i);
+        if (PyTuple_CheckExact(h) && PyTuple_GET_SIZE(h) == 2) {
+            PyObject *k = PyTuple_GET_ITEM(h, 0), *v = PyTuple_GET_ITEM(h, 1);
+            if ((PyUnicode_CheckExact(k) || PyBytes_CheckExact(k)) && (v == Py_None || PyBytes_CheckExact(v)))
+                continue; /* the usual shape, kept as it is */
+        }
+        PyObject *pair = PySequence_Tuple(h);
+        if (pair == NULL || PyTuple_GET_SIZE(pair) != 2) {
+            Py_XDECREF(pair);
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "a header must be a (key, value) pair, not %.100s", Py_TYPE(h)->tp_name);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        PyObject *k = PyTuple_GET_ITEM(pair, 0), *v = PyTuple_GET_ITEM(pair, 1);
+        PyObject *k2 = PyUnicode_Check(k) ? PyUnicode_AsUTF8String(k)
+                       : PyObject_CheckBuffer(k) ? PyBytes_FromObject(k) : NULL;
+        PyObject *v2 = v == Py_None ? Py_NewRef(Py_None) : PyObject_CheckBuffer(v) ? PyBytes_FromObject(v) : NULL;
+        Py_DECREF(pair);
+        PyObject *fixed = (k2 != NULL && v2 != NULL) ? PyTuple_Pack(2, k2, v2) : NULL;
+        Py_XDECREF(k2);
+        Py_XDECREF(v2);
+        if (fixed == NULL) {
+            if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyErr_Clear();
+                PyErr_SetString(PyExc_TypeError, "a header's key must be str or bytes, its value bytes or None");
+            }
+            Py_DECREF(seq);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(seq, i, fixed); /* seq is new and ours: replacing an item is safe */
+        Py_DECREF(h);
+    }
+    return seq;
+}
+
+/* Read a header snapshot into `out` (n entries); returns the encoded size of the headers part
+ * (count varint and every header), or -1 with an exception (a str key that is not UTF-8). */
+static int64_t parse_headers(PyObject *snap, hdr_t *out) {
+    Py_ssize_t n = snap == Py_None ? 0 : PyTuple_GET_SIZE(snap);
     int64_t total = sl_varint_len(n);
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *h = items[i];
-        if (!PyTuple_CheckExact(h) || PyTuple_GET_SIZE(h) != 2)
-            return -1;
+        PyObject *h = PyTuple_GET_ITEM(snap, i);
         PyObject *k = PyTuple_GET_ITEM(h, 0), *v = PyTuple_GET_ITEM(h, 1);
-        if (PyUnicode_CheckExact(k)) {
+        if (PyUnicode_Check(k)) {
             out[i].k = PyUnicode_AsUTF8AndSize(k, &out[i].klen);
-            if (out[i].k == NULL) {
-                PyErr_Clear();
+            if (out[i].k == NULL)
                 return -1;
-            }
-        } else if (PyBytes_CheckExact(k)) {
+        } else {
             out[i].k = PyBytes_AS_STRING(k);
             out[i].klen = PyBytes_GET_SIZE(k);
-        } else {
-            return -1;
         }
         if (v == Py_None) {
             out[i].v = NULL;
             out[i].vlen = -1;
-        } else if (PyBytes_CheckExact(v)) {
+        } else {
             out[i].v = PyBytes_AS_STRING(v);
             out[i].vlen = PyBytes_GET_SIZE(v);
-        } else {
-            return -1;
         }
         total += sl_varint_len(out[i].klen) + out[i].klen + sl_varint_len(out[i].vlen) + (out[i].vlen > 0 ? out[i].vlen : 0);
     }
-    *bytes = total;
-    return n;
+    return total;
 }
 
 static inline unsigned char *put_field(unsigned char *out, const char *p, Py_ssize_t n) {
@@ -682,92 +776,141 @@ static int64_t now_ms(void) {
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* The sentinel send_one() returns for "take the Python path" (no exception set). */
-static PyObject slow_sentinel_obj;
-#define SLOW (&slow_sentinel_obj)
+/* Kafka error codes send() raises itself, through `refusal` (shm.topic.refusal). */
+#define SL_ERR_UNKNOWN_TOPIC_OR_PARTITION 3
+#define SL_ERR_MESSAGE_TOO_LARGE 10
 
-/* One record of send()/produce() (fire), arguments already unpacked (borrowed). Returns the
- * future (a new reference; None with fire), NULL with an exception set, or SLOW when the
- * Python path must take the record (nothing was written). no_full: a full ring is SLOW too,
- * instead of calling the Python full-ring path (which may block). */
-static PyObject *send_one_with(SendCore *c, PyObject *topic, PyObject *value, PyObject *key, PyObject *partition,
-                               PyObject *headers, PyObject *timestamp, PyObject *on_delivery, int fire, int no_full);
+/* The sentinel send_one() returns, under no_full, for "the ring is full or another writer is
+ * between its claim and its publish" (nothing was written, no exception set). */
+static PyObject busy_sentinel_obj;
+#define BUSY (&busy_sentinel_obj)
 
+/* Raise refusal(code, t, n): the KafkaError the Python side makes for a record the topic
+ * cannot take. Returns NULL. */
+static PyObject *refuse(SendCore *c, int code, TopicBase *t, long long n) {
+    PyObject *exc = PyObject_CallFunction(c->refusal, "iOL", code, (PyObject *)t, n);
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+/* The topic's state (a new reference), asking the daemon about a topic not seen before. */
+static TopicBase *topic_state(SendCore *c, PyObject *topic, int fire) {
+    if (!PyUnicode_Check(topic)) {
+        PyErr_Format(PyExc_TypeError, "topic must be str, not %.100s", Py_TYPE(topic)->tp_name);
+        return NULL;
+    }
+    PyObject *tobj = PyDict_GetItemWithError(c->topics, topic); /* borrowed */
+    if (tobj == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        PyObject *r = PyObject_CallOneArg(c->lookup, topic); /* I/O: the daemon's TopicInfo */
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
+        tobj = PyDict_GetItemWithError(c->topics, topic);
+        if (tobj == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_RuntimeError, "sluice: topic %R was looked up but is not in the table", topic);
+            return NULL;
+        }
+    }
+    if (!PyObject_TypeCheck(tobj, &TopicBaseType) || !((TopicBase *)tobj)->bound ||
+        (fire && ((TopicBase *)tobj)->tally == NULL)) {
+        PyErr_Format(PyExc_RuntimeError, "sluice: the state of topic %R is incomplete", topic);
+        return NULL;
+    }
+    return (TopicBase *)Py_NewRef(tobj);
+}
+
+static PyObject *write_record(SendCore *c, TopicBase *t, PyObject *value, PyObject *key, PyObject *partition,
+                              PyObject *headers, PyObject *timestamp, PyObject *on_delivery, int fire, int no_full,
+                              hdr_t *hdrs);
+
+/* One record of send()/produce() (fire), arguments as given (borrowed). Returns the future (a
+ * new reference; None with fire), NULL with an exception set, or BUSY under no_full. */
 static PyObject *send_one(SendCore *c, PyObject *topic, PyObject *value, PyObject *key, PyObject *partition,
                           PyObject *headers, PyObject *timestamp, PyObject *on_delivery, int fire, int no_full) {
-    /* The headers' bytes are read in place (UTF-8 of str keys too) after Python code may have
-     * run (the sticky partitioner, the collector): a tuple snapshot keeps every header pair
-     * alive even if another thread changes the caller's list meanwhile. */
-    PyObject *snap;
-    if (headers == Py_None || PyTuple_CheckExact(headers))
-        snap = Py_NewRef(headers);
-    else if (PyList_CheckExact(headers))
-        snap = PyList_AsTuple(headers);
-    else
-        return SLOW;
-    if (snap == NULL)
+    if (!c->enabled) {
+        PyObject *r = PyObject_CallNoArgs(c->check_open);
+        if (r != NULL) {
+            Py_DECREF(r);
+            PyErr_SetString(PyExc_RuntimeError, "sluice: the producer cannot send (no request rings)");
+        }
         return NULL;
-    PyObject *r = send_one_with(c, topic, value, key, partition, snap, timestamp, on_delivery, fire, no_full);
-    Py_DECREF(snap);
+    }
+    TopicBase *t = topic_state(c, topic, fire);
+    if (t == NULL)
+        return NULL;
+    PyObject *v = record_bytes(value, c->vser, "value");
+    PyObject *k = v ? record_bytes(key, c->kser, "key") : NULL;
+    PyObject *h = k ? header_snapshot(headers) : NULL;
+    PyObject *r = NULL;
+    if (h != NULL) {
+        Py_ssize_t nh = h == Py_None ? 0 : PyTuple_GET_SIZE(h);
+        hdr_t stack[STACK_HEADERS];
+        hdr_t *hdrs = nh <= STACK_HEADERS ? stack : PyMem_Malloc(sizeof(hdr_t) * (size_t)nh);
+        if (hdrs == NULL)
+            PyErr_NoMemory();
+        else
+            r = write_record(c, t, v, k, partition, h, timestamp, on_delivery, fire, no_full, hdrs);
+        if (hdrs != stack)
+            PyMem_Free(hdrs);
+    }
+    Py_XDECREF(h);
+    Py_XDECREF(k);
+    Py_XDECREF(v);
+    Py_DECREF(t);
     return r;
 }
 
-static PyObject *send_one_with(SendCore *c, PyObject *topic, PyObject *value, PyObject *key, PyObject *partition,
-                               PyObject *headers, PyObject *timestamp, PyObject *on_delivery, int fire, int no_full) {
-    if (!PyUnicode_CheckExact(topic))
-        return SLOW;
-    PyObject *tobj = PyDict_GetItemWithError(c->topics, topic); /* borrowed */
-    if (tobj == NULL || !PyObject_TypeCheck(tobj, &TopicBaseType) || !((TopicBase *)tobj)->bound ||
-        (fire && ((TopicBase *)tobj)->tally == NULL)) {
-        if (PyErr_Occurred())
-            return NULL;
-        return SLOW;
-    }
-    TopicBase *t = (TopicBase *)tobj;
+/* write_record: value and key are bytes or None, headers a snapshot; `hdrs` has room for them. */
+static PyObject *write_record(SendCore *c, TopicBase *t, PyObject *value, PyObject *key, PyObject *partition,
+                              PyObject *headers, PyObject *timestamp, PyObject *on_delivery, int fire, int no_full,
+                              hdr_t *hdrs) {
     const char *val = NULL, *kp = NULL;
     Py_ssize_t vlen = -1, klen = -1;
-    if (PyBytes_CheckExact(value)) {
+    if (value != Py_None) {
         val = PyBytes_AS_STRING(value);
         vlen = PyBytes_GET_SIZE(value);
-    } else if (value != Py_None) {
-        return SLOW;
     }
-    if (PyBytes_CheckExact(key)) {
+    if (key != Py_None) {
         kp = PyBytes_AS_STRING(key);
         klen = PyBytes_GET_SIZE(key);
-    } else if (key != Py_None) {
-        return SLOW;
     }
-    hdr_t hdrs[MAX_FAST_HEADERS];
-    int64_t hbytes = 1;
-    Py_ssize_t nh = parse_headers(headers, hdrs, &hbytes);
-    if (nh < 0)
-        return SLOW;
+    Py_ssize_t nh = headers == Py_None ? 0 : PyTuple_GET_SIZE(headers);
+    int64_t hbytes = parse_headers(headers, hdrs);
+    if (hbytes < 0)
+        return NULL;
     int64_t blen = sl_varint_len(klen) + (klen > 0 ? klen : 0) + sl_varint_len(vlen) + (vlen > 0 ? vlen : 0) + hbytes;
     if (blen > t->max_body)
-        return SLOW; /* raises MessageTooLargeError */
+        return refuse(c, SL_ERR_MESSAGE_TOO_LARGE, t, blen);
     int p;
     if (partition != Py_None) {
-        if (!PyLong_CheckExact(partition))
-            return SLOW;
-        long pv = PyLong_AsLong(partition);
-        if (pv == -1 && PyErr_Occurred()) {
-            PyErr_Clear();
-            return SLOW;
+        if (!PyIndex_Check(partition)) {
+            PyErr_Format(PyExc_TypeError, "partition must be an int or None, not %.100s", Py_TYPE(partition)->tp_name);
+            return NULL;
         }
+        Py_ssize_t pv = PyNumber_AsSsize_t(partition, NULL); /* clamped: out of range either way */
+        if (pv == -1 && PyErr_Occurred())
+            return NULL;
         if (pv < 0 || pv >= t->partitions)
-            return SLOW; /* raises UnknownTopicOrPartitionError */
+            return refuse(c, SL_ERR_UNKNOWN_TOPIC_OR_PARTITION, t, pv);
         p = (int)pv;
     } else if (kp != NULL) {
         p = partition_of_key((const unsigned char *)kp, klen, t->partitions);
     } else {
         if (t->sticky_left <= 0) {
-            PyObject *r = PyObject_CallOneArg(c->stick, tobj); /* per batch_size bytes, not per record */
+            PyObject *r = PyObject_CallOneArg(c->stick, (PyObject *)t); /* per batch_size bytes, not per record */
             if (r == NULL)
                 return NULL;
             Py_DECREF(r);
-            if (t->sticky_p < 0 || t->sticky_p >= t->partitions)
-                return SLOW;
+            if (t->sticky_p < 0 || t->sticky_p >= t->partitions) {
+                PyErr_SetString(PyExc_RuntimeError, "sluice: the sticky partitioner chose no partition of the topic");
+                return NULL;
+            }
         }
         p = t->sticky_p;
         t->sticky_left -= (Py_ssize_t)blen;
@@ -776,18 +919,28 @@ static PyObject *send_one_with(SendCore *c, PyObject *topic, PyObject *value, Py
     if (timestamp == Py_None) {
         ts = now_ms();
     } else {
-        if (!PyLong_CheckExact(timestamp))
-            return SLOW;
-        int overflow = 0;
-        ts = PyLong_AsLongLongAndOverflow(timestamp, &overflow);
-        if (overflow || (ts == -1 && PyErr_Occurred())) {
-            PyErr_Clear();
-            return SLOW;
+        if (!PyIndex_Check(timestamp)) {
+            PyErr_Format(PyExc_TypeError, "timestamp must be an int (ms) or None, not %.100s", Py_TYPE(timestamp)->tp_name);
+            return NULL;
         }
+        PyObject *tsi = PyNumber_Index(timestamp);
+        if (tsi == NULL)
+            return NULL;
+        int overflow = 0;
+        ts = PyLong_AsLongLongAndOverflow(tsi, &overflow);
+        Py_DECREF(tsi);
+        if (overflow) {
+            PyErr_SetString(PyExc_OverflowError, "timestamp does not fit in 64 bits");
+            return NULL;
+        }
+        if (ts == -1 && PyErr_Occurred())
+            return NULL;
     }
     int owner = t->owners[p];
-    if (owner < 0 || owner >= PyTuple_GET_SIZE(c->writers))
-        return SLOW;
+    if (owner < 0 || owner >= PyTuple_GET_SIZE(c->writers)) {
+        PyErr_Format(PyExc_RuntimeError, "sluice: partition %d's worker %d has no request ring", p, owner);
+        return NULL;
+    }
     RingWriter *w = (RingWriter *)PyTuple_GET_ITEM(c->writers, owner);
     /* The future first: making it may run Python code (the GC), which must not happen between
      * the claim and the publish. */
@@ -818,19 +971,16 @@ static PyObject *send_one_with(SendCore *c, PyObject *topic, PyObject *value, Py
             return NULL;
         }
     }
-    if (w->pending != w->published) {
-        /* Another thread's Python writer is between its claim and its publish: wait for it
-         * in the Python path (it holds the send lock). */
-        Py_DECREF(f);
-        return SLOW;
-    }
-    Py_ssize_t pos = rw_claim(w, SL_FRAME_RECORD, (uint64_t)(SL_RECORD_PREFIX_BYTES + blen));
+    /* A Python writer (send_many's runs, a record that waited for room) between its claim and
+     * its publish in another thread: this record waits for it behind the send lock. */
+    Py_ssize_t pos = w->pending != w->published ? CLAIM_FULL : rw_claim(w, SL_FRAME_RECORD, (uint64_t)(SL_RECORD_PREFIX_BYTES + blen));
     if (pos < 0) {
-        if (pos != CLAIM_FULL || no_full) {
+        if (no_full) {
             Py_DECREF(f);
-            return SLOW; /* raises what is wrong, or waits for room */
+            return BUSY;
         }
-        /* No room: the Python path waits (on_full=block) or drops, with the body we made. */
+        /* The Python writer (shm.backpressure) takes the body we made: it waits for room
+         * (on_full=block), drops (on_full=drop), or raises what the ring's claim reports. */
         PyObject *body = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)blen);
         if (body == NULL) {
             Py_DECREF(f);
@@ -840,7 +990,7 @@ static PyObject *send_one_with(SendCore *c, PyObject *topic, PyObject *value, Py
         PyObject *pp = PyLong_FromLong(p), *pts = PyLong_FromLongLong(ts);
         PyObject *r = NULL;
         if (pp != NULL && pts != NULL) {
-            PyObject *cargs[5] = {tobj, pp, pts, body, (PyObject *)f};
+            PyObject *cargs[5] = {(PyObject *)t, pp, pts, body, (PyObject *)f};
             r = PyObject_Vectorcall(c->full, cargs, 5, NULL);
         }
         Py_XDECREF(pp);
@@ -885,40 +1035,39 @@ static PyObject *send_one_with(SendCore *c, PyObject *topic, PyObject *value, Py
     return (PyObject *)f;
 }
 
-#define call_slow(c, args, nargs, kwnames) \
-    PyObject_Vectorcall((fire) ? (c)->slow_produce : (c)->slow, (args), (nargs), (kwnames))
+static const char *const send_kw[] = {"partition", "headers", "timestamp", "on_delivery", "key"};
 
 /* send(topic, value, key=None, *, partition=None, headers=None, timestamp=None, on_delivery=None)
- * -> DeliveryFuture; with `fire` (produce()), no future: the topic's tally counts the outcome,
- * and None is returned. */
+ * -> DeliveryFuture; with `fire` (produce()), no future and no on_delivery: the topic's tally
+ * counts the outcome, and None is returned. */
 static PyObject *do_send(SendCore *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int fire) {
-    if (!c->enabled || nargs < 2 || nargs > 3)
-        return call_slow(c, args, nargs, kwnames);
+    const char *fn = fire ? "produce" : "send";
+    if (nargs < 2 || nargs > 3) {
+        PyErr_Format(PyExc_TypeError, "%s() takes topic, value and an optional key as positional arguments (%zd given)",
+                     fn, nargs);
+        return NULL;
+    }
     PyObject *topic = args[0], *value = args[1], *key = nargs > 2 ? args[2] : Py_None;
-    PyObject *partition = Py_None, *headers = Py_None, *timestamp = Py_None, *on_delivery = Py_None;
+    PyObject *opt[5] = {Py_None, Py_None, Py_None, Py_None, NULL}; /* in send_kw's order */
     if (kwnames != NULL) {
         Py_ssize_t nk = PyTuple_GET_SIZE(kwnames);
         for (Py_ssize_t i = 0; i < nk; i++) {
-            PyObject *name = PyTuple_GET_ITEM(kwnames, i), *v = args[nargs + i];
-            if (PyUnicode_CompareWithASCIIString(name, "partition") == 0)
-                partition = v;
-            else if (PyUnicode_CompareWithASCIIString(name, "headers") == 0)
-                headers = v;
-            else if (PyUnicode_CompareWithASCIIString(name, "timestamp") == 0)
-                timestamp = v;
-            else if (!fire && PyUnicode_CompareWithASCIIString(name, "on_delivery") == 0)
-                on_delivery = v;
-            else if (PyUnicode_CompareWithASCIIString(name, "key") == 0 && nargs == 2)
-                key = v;
-            else
-                return call_slow(c, args, nargs, kwnames); /* let Python report it */
+            PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+            int j = 0;
+            while (j < 5 && PyUnicode_CompareWithASCIIString(name, send_kw[j]) != 0)
+                j++;
+            if (j == 5 || (fire && j == 3) || (j == 4 && nargs == 3)) {
+                PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument %R", fn, name);
+                return NULL;
+            }
+            opt[j] = args[nargs + i];
         }
     }
-    PyObject *r = send_one(c, topic, value, key, partition, headers, timestamp, on_delivery, fire, 0);
-    return r == SLOW ? call_slow(c, args, nargs, kwnames) : r;
+    if (opt[4] != NULL)
+        key = opt[4];
+    PyObject *r = send_one(c, topic, value, key, opt[0], opt[1], opt[2], opt[3], fire, 0);
+    return r == BUSY ? NULL : r; /* never BUSY without no_full */
 }
-
-#undef call_slow
 
 static PyObject *s_value, *s_key, *s_partition, *s_headers, *s_timestamp; /* interned at init */
 
@@ -926,10 +1075,11 @@ PyDoc_STRVAR(send_records_doc,
 "send_records(topic, records, start, fire) -> (next, futures)\n\n"
 "send() (or produce(), with fire) each of records[start:], objects with the attributes value,\n"
 "key, partition, headers and timestamp (shm.control.Rec, as socket ingest decodes them), until\n"
-"the end or the first record the compiled path cannot take (nothing of it is written: the\n"
-"caller sends it through the Python send(), which raises or waits, and goes on after it). A\n"
-"full ring stops it too. Returns that record's index (len(records) when all went) and the\n"
-"futures of records[start:next] (None each with fire).");
+"the end or the first record it cannot write now: a full ring (or another writer's claim in\n"
+"progress), or an error to raise. Nothing of that record is written, and no exception is set:\n"
+"the caller sends it through send(), which raises or waits, and goes on after it. Returns that\n"
+"record's index (len(records) when all went) and the futures of records[start:next] (None\n"
+"each with fire).");
 
 static PyObject *SendCore_send_records(SendCore *c, PyObject *args) {
     PyObject *topic, *records;
@@ -946,7 +1096,7 @@ static PyObject *SendCore_send_records(SendCore *c, PyObject *args) {
     if (futs == NULL)
         return NULL;
     Py_ssize_t i = start;
-    for (; i < n && c->enabled; i++) {
+    for (; i < PyList_GET_SIZE(records) && c->enabled; i++) {
         PyObject *rec = PyList_GET_ITEM(records, i);
         Py_INCREF(rec); /* the list may change under Python code the GC runs */
         PyObject *a[5] = {NULL, NULL, NULL, NULL, NULL};
@@ -960,10 +1110,20 @@ static PyObject *SendCore_send_records(SendCore *c, PyObject *args) {
         for (int k = 0; k < 5; k++)
             Py_XDECREF(a[k]);
         Py_DECREF(rec);
-        if (r == SLOW)
+        if (r == BUSY)
             break;
-        if (r == NULL || PyList_Append(futs, r) < 0) {
-            Py_XDECREF(r);
+        if (r == NULL) {
+            /* An error to raise: the caller's send() of this record raises it again, where it
+             * is reported for this record alone. */
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                Py_DECREF(futs);
+                return NULL;
+            }
+            PyErr_Clear();
+            break;
+        }
+        if (PyList_Append(futs, r) < 0) {
+            Py_DECREF(r);
             Py_DECREF(futs);
             return NULL;
         }
@@ -1017,7 +1177,7 @@ static PyMethodDef SendCore_methods[] = {
 };
 
 static PyMemberDef SendCore_members[] = {
-    {"enabled", T_INT, offsetof(SendCore, enabled), 0, "0: every send() takes the Python path"},
+    {"enabled", T_INT, offsetof(SendCore, enabled), 0, "0: send() raises what check_open() raises"},
     {"pending", T_LONGLONG, offsetof(SendCore, pending), 0, "records sent and not yet completed"},
     {NULL, 0, 0, 0, NULL},
 };

@@ -10,13 +10,14 @@ Usage::
 
 How it works: the constructor connects to the daemon's Unix socket and says Hello
 (:mod:`shm.connection`), creates a sealed memfd segment with a request and a completion ring
-per worker and passes it over the socket (SCM_RIGHTS). ``send()`` is compiled
-(``shm._client.SendCore.send``): it encodes, picks the partition (explicit, murmur2 of the key,
-or sticky for null keys, as Kafka's default partitioner), finds the worker that owns it
-(:func:`shm.partitioner.owner`) and writes one RECORD frame into that worker's request ring.
-What it does not take (serializers, a topic not looked up yet, unusual types, an error to
-raise) goes to the Python :meth:`Producer.send` below; a full ring goes to the wait-or-drop
-policy (:meth:`shm.backpressure.Backpressure.enqueue`). The completion thread
+per worker and passes it over the socket (SCM_RIGHTS). ``send()`` and ``produce()`` are
+compiled (``shm._client.SendCore``), and there is no other per-record path: they call the
+serializers and check their output, encode, pick the partition (explicit, murmur2 of the key,
+or sticky for null keys, as Kafka's default partitioner), find the worker that owns it
+(:func:`shm.partitioner.owner`) and write one RECORD frame into that worker's request ring.
+Python is called only for a topic's first lookup (I/O to the daemon), the error to raise
+(:func:`shm.topic.refusal`) and a full ring, which goes to the wait-or-drop policy
+(:meth:`shm.backpressure.Backpressure.enqueue`). The completion thread
 (:mod:`shm.completions`) reads the completion rings and settles the futures
 (:mod:`shm.futures`); what it reports (records completed, the daemon hung up: reconnect or
 fail what is pending) is handled by the :class:`shm.session.Session`, and ring space freed
@@ -28,13 +29,14 @@ records bound for one partition together, copies them into the ring with one cla
 partition's pending FIFO, so the completion thread settles a whole run with one call. The
 per-record costs left are a few C-level list operations.
 
-This module wires the parts together and keeps the Python ``send()``, ``send_many()``'s
-checks, the topic table, ``flush()`` and ``close()``.
+This module wires the parts together and keeps ``send_many()``'s checks, the topic table,
+``flush()`` and ``close()``.
 
-Thread safety: ``send()`` may be called from several threads. The compiled send() holds the
-GIL from its ring claim to its publish and runs no Python code in between; the Python writers
-hold ``_send_lock``, and the compiled send() hands its record to the Python path while one of
-them is between its claim and its publish, so each ring keeps a single producer. Futures are
+Thread safety: ``send()`` may be called from several threads, without a lock. The compiled
+send() holds the GIL from its ring claim to its publish and runs no Python code in between;
+the Python writers (``send_many()``, a record waiting for room) hold ``_send_lock``, and the
+compiled send() hands its record to the waiting path while one of them is between its claim
+and its publish, so each ring keeps a single producer. Futures are
 resolved on the completion thread; ``on_delivery`` callbacks run there too and must be quick
 (an exception they raise is logged on ``sluice.client``).
 """
@@ -42,13 +44,11 @@ resolved on the completion thread; ``on_delivery`` callbacks run there too and m
 from __future__ import annotations
 
 import os
-import struct
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from types import MethodType
 from typing import Any
 
 from shm import connection, control
@@ -57,22 +57,12 @@ from shm.backpressure import Backpressure
 from shm.completions import CompletionReader
 from shm.connection import DEFAULT_SOCKET, ProducerConnection
 from shm.errors import KafkaError, ProducerClosedError
-from shm.frames import RECORD_HEADER, ZIGZAG, encode_headers, encode_record_body
+from shm.frames import encode_headers
 from shm.futures import DeliveryFuture, DeliveryGroup, RecordMetadata
-from shm.layout import FRAME_RECORD
-from shm.partitioner import partition_for_key
 from shm.segment import Segment
-from shm.serializers import Serializer, as_bytes, bytes_list, serializer
+from shm.serializers import Serializer, bytes_list, serializer
 from shm.session import Session
-from shm.topic import (
-    BATCH_OVERHEAD,
-    MESSAGE_TOO_LARGE,
-    UNKNOWN_TOPIC_OR_PARTITION,
-    TopicState,
-    check_sizes,
-    plan_runs,
-    stick,
-)
+from shm.topic import UNKNOWN_TOPIC_OR_PARTITION, TopicState, check_sizes, plan_runs, refusal, stick
 
 # Re-exported: these names were defined here before the futures, errors and connection got
 # their own modules, and applications import them from here.
@@ -89,11 +79,6 @@ __all__ = [
 # How long a client waits for a restarted daemon to take its segment back (a systemd restart
 # takes well under a second; a crash restart waits RestartSec).
 DEFAULT_RECONNECT_TIMEOUT_S = 60.0
-_REC_PREFIX = RECORD_HEADER.size
-_ZZ = ZIGZAG
-_ZZ_MAX = len(ZIGZAG) - 1
-_time = time.time
-_pack_record = RECORD_HEADER.pack_into
 
 
 class Producer:
@@ -171,21 +156,22 @@ class Producer:
             self._req, self._send_lock, self._check_open, lambda n: self._core.add_pending(n), seg.drop_counts,
             never_block=never_block,
         )
-        # The compiled send(): everything per record of the usual send() (no serializer)
-        # happens in C; what it cannot take it hands to the Python send() below.
+        # send() and produce(): compiled, the only per-record path (shm/_client.c).
         self._core = SendCore(
             topics=self._topics,
             future=DeliveryFuture,
-            slow=MethodType(type(self).send, self),
-            slow_produce=MethodType(type(self).produce, self),
+            lookup=self._add_topic,
+            check_open=self._check_open,
+            refusal=refusal,
             full=self._room.enqueue,
             stick=stick,
+            value_serializer=self._vser,
+            key_serializer=self._kser,
         )
         self._core.set_writers(tuple(ring.writer for ring in self._req))
-        if self._vser is None and self._kser is None:
-            self._core.enabled = 1
-            self.send = self._core.send  # type: ignore[method-assign]
-            self.produce = self._core.produce  # type: ignore[method-assign]
+        self._core.enabled = 1
+        self.send = self._core.send  # type: ignore[method-assign]
+        self.produce = self._core.produce  # type: ignore[method-assign]
         # What the completion thread reports: records completed, the daemon hung up.
         self._session = Session(
             self._ctl, seg, self._core, self._topics, self._send_lock,
@@ -263,72 +249,9 @@ class Producer:
         finds no room is counted in ``drops`` (in the segment, so the daemon counts it too)
         and its future fails with BufferFullError.
         """
-        # The per-record path: every attribute lookup and call here costs about as much as
-        # the ring transfer itself (measured with bench/), so the common case is written out inline.
-        t = self._topics.get(topic)
-        if t is None:
-            t = self._add_topic(topic)
-        ser = self._vser
-        if ser is None:
-            if type(value) is not bytes:
-                value = as_bytes(value)
-        elif value is not None:
-            value = ser(value)
-        if key is not None:
-            ser = self._kser
-            if ser is None:
-                if type(key) is not bytes:
-                    key = as_bytes(key)
-            else:
-                key = ser(key)
-        # encode_record_body, inlined for the usual shape (no headers, short key and value).
-        if headers or value is None or len(value) >= _ZZ_MAX:
-            body = encode_record_body(key, value, headers)
-        elif key is None:
-            body = b"".join((b"\x01", _ZZ[len(value) + 1], value, b"\x00"))
-        elif len(key) < _ZZ_MAX:
-            body = b"".join((_ZZ[len(key) + 1], key, _ZZ[len(value) + 1], value, b"\x00"))
-        else:
-            body = encode_record_body(key, value, headers)
-        size = len(body)
-        if size > t.max_body:
-            raise KafkaError.for_code(
-                MESSAGE_TOO_LARGE,
-                f"record of about {size + BATCH_OVERHEAD} bytes is larger than max_request_size "
-                f"{t.info.max_request_size} of topic {topic!r}",
-            )
-        if partition is None:
-            if key is None:
-                if t.sticky_left <= 0:
-                    stick(t)
-                partition = t.sticky_p
-                t.sticky_left -= size
-            else:
-                partition = partition_for_key(key, t.partitions)
-        elif not 0 <= partition < t.partitions:
-            raise KafkaError.for_code(UNKNOWN_TOPIC_OR_PARTITION, f"partition {partition} of {topic!r} (it has {t.partitions})")
-        ts = timestamp if timestamp is not None else int(_time() * 1000)
-        fut = DeliveryFuture(topic, partition, ts, on_delivery)
-        ring = self._req[t.owners[partition]]
-        with self._send_lock:
-            if self._closed or self._session.gone:
-                self._check_open()
-            pos = ring.claim(FRAME_RECORD, _REC_PREFIX + size)
-            if pos >= 0:
-                view = ring.view
-                try:
-                    _pack_record(view, pos, t.id, 0, partition, ts)
-                except struct.error:
-                    ring.rollback()
-                    raise
-                view[pos + _REC_PREFIX : pos + _REC_PREFIX + size] = body
-                # Pending before publish: the outcome may come back right after it.
-                t.pending[partition].append(fut)
-                self._core.add_pending(1)
-                ring.publish_head()
-                return fut
-        self._room.enqueue(t, partition, ts, body, fut)  # no room: wait or drop
-        return fut
+        return self._core.send(  # the instance's send is this same compiled function
+            topic, value, key, partition=partition, headers=headers, timestamp=timestamp, on_delivery=on_delivery
+        )
 
     def produce(
         self,
@@ -348,18 +271,16 @@ class Producer:
         logged on ``sluice.client``. :meth:`flush` waits for these records too. Raises what
         :meth:`send` raises before a record enters shared memory.
         """
-        fut = type(self).send(self, topic, value, key, partition=partition, headers=headers, timestamp=timestamp)
-        tally = self._topics[topic].tally
-        fut.add_done_callback(lambda f: tally.settle(1, f.exception(0)))
+        self._core.produce(topic, value, key, partition=partition, headers=headers, timestamp=timestamp)
 
     def send_records(self, topic: str, records: list[Any], start: int = 0) -> tuple[int, list[DeliveryFuture]]:
         """:meth:`send` each of ``records[start:]`` (objects with the attributes ``value``,
         ``key``, ``partition``, ``headers`` and ``timestamp``, such as the socket protocol's
         decoded :class:`shm.control.Rec`) in one compiled call, for socket ingest.
 
-        It stops at the end, or at the first record it cannot take without Python (a full ring,
-        an error to raise, a serializer): nothing of that record is written, and the caller
-        sends it with :meth:`send` (which raises or waits) and goes on after it.
+        It stops at the end, or at the first record it cannot write now (a full ring, or an
+        error to raise): nothing of that record is written, and the caller sends it with
+        :meth:`send` (which raises or waits) and goes on after it.
 
         Returns:
             ``(next, futures)``: the index of the record it stopped at (``len(records)`` when

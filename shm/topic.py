@@ -20,6 +20,7 @@ from shm.partitioner import StickyPartitioner, owner, partition_for_key, partiti
 
 __all__ = [
     "TopicState",
+    "refusal",
     "stick",
     "check_sizes",
     "plan_runs",
@@ -62,6 +63,18 @@ class TopicState(TopicBase):
         self.max_body = info.max_request_size - BATCH_OVERHEAD
         self.tally = DeliveryTally(self.name)  # the outcomes of produce() records
         self._bind(self.owners, self.pending)
+
+
+def refusal(code: int, t: TopicState, n: int) -> KafkaError:
+    """The error the compiled send() raises for a record ``t`` cannot take: MESSAGE_TOO_LARGE
+    (``n``: the record body's size) or UNKNOWN_TOPIC_OR_PARTITION (``n``: the partition)."""
+    if code == MESSAGE_TOO_LARGE:
+        return KafkaError.for_code(
+            code,
+            f"record of about {n + BATCH_OVERHEAD} bytes is larger than max_request_size "
+            f"{t.info.max_request_size} of topic {t.name!r}",
+        )
+    return KafkaError.for_code(code, f"partition {n} of {t.name!r} (it has {t.partitions})")
 
 
 def stick(t: TopicState) -> None:

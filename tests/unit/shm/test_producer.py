@@ -369,40 +369,62 @@ def _send_mixed(p: Producer) -> list[Any]:
         (v, k, dict(kw)) for v, k, kw in _MIXED)]
 
 
-def test_compiled_send_writes_the_frames_the_python_send_writes(standin: StandIn) -> None:
+def test_compiled_send_writes_what_the_oracle_encodes(standin: StandIn) -> None:
     with _quick(Producer(standin.path)) as p:
-        assert p.send is not Producer.send.__get__(p)  # no serializer: the compiled send()
-        fast = _send_mixed(p)
-        got_fast = [standin.take(w) for w in range(WORKERS)]
-        p._core.enabled = 0  # every record through the Python send()
-        slow = _send_mixed(p)
-        got_slow = [standin.take(w) for w in range(WORKERS)]
-        assert got_fast == got_slow and sum(map(len, got_fast)) == len(_MIXED)
-        for f, s in zip(fast, slow):
-            assert (f.topic, f.partition, f.timestamp) == (s.topic, s.partition, s.timestamp)
-            assert type(f) is type(s)
-        # And the bodies are what the Python encoder (the oracle) makes.
-        bodies = sorted(body for frames in got_fast for _, _, _, body in frames)
-        assert bodies == sorted(encode_record_body(k, v, kw.get("headers")) for v, k, kw in _MIXED)
-        assert p.pending == 2 * len(_MIXED)
+        futs = _send_mixed(p)
+        frames = [standin.take(w) for w in range(WORKERS)]
+        assert sum(map(len, frames)) == len(_MIXED)
+        # Each record in its partition's owner's ring, with the partition, timestamp and body
+        # the pure-Python encoder (the oracle) gives.
+        got = sorted((w, part, ts, body) for w in range(WORKERS) for _, part, ts, body in frames[w])
+        want = []
+        for f, (v, k, kw) in zip(futs, _MIXED):
+            part = kw.get("partition", partition_for_key(k, 4) if k is not None else f.partition)
+            assert (f.topic, f.partition, f.timestamp) == ("t", part, kw.get("timestamp", 1234))
+            want.append((owner("t", part, WORKERS), part, f.timestamp, encode_record_body(k, v, kw.get("headers"))))
+        assert got == sorted(want)
+        assert p.pending == len(_MIXED)
 
 
-def test_compiled_send_hands_the_unusual_to_python(standin: StandIn) -> None:
+def test_compiled_send_converts_checks_and_refuses(standin: StandIn) -> None:
     with _quick(Producer(standin.path)) as p:
-        p.send("t", b"first")  # the topic is now known to the compiled path
+        p.send("t", b"first")  # the topic is now known
         standin.take(0), standin.take(1)
-        with pytest.raises(UnknownTopicOrPartitionError):
+        with pytest.raises(UnknownTopicOrPartitionError, match="partition -1 of 't'"):
             p.send("t", b"x", partition=-1)
-        with pytest.raises(MessageTooLargeError):
+        with pytest.raises(UnknownTopicOrPartitionError, match="partition 4 of 't'"):
+            p.send("t", b"x", partition=4)
+        with pytest.raises(MessageTooLargeError, match="max_request_size"):
             p.send("t", b"x" * 5000)
-        with pytest.raises(TypeError):
+        with pytest.raises(TypeError, match="nonsense"):
             p.send("t", b"x", nonsense=1)
-        f = p.send("t", bytearray(b"ba"), memoryview(b"mk"))  # buffers: the Python path
+        with pytest.raises(TypeError, match="key"):
+            p.send("t", b"x", b"k", key=b"k")
+        with pytest.raises(TypeError, match="cannot send dict as the value"):
+            p.send("t", {"a": 1})
+        with pytest.raises(TypeError, match="partition must be an int"):
+            p.send("t", b"x", partition="1")
+        with pytest.raises(TypeError, match="timestamp must be an int"):
+            p.send("t", b"x", timestamp=1.5)
+        with pytest.raises(TypeError, match="header"):
+            p.send("t", b"x", headers=[("a", b"b", b"c")])
+        with pytest.raises(TypeError, match="topic must be str"):
+            p.send(b"t", b"x")
+        assert standin.take(0) + standin.take(1) == []  # nothing refused entered a ring
+        assert p.pending == 1
+        # Buffers and str are copied or encoded; header pairs of any sequence type, many of them.
+        hdrs = [[f"h{i}", bytearray(b"%d" % i)] for i in range(40)]
+        f = p.send("t", bytearray(b"ba"), memoryview(b"mk"), headers=hdrs)
+        g = p.send("t", "\u00e9", "k", partition=True)
         frames = standin.take(0) + standin.take(1)
-        assert [body for *_, body in frames] == [encode_record_body(b"mk", b"ba")]
-        assert f.partition == partition_for_key(b"mk", 4)
+        want_hdrs = [(f"h{i}", b"%d" % i) for i in range(40)]
+        assert sorted(body for *_, body in frames) == sorted(
+            [encode_record_body(b"mk", b"ba", want_hdrs), encode_record_body(b"k", "\u00e9".encode())])
+        assert f.partition == partition_for_key(b"mk", 4) and g.partition == 1
     with pytest.raises(ProducerClosedError):
         p.send("t", b"after close")
+    with pytest.raises(ProducerClosedError):
+        p.produce("t", b"after close")
 
 
 def test_compiled_send_from_many_threads_loses_and_reorders_nothing(standin: StandIn) -> None:
@@ -453,11 +475,23 @@ def _many_threads(standin: StandIn, threads: int, per: int) -> None:
     assert [v for _, v in values if v.startswith(b"m:")] == [b"m:%d" % i for i in range(per)]
 
 
-def test_serializers_take_the_python_send(standin: StandIn) -> None:
-    with _quick(Producer(standin.path, value_serializer="json")) as p:
-        assert p.send == Producer.send.__get__(p)
-        p.send("t", {"a": 1}, partition=0)
-        assert [json.loads(body[2:-1]) for *_, body in standin.take(0) + standin.take(1)] == [{"a": 1}]
+def test_serializers_run_in_the_compiled_send_and_their_output_is_checked(standin: StandIn) -> None:
+    with _quick(Producer(standin.path, value_serializer="json", key_serializer=lambda k: k.upper().encode())) as p:
+        p.send("t", {"a": 1}, "k", partition=0)
+        p.produce("t", [1, 2], None, partition=1)
+        p.send("t", None, "tomb", partition=0)  # None is a tombstone, never serialized
+        bodies = [body for *_, body in standin.take(0) + standin.take(1)]
+        assert sorted(bodies) == sorted([encode_record_body(b"K", b'{"a":1}'), encode_record_body(None, b"[1,2]"),
+                                         encode_record_body(b"TOMB", None)])
+
+
+def test_a_serializer_that_returns_no_bytes_or_raises_sends_nothing(standin: StandIn) -> None:
+    with _quick(Producer(standin.path, value_serializer=lambda v: 1 // v)) as p:  # returns int, or raises
+        with pytest.raises(TypeError, match="value serializer returned int, not bytes"):
+            p.send("t", 1)
+        with pytest.raises(ZeroDivisionError):
+            p.send("t", 0)
+        assert standin.take(0) + standin.take(1) == []
 
 
 def test_produce_is_fire_and_forget_and_counts_every_outcome(standin: StandIn, caplog: Any) -> None:
