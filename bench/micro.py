@@ -22,6 +22,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 __all__ = ["main", "measure"]
 
 RECORDS = 20_000
@@ -179,6 +181,38 @@ def client_stages(values: list[bytes], keys: list[bytes], repeat: int) -> dict[s
     out["client send() compiled"] = _best(compiled(core.send, False), repeat)
     out["client send() compiled keyed"] = _best(compiled(core.send, True), repeat)
     out["client produce() compiled"] = _best(compiled(core.produce, False), repeat)
+
+    # Socket ingest in the daemon: Produce frames of 128 records decoded (msgspec), then
+    # send_records() with a future per record (ack=true) or a tally (ack=false).
+    from shm.futures import DeliveryTally
+
+    frame = 128
+    bodies = [control.encode(control.Produce(topic="t", records=[control.Rec(value=v) for v in values[s : s + frame]]))[4:]
+              for s in range(0, len(values), frame)]
+    decode = msgspec.msgpack.Decoder(control.ClientMessage).decode
+    tally = DeliveryTally("t")
+
+    def ingest(entry: Any) -> Callable[[], int]:
+        def run() -> int:
+            per = (capacity // 2) // 160 // frame  # frames that surely fit, then the ring is emptied
+            for start in range(0, len(bodies), per):
+                for body in bodies[start : start + per]:
+                    msg = decode(body)
+                    core.send_records("t", msg.records, 0, entry)
+                s, e = ring2.region()
+                while s != e:
+                    ring2.advance(e - s)
+                    s, e = ring2.region()
+                ring2.free_to(ring2.cursor)
+                for dq in topic.pending:
+                    dq.clear()
+            return len(values)
+
+        return run
+
+    out["ingest decode"] = _best(lambda: sum(len(decode(b).records) for b in bodies), repeat)
+    out["ingest decode + send_records (futures)"] = _best(ingest(None), repeat)
+    out["ingest decode + send_records (tally)"] = _best(ingest(tally), repeat)
     return out
 
 

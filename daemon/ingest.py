@@ -22,8 +22,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
+
 from shm import control
-from shm.errors import BufferFullError, KafkaError, SluiceError
+from shm._client import ack_results, tails
+from shm.errors import BufferFullError, KafkaError
 
 __all__ = ["INGEST_CLIENT_NAME", "Reply", "SocketIngest"]
 
@@ -87,7 +90,8 @@ class SocketIngest:
         if self._producer is None:
             await self._ready.wait()
         producer = self._producer
-        results: list[control.RecordResult | None] = [None] * len(msg.records)
+        # Per record: its future once sent, or (partition, error_code, error_name) if refused.
+        results: list[Any] = [None] * len(msg.records)
         futures: list[tuple[int, list[Any]]] = []  # (index of the first record, their futures)
         info = self._infos.get(msg.topic)
         if info is None:
@@ -96,7 +100,7 @@ class SocketIngest:
             except KafkaError as exc:
                 _fail_all(results, exc.code, exc.name)
                 if msg.ack:
-                    await reply(control.ProduceAck(seq=msg.seq, results=results))
+                    await reply(control.ProduceAck(seq=msg.seq, results=msgspec.Raw(ack_results(results, _describe))))  # type: ignore[arg-type]
                 else:
                     await reply(control.ErrorReply(code=exc.code, name=exc.name, message=str(exc), fatal=False))
                 return
@@ -145,24 +149,26 @@ class SocketIngest:
     async def _ack(reply: Reply, seq: int, results: list[Any], futures: list[tuple[int, list[Any]]]) -> None:
         if futures:
             await _all_done(asyncio.get_running_loop(), futures)
-        for i, fut in ((first + k, f) for first, futs in futures for k, f in enumerate(futs)):
-            try:
-                meta = fut.result(0)
-                results[i] = control.RecordResult(
-                    partition=meta.partition, offset=meta.offset, timestamp=meta.timestamp, error_code=0, error_name="NONE"
-                )
-            except KafkaError as exc:
-                results[i] = control.RecordResult(partition=fut.partition, offset=-1, timestamp=-1, error_code=exc.code, error_name=exc.name)
-            except SluiceError as exc:
-                results[i] = control.RecordResult(partition=fut.partition, offset=-1, timestamp=-1, error_code=control.ERR_SHUTTING_DOWN, error_name=type(exc).__name__)
+        for first, futs in futures:
+            results[first : first + len(futs)] = futs
+        # Compiled: each settled future (or refusal tuple) straight into the ack's msgpack.
+        body = msgspec.Raw(ack_results(results, _describe))
         try:
-            await reply(control.ProduceAck(seq=seq, results=results))
+            await reply(control.ProduceAck(seq=seq, results=body))  # type: ignore[arg-type]
         except OSError:
             pass  # the client went away: nobody is left to tell
 
 
-def _result(partition: int, code: int, name: str) -> control.RecordResult:
-    return control.RecordResult(partition=partition, offset=-1, timestamp=-1, error_code=code, error_name=name)
+def _describe(exc: BaseException) -> tuple[int, str]:
+    """A failed record's error code and name in its RecordResult."""
+    if isinstance(exc, KafkaError):
+        return exc.code, exc.name
+    return control.ERR_SHUTTING_DOWN, type(exc).__name__
+
+
+def _result(partition: int, code: int, name: str) -> tuple[int, int, str]:
+    """A record refused before it reached a ring, as :func:`shm._client.ack_results` takes it."""
+    return (partition, code, name)
 
 
 def _fail_all(results: list[Any], code: int, name: str) -> None:
@@ -182,11 +188,7 @@ def _all_done(loop: asyncio.AbstractEventLoop, runs: list[tuple[int, list[Any]]]
     thread settles each partition's FIFO in order), so its last one is done last.
     """
     done: asyncio.Future[None] = loop.create_future()
-    last: dict[int, Any] = {}
-    for _first, futs in runs:
-        for f in futs:
-            last[f.partition] = f
-    futs = list(last.values())
+    futs = tails(runs[0][1]) if len(runs) == 1 else tails([f for _first, fs in runs for f in fs])
     if not futs:
         done.set_result(None)
         return done

@@ -561,6 +561,8 @@ typedef struct {
     PyObject *stick;       /* stick(topic_state): the sticky partition moves on */
     PyObject *vser;        /* the value serializer, or None */
     PyObject *kser;        /* the key serializer, or None */
+    PyTypeObject *rec_type; /* send_records(): the record type whose slot offsets are known */
+    Py_ssize_t rec_off[5];  /* ...of value, key, partition, headers, timestamp; 0: use getattr */
     int enabled;           /* 0: the producer is closed, or the daemon gone for good */
     long long pending;     /* records sent whose outcome has not come back */
 } SendCore;
@@ -576,6 +578,7 @@ static int SendCore_traverse(SendCore *c, visitproc visit, void *arg) {
     Py_VISIT(c->stick);
     Py_VISIT(c->vser);
     Py_VISIT(c->kser);
+    Py_VISIT(c->rec_type);
     return 0;
 }
 
@@ -590,6 +593,7 @@ static int SendCore_clear(SendCore *c) {
     Py_CLEAR(c->stick);
     Py_CLEAR(c->vser);
     Py_CLEAR(c->kser);
+    Py_CLEAR(c->rec_type);
     return 0;
 }
 
@@ -826,13 +830,16 @@ static TopicBase *topic_state(SendCore *c, PyObject *topic, int fire) {
 }
 
 static PyObject *write_record(SendCore *c, TopicBase *t, PyObject *value, PyObject *key, PyObject *partition,
-                              PyObject *headers, PyObject *timestamp, PyObject *on_delivery, int fire, int no_full,
-                              hdr_t *hdrs);
+                              PyObject *headers, PyObject *timestamp, PyObject *on_delivery, PyObject *entry,
+                              int no_full, hdr_t *hdrs);
 
-/* One record of send()/produce() (fire), arguments as given (borrowed). Returns the future (a
- * new reference; None with fire), NULL with an exception set, or BUSY under no_full. */
+/* One record of send()/produce() (fire), arguments as given (borrowed). `entry`: the pending
+ * FIFO's entry for the record when it gets no future (fire: the topic's tally unless given).
+ * Returns the future (a new reference; None with fire), NULL with an exception set, or BUSY
+ * under no_full. */
 static PyObject *send_one(SendCore *c, PyObject *topic, PyObject *value, PyObject *key, PyObject *partition,
-                          PyObject *headers, PyObject *timestamp, PyObject *on_delivery, int fire, int no_full) {
+                          PyObject *headers, PyObject *timestamp, PyObject *on_delivery, int fire, PyObject *entry,
+                          int no_full) {
     if (!c->enabled) {
         PyObject *r = PyObject_CallNoArgs(c->check_open);
         if (r != NULL) {
@@ -841,9 +848,11 @@ static PyObject *send_one(SendCore *c, PyObject *topic, PyObject *value, PyObjec
         }
         return NULL;
     }
-    TopicBase *t = topic_state(c, topic, fire);
+    TopicBase *t = topic_state(c, topic, fire && entry == NULL);
     if (t == NULL)
         return NULL;
+    if (fire && entry == NULL)
+        entry = t->tally;
     PyObject *v = record_bytes(value, c->vser, "value");
     PyObject *k = v ? record_bytes(key, c->kser, "key") : NULL;
     PyObject *h = k ? header_snapshot(headers) : NULL;
@@ -855,7 +864,7 @@ static PyObject *send_one(SendCore *c, PyObject *topic, PyObject *value, PyObjec
         if (hdrs == NULL)
             PyErr_NoMemory();
         else
-            r = write_record(c, t, v, k, partition, h, timestamp, on_delivery, fire, no_full, hdrs);
+            r = write_record(c, t, v, k, partition, h, timestamp, on_delivery, fire ? entry : NULL, no_full, hdrs);
         if (hdrs != stack)
             PyMem_Free(hdrs);
     }
@@ -866,10 +875,12 @@ static PyObject *send_one(SendCore *c, PyObject *topic, PyObject *value, PyObjec
     return r;
 }
 
-/* write_record: value and key are bytes or None, headers a snapshot; `hdrs` has room for them. */
+/* write_record: value and key are bytes or None, headers a snapshot; `hdrs` has room for them.
+ * entry NULL: a future for the record, returned; else the FIFO entry, and None is returned. */
 static PyObject *write_record(SendCore *c, TopicBase *t, PyObject *value, PyObject *key, PyObject *partition,
-                              PyObject *headers, PyObject *timestamp, PyObject *on_delivery, int fire, int no_full,
-                              hdr_t *hdrs) {
+                              PyObject *headers, PyObject *timestamp, PyObject *on_delivery, PyObject *entry,
+                              int no_full, hdr_t *hdrs) {
+    int fire = entry != NULL;
     const char *val = NULL, *kp = NULL;
     Py_ssize_t vlen = -1, klen = -1;
     if (value != Py_None) {
@@ -946,7 +957,7 @@ static PyObject *write_record(SendCore *c, TopicBase *t, PyObject *value, PyObje
      * the claim and the publish. */
     FutureBase *f;
     if (fire) {
-        f = (FutureBase *)Py_NewRef(t->tally); /* the FIFO entry; not returned */
+        f = (FutureBase *)Py_NewRef(entry); /* the FIFO entry; not returned */
     } else {
         f = (FutureBase *)c->future->tp_alloc(c->future, 0);
         if (f == NULL)
@@ -1065,28 +1076,61 @@ static PyObject *do_send(SendCore *c, PyObject *const *args, Py_ssize_t nargs, P
     }
     if (opt[4] != NULL)
         key = opt[4];
-    PyObject *r = send_one(c, topic, value, key, opt[0], opt[1], opt[2], opt[3], fire, 0);
+    PyObject *r = send_one(c, topic, value, key, opt[0], opt[1], opt[2], opt[3], fire, NULL, 0);
     return r == BUSY ? NULL : r; /* never BUSY without no_full */
 }
 
 static PyObject *s_value, *s_key, *s_partition, *s_headers, *s_timestamp; /* interned at init */
 
 PyDoc_STRVAR(send_records_doc,
-"send_records(topic, records, start, fire) -> (next, futures)\n\n"
-"send() (or produce(), with fire) each of records[start:], objects with the attributes value,\n"
+"send_records(topic, records, start, entry=None) -> (next, futures)\n\n"
+"send() each of records[start:] (with an entry: produce(), with `entry`, a DeliveryTally, as\n"
+"every record's pending entry, so it counts their outcomes), objects with the attributes value,\n"
 "key, partition, headers and timestamp (shm.control.Rec, as socket ingest decodes them), until\n"
 "the end or the first record it cannot write now: a full ring (or another writer's claim in\n"
 "progress), or an error to raise. Nothing of that record is written, and no exception is set:\n"
 "the caller sends it through send(), which raises or waits, and goes on after it. Returns that\n"
-"record's index (len(records) when all went) and the futures of records[start:next] (None\n"
-"each with fire).");
+"record's index (len(records) when all went) and the futures of records[start:next] (none\n"
+"with an entry).");
+
+/* Learn where `tp` keeps the five attributes send_records() reads: a slot (a member descriptor
+ * of an object field, as msgspec's Struct fields are) is read at its offset, without the
+ * attribute machinery. Anything else (a property, a plain class) keeps offset 0: getattr. */
+static void learn_record_type(SendCore *c, PyTypeObject *tp, PyObject *const *names) {
+    Py_XSETREF(c->rec_type, (PyTypeObject *)Py_NewRef(tp));
+    for (int k = 0; k < 5; k++) {
+        c->rec_off[k] = 0;
+        PyObject *d = PyObject_GetAttr((PyObject *)tp, names[k]); /* a slot's descriptor itself */
+        if (d == NULL) {
+            PyErr_Clear();
+            continue;
+        }
+        if (Py_IS_TYPE(d, &PyMemberDescr_Type) && ((PyMemberDescrObject *)d)->d_common.d_type == tp) {
+            PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+            if ((m->type == T_OBJECT_EX || m->type == T_OBJECT) && m->offset > 0)
+                c->rec_off[k] = m->offset;
+        }
+        Py_DECREF(d);
+    }
+}
+
+/* Attribute k of a record (a new reference), from its slot when the offset is known. */
+static inline PyObject *record_attr(SendCore *c, PyObject *rec, int k, PyObject *name) {
+    if (c->rec_off[k] > 0) {
+        PyObject *v = *(PyObject **)((char *)rec + c->rec_off[k]);
+        if (v != NULL)
+            return Py_NewRef(v);
+    }
+    return PyObject_GetAttr(rec, name); /* an unset slot raises AttributeError here */
+}
 
 static PyObject *SendCore_send_records(SendCore *c, PyObject *args) {
     PyObject *topic, *records;
     Py_ssize_t start;
-    int fire;
-    if (!PyArg_ParseTuple(args, "UO!np:send_records", &topic, &PyList_Type, &records, &start, &fire))
+    PyObject *entry = Py_None;
+    if (!PyArg_ParseTuple(args, "UO!n|O:send_records", &topic, &PyList_Type, &records, &start, &entry))
         return NULL;
+    int fire = entry != Py_None;
     Py_ssize_t n = PyList_GET_SIZE(records);
     if (start < 0 || start > n) {
         PyErr_SetString(PyExc_IndexError, "send_records: start outside the records");
@@ -1101,12 +1145,14 @@ static PyObject *SendCore_send_records(SendCore *c, PyObject *args) {
         Py_INCREF(rec); /* the list may change under Python code the GC runs */
         PyObject *a[5] = {NULL, NULL, NULL, NULL, NULL};
         PyObject *names[5] = {s_value, s_key, s_partition, s_headers, s_timestamp};
+        if (Py_TYPE(rec) != c->rec_type)
+            learn_record_type(c, Py_TYPE(rec), names);
         int ok = 1;
         for (int k = 0; k < 5 && ok; k++) {
-            a[k] = PyObject_GetAttr(rec, names[k]);
+            a[k] = record_attr(c, rec, k, names[k]);
             ok = a[k] != NULL;
         }
-        PyObject *r = ok ? send_one(c, topic, a[0], a[1], a[2], a[3], a[4], Py_None, fire, 1) : NULL;
+        PyObject *r = ok ? send_one(c, topic, a[0], a[1], a[2], a[3], a[4], Py_None, fire, fire ? entry : NULL, 1) : NULL;
         for (int k = 0; k < 5; k++)
             Py_XDECREF(a[k]);
         Py_DECREF(rec);
@@ -1122,7 +1168,7 @@ static PyObject *SendCore_send_records(SendCore *c, PyObject *args) {
             PyErr_Clear();
             break;
         }
-        if (PyList_Append(futs, r) < 0) {
+        if (!fire && PyList_Append(futs, r) < 0) {
             Py_DECREF(r);
             Py_DECREF(futs);
             return NULL;
@@ -1342,9 +1388,222 @@ fail:
     return NULL;
 }
 
+/* ------------------------------------------------------------------------------------------
+ * Socket ingest's acknowledgements: the results of a Produce, encoded here, not per record in
+ * Python
+ */
+
+typedef struct {
+    unsigned char *p;
+    size_t len, cap;
+} obuf;
+
+static int ob_room(obuf *b, size_t n) {
+    if (b->len + n <= b->cap)
+        return 0;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < b->len + n)
+        cap *= 2;
+    unsigned char *p = PyMem_Realloc(b->p, cap);
+    if (p == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+static void ob_be(obuf *b, unsigned char tag, uint64_t v, int bytes) {
+    b->p[b->len++] = tag;
+    for (int i = bytes - 1; i >= 0; i--)
+        b->p[b->len++] = (unsigned char)(v >> (8 * i));
+}
+
+/* msgpack integers in their shortest form, as msgspec writes them. */
+static int mp_int(obuf *b, long long v) {
+    if (ob_room(b, 9) < 0)
+        return -1;
+    if (v >= 0) {
+        uint64_t u = (uint64_t)v;
+        if (u < 128)
+            b->p[b->len++] = (unsigned char)u;
+        else if (u <= 0xff)
+            ob_be(b, 0xcc, u, 1);
+        else if (u <= 0xffff)
+            ob_be(b, 0xcd, u, 2);
+        else if (u <= 0xffffffffu)
+            ob_be(b, 0xce, u, 4);
+        else
+            ob_be(b, 0xcf, u, 8);
+    } else if (v >= -32) {
+        b->p[b->len++] = (unsigned char)(int8_t)v;
+    } else if (v >= INT8_MIN) {
+        ob_be(b, 0xd0, (uint64_t)v, 1);
+    } else if (v >= INT16_MIN) {
+        ob_be(b, 0xd1, (uint64_t)v, 2);
+    } else if (v >= INT32_MIN) {
+        ob_be(b, 0xd2, (uint64_t)v, 4);
+    } else {
+        ob_be(b, 0xd3, (uint64_t)v, 8);
+    }
+    return 0;
+}
+
+static int mp_str(obuf *b, const char *s, Py_ssize_t n) {
+    if (ob_room(b, (size_t)n + 5) < 0)
+        return -1;
+    if (n < 32)
+        b->p[b->len++] = (unsigned char)(0xa0 | n);
+    else if (n <= 0xff)
+        ob_be(b, 0xd9, (uint64_t)n, 1);
+    else if (n <= 0xffff)
+        ob_be(b, 0xda, (uint64_t)n, 2);
+    else
+        ob_be(b, 0xdb, (uint64_t)n, 4);
+    memcpy(b->p + b->len, s, (size_t)n);
+    b->len += (size_t)n;
+    return 0;
+}
+
+#define MP_KEY(b, lit) mp_str((b), (lit), (Py_ssize_t)(sizeof(lit) - 1))
+
+/* One RecordResult map, its fields in shm.control.RecordResult's order. */
+static int mp_result(obuf *b, long long partition, long long offset, long long ts, long long code, PyObject *name) {
+    Py_ssize_t nlen;
+    const char *n = PyUnicode_AsUTF8AndSize(name, &nlen);
+    if (n == NULL || ob_room(b, 1) < 0)
+        return -1;
+    b->p[b->len++] = 0x85; /* fixmap of 5 */
+    if (MP_KEY(b, "partition") < 0 || mp_int(b, partition) < 0 || MP_KEY(b, "offset") < 0 || mp_int(b, offset) < 0 ||
+        MP_KEY(b, "timestamp") < 0 || mp_int(b, ts) < 0 || MP_KEY(b, "error_code") < 0 || mp_int(b, code) < 0 ||
+        MP_KEY(b, "error_name") < 0 || mp_str(b, n, nlen) < 0)
+        return -1;
+    return 0;
+}
+
+static PyObject *s_none_name; /* "NONE", interned at init */
+
+/* One slot of ack_results: a settled future, or (partition, error_code, error_name). */
+static int mp_slot(obuf *b, PyObject *s, PyObject *describe) {
+    if (PyObject_TypeCheck(s, &FutureBaseType)) {
+        FutureBase *f = (FutureBase *)s;
+        long long part = PyLong_AsLongLong(f->partition);
+        if (part == -1 && PyErr_Occurred())
+            return -1;
+        if (PyLong_Check(f->outcome)) {
+            long long off = PyLong_AsLongLong(f->outcome), ts = PyLong_AsLongLong(f->timestamp);
+            if ((off == -1 || ts == -1) && PyErr_Occurred())
+                return -1;
+            return mp_result(b, part, off, ts, 0, s_none_name);
+        }
+        if (f->outcome == Py_None) {
+            PyErr_SetString(PyExc_ValueError, "ack_results: a future without its outcome");
+            return -1;
+        }
+        /* A failure (rare): describe(exc) says its code and name. */
+        PyObject *d = PyObject_CallOneArg(describe, f->outcome);
+        if (d == NULL)
+            return -1;
+        long long code = -1;
+        int ok = PyTuple_Check(d) && PyTuple_GET_SIZE(d) == 2 && PyUnicode_Check(PyTuple_GET_ITEM(d, 1));
+        if (ok) {
+            code = PyLong_AsLongLong(PyTuple_GET_ITEM(d, 0));
+            ok = !(code == -1 && PyErr_Occurred());
+        }
+        int r = ok ? mp_result(b, part, -1, -1, code, PyTuple_GET_ITEM(d, 1)) : -1;
+        if (!ok && !PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "ack_results: describe() must return (code, name)");
+        Py_DECREF(d);
+        return r;
+    }
+    if (PyTuple_Check(s) && PyTuple_GET_SIZE(s) == 3 && PyUnicode_Check(PyTuple_GET_ITEM(s, 2))) {
+        long long part = PyLong_AsLongLong(PyTuple_GET_ITEM(s, 0)), code = PyLong_AsLongLong(PyTuple_GET_ITEM(s, 1));
+        if ((part == -1 || code == -1) && PyErr_Occurred())
+            return -1;
+        return mp_result(b, part, -1, -1, code, PyTuple_GET_ITEM(s, 2));
+    }
+    PyErr_SetString(PyExc_TypeError, "ack_results: a slot must be a future or (partition, error_code, error_name)");
+    return -1;
+}
+
+PyDoc_STRVAR(ack_results_doc,
+"ack_results(slots, describe) -> bytes\n\n"
+"The msgpack array of a ProduceAck's results (shm.control.RecordResult maps, encoded as msgspec\n"
+"encodes them), one per slot: a settled DeliveryFuture (success: its partition, offset and\n"
+"timestamp; failure: describe(exception) -> (error_code, error_name)), or a tuple (partition,\n"
+"error_code, error_name) for a record refused before it reached a ring. Wrap the bytes in\n"
+"msgspec.Raw as ProduceAck.results.");
+
+static PyObject *ack_results(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *slots, *describe;
+    if (!PyArg_ParseTuple(args, "O!O:ack_results", &PyList_Type, &slots, &describe))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(slots);
+    obuf b = {NULL, 0, 0};
+    if (ob_room(&b, 5 + (size_t)n * 72) < 0)
+        return NULL;
+    if (n < 16)
+        b.p[b.len++] = (unsigned char)(0x90 | n);
+    else if (n <= 0xffff)
+        ob_be(&b, 0xdc, (uint64_t)n, 2);
+    else
+        ob_be(&b, 0xdd, (uint64_t)n, 4);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *s = PyList_GET_ITEM(slots, i);
+        Py_INCREF(s); /* describe() is Python: the list may change under it */
+        int r = mp_slot(&b, s, describe);
+        Py_DECREF(s);
+        if (r < 0 || PyList_GET_SIZE(slots) != n) {
+            if (r == 0)
+                PyErr_SetString(PyExc_RuntimeError, "ack_results: the slots changed while they were encoded");
+            PyMem_Free(b.p);
+            return NULL;
+        }
+    }
+    PyObject *out = PyBytes_FromStringAndSize((const char *)b.p, (Py_ssize_t)b.len);
+    PyMem_Free(b.p);
+    return out;
+}
+
+PyDoc_STRVAR(tails_doc,
+"tails(futures) -> list\n\n"
+"The last DeliveryFuture of each partition among `futures` (in order of first appearance). A\n"
+"partition's futures are settled in the order they were sent, so its last is settled last:\n"
+"watching these is watching them all.");
+
+static PyObject *tails(PyObject *self, PyObject *arg) {
+    (void)self;
+    if (!PyList_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "tails(list of futures)");
+        return NULL;
+    }
+    PyObject *last = PyDict_New(); /* partition -> future; dicts keep insertion order */
+    if (last == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(arg); i++) {
+        PyObject *f = PyList_GET_ITEM(arg, i);
+        if (!PyObject_TypeCheck(f, &FutureBaseType)) {
+            PyErr_SetString(PyExc_TypeError, "tails(list of futures)");
+            Py_DECREF(last);
+            return NULL;
+        }
+        if (PyDict_SetItem(last, ((FutureBase *)f)->partition, f) < 0) {
+            Py_DECREF(last);
+            return NULL;
+        }
+    }
+    PyObject *out = PyDict_Values(last);
+    Py_DECREF(last);
+    return out;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 
 static PyMethodDef methods[] = {
+    {"ack_results", ack_results, METH_VARARGS, ack_results_doc},
+    {"tails", tails, METH_O, tails_doc},
     {"murmur2", py_murmur2, METH_O, murmur2_doc},
     {"partitions", py_partitions, METH_VARARGS, partitions_doc},
     {"settle", (PyCFunction)(void (*)(void))settle, METH_FASTCALL, settle_doc},
@@ -1367,7 +1626,8 @@ PyMODINIT_FUNC PyInit__client(void) {
     s_partition = PyUnicode_InternFromString("partition");
     s_headers = PyUnicode_InternFromString("headers");
     s_timestamp = PyUnicode_InternFromString("timestamp");
-    if (!s_value || !s_key || !s_partition || !s_headers || !s_timestamp)
+    s_none_name = PyUnicode_InternFromString("NONE");
+    if (!s_none_name || !s_value || !s_key || !s_partition || !s_headers || !s_timestamp)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

@@ -58,7 +58,7 @@ from shm.completions import CompletionReader
 from shm.connection import DEFAULT_SOCKET, ProducerConnection
 from shm.errors import KafkaError, ProducerClosedError
 from shm.frames import encode_headers
-from shm.futures import DeliveryFuture, DeliveryGroup, RecordMetadata
+from shm.futures import DeliveryFuture, DeliveryGroup, DeliveryTally, RecordMetadata
 from shm.segment import Segment
 from shm.serializers import Serializer, bytes_list, serializer
 from shm.session import Session
@@ -273,10 +273,14 @@ class Producer:
         """
         self._core.produce(topic, value, key, partition=partition, headers=headers, timestamp=timestamp)
 
-    def send_records(self, topic: str, records: list[Any], start: int = 0) -> tuple[int, list[DeliveryFuture]]:
+    def send_records(
+        self, topic: str, records: list[Any], start: int = 0, tally: DeliveryTally | None = None
+    ) -> tuple[int, list[DeliveryFuture]]:
         """:meth:`send` each of ``records[start:]`` (objects with the attributes ``value``,
         ``key``, ``partition``, ``headers`` and ``timestamp``, such as the socket protocol's
-        decoded :class:`shm.control.Rec`) in one compiled call, for socket ingest.
+        decoded :class:`shm.control.Rec`) in one compiled call, for socket ingest. With a
+        ``tally``, :meth:`produce` them instead: no futures, and the tally counts their
+        outcomes (socket ingest's Produce without ack, one tally per connection and topic).
 
         It stops at the end, or at the first record it cannot write now (a full ring, or an
         error to raise): nothing of that record is written, and the caller sends it with
@@ -284,12 +288,11 @@ class Producer:
 
         Returns:
             ``(next, futures)``: the index of the record it stopped at (``len(records)`` when
-            all went), and the futures of ``records[start:next]``, in order.
+            all went), and the futures of ``records[start:next]``, in order (none with a tally).
         """
-        topic_state = self._topics.get(topic)
-        if topic_state is None or not self._core.enabled:
+        if topic not in self._topics or not self._core.enabled:
             return start, []
-        return self._core.send_records(topic, records, start, False)
+        return self._core.send_records(topic, records, start, tally)
 
     @property
     def delivery_errors(self) -> dict[str, dict[str, int]]:

@@ -8,7 +8,6 @@ scripted, so the replies SocketIngest builds from them are checked exactly.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -18,20 +17,15 @@ import pytest
 from daemon.ingest import SocketIngest
 from daemon.protocol.errors import MESSAGE_TOO_LARGE, UNKNOWN_TOPIC_OR_PARTITION
 from shm import control
-from shm import RecordMetadata
 from shm.errors import BufferFullError, KafkaError, SluiceError
+from shm.futures import DeliveryFuture
 
 
 class ProducerClosedError(SluiceError):
     """What the producer's futures fail with when it closes before their outcome."""
 
 
-class Outcome(concurrent.futures.Future):  # type: ignore[type-arg]
-    """A DeliveryFuture's surface: add_done_callback, result(timeout), partition."""
-
-    def __init__(self, partition: int) -> None:
-        super().__init__()
-        self.partition = partition
+Outcome = DeliveryFuture  # the real future: the ack is encoded from its slots in compiled code
 
 
 class Producer:
@@ -59,7 +53,7 @@ class Producer:
             raise BufferFullError("ring full")
         if value in self.refuse:
             raise self.refuse[value]
-        fut = Outcome(kw["partition"] if kw["partition"] is not None else len(self.sent) % 4)
+        fut = Outcome(topic, kw["partition"] if kw["partition"] is not None else len(self.sent) % 4, 1_000 + len(self.sent))
         self.sent.append(fut)
         return fut
 
@@ -87,7 +81,7 @@ class Producer:
 
 
 def _delivered(i: int, fut: Outcome) -> None:
-    fut.set_result(RecordMetadata("t", fut.partition, 100 + i, 1_000 + i))
+    fut.resolve(100 + i)
 
 
 class Client:
@@ -98,7 +92,9 @@ class Client:
         self.pending: set[asyncio.Future[Any]] = set()
 
     async def reply(self, msg: Any) -> None:
-        self.replies.append(msg)
+        """As the wire has it: encoded, then decoded as a client does."""
+        (got,) = control.FrameReader(control.DaemonMessage).feed(control.encode(msg))
+        self.replies.append(got)
 
 
 def _recs(*values: bytes, partition: int | None = None) -> list[control.Rec]:
@@ -138,7 +134,7 @@ def test_failed_and_closed_outcomes_are_reported_per_record() -> None:
         await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"b", partition=3), ack=True, seq=1), c.reply, c.pending)
 
         def outcomes(i: int, fut: Outcome) -> None:
-            fut.set_exception(KafkaError.for_code(MESSAGE_TOO_LARGE) if i == 0 else ProducerClosedError("closed"))
+            fut.resolve(KafkaError.for_code(MESSAGE_TOO_LARGE) if i == 0 else ProducerClosedError("closed"))
 
         p.complete(outcomes)
         await asyncio.wait_for(asyncio.gather(*c.pending), 5)
@@ -214,10 +210,10 @@ def test_unacknowledged_produce_is_pending_until_its_outcomes() -> None:
         (waiter,) = c.pending
         await asyncio.sleep(0.01)
         assert not waiter.done()
-        p.sent[0].set_result(RecordMetadata("t", 0, 1, 1))
+        p.sent[0].resolve(1)
         await asyncio.sleep(0.01)
         assert not waiter.done()  # one record still out
-        p.complete(lambda i, f: f.done() or _delivered(i, f))
+        p.complete(lambda i, f: f.done() or _delivered(i, f))  # type: ignore[func-returns-value]
         await asyncio.wait_for(waiter, 5)
         assert c.replies == [] and not c.pending
 

@@ -29,6 +29,7 @@ from shm.errors import BufferFullError, MessageTooLargeError, UnknownTopicOrPart
 from shm.frames import encode_record_body
 from shm.layout import FRAME_CHUNK_DONE
 from shm.partitioner import owner, partition_for_key
+from shm.futures import DeliveryFuture, DeliveryTally
 from shm.producer import Producer, ProducerClosedError, RecordMetadata
 from shm.segment import Segment, recv_fds
 
@@ -512,7 +513,7 @@ def test_produce_is_fire_and_forget_and_counts_every_outcome(standin: StandIn, c
                    for r in caplog.records) == 1  # the first failure of a kind is logged once
 
 
-def test_produce_through_the_python_path_counts_too(standin: StandIn) -> None:
+def test_produce_with_a_serializer_counts_too(standin: StandIn) -> None:
     with _quick(Producer(standin.path, value_serializer="json")) as p:
         p.produce("t", {"a": 1}, partition=0)
         assert [json.loads(body[2:-1]) for *_, body in standin.take(0) + standin.take(1)] == [{"a": 1}]
@@ -555,3 +556,82 @@ def test_send_records_takes_the_records_the_compiled_path_can_and_stops_before_t
             encode_record_body(r.key, r.value, r.headers) for r in (recs[0], recs[1], recs[3])
         )
         assert p.pending == 3
+
+
+def test_send_records_with_a_tally_makes_no_futures_and_counts_every_outcome(standin: StandIn) -> None:
+    recs = [control.Rec(value=b"v%d" % i, partition=i % 2) for i in range(6)]
+    recs.insert(3, control.Rec(value=b"x" * 5000, partition=0))  # too large: stops the call
+    tally = DeliveryTally("t")
+    with _quick(Producer(standin.path)) as p:
+        p.lookup("t")
+        assert p.send_records("t", recs, 0, tally) == (3, [])
+        assert p.send_records("t", recs, 4, tally) == (7, [])
+        assert p.pending == 6 and tally.delivered == tally.failed == 0
+        assert sorted(body for *_, body in standin.take(0) + standin.take(1)) == sorted(
+            encode_record_body(None, r.value) for r in recs if len(r.value) < 100)
+        standin.complete(owner("t", 0, WORKERS), 0, 0, 100, 3)
+        standin.complete(owner("t", 1, WORKERS), 0, 1, -1, 3, err=10)
+        assert p.flush(5) == 0
+        assert (tally.delivered, tally.failed, tally.errors) == (3, 3, {"MessageTooLargeError": 3})
+        assert p.delivered == {}  # the topic's own produce() tally saw none of them
+
+
+def test_ack_results_encode_as_msgspec_encodes_record_results() -> None:
+    from shm._client import ack_results, tails
+
+    def settled(partition: int, outcome: Any, ts: int = 1700000000000) -> DeliveryFuture:
+        f = DeliveryFuture("t", partition, ts)
+        f.resolve(outcome)
+        return f
+
+    err = MessageTooLargeError("big")
+    slots: list[Any] = [settled(0, 0), settled(1, 127), settled(2, 128), settled(3, 70000), settled(4, 2**40),
+                        settled(5, -1, -1), settled(6, err), (7, 3, "UNKNOWN_TOPIC_OR_PARTITION"),
+                        settled(2**31 - 1, 5, 2**63 - 1)]
+    slots += [settled(i % 3, i) for i in range(40)]  # an array of 16 or more
+
+    def describe(exc: BaseException) -> tuple[int, str]:
+        return exc.code, exc.name  # type: ignore[attr-defined]
+
+    got = ack_results(slots, describe)
+    want = []
+    for s in slots:
+        if isinstance(s, tuple):
+            want.append(control.RecordResult(partition=s[0], offset=-1, timestamp=-1, error_code=s[1], error_name=s[2]))
+        elif s.exception(0) is not None:
+            want.append(control.RecordResult(partition=s.partition, offset=-1, timestamp=-1, error_code=10,
+                                             error_name="MESSAGE_TOO_LARGE"))
+        else:
+            meta = s.result(0)
+            want.append(control.RecordResult(partition=meta.partition, offset=meta.offset, timestamp=meta.timestamp,
+                                             error_code=0, error_name="NONE"))
+    assert got == msgspec.msgpack.encode(want)
+    ack = control.encode(control.ProduceAck(seq=9, results=msgspec.Raw(got)))  # type: ignore[arg-type]
+    assert ack == control.encode(control.ProduceAck(seq=9, results=want))
+    assert tails(slots[9:]) == [slots[-1], slots[-3], slots[-2]]  # the last of partitions 0, 1 and 2
+    with pytest.raises(ValueError, match="without its outcome"):
+        ack_results([DeliveryFuture("t", 0, 1)], describe)
+    with pytest.raises(TypeError):
+        ack_results([object()], describe)
+
+
+def test_send_records_reads_any_record_type(standin: StandIn) -> None:
+    class Plain:  # attributes in a __dict__, one of them a property: read with getattr
+        def __init__(self, value: bytes) -> None:
+            self.value, self.key, self.partition, self.headers = value, None, 0, None
+
+        @property
+        def timestamp(self) -> int:
+            return 77
+
+    class Sub(control.Rec):  # slots inherited from Rec
+        pass
+
+    with _quick(Producer(standin.path)) as p:
+        p.lookup("t")
+        nxt, futs = p.send_records("t", [control.Rec(value=b"a", partition=0), Plain(b"b"), Sub(value=b"c", partition=0)])
+        assert nxt == 3 and [f.timestamp for f in futs][1] == 77
+        nxt, _ = p.send_records("t", [control.Rec(value=b"d", partition=0)])
+        assert nxt == 1
+        bodies = [body for *_, body in standin.take(owner("t", 0, WORKERS))]
+        assert bodies == [encode_record_body(None, v) for v in (b"a", b"b", b"c", b"d")]
