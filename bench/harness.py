@@ -30,7 +30,7 @@ from typing import Any
 
 from bench import scenarios as sc
 from bench.client import ClientResult, ClientSpec, client_entry
-from bench.measure import RssSampler, host_info, percentiles, versions
+from bench.measure import RssSampler, broker_cpu_seconds, host_info, machine_busy_seconds, percentiles, versions
 from bench.progress import Progress
 
 __all__ = ["main", "parse_args", "RUNNERS", "PEERS", "SLUICE_RUNNERS", "evaluate_targets"]
@@ -256,6 +256,8 @@ def _run_python_clients(case: Case, specs: list[ClientSpec], daemon: Any, progre
         if daemon is not None:
             extra["stats_before"] = _stats(daemon)
             extra["daemon_cpu_before"] = daemon.cpu_seconds()
+        extra["broker_cpu_before"] = broker_cpu_seconds(specs[0].bootstrap)
+        extra["machine_busy_before"] = machine_busy_seconds()
         sending_since = time.monotonic()
         start.set()
         deadline = sending_since + timeout
@@ -265,6 +267,8 @@ def _run_python_clients(case: Case, specs: list[ClientSpec], daemon: Any, progre
             receive(0.2)
             progress.update(sum(counters), sending_since)
         progress.update(sum(counters), sending_since)
+        extra["machine_busy_after"] = machine_busy_seconds()
+        extra["broker_cpu_after"] = broker_cpu_seconds(specs[0].bootstrap)
         if daemon is not None:
             extra["daemon_cpu_after"] = daemon.cpu_seconds()
             # Workers report their counters to the supervisor about once a second.
@@ -419,6 +423,13 @@ def _summarise(out: dict[str, Any], results: list[ClientResult], extra: dict[str
     if daemon is not None and "daemon_cpu_after" in extra:
         daemon_cpu = extra["daemon_cpu_after"] - extra["daemon_cpu_before"]
     cpu = client_cpu + (daemon_cpu or 0.0)
+    # What bounds a CPU-bound case on a small host: the broker's share of the same cores, and
+    # how many of them were busy at all (for every process, over the whole sending time).
+    broker_cpu = busy = None
+    if extra.get("broker_cpu_before") is not None and extra.get("broker_cpu_after") is not None:
+        broker_cpu = extra["broker_cpu_after"] - extra["broker_cpu_before"]
+    if "machine_busy_after" in extra:
+        busy = (extra["machine_busy_after"] - extra["machine_busy_before"]) / elapsed
     out.update(
         records_sent=sent,
         payload_bytes=payload,
@@ -426,8 +437,11 @@ def _summarise(out: dict[str, Any], results: list[ClientResult], extra: dict[str
         records_per_s=round(sent / elapsed, 1),
         mb_per_s=round(payload / elapsed / 1e6, 3),
         cpu_s={"total": round(cpu, 3), "clients": round(client_cpu, 3),
-               "daemon": None if daemon_cpu is None else round(daemon_cpu, 3)},
+               "daemon": None if daemon_cpu is None else round(daemon_cpu, 3),
+               "broker": None if broker_cpu is None else round(broker_cpu, 3)},
         cpu_s_per_million=round(cpu / sent * 1e6, 3) if sent else None,
+        broker_cpu_s_per_million=round(broker_cpu / sent * 1e6, 3) if sent and broker_cpu is not None else None,
+        machine_busy_cores=None if busy is None else round(busy, 2),
         peak_rss_mb=round(sampler.peak_bytes / 2**20, 1),
         rss_samples=sampler.samples,
         errors=sum(r.errors for r in results),
@@ -480,7 +494,8 @@ def _one_line(r: dict[str, Any]) -> str:
         return f"{r['status'].upper()}: {r['reason'].strip().splitlines()[-1] if r['reason'] else ''}"
     lat = r.get("latency_ms") or {}
     return (f"{r['status']}: {_fmt(r.get('records_per_s'))} rec/s, {_fmt(r.get('mb_per_s'), '.1f')} MB/s, "
-            f"{_fmt(r.get('cpu_s_per_million'), '.2f')} CPU s/M, p99 {_fmt(lat.get('p99'), '.1f')} ms"
+            f"{_fmt(r.get('cpu_s_per_million'), '.2f')} CPU s/M (broker {_fmt(r.get('broker_cpu_s_per_million'), '.2f')}), "
+            f"{_fmt(r.get('machine_busy_cores'), '.2f')} cores busy, p99 {_fmt(lat.get('p99'), '.1f')} ms"
             + (f" ({r['reason']})" if r["reason"] else ""))
 
 
@@ -597,7 +612,8 @@ def main(argv: list[str] | None = None) -> int:
             "timing": "first send to last ack (flush returned), monotonic clock; several clients: earliest start to latest end",
             "cpu": "user+system CPU seconds of every producer-side process over the timed section: the client"
                    " processes (their own measurement) plus, for Sluice, the daemon and its workers (psutil before/after);"
-                   " Java: the whole JVM (wait4), start-up included",
+                   " Java: the whole JVM (wait4), start-up included; the broker's CPU (psutil, the processes"
+                   " listening on the bootstrap ports) and the host's busy cores are reported beside it, not in it",
             "rss": "psutil rss summed over the case's processes, sampled every 0.1 s, peak; shared pages count once per process",
             "validation": "the case's fresh topic read back with confluent-kafka and counted; a mismatch or a"
                           " client-side error makes the result invalid",

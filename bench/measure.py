@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-__all__ = ["RssSampler", "percentiles", "host_info", "versions"]
+__all__ = ["RssSampler", "percentiles", "host_info", "versions", "broker_cpu_seconds", "machine_busy_seconds"]
 
 
 class RssSampler:
@@ -157,3 +157,32 @@ def versions(root: Path) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         out["sluice_git"] = None
     return out
+
+
+def broker_cpu_seconds(bootstrap: str) -> float | None:
+    """User+system CPU seconds so far of the broker processes listening on ``bootstrap``'s
+    127.0.0.1 ports (None when none is found: a remote broker, or no permission)."""
+    ports = {int(hp.rsplit(":", 1)[1]) for hp in bootstrap.split(",") if ":" in hp}
+    total, found = 0.0, False
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.AccessDenied, OSError):
+        return None
+    pids = {c.pid for c in conns if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port in ports and c.pid}
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+        found = True
+    return total if found else None
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the host spent busy so far (all processes: the broker, the
+    daemon, the clients, anything else)."""
+    t = psutil.cpu_times()
+    # Linux counts guest time inside user (and guest_nice inside nice) already.
+    not_busy = t.idle + getattr(t, "iowait", 0.0) + getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)
+    return sum(t) - not_busy
