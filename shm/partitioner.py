@@ -14,7 +14,7 @@ worker owns a partition.
 
 Speed: :func:`murmur2` is ``shm._client.murmur2`` (C), the function the compiled ``send()``
 uses, with no cache in front (a call costs about what a dict hit would). :func:`partition_for_key`
-serves the Python ``send()`` (serializers, hand-overs from the compiled one);
+is the same hash for Python callers (``send_many``'s single-key case, the tests);
 :func:`partitions_for_keys` (``shm._client.partitions``) hashes a list of keys in one call
 (``send_many``): 6 ns a key, against 16 for the numpy pass it replaced and 65 for a loop over
 the C function (4,096 16-byte keys; the tests check it against Kafka's vectors).
