@@ -100,7 +100,7 @@ class SocketIngest:
             except KafkaError as exc:
                 _fail_all(results, exc.code, exc.name)
                 if msg.ack:
-                    await reply(control.ProduceAck(seq=msg.seq, results=msgspec.Raw(ack_results(results, _describe))))  # type: ignore[arg-type]
+                    await reply(control.ProduceAck(seq=msg.seq, results=msgspec.Raw(ack_results(results, _describe)[0])))  # type: ignore[arg-type]
                 else:
                     await reply(control.ErrorReply(code=exc.code, name=exc.name, message=str(exc), fatal=False))
                 return
@@ -152,7 +152,7 @@ class SocketIngest:
         for first, futs in futures:
             results[first : first + len(futs)] = futs
         # Compiled: each settled future (or refusal tuple) straight into the ack's msgpack.
-        body = msgspec.Raw(ack_results(results, _describe))
+        body = msgspec.Raw(ack_results(results, _describe)[0])
         try:
             await reply(control.ProduceAck(seq=seq, results=body))  # type: ignore[arg-type]
         except OSError:

@@ -1484,7 +1484,8 @@ static int mp_result(obuf *b, long long partition, long long offset, long long t
 
 static PyObject *s_none_name; /* "NONE", interned at init */
 
-/* One slot of ack_results: a settled future, or (partition, error_code, error_name). */
+/* One slot of ack_results: a settled future, or (partition, error_code, error_name). Returns 0
+ * for a success, 1 for a failure, -1 with an exception. */
 static int mp_slot(obuf *b, PyObject *s, PyObject *describe) {
     if (PyObject_TypeCheck(s, &FutureBaseType)) {
         FutureBase *f = (FutureBase *)s;
@@ -1497,11 +1498,8 @@ static int mp_slot(obuf *b, PyObject *s, PyObject *describe) {
                 return -1;
             return mp_result(b, part, off, ts, 0, s_none_name);
         }
-        if (f->outcome == Py_None) {
-            PyErr_SetString(PyExc_ValueError, "ack_results: a future without its outcome");
-            return -1;
-        }
-        /* A failure (rare): describe(exc) says its code and name. */
+        /* A failure (rare), or no outcome yet (a deadline came first): describe(exc or None)
+         * says its code and name. */
         PyObject *d = PyObject_CallOneArg(describe, f->outcome);
         if (d == NULL)
             return -1;
@@ -1515,25 +1513,25 @@ static int mp_slot(obuf *b, PyObject *s, PyObject *describe) {
         if (!ok && !PyErr_Occurred())
             PyErr_SetString(PyExc_TypeError, "ack_results: describe() must return (code, name)");
         Py_DECREF(d);
-        return r;
+        return r < 0 ? -1 : 1;
     }
     if (PyTuple_Check(s) && PyTuple_GET_SIZE(s) == 3 && PyUnicode_Check(PyTuple_GET_ITEM(s, 2))) {
         long long part = PyLong_AsLongLong(PyTuple_GET_ITEM(s, 0)), code = PyLong_AsLongLong(PyTuple_GET_ITEM(s, 1));
         if ((part == -1 || code == -1) && PyErr_Occurred())
             return -1;
-        return mp_result(b, part, -1, -1, code, PyTuple_GET_ITEM(s, 2));
+        return mp_result(b, part, -1, -1, code, PyTuple_GET_ITEM(s, 2)) < 0 ? -1 : 1;
     }
     PyErr_SetString(PyExc_TypeError, "ack_results: a slot must be a future or (partition, error_code, error_name)");
     return -1;
 }
 
 PyDoc_STRVAR(ack_results_doc,
-"ack_results(slots, describe) -> bytes\n\n"
+"ack_results(slots, describe) -> (bytes, failed)\n\n"
 "The msgpack array of a ProduceAck's results (shm.control.RecordResult maps, encoded as msgspec\n"
-"encodes them), one per slot: a settled DeliveryFuture (success: its partition, offset and\n"
-"timestamp; failure: describe(exception) -> (error_code, error_name)), or a tuple (partition,\n"
-"error_code, error_name) for a record refused before it reached a ring. Wrap the bytes in\n"
-"msgspec.Raw as ProduceAck.results.");
+"encodes them), one per slot: a DeliveryFuture (success: its partition, offset and timestamp;\n"
+"failure: describe(exception) -> (error_code, error_name); no outcome yet: describe(None)), or\n"
+"a tuple (partition, error_code, error_name) for a record refused before it reached a ring;\n"
+"and how many of them failed. Wrap the bytes in msgspec.Raw as ProduceAck.results.");
 
 static PyObject *ack_results(PyObject *self, PyObject *args) {
     (void)self;
@@ -1550,19 +1548,21 @@ static PyObject *ack_results(PyObject *self, PyObject *args) {
         ob_be(&b, 0xdc, (uint64_t)n, 2);
     else
         ob_be(&b, 0xdd, (uint64_t)n, 4);
+    Py_ssize_t failed = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *s = PyList_GET_ITEM(slots, i);
         Py_INCREF(s); /* describe() is Python: the list may change under it */
         int r = mp_slot(&b, s, describe);
         Py_DECREF(s);
         if (r < 0 || PyList_GET_SIZE(slots) != n) {
-            if (r == 0)
+            if (r >= 0)
                 PyErr_SetString(PyExc_RuntimeError, "ack_results: the slots changed while they were encoded");
             PyMem_Free(b.p);
             return NULL;
         }
+        failed += r;
     }
-    PyObject *out = PyBytes_FromStringAndSize((const char *)b.p, (Py_ssize_t)b.len);
+    PyObject *out = Py_BuildValue("y#n", (const char *)b.p, (Py_ssize_t)b.len, failed);
     PyMem_Free(b.p);
     return out;
 }

@@ -334,9 +334,12 @@ class PendingRun:
 
 
 class DeliveryTally:
-    """The pending-FIFO entry of every ``produce()`` record of one topic (fire and forget):
-    no future per record, but every outcome is counted here, and the first failure of each
-    Kafka error is logged. Shared by the topic's records: the FIFO holds it once per record.
+    """The pending-FIFO entry of records sent without a future: every outcome is counted here.
+
+    Two uses. The topic's tally of ``produce()`` (fire and forget): shared by the topic's
+    records, it logs the first failure of each kind. A batch's tally (``watch=True``, socket
+    ingest's Produce without ack): :meth:`expect` says how many records were sent with it, and
+    ``on_done(tally)`` runs (on the completion thread) once that many have their outcome.
 
     Attributes:
         delivered: records Kafka accepted.
@@ -345,26 +348,46 @@ class DeliveryTally:
         errors: failure name (the exception's class name) -> records.
     """
 
-    __slots__ = ("topic", "delivered", "failed", "errors")
+    __slots__ = ("topic", "delivered", "failed", "errors", "expected", "on_done", "_log", "_lock")
 
-    def __init__(self, topic: str) -> None:
+    def __init__(self, topic: str, *, on_done: Callable[[DeliveryTally], None] | None = None) -> None:
         self.topic = topic
         self.delivered = 0
         self.failed = 0
         self.errors: dict[str, int] = {}
+        self.expected = -1  # -1: not watched (or not known yet)
+        self.on_done = on_done
+        self._log = on_done is None
+        self._lock = None if on_done is None else threading.Lock()
 
     def settle(self, count: int, exc: BaseException | None) -> None:
         """``count`` records have their outcome: delivered when ``exc`` is None."""
         if exc is None:
             self.delivered += count
-            return
-        self.failed += count
-        name = type(exc).__name__
-        seen = self.errors.get(name, 0)
-        self.errors[name] = seen + count
-        if not seen:
-            log.warning("sluice: produce() to %r: %d record(s) failed with %s: %s (the first of its kind; all "
-                        "are counted in Producer.delivery_errors)", self.topic, count, name, exc)
+        else:
+            self.failed += count
+            name = type(exc).__name__
+            seen = self.errors.get(name, 0)
+            self.errors[name] = seen + count
+            if not seen and self._log:
+                log.warning("sluice: produce() to %r: %d record(s) failed with %s: %s (the first of its kind; all "
+                            "are counted in Producer.delivery_errors)", self.topic, count, name, exc)
+        if self.on_done is not None and 0 <= self.expected <= self.delivered + self.failed:
+            self._done()
+
+    def expect(self, records: int) -> None:
+        """``records`` were sent with this tally, all of them now: ``on_done`` runs once they
+        all have their outcome (at once if they have already)."""
+        self.expected = records
+        if self.on_done is not None and records <= self.delivered + self.failed:
+            self._done()
+
+    def _done(self) -> None:
+        # The completion thread and expect() may both see the count reached: one runs it.
+        with self._lock:  # type: ignore[union-attr]
+            done, self.on_done = self.on_done, None
+        if done is not None:
+            done(self)
 
     def resolve(self, exc: BaseException) -> None:
         """One record failed before it entered the ring (the DeliveryFuture protocol)."""

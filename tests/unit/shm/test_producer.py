@@ -590,10 +590,11 @@ def test_ack_results_encode_as_msgspec_encodes_record_results() -> None:
                         settled(2**31 - 1, 5, 2**63 - 1)]
     slots += [settled(i % 3, i) for i in range(40)]  # an array of 16 or more
 
-    def describe(exc: BaseException) -> tuple[int, str]:
-        return exc.code, exc.name  # type: ignore[attr-defined]
+    def describe(exc: BaseException | None) -> tuple[int, str]:
+        return (1010, "OUTCOME_UNKNOWN") if exc is None else (exc.code, exc.name)  # type: ignore[attr-defined]
 
-    got = ack_results(slots, describe)
+    got, failed = ack_results(slots, describe)
+    assert failed == 2
     want = []
     for s in slots:
         if isinstance(s, tuple):
@@ -609,8 +610,9 @@ def test_ack_results_encode_as_msgspec_encodes_record_results() -> None:
     ack = control.encode(control.ProduceAck(seq=9, results=msgspec.Raw(got)))  # type: ignore[arg-type]
     assert ack == control.encode(control.ProduceAck(seq=9, results=want))
     assert tails(slots[9:]) == [slots[-1], slots[-3], slots[-2]]  # the last of partitions 0, 1 and 2
-    with pytest.raises(ValueError, match="without its outcome"):
-        ack_results([DeliveryFuture("t", 0, 1)], describe)
+    pending, failed = ack_results([DeliveryFuture("t", 3, 1)], describe)  # no outcome yet
+    assert failed == 1 and msgspec.msgpack.decode(pending) == [
+        {"partition": 3, "offset": -1, "timestamp": -1, "error_code": 1010, "error_name": "OUTCOME_UNKNOWN"}]
     with pytest.raises(TypeError):
         ack_results([object()], describe)
 
@@ -635,3 +637,19 @@ def test_send_records_reads_any_record_type(standin: StandIn) -> None:
         assert nxt == 1
         bodies = [body for *_, body in standin.take(owner("t", 0, WORKERS))]
         assert bodies == [encode_record_body(None, v) for v in (b"a", b"b", b"c", b"d")]
+
+
+def test_a_watched_tally_calls_back_once_every_record_it_was_expecting_has_its_outcome() -> None:
+    seen: list[DeliveryTally] = []
+    early = DeliveryTally("t", on_done=seen.append)
+    early.settle(2, None)  # outcomes before the count is known: not done yet
+    assert seen == []
+    early.expect(3)
+    early.settle(1, MessageTooLargeError("big"))
+    assert seen == [early] and (early.delivered, early.failed) == (2, 1)
+    early.settle(1, None)  # more than expected never calls back twice
+    late = DeliveryTally("t", on_done=seen.append)
+    late.settle(4, None)
+    late.expect(4)  # every outcome came before expect(): at once
+    assert seen == [early, late]
+    assert DeliveryTally("t", on_done=seen.append).expect(0) is None and len(seen) == 3
