@@ -259,6 +259,7 @@ def _run_python_clients(case: Case, specs: list[ClientSpec], daemon: Any, progre
         extra["broker_cpu_before"] = broker_cpu_seconds(specs[0].bootstrap)
         extra["machine_busy_before"] = machine_busy_seconds()
         sending_since = time.monotonic()
+        extra["machine_wall_before"] = sending_since
         start.set()
         deadline = sending_since + timeout
         while pending:
@@ -268,6 +269,7 @@ def _run_python_clients(case: Case, specs: list[ClientSpec], daemon: Any, progre
             progress.update(sum(counters), sending_since)
         progress.update(sum(counters), sending_since)
         extra["machine_busy_after"] = machine_busy_seconds()
+        extra["machine_wall_after"] = time.monotonic()
         extra["broker_cpu_after"] = broker_cpu_seconds(specs[0].bootstrap)
         if daemon is not None:
             extra["daemon_cpu_after"] = daemon.cpu_seconds()
@@ -429,7 +431,8 @@ def _summarise(out: dict[str, Any], results: list[ClientResult], extra: dict[str
     if extra.get("broker_cpu_before") is not None and extra.get("broker_cpu_after") is not None:
         broker_cpu = extra["broker_cpu_after"] - extra["broker_cpu_before"]
     if "machine_busy_after" in extra:
-        busy = (extra["machine_busy_after"] - extra["machine_busy_before"]) / elapsed
+        wall = max(extra["machine_wall_after"] - extra["machine_wall_before"], 1e-9)
+        busy = (extra["machine_busy_after"] - extra["machine_busy_before"]) / wall
     out.update(
         records_sent=sent,
         payload_bytes=payload,
