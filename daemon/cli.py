@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator
+from typing import BinaryIO
 
 from shm import control
 from shm.connection import Connection, hello_for, socket_path
@@ -18,6 +19,7 @@ from shm.errors import KafkaError, SluiceError
 __all__ = ["main"]
 
 _LINES_PER_FRAME = 1000
+_READ_BYTES = 1 << 20
 _MAX_UNACKED_FRAMES = 8
 _TIMEOUT_S = 30.0
 _EXIT_UNREACHABLE = 2
@@ -28,16 +30,37 @@ def _connect(arg: str | None) -> Connection:
     return Connection(socket_path(arg), hello=hello_for("sluice-cli"), timeout=_TIMEOUT_S)
 
 
-def _records(lines: Iterator[bytes], sep: bytes | None) -> Iterator[control.Rec]:
-    for raw in lines:
-        line = raw.rstrip(b"\n")
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if sep is not None and sep in line:
-            key, value = line.split(sep, 1)
-            yield control.Rec(key=key, value=value)
-        else:
-            yield control.Rec(value=line)
+def _frames(stream: BinaryIO, sep: bytes | None, partition: int | None) -> Iterator[list[control.Rec]]:
+    """The lines of ``stream`` as records, at most ``_LINES_PER_FRAME`` per list: read in blocks
+    of ``_READ_BYTES`` and split in bulk (a line-at-a-time loop cost more than the socket)."""
+    tail = b""
+    while True:
+        block = stream.read1(_READ_BYTES) if hasattr(stream, "read1") else stream.read(_READ_BYTES)
+        if not block:
+            break
+        buf = tail + block if tail else block
+        lines = buf.split(b"\n")
+        tail = lines.pop()  # a line not finished yet (b"" after a final newline)
+        recs = _records(lines, sep, partition, b"\r" in buf)
+        for start in range(0, len(recs), _LINES_PER_FRAME):
+            yield recs[start : start + _LINES_PER_FRAME]
+    if tail:
+        yield _records([tail], sep, partition, tail.endswith(b"\r"))
+
+
+def _records(lines: list[bytes], sep: bytes | None, partition: int | None, crlf: bool) -> list[control.Rec]:
+    """One record per line (a trailing CR dropped); with ``sep``, the key is what comes before
+    its first occurrence."""
+    Rec = control.Rec
+    if crlf:
+        lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
+    if sep is None:
+        return [Rec(value=line, partition=partition) for line in lines]
+    out = []
+    for line in lines:
+        kv = line.split(sep, 1)
+        out.append(Rec(key=kv[0], value=kv[1], partition=partition) if len(kv) == 2 else Rec(value=line, partition=partition))
+    return out
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -51,7 +74,7 @@ def _send_lines(conn: Connection, args: argparse.Namespace) -> int:
     sent = ok = failed = 0
     unacked: set[int] = set()
     errors: dict[str, int] = {}
-    offsets: dict[int, tuple[int, int]] = {}
+    offsets: dict[int, list[int]] = {}  # partition -> [lowest, highest] offset acknowledged
 
     def take_ack() -> None:
         nonlocal ok, failed
@@ -64,34 +87,26 @@ def _send_lines(conn: Connection, args: argparse.Namespace) -> int:
         for r in msg.results:
             if r.error_code == 0:
                 ok += 1
-                lo, hi = offsets.get(r.partition, (r.offset, r.offset))
-                offsets[r.partition] = (min(lo, r.offset), max(hi, r.offset))
+                o = r.offset
+                span = offsets.get(r.partition)
+                if span is None:
+                    offsets[r.partition] = [o, o]
+                elif o < span[0]:
+                    span[0] = o
+                elif o > span[1]:
+                    span[1] = o
             else:
                 failed += 1
                 errors[r.error_name] = errors.get(r.error_name, 0) + 1
 
-    batch: list[control.Rec] = []
-
-    def flush_batch() -> None:
-        nonlocal seq, sent
-        if not batch:
-            return
+    for batch in _frames(sys.stdin.buffer, sep, args.partition):
         seq += 1
-        conn.send(control.Produce(topic=args.topic, records=list(batch), ack=args.acks, seq=seq))
+        conn.send(control.Produce(topic=args.topic, records=batch, ack=args.acks, seq=seq))
         sent += len(batch)
-        batch.clear()
         if args.acks:
             unacked.add(seq)
             while len(unacked) >= _MAX_UNACKED_FRAMES:
                 take_ack()
-
-    for rec in _records(iter(sys.stdin.buffer.readline, b""), sep):
-        if args.partition is not None:
-            rec.partition = args.partition
-        batch.append(rec)
-        if len(batch) >= _LINES_PER_FRAME:
-            flush_batch()
-    flush_batch()
     while unacked:
         take_ack()
     conn.send(control.Flush(timeout_ms=int(args.timeout * 1000)))

@@ -98,3 +98,29 @@ def test_check_config_exit_codes(tmp_path: Any, capsys: Any) -> None:
     bad.write_text("[daemon]\nno_such_key = 1\n")
     assert main(["check-config", str(bad)]) == 78  # EX_CONFIG, as the unit file expects
     assert "no_such_key" in capsys.readouterr().err
+
+
+class _Trickle(io.RawIOBase):
+    """A pipe that hands out at most ``step`` bytes per read, so lines straddle reads."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self._data, self._step, self._at = data, step, 0
+
+    def read1(self, n: int = -1) -> bytes:
+        chunk = self._data[self._at : self._at + min(self._step, n if n > 0 else self._step)]
+        self._at += len(chunk)
+        return chunk
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 1 << 20])
+def test_lines_become_records_whatever_the_reads_look_like(step: int) -> None:
+    from daemon.cli import _frames
+
+    data = b"k1:v1\r\nplain\n\n:lead\nk2:v:2\r\nlast without newline"
+    recs = [r for frame in _frames(_Trickle(data, step), b":", None) for r in frame]  # type: ignore[arg-type]
+    assert recs == [control.Rec(key=b"k1", value=b"v1"), control.Rec(value=b"plain"), control.Rec(value=b""),
+                    control.Rec(key=b"", value=b"lead"), control.Rec(key=b"k2", value=b"v:2"),
+                    control.Rec(value=b"last without newline")]
+    frames = list(_frames(_Trickle(b"x\n" * 2500, step), None, 3))  # type: ignore[arg-type]
+    assert sum(map(len, frames)) == 2500 and max(map(len, frames)) <= 1000
+    assert all(r == control.Rec(value=b"x", partition=3) for f in frames for r in f)
