@@ -444,6 +444,8 @@ def _summarise(out: dict[str, Any], results: list[ClientResult], extra: dict[str
                "broker": None if broker_cpu is None else round(broker_cpu, 3)},
         cpu_s_per_million=round(cpu / sent * 1e6, 3) if sent else None,
         broker_cpu_s_per_million=round(broker_cpu / sent * 1e6, 3) if sent and broker_cpu is not None else None,
+        # The application's own cost per record (its process, with Sluice's completion thread).
+        client_cpu_ns_per_record=round(client_cpu / sent * 1e9) if sent else None,
         machine_busy_cores=None if busy is None else round(busy, 2),
         peak_rss_mb=round(sampler.peak_bytes / 2**20, 1),
         rss_samples=sampler.samples,
@@ -497,7 +499,8 @@ def _one_line(r: dict[str, Any]) -> str:
         return f"{r['status'].upper()}: {r['reason'].strip().splitlines()[-1] if r['reason'] else ''}"
     lat = r.get("latency_ms") or {}
     return (f"{r['status']}: {_fmt(r.get('records_per_s'))} rec/s, {_fmt(r.get('mb_per_s'), '.1f')} MB/s, "
-            f"{_fmt(r.get('cpu_s_per_million'), '.2f')} CPU s/M (broker {_fmt(r.get('broker_cpu_s_per_million'), '.2f')}), "
+            f"{_fmt(r.get('cpu_s_per_million'), '.2f')} CPU s/M (client {_fmt(r.get('client_cpu_ns_per_record'))} ns/record, "
+            f"broker {_fmt(r.get('broker_cpu_s_per_million'), '.2f')} s/M), "
             f"{_fmt(r.get('machine_busy_cores'), '.2f')} cores busy, p99 {_fmt(lat.get('p99'), '.1f')} ms"
             + (f" ({r['reason']})" if r["reason"] else ""))
 
