@@ -1,0 +1,1034 @@
+package sluice
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Defaults of Config's zero fields.
+const (
+	DefaultSocketPath         = "/run/sluice/sluice.sock"
+	DefaultLinger             = 5 * time.Millisecond
+	DefaultBatchRecords       = 1000
+	DefaultBatchBytes         = 1 << 20
+	DefaultMaxInFlightRecords = 100_000
+	DefaultMaxInFlightBytes   = 64 << 20
+	DefaultReconnectTimeout   = 60 * time.Second
+)
+
+// NoLinger as Config.Linger closes a batch as soon as the goroutine that sends it runs: the
+// records that arrived meanwhile share a frame, no more waiting than that.
+const NoLinger = time.Duration(-1)
+
+// NoReconnect as Config.ReconnectTimeout fails the producer when its connection drops.
+const NoReconnect = time.Duration(-1)
+
+// writeBufferBytes is the buffer in front of the socket: small frames written in a row go
+// out in one write.
+const writeBufferBytes = 256 * 1024
+
+// Reconnect backoff: the first retry comes soon (a restarting daemon is back in well under a
+// second), later ones no more often than once a second.
+const (
+	reconnectFirstBackoff = 20 * time.Millisecond
+	reconnectMaxBackoff   = time.Second
+)
+
+// Config configures a Producer. The zero value of every field but SocketPath means its
+// default.
+type Config struct {
+	// SocketPath is the daemon's Unix socket (default $SLUICE_SOCKET, else
+	// DefaultSocketPath).
+	SocketPath string
+	// ClientName appears in the daemon's logs and stats (default "sluice-go").
+	ClientName string
+	// Linger is how long a topic's batch waits for more records before it is sent
+	// (default DefaultLinger; NoLinger for no waiting).
+	Linger time.Duration
+	// BatchRecords and BatchBytes bound one Produce frame (defaults DefaultBatchRecords,
+	// DefaultBatchBytes; BatchBytes is at most MaxFrameBytes). A full batch is sent at once.
+	BatchRecords int
+	BatchBytes   int
+	// MaxInFlightRecords and MaxInFlightBytes bound the records sent but not yet complete
+	// (defaults DefaultMaxInFlightRecords, DefaultMaxInFlightBytes): the producer's memory.
+	// A record larger than MaxInFlightBytes is let through alone.
+	MaxInFlightRecords int
+	MaxInFlightBytes   int
+	// FailWhenFull makes Send return ErrInFlightFull at once when a bound is reached,
+	// instead of waiting for room (until its context ends).
+	FailWhenFull bool
+	// ReconnectTimeout is how long the producer tries to reconnect after its connection
+	// drops before it fails for good (default DefaultReconnectTimeout; NoReconnect for
+	// none).
+	ReconnectTimeout time.Duration
+	// Dial opens a connection to the daemon (default: the Unix socket at SocketPath).
+	Dial func(ctx context.Context) (net.Conn, error)
+}
+
+func (c Config) withDefaults() Config {
+	if c.SocketPath == "" {
+		c.SocketPath = os.Getenv("SLUICE_SOCKET")
+		if c.SocketPath == "" {
+			c.SocketPath = DefaultSocketPath
+		}
+	}
+	if c.ClientName == "" {
+		c.ClientName = "sluice-go"
+	}
+	if c.Linger == 0 {
+		c.Linger = DefaultLinger
+	}
+	if c.Linger < 0 {
+		c.Linger = 0
+	}
+	if c.BatchRecords <= 0 {
+		c.BatchRecords = DefaultBatchRecords
+	}
+	if c.BatchBytes <= 0 {
+		c.BatchBytes = DefaultBatchBytes
+	}
+	if c.BatchBytes > MaxFrameBytes {
+		c.BatchBytes = MaxFrameBytes
+	}
+	if c.MaxInFlightRecords <= 0 {
+		c.MaxInFlightRecords = DefaultMaxInFlightRecords
+	}
+	if c.MaxInFlightBytes <= 0 {
+		c.MaxInFlightBytes = DefaultMaxInFlightBytes
+	}
+	if c.ReconnectTimeout == 0 {
+		c.ReconnectTimeout = DefaultReconnectTimeout
+	}
+	if c.Dial == nil {
+		path := c.SocketPath
+		c.Dial = func(ctx context.Context) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		}
+	}
+	return c
+}
+
+// RecordMetadata is where a record was written.
+type RecordMetadata struct {
+	Topic     string
+	Partition int32 // -1 when the record failed before a partition was chosen
+	Offset    int64 // -1 on failure, and for profiles with acks=0
+	Timestamp int64 // ms since the epoch as the daemon reported it; -1 when unknown
+}
+
+// Future is the outcome of one sent record. Its zero value is not usable.
+type Future struct {
+	b *batch
+	i int
+}
+
+// Done is closed when the record's outcome is known.
+func (f Future) Done() <-chan struct{} { return f.b.done }
+
+// Wait returns the record's metadata once it is acknowledged, or its error: an *Error the
+// daemon reported (Kafka's or Sluice's code), ErrConnectionLost (the outcome is unknown), or
+// ErrClosed. If ctx ends first, it returns ctx.Err() and the record stays in flight.
+func (f Future) Wait(ctx context.Context) (RecordMetadata, error) {
+	select {
+	case <-f.b.done:
+		return f.b.result(f.i)
+	case <-ctx.Done():
+		return RecordMetadata{Topic: f.b.topic, Partition: -1, Offset: -1, Timestamp: -1}, ctx.Err()
+	}
+}
+
+// ConnectionLostError fails the records whose Produce frame was written on a connection that
+// dropped before their ProduceAck came. errors.Is(err, ErrConnectionLost) holds; Cause says
+// why the connection ended (an *Error such as SHUTTING_DOWN, an I/O error, ...).
+type ConnectionLostError struct {
+	Cause error
+}
+
+func (e *ConnectionLostError) Error() string {
+	return fmt.Sprintf("%v (%v)", ErrConnectionLost, e.Cause)
+}
+
+// Is makes errors.Is(err, ErrConnectionLost) hold.
+func (e *ConnectionLostError) Is(target error) bool { return target == ErrConnectionLost }
+
+// Unwrap returns the cause.
+func (e *ConnectionLostError) Unwrap() error { return e.Cause }
+
+// ErrDaemonClosed: the daemon closed the connection without saying why.
+var ErrDaemonClosed = errors.New("sluice: the daemon closed the connection")
+
+// batch is the records of one topic that travel in one Produce frame, and their outcome.
+type batch struct {
+	topic string
+	recs  []Record // dropped once the frame is written
+	n     int      // records
+	bytes int      // sum of recordSizeBound of its records
+	cbs   []func(RecordMetadata, error)
+	timer *time.Timer
+	done  chan struct{}
+	// Written once, before done is closed.
+	results []RecordResult
+	err     error
+}
+
+func (b *batch) result(i int) (RecordMetadata, error) {
+	if b.err != nil {
+		return RecordMetadata{Topic: b.topic, Partition: -1, Offset: -1, Timestamp: -1}, b.err
+	}
+	r := &b.results[i]
+	md := RecordMetadata{Topic: b.topic, Partition: r.Partition, Offset: r.Offset, Timestamp: r.Timestamp}
+	if r.ErrorCode != 0 {
+		return md, errorOf(r)
+	}
+	return md, nil
+}
+
+// request is a TopicLookup or StatsRequest waiting for its reply; done gets the reply or the
+// error (a non-fatal ErrorReply as *Error). Both are safe to ask again, so a request whose
+// connection dropped is sent again on the next one.
+type request struct {
+	msg  Message
+	done func(Message, error)
+}
+
+// topicEntry is a topic's cached TopicInfo, or the lookup in progress.
+type topicEntry struct {
+	ready chan struct{} // closed when the first lookup answered
+	info  *TopicInfo
+	err   error
+}
+
+// session is one connection to the daemon, from its Welcome to its end.
+type session struct {
+	conn    net.Conn
+	frames  *FrameReader
+	welcome *Welcome
+	mu      sync.Mutex
+	waiting []*request    // written, in order; the daemon answers them in order
+	dead    chan struct{} // closed when the reader has ended
+	err     error         // why, set before dead is closed
+}
+
+// Producer sends records to a Sluice daemon over its socket. It is safe for concurrent use.
+//
+// Policies:
+//
+//   - Batching: each topic has one open batch; it is closed after Config.Linger, or when it
+//     holds Config.BatchRecords records or Config.BatchBytes bytes, and sent as one Produce
+//     frame with ack=true and a sequence number unique for the producer's lifetime. Frames
+//     go out in the order their batches closed, so the records of one partition keep Send's
+//     order (as long as no connection drops in between).
+//   - Outcomes: the daemon answers each frame with a ProduceAck once all its records are
+//     complete; each record's Future gets its RecordMetadata or its *Error.
+//   - Memory: at most Config.MaxInFlightRecords records (and MaxInFlightBytes bytes) are
+//     between Send and their outcome; Send waits for room, or fails with ErrInFlightFull
+//     under Config.FailWhenFull.
+//   - Reconnection: when the connection drops (the daemon restarts, or says SHUTTING_DOWN),
+//     records whose frame was written and not acknowledged fail with a ConnectionLostError
+//     (the daemon may have taken them: sending them again may duplicate them). Records not
+//     yet written stay queued and go out on the next connection, so they are neither lost
+//     nor duplicated; Send keeps accepting meanwhile. The producer re-says Hello and
+//     refreshes its topics. After Config.ReconnectTimeout without a connection it fails for
+//     good: every queued record and later Send fail with ErrClosed.
+//   - Fatal errors other than SHUTTING_DOWN (NOT_ALLOWED, UNSUPPORTED_PROTOCOL_VERSION,
+//     BAD_FRAME, UNEXPECTED_MESSAGE) and protocol errors fail the producer at once: they
+//     would only repeat.
+type Producer struct {
+	cfg    Config
+	budget budget
+
+	mu       sync.Mutex
+	topics   map[string]*topicEntry
+	open     map[string]*batch
+	queue    []*batch // closed, not yet written, in order
+	ctrl     []*request
+	inflight map[uint64]*batch // written, waiting for the ProduceAck, by seq
+	pending  map[*batch]struct{}
+	seq      uint64
+	closing  bool
+	failed   error
+	welcome  *Welcome
+	current  *session // the latest connection
+
+	wake       chan struct{} // a batch closed or a request queued
+	goodbye    chan struct{} // closed by Close once its flush is over
+	abort      chan struct{} // closed by Close when its context ends
+	stopped    chan struct{} // closed when the sending goroutine has returned
+	byeOnce    sync.Once
+	abortOnce  sync.Once
+	reconnects atomic.Int64
+}
+
+// Connect says Hello to the daemon and returns a Producer once it answered Welcome. ctx
+// bounds the connection and the handshake only. A refusal is an *Error (NOT_ALLOWED,
+// UNSUPPORTED_PROTOCOL_VERSION, ...).
+func Connect(ctx context.Context, cfg Config) (*Producer, error) {
+	cfg = cfg.withDefaults()
+	p := &Producer{
+		cfg:      cfg,
+		budget:   budget{maxRecords: cfg.MaxInFlightRecords, maxBytes: cfg.MaxInFlightBytes},
+		topics:   make(map[string]*topicEntry),
+		open:     make(map[string]*batch),
+		inflight: make(map[uint64]*batch),
+		pending:  make(map[*batch]struct{}),
+		wake:     make(chan struct{}, 1),
+		goodbye:  make(chan struct{}),
+		abort:    make(chan struct{}),
+		stopped:  make(chan struct{}),
+	}
+	s, err := p.dial(ctx)
+	if err != nil {
+		return nil, err
+	}
+	go p.run(s)
+	return p, nil
+}
+
+// Welcome returns the daemon's answer to the latest Hello (its client id, for the logs).
+func (p *Producer) Welcome() Welcome {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return *p.welcome
+}
+
+// Reconnects returns how many times the producer connected again after a drop.
+func (p *Producer) Reconnects() int64 { return p.reconnects.Load() }
+
+// Send queues rec for topic and returns its Future. ctx bounds only what Send waits for: the
+// topic's first lookup and room under the in-flight bounds; use Future.Wait for the outcome.
+// An unknown topic or a record larger than the topic's max_request_size fails here with its
+// *Error, before anything is sent.
+func (p *Producer) Send(ctx context.Context, topic string, rec Record) (Future, error) {
+	return p.send(ctx, topic, &rec, nil)
+}
+
+// SendFunc is Send with a callback instead of a Future: cb gets the record's outcome, on the
+// producer's reading goroutine, so it must return quickly. When SendFunc returns an error, cb
+// is not called.
+func (p *Producer) SendFunc(ctx context.Context, topic string, rec Record, cb func(RecordMetadata, error)) error {
+	_, err := p.send(ctx, topic, &rec, cb)
+	return err
+}
+
+func (p *Producer) send(ctx context.Context, topic string, rec *Record, cb func(RecordMetadata, error)) (Future, error) {
+	info, err := p.Lookup(ctx, topic)
+	if err != nil {
+		return Future{}, err
+	}
+	if err := checkRecord(topic, rec, info); err != nil {
+		return Future{}, err
+	}
+	size := recordSizeBound(rec)
+	if err := p.budget.acquire(ctx, size, !p.cfg.FailWhenFull); err != nil {
+		return Future{}, err
+	}
+	p.mu.Lock()
+	if err := p.unusableLocked(); err != nil {
+		p.mu.Unlock()
+		p.budget.release(1, size)
+		return Future{}, err
+	}
+	limit := p.cfg.BatchBytes - produceOverheadBound(topic)
+	b := p.open[topic]
+	if b != nil && b.bytes+size > limit {
+		p.closeBatchLocked(b)
+		b = nil
+	}
+	if b == nil {
+		b = &batch{topic: topic, done: make(chan struct{})}
+		p.open[topic] = b
+		p.pending[b] = struct{}{}
+		b.timer = time.AfterFunc(p.cfg.Linger, func() { p.lingerOver(b) })
+	}
+	i := b.n
+	b.recs = append(b.recs, *rec)
+	b.n++
+	b.bytes += size
+	if cb != nil {
+		if b.cbs == nil {
+			b.cbs = make([]func(RecordMetadata, error), i, i+1)
+		}
+		b.cbs = append(b.cbs[:i], cb)
+	} else if b.cbs != nil {
+		b.cbs = append(b.cbs, nil)
+	}
+	if b.n >= p.cfg.BatchRecords || b.bytes >= limit {
+		p.closeBatchLocked(b)
+	}
+	p.mu.Unlock()
+	return Future{b: b, i: i}, nil
+}
+
+// checkRecord refuses what the daemon would refuse for sure, before the record is queued.
+func checkRecord(topic string, rec *Record, info *TopicInfo) error {
+	if rec.Partition != nil && *rec.Partition < 0 {
+		return fmt.Errorf("sluice: partition %d is negative", *rec.Partition)
+	}
+	if !rec.Timestamp.IsZero() && rec.Timestamp.UnixMilli() < 0 {
+		return fmt.Errorf("sluice: timestamp %v is before the epoch", rec.Timestamp)
+	}
+	size := len(rec.Key) + len(rec.Value)
+	for _, h := range rec.Headers {
+		size += len(h.Key) + len(h.Value)
+	}
+	if uint64(size) > info.MaxRequestSize || recordSizeBound(rec)+produceOverheadBound(topic) > MaxFrameBytes {
+		return &Error{Code: CodeMessageTooLarge, Name: "MESSAGE_TOO_LARGE",
+			Message: fmt.Sprintf("record of %d bytes; the topic's max_request_size is %d", size, info.MaxRequestSize)}
+	}
+	return nil
+}
+
+func (p *Producer) unusableLocked() error {
+	if p.failed != nil {
+		return p.failed
+	}
+	if p.closing {
+		return ErrClosed
+	}
+	return nil
+}
+
+// closeBatchLocked moves b from the open batches to the queue (p.mu held).
+func (p *Producer) closeBatchLocked(b *batch) {
+	if p.open[b.topic] == b {
+		delete(p.open, b.topic)
+	}
+	b.timer.Stop()
+	p.queue = append(p.queue, b)
+	p.signal()
+}
+
+func (p *Producer) lingerOver(b *batch) {
+	p.mu.Lock()
+	if p.open[b.topic] == b {
+		p.closeBatchLocked(b)
+	}
+	p.mu.Unlock()
+}
+
+func (p *Producer) signal() {
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Lookup returns the topic's TopicInfo, from the cache when the topic was looked up before.
+// An unknown topic is an *Error (UNKNOWN_TOPIC_OR_PARTITION); failures are not cached.
+func (p *Producer) Lookup(ctx context.Context, topic string) (*TopicInfo, error) {
+	p.mu.Lock()
+	if err := p.unusableLocked(); err != nil {
+		p.mu.Unlock()
+		return nil, err
+	}
+	e := p.topics[topic]
+	if e != nil && e.info != nil {
+		info := e.info
+		p.mu.Unlock()
+		return info, nil
+	}
+	if e == nil {
+		e = &topicEntry{ready: make(chan struct{})}
+		p.topics[topic] = e
+		p.ctrl = append(p.ctrl, &request{msg: &TopicLookup{Topic: topic}, done: func(m Message, err error) {
+			p.looked(topic, e, m, err)
+		}})
+		p.signal()
+	}
+	p.mu.Unlock()
+	select {
+	case <-e.ready:
+		return e.info, e.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+func (p *Producer) looked(topic string, e *topicEntry, m Message, err error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if info, ok := m.(*TopicInfo); ok && err == nil {
+		e.info = info
+	} else {
+		if err == nil {
+			err = protocolErrorf("%s in answer to TopicLookup", m.MessageType())
+		}
+		e.err = err
+		if p.topics[topic] == e {
+			delete(p.topics, topic)
+		}
+	}
+	close(e.ready)
+}
+
+// Stats returns the daemon's counters (StatsRequest).
+func (p *Producer) Stats(ctx context.Context) (map[string]any, error) {
+	type answer struct {
+		m   Message
+		err error
+	}
+	ch := make(chan answer, 1)
+	p.mu.Lock()
+	if err := p.unusableLocked(); err != nil {
+		p.mu.Unlock()
+		return nil, err
+	}
+	p.ctrl = append(p.ctrl, &request{msg: &StatsRequest{}, done: func(m Message, err error) { ch <- answer{m, err} }})
+	p.signal()
+	p.mu.Unlock()
+	select {
+	case a := <-ch:
+		if a.err != nil {
+			return nil, a.err
+		}
+		reply, ok := a.m.(*StatsReply)
+		if !ok {
+			return nil, protocolErrorf("%s in answer to StatsRequest", a.m.MessageType())
+		}
+		return reply.Stats, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// Flush sends every open batch at once and waits until every record sent before the call
+// has its outcome, or ctx ends (then it returns ctx.Err()). The outcomes themselves are the
+// Futures'; Flush does not fail for a failed record.
+func (p *Producer) Flush(ctx context.Context) error {
+	p.mu.Lock()
+	for _, b := range p.open {
+		p.closeBatchLocked(b)
+	}
+	waits := make([]*batch, 0, len(p.pending))
+	for b := range p.pending {
+		waits = append(waits, b)
+	}
+	p.mu.Unlock()
+	for _, b := range waits {
+		select {
+		case <-b.done:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+// Close flushes (see Flush), says Goodbye, waits for the daemon to close the connection and
+// returns. When ctx ends first, the connection is closed at once: records whose frame was
+// written fail with a ConnectionLostError, the others with ErrClosed, and Close returns
+// ctx.Err(). Send fails with ErrClosed once Close has begun. Close returns the producer's
+// earlier failure, if it had failed for good.
+func (p *Producer) Close(ctx context.Context) error {
+	p.mu.Lock()
+	p.closing = true
+	p.mu.Unlock()
+	err := p.Flush(ctx)
+	p.byeOnce.Do(func() { close(p.goodbye) })
+	if err != nil {
+		p.giveUp()
+	}
+	select {
+	case <-p.stopped:
+	case <-ctx.Done():
+		p.giveUp()
+		<-p.stopped
+		if err == nil {
+			err = ctx.Err()
+		}
+	}
+	if err != nil {
+		return err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.failed != nil && !errors.Is(p.failed, ErrClosed) {
+		return p.failed
+	}
+	return nil
+}
+
+// giveUp ends Close's wait: the connection is closed at once (a write blocked by a daemon
+// that stopped reading returns) and reconnecting stops.
+func (p *Producer) giveUp() {
+	p.abortOnce.Do(func() { close(p.abort) })
+	p.mu.Lock()
+	s := p.current
+	p.mu.Unlock()
+	if s != nil {
+		_ = s.conn.Close()
+	}
+}
+
+// --- the connection ----------------------------------------------------------------------------
+
+// dial connects, says Hello and waits for the Welcome (bounded by ctx), then starts the
+// session's reading goroutine.
+func (p *Producer) dial(ctx context.Context) (*session, error) {
+	conn, err := p.cfg.Dial(ctx)
+	if err != nil {
+		return nil, err
+	}
+	// The handshake's reads and writes end when ctx does.
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
+	s, err := p.handshake(conn)
+	if !stop() && err == nil {
+		err = ctx.Err() // ctx ended as the Welcome came: the deadline is set, give up
+	}
+	if err != nil {
+		_ = conn.Close()
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("sluice: connecting to the daemon: %w", ctx.Err())
+		}
+		return nil, err
+	}
+	p.mu.Lock()
+	p.welcome = s.welcome
+	p.current = s
+	p.mu.Unlock()
+	go p.read(s)
+	return s, nil
+}
+
+func (p *Producer) handshake(conn net.Conn) (*session, error) {
+	frame, err := EncodeFrame(&Hello{Version: ProtocolVersion, ClientName: p.cfg.ClientName, PID: uint64(os.Getpid())})
+	if err != nil {
+		return nil, err
+	}
+	if _, err := conn.Write(frame); err != nil {
+		return nil, err
+	}
+	frames := NewFrameReader(conn)
+	m, err := frames.Next()
+	if err == io.EOF {
+		return nil, ErrDaemonClosed
+	}
+	if err != nil {
+		return nil, err
+	}
+	switch m := m.(type) {
+	case *Welcome:
+		if m.Version < 1 || m.Version > ProtocolVersion {
+			return nil, protocolErrorf("Welcome with version %d; this client speaks 1..%d", m.Version, ProtocolVersion)
+		}
+		return &session{conn: conn, frames: frames, welcome: m, dead: make(chan struct{})}, nil
+	case *ErrorReply:
+		return nil, replyError(m)
+	default:
+		return nil, protocolErrorf("%s in answer to Hello", m.MessageType())
+	}
+}
+
+func replyError(m *ErrorReply) *Error {
+	return &Error{Code: m.Code, Name: m.Name, Message: m.Message, Fatal: m.Fatal}
+}
+
+// read is the session's reading goroutine: it resolves batches from ProduceAcks and hands
+// other replies to the oldest waiting request, until the connection ends.
+func (p *Producer) read(s *session) {
+	var err error
+	for err == nil {
+		var m Message
+		if m, err = s.frames.Next(); err != nil {
+			break
+		}
+		switch m := m.(type) {
+		case *ProduceAck:
+			err = p.acked(m)
+		case *ErrorReply:
+			if m.Fatal {
+				err = replyError(m)
+			} else {
+				err = s.answer(nil, replyError(m))
+			}
+		case *TopicInfo, *StatsReply, *FlushDone:
+			err = s.answer(m, nil)
+		default:
+			err = protocolErrorf("unexpected %s from the daemon", m.MessageType())
+		}
+	}
+	if err == io.EOF || err == io.ErrUnexpectedEOF {
+		err = ErrDaemonClosed
+	}
+	s.err = err
+	_ = s.conn.Close()
+	close(s.dead)
+}
+
+func (s *session) answer(m Message, err error) error {
+	s.mu.Lock()
+	if len(s.waiting) == 0 {
+		s.mu.Unlock()
+		if m == nil {
+			return protocolErrorf("ErrorReply with no request waiting: %v", err)
+		}
+		return protocolErrorf("%s with no request waiting", m.MessageType())
+	}
+	r := s.waiting[0]
+	s.waiting = s.waiting[1:]
+	s.mu.Unlock()
+	r.done(m, err)
+	return nil
+}
+
+func (p *Producer) acked(m *ProduceAck) error {
+	p.mu.Lock()
+	b := p.inflight[m.Seq]
+	delete(p.inflight, m.Seq)
+	p.mu.Unlock()
+	if b == nil {
+		return protocolErrorf("ProduceAck for seq %d, which is not in flight", m.Seq)
+	}
+	if len(m.Results) != b.n {
+		err := protocolErrorf("ProduceAck %d has %d results for %d records", m.Seq, len(m.Results), b.n)
+		p.resolve(b, nil, err)
+		return err
+	}
+	p.resolve(b, m.Results, nil)
+	return nil
+}
+
+// resolve gives every record of b its outcome and releases its room; a batch already
+// resolved is left alone.
+func (p *Producer) resolve(b *batch, results []RecordResult, err error) {
+	p.mu.Lock()
+	_, ok := p.pending[b]
+	delete(p.pending, b)
+	p.mu.Unlock()
+	if !ok {
+		return
+	}
+	b.results, b.err = results, err
+	close(b.done)
+	for i, cb := range b.cbs {
+		if cb != nil {
+			cb(b.result(i))
+		}
+	}
+	p.budget.release(b.n, b.bytes)
+}
+
+// run is the sending goroutine: it writes the queued requests and batches on the current
+// session, and reconnects when it ends.
+func (p *Producer) run(s *session) {
+	defer close(p.stopped)
+	for {
+		cause := p.serve(s)
+		p.endSession(s, cause)
+		if errors.Is(cause, ErrClosed) {
+			p.fail(ErrClosed)
+			return
+		}
+		if permanent(cause) {
+			p.fail(cause)
+			return
+		}
+		if s = p.reconnect(cause); s == nil {
+			return
+		}
+	}
+}
+
+// permanent reports whether a connection that ended with err would end the same way again.
+func permanent(err error) bool {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Fatal && e.Code != CodeShuttingDown
+	}
+	var pe *ProtocolError
+	return errors.As(err, &pe)
+}
+
+// serve writes on s until it ends; it returns why. After Close's flush it says Goodbye and
+// waits for the daemon to close the connection (or for Close's context to end).
+func (p *Producer) serve(s *session) error {
+	w := bufio.NewWriterSize(s.conn, writeBufferBytes)
+	enc := NewEncoder()
+	for {
+		p.mu.Lock()
+		ctrl, queue := p.ctrl, p.queue
+		p.ctrl, p.queue = nil, nil
+		p.mu.Unlock()
+		if len(ctrl) == 0 && len(queue) == 0 {
+			select {
+			case <-p.wake:
+				continue
+			case <-s.dead:
+				return s.err
+			case <-p.goodbye:
+				if p.hasWork() {
+					continue // what Close's flush left (its context ended) goes out first
+				}
+				return p.sayGoodbye(s, w, enc)
+			}
+		}
+		if err := p.write(s, w, enc, ctrl, queue); err != nil {
+			_ = s.conn.Close()
+			<-s.dead
+			return err
+		}
+	}
+}
+
+func (p *Producer) hasWork() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.ctrl) > 0 || len(p.queue) > 0
+}
+
+// write sends ctrl, then queue. On an error the requests and batches not written are put
+// back at the head of their queues, for the next connection.
+func (p *Producer) write(s *session, w *bufio.Writer, enc *Encoder, ctrl []*request, queue []*batch) error {
+	for i, r := range ctrl {
+		frame, err := enc.Encode(r.msg)
+		if err != nil {
+			r.done(nil, err)
+			continue
+		}
+		s.mu.Lock()
+		s.waiting = append(s.waiting, r)
+		s.mu.Unlock()
+		if _, err := w.Write(frame); err != nil {
+			p.requeue(ctrl[i+1:], queue)
+			return err
+		}
+	}
+	for i, b := range queue {
+		p.mu.Lock()
+		p.seq++
+		seq := p.seq
+		p.mu.Unlock()
+		frame, err := enc.Encode(&Produce{Topic: b.topic, Records: b.recs, Ack: true, Seq: seq})
+		if err != nil { // checkRecord refuses what the encoder would; this would be a bug
+			p.resolve(b, nil, err)
+			continue
+		}
+		// From here on the batch counts as written: its outcome is the daemon's to tell, and
+		// the caller's buffers are no longer needed.
+		b.recs = nil
+		p.mu.Lock()
+		p.inflight[seq] = b
+		p.mu.Unlock()
+		if _, err := w.Write(frame); err != nil {
+			p.requeue(nil, queue[i+1:])
+			return err
+		}
+	}
+	return w.Flush()
+}
+
+func (p *Producer) requeue(ctrl []*request, queue []*batch) {
+	p.mu.Lock()
+	p.ctrl = append(append([]*request(nil), ctrl...), p.ctrl...)
+	p.queue = append(append([]*batch(nil), queue...), p.queue...)
+	p.mu.Unlock()
+}
+
+func (p *Producer) sayGoodbye(s *session, w *bufio.Writer, enc *Encoder) error {
+	frame, err := enc.Encode(&Goodbye{})
+	if err == nil {
+		if _, err = w.Write(frame); err == nil {
+			err = w.Flush()
+		}
+	}
+	if err == nil {
+		select {
+		case <-s.dead: // the daemon sent what was pending and closed
+		case <-p.abort:
+		}
+	}
+	_ = s.conn.Close()
+	<-s.dead
+	return ErrClosed
+}
+
+// endSession fails the batches that were written on s and not acknowledged, and puts the
+// requests still waiting for a reply back in the queue (asking again is harmless).
+func (p *Producer) endSession(s *session, cause error) {
+	p.mu.Lock()
+	lost := p.inflight
+	p.inflight = make(map[uint64]*batch)
+	p.mu.Unlock()
+	for _, b := range lost {
+		p.resolve(b, nil, &ConnectionLostError{Cause: cause})
+	}
+	s.mu.Lock()
+	waiting := s.waiting
+	s.waiting = nil
+	s.mu.Unlock()
+	p.requeue(waiting, nil)
+}
+
+// reconnect dials until it gets a session, the reconnect timeout passes, or Close gives up.
+// It returns nil after failing the producer.
+func (p *Producer) reconnect(cause error) *session {
+	if p.cfg.ReconnectTimeout < 0 {
+		p.fail(cause)
+		return nil
+	}
+	deadline := time.Now().Add(p.cfg.ReconnectTimeout)
+	backoff := reconnectFirstBackoff
+	for {
+		if p.closingIdle() {
+			p.fail(ErrClosed)
+			return nil
+		}
+		ctx, cancel := context.WithDeadline(context.Background(), deadline)
+		go func() {
+			select {
+			case <-p.abort:
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
+		s, err := p.dial(ctx)
+		cancel()
+		if err == nil {
+			p.reconnects.Add(1)
+			p.refreshTopics()
+			return s
+		}
+		if permanent(err) {
+			p.fail(err)
+			return nil
+		}
+		select {
+		case <-p.abort:
+			p.fail(ErrClosed)
+			return nil
+		default:
+		}
+		if time.Now().Add(backoff).After(deadline) {
+			p.fail(fmt.Errorf("sluice: no connection to the daemon for %v (%v; last attempt: %w)", p.cfg.ReconnectTimeout, cause, err))
+			return nil
+		}
+		select {
+		case <-time.After(backoff):
+		case <-p.abort:
+			p.fail(ErrClosed)
+			return nil
+		}
+		backoff = min(2*backoff, reconnectMaxBackoff)
+	}
+}
+
+// closingIdle reports whether Close is waiting and nothing is left to send.
+func (p *Producer) closingIdle() bool {
+	select {
+	case <-p.goodbye:
+	default:
+		return false
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.pending) == 0
+}
+
+// refreshTopics looks up every cached topic again on the new connection (the daemon may have
+// a new config); until the answers come, the old TopicInfo serves.
+func (p *Producer) refreshTopics() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for name, e := range p.topics {
+		if e.info == nil {
+			continue // its first lookup is still queued
+		}
+		e := e
+		p.ctrl = append(p.ctrl, &request{msg: &TopicLookup{Topic: name}, done: func(m Message, err error) {
+			if info, ok := m.(*TopicInfo); ok && err == nil {
+				p.mu.Lock()
+				e.info = info
+				p.mu.Unlock()
+			}
+		}})
+	}
+	p.signal()
+}
+
+// fail ends the producer for good: every record not yet complete fails with err (ErrClosed
+// wrapped around it), every waiting request too, and so does every later Send.
+func (p *Producer) fail(err error) {
+	closed := err
+	if !errors.Is(err, ErrClosed) {
+		closed = fmt.Errorf("%w: %w", ErrClosed, err)
+	}
+	p.mu.Lock()
+	if p.failed == nil {
+		p.failed = closed
+	}
+	var left []*batch
+	for b := range p.pending {
+		left = append(left, b)
+		b.timer.Stop()
+	}
+	p.open = make(map[string]*batch)
+	p.queue = nil
+	ctrl := p.ctrl
+	p.ctrl = nil
+	p.mu.Unlock()
+	for _, b := range left {
+		p.resolve(b, nil, closed)
+	}
+	for _, r := range ctrl {
+		r.done(nil, closed)
+	}
+}
+
+// --- the in-flight bounds ----------------------------------------------------------------------
+
+// budget counts the records (and their bytes) between Send and their outcome.
+type budget struct {
+	mu         sync.Mutex
+	records    int
+	bytes      int
+	maxRecords int
+	maxBytes   int
+	room       chan struct{} // closed at the next release, for those waiting
+}
+
+func (b *budget) acquire(ctx context.Context, size int, wait bool) error {
+	b.mu.Lock()
+	for {
+		if b.records < b.maxRecords && (b.bytes+size <= b.maxBytes || b.records == 0) {
+			b.records++
+			b.bytes += size
+			b.mu.Unlock()
+			return nil
+		}
+		if !wait {
+			b.mu.Unlock()
+			return ErrInFlightFull
+		}
+		if b.room == nil {
+			b.room = make(chan struct{})
+		}
+		room := b.room
+		b.mu.Unlock()
+		select {
+		case <-room:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		b.mu.Lock()
+	}
+}
+
+func (b *budget) release(records, bytes int) {
+	b.mu.Lock()
+	b.records -= records
+	b.bytes -= bytes
+	if b.room != nil {
+		close(b.room)
+		b.room = nil
+	}
+	b.mu.Unlock()
+}
