@@ -98,11 +98,11 @@ var ErrInFlightFull = errors.New("sluice: too many records in flight")
 // if the record is sent again: a retriable *Error, ErrInFlightFull, or ErrConnectionLost
 // (which may duplicate the record; see its comment).
 func IsRetriable(err error) bool {
-	var e *Error
-	if errors.As(err, &e) {
-		return e.Retriable()
+	if errors.Is(err, ErrInFlightFull) || errors.Is(err, ErrConnectionLost) {
+		return true
 	}
-	return errors.Is(err, ErrInFlightFull) || errors.Is(err, ErrConnectionLost)
+	var e *Error
+	return errors.As(err, &e) && e.Retriable()
 }
 
 // errorOf turns a failed RecordResult into its *Error.

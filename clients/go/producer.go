@@ -255,7 +255,8 @@ type Producer struct {
 	pending  map[*batch]struct{}
 	seq      uint64
 	closing  bool
-	failed   error
+	failed   error // what Send returns once the producer is over (wraps ErrClosed)
+	cause    error // why it is over, when that is not Close
 	welcome  *Welcome
 	current  *session // the latest connection
 
@@ -551,10 +552,7 @@ func (p *Producer) Close(ctx context.Context) error {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.failed != nil && !errors.Is(p.failed, ErrClosed) {
-		return p.failed
-	}
-	return nil
+	return p.cause
 }
 
 // giveUp ends Close's wait: the connection is closed at once (a write blocked by a daemon
@@ -964,6 +962,9 @@ func (p *Producer) fail(err error) {
 	p.mu.Lock()
 	if p.failed == nil {
 		p.failed = closed
+		if err != ErrClosed {
+			p.cause = err
+		}
 	}
 	var left []*batch
 	for b := range p.pending {
