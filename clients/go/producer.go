@@ -314,7 +314,7 @@ func (p *Producer) Send(ctx context.Context, topic string, rec Record) (Future, 
 
 // SendFunc is Send with a callback instead of a Future: cb gets the record's outcome, on the
 // producer's reading goroutine, so it must return quickly. When SendFunc returns an error, cb
-// is not called.
+// is not called. Flush returns after the callbacks of the records it waited for have run.
 func (p *Producer) SendFunc(ctx context.Context, topic string, rec Record, cb func(RecordMetadata, error)) error {
 	_, err := p.send(ctx, topic, &rec, cb)
 	return err
@@ -706,12 +706,12 @@ func (p *Producer) resolve(b *batch, results []RecordResult, err error) {
 		return
 	}
 	b.results, b.err = results, err
-	close(b.done)
-	for i, cb := range b.cbs {
+	for i, cb := range b.cbs { // before done closes: once a Future is done, so are the callbacks
 		if cb != nil {
 			cb(b.result(i))
 		}
 	}
+	close(b.done)
 	p.budget.release(b.n, b.bytes)
 }
 
