@@ -178,33 +178,32 @@ func messageType(body []byte) (string, error) {
 	if err != nil {
 		return "", protocolErrorf("body is not a map: %v", err)
 	}
-	typ, found := "", false
 	for i := 0; i < n; i++ {
-		k, err := d.str()
+		k, err := d.key()
 		if err != nil {
 			return "", protocolErrorf("map key: %v", err)
 		}
-		if k != "type" {
-			if err := d.dec.Skip(); err != nil {
-				return "", protocolErrorf("value of %q: %v", k, err)
+		if k == "type" {
+			// Found: the rest of the map is the message's decoder's to read (and check).
+			// Encoders put "type" first, so this usually skips nothing.
+			typ, err := d.str()
+			if err != nil {
+				return "", protocolErrorf("type: %v", err)
 			}
-			continue
+			return typ, nil
 		}
-		if typ, err = d.str(); err != nil {
-			return "", protocolErrorf("type: %v", err)
+		if err := d.dec.Skip(); err != nil {
+			return "", protocolErrorf("value of %q: %v", k, err)
 		}
-		found = true
 	}
-	if !found {
-		return "", protocolErrorf("map has no \"type\"")
-	}
-	return typ, nil
+	return "", protocolErrorf("map has no \"type\"")
 }
 
 // decoder reads strictly typed msgpack values from one body.
 type decoder struct {
-	r   *bytes.Reader
-	dec *msgpack.Decoder
+	r       *bytes.Reader
+	dec     *msgpack.Decoder
+	scratch []byte // the bytes of the latest str read
 }
 
 func newDecoder(body []byte) *decoder {
@@ -247,23 +246,73 @@ func (d *decoder) isNil() (bool, error) {
 	return false, nil
 }
 
-func (d *decoder) str() (string, error) {
+// rawStr reads a str into d.scratch (valid until the next read) and checks it is UTF-8.
+func (d *decoder) rawStr() ([]byte, error) {
 	c, err := d.peek()
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	if !msgpcode.IsString(c) {
-		return "", fmt.Errorf("code %#x is not a str", c)
+		return nil, fmt.Errorf("code %#x is not a str", c)
 	}
-	s, err := d.dec.DecodeString()
+	n, err := d.dec.DecodeBytesLen()
+	if err != nil {
+		return nil, err
+	}
+	if n > d.r.Len() {
+		return nil, io.ErrUnexpectedEOF // before allocating what a bad length claims
+	}
+	if cap(d.scratch) < n {
+		d.scratch = make([]byte, n)
+	}
+	b := d.scratch[:n]
+	if err := d.dec.ReadFull(b); err != nil {
+		return nil, err
+	}
+	if !utf8.Valid(b) {
+		return nil, errors.New("str is not UTF-8")
+	}
+	return b, nil
+}
+
+func (d *decoder) str() (string, error) {
+	b, err := d.rawStr()
 	if err != nil {
 		return "", err
 	}
-	if !utf8.ValidString(s) {
-		return "", errors.New("str is not UTF-8")
+	if string(b) == "NONE" { // every successful result's error_name: no allocation for it
+		return "NONE", nil
 	}
-	return s, nil
+	return string(b), nil
 }
+
+// key reads a map key: the protocol's field names come back as constants, so decoding a
+// message allocates nothing for its keys.
+func (d *decoder) key() (string, error) {
+	b, err := d.rawStr()
+	if err != nil {
+		return "", err
+	}
+	if k, ok := knownKeys[string(b)]; ok {
+		return k, nil
+	}
+	return string(b), nil
+}
+
+// knownKeys maps every field name of the protocol to itself.
+var knownKeys = func() map[string]string {
+	names := []string{"type", "version", "client_name", "pid", "workers_expected", "wants_segment", "token",
+		"segment_bytes", "workers", "fd_count", "topic", "records", "ack", "seq", "key", "value", "headers",
+		"partition", "timestamp", "timeout_ms", "request_ring_bytes", "completion_ring_bytes", "client_id",
+		"topic_id", "partitions", "profile", "max_request_size", "on_full", "max_block_ms", "batch_size",
+		"linger_ms", "results", "offset", "error_code", "error_name", "complete", "pending", "failed", "stats",
+		"code", "name", "message", "fatal"}
+	m := make(map[string]string, len(names))
+	for _, n := range names {
+		m[n] = n
+	}
+	return m
+}()
 
 // binOrNil returns nil for msgpack nil and a non-nil slice (empty for bin of length 0) for bin.
 func (d *decoder) binOrNil() ([]byte, error) {
@@ -358,7 +407,7 @@ func (d *decoder) fields(required []string, field func(k string) (int, error)) e
 	}
 	var seen uint64
 	for i := 0; i < n; i++ {
-		k, err := d.str()
+		k, err := d.key()
 		if err != nil {
 			return fmt.Errorf("map key: %w", err)
 		}
@@ -694,6 +743,8 @@ func (d *decoder) headers() ([]Header, error) {
 	return hs, nil
 }
 
+var resultFields = []string{"partition", "offset", "timestamp", "error_code", "error_name"}
+
 // results reads the "results" array of a ProduceAck.
 func (d *decoder) results() ([]RecordResult, error) {
 	n, err := d.arrayLen()
@@ -703,7 +754,7 @@ func (d *decoder) results() ([]RecordResult, error) {
 	res := make([]RecordResult, n)
 	for i := range res {
 		r := &res[i]
-		err := d.fields([]string{"partition", "offset", "timestamp", "error_code", "error_name"}, func(k string) (int, error) {
+		err := d.fields(resultFields, func(k string) (int, error) {
 			switch k {
 			case "partition":
 				v, err := d.int()

@@ -15,13 +15,14 @@
 // '.' to -key-size bytes; with -headers it carries the headers i=<i>, run=RUN and
 // nothing=<null>. The daemon chooses partitions. -results FILE writes one line per record:
 // "i partition offset timestamp error", error being NONE, a Sluice/Kafka error name,
-// CONNECTION_LOST, CLOSED or PENDING.
+// CONNECTION_LOST, CLOSED, PENDING (no outcome by -timeout) or UNSENT.
 //
 // With -wait-start the command connects, builds its records, prints {"ready":true,...} and
 // waits for a line on stdin before it sends (benchmarks start clients together that way).
 //
-// Exit status: 0 every record acknowledged; 1 some failed or were refused; 2 bad usage or no
-// connection; 3 -timeout passed with records pending.
+// Exit status: 0 every record sent was acknowledged (all -count of them, unless -duration
+// stopped sending first); 1 some failed or were refused; 2 bad usage or no connection; 3
+// -timeout passed with records pending.
 package main
 
 import (
@@ -55,6 +56,7 @@ type options struct {
 	frameRecords, batchBytes, inFlight int
 	keyed, headers, waitStart          bool
 	linger, timeout, connectTimeout    time.Duration
+	duration                           time.Duration
 	reconnectTimeout                   time.Duration
 	rate                               float64
 	seed                               int64
@@ -76,6 +78,7 @@ func parseFlags() options {
 	flag.IntVar(&o.inFlight, "max-in-flight", sluice.DefaultMaxInFlightRecords, "records between Send and their outcome at most")
 	flag.Float64Var(&o.rate, "rate", 0, "records per second (0: as fast as possible)")
 	flag.DurationVar(&o.timeout, "timeout", 5*time.Minute, "deadline for sending and every acknowledgement, from the first send")
+	flag.DurationVar(&o.duration, "duration", 0, "stop sending after this long, not a failure (0: send -count records)")
 	flag.DurationVar(&o.connectTimeout, "connect-timeout", 10*time.Second, "deadline for the connection and the handshake")
 	flag.DurationVar(&o.reconnectTimeout, "reconnect-timeout", sluice.DefaultReconnectTimeout, "how long to try reconnecting after a drop")
 	flag.StringVar(&o.name, "name", "sluice-go-produce", "client name in the daemon's logs and stats")
@@ -131,6 +134,7 @@ func build(o options) []sluice.Record {
 
 // outcome of one record, written by the producer's callback.
 type outcome struct {
+	sent bool // by the sending loop
 	md   sluice.RecordMetadata
 	err  error
 	done bool
@@ -231,7 +235,7 @@ func main() {
 			}
 			lat := int64(time.Since(t0)) - sentAt[i]
 			mu.Lock()
-			outcomes[i] = outcome{md: md, err: err, done: true}
+			outcomes[i].md, outcomes[i].err, outcomes[i].done = md, err, true
 			sentAt[i] = lat
 			mu.Unlock()
 		})
@@ -247,9 +251,15 @@ func main() {
 			continue
 		}
 		s.Sent++
-		if o.rate > 0 && i%paceEvery == paceEvery-1 {
-			if ahead := time.Duration(float64(i+1)/o.rate*1e9) - time.Since(t0); ahead > 0 {
-				time.Sleep(ahead)
+		outcomes[i].sent = true
+		if i%paceEvery == paceEvery-1 {
+			if o.rate > 0 {
+				if ahead := time.Duration(float64(i+1)/o.rate*1e9) - time.Since(t0); ahead > 0 {
+					time.Sleep(ahead)
+				}
+			}
+			if o.duration > 0 && time.Since(t0) >= o.duration {
+				break
 			}
 		}
 	}
@@ -301,7 +311,7 @@ func main() {
 	switch {
 	case s.TimedOut:
 		os.Exit(3)
-	case s.Acked != int64(len(recs)):
+	case s.Acked != s.Sent || s.Refused > 0:
 		os.Exit(1)
 	}
 }
@@ -324,8 +334,11 @@ func writeResults(path string, outcomes []outcome) error {
 	}
 	w := bufio.NewWriter(f)
 	for i, oc := range outcomes {
-		name := "PENDING"
+		name := "UNSENT"
 		md := sluice.RecordMetadata{Partition: -1, Offset: -1, Timestamp: -1}
+		if oc.sent {
+			name = "PENDING"
+		}
 		if oc.done {
 			name, md = errorName(oc.err), oc.md
 		}
