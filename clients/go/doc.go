@@ -22,8 +22,9 @@
 // sentinels (ErrShuttingDown, ErrBufferFull, ...), and (*Error).Retriable says whether
 // sending again may succeed. A record whose frame was written on a connection that dropped
 // before its acknowledgement fails with a ConnectionLostError (errors.Is(err,
-// ErrConnectionLost)): the daemon may have taken it, so sending it again may duplicate it.
-// Records that were still queued when the connection dropped are sent on the next
+// ErrConnectionLost)): the daemon may have read it, so sending it again may duplicate it.
+// Records that were still queued when the connection dropped, and the unanswered ones when
+// the daemon said SHUTTING_DOWN before closing (it had not read them), are sent on the next
 // connection, never twice.
 //
 // # Concurrency and memory

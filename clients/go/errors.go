@@ -15,6 +15,7 @@ const (
 	CodeSegmentRefused             = 1005
 	CodeShuttingDown               = 1006
 	CodeBufferFull                 = 1007
+	CodeOutcomeUnknown             = 1008
 )
 
 // Kafka error codes this package refers to by name.
@@ -51,8 +52,10 @@ func (e *Error) Is(target error) bool {
 }
 
 // Retriable reports whether sending the record again may succeed: Kafka's retriable codes
-// (as Kafka 4.1's exceptions classify them) and BUFFER_FULL. The daemon has already retried
-// the retriable Kafka errors until its delivery timeout.
+// (as Kafka 4.1's exceptions classify them; the daemon has already retried them until its
+// delivery timeout), BUFFER_FULL and SHUTTING_DOWN (the record never reached Kafka: sending
+// it again does not duplicate it), and OUTCOME_UNKNOWN (the daemon stopped before the
+// outcome came: the record may still be delivered, so sending it again may duplicate it).
 func (e *Error) Retriable() bool {
 	return retriableCodes[e.Code]
 }
@@ -64,7 +67,7 @@ var retriableCodes = map[int64]bool{
 	19: true, 20: true, 41: true, 51: true, 56: true, 70: true, 71: true, 72: true, 74: true,
 	75: true, 78: true, 80: true, 83: true, 84: true, 88: true, 89: true, 100: true, 103: true,
 	106: true, 122: true, 123: true, 133: true,
-	CodeBufferFull: true,
+	CodeBufferFull: true, CodeShuttingDown: true, CodeOutcomeUnknown: true,
 }
 
 // Sentinels for errors.Is on Sluice's own codes.
@@ -75,15 +78,18 @@ var (
 	ErrNotAllowed                 = &Error{Code: CodeNotAllowed, Name: "NOT_ALLOWED"}
 	ErrShuttingDown               = &Error{Code: CodeShuttingDown, Name: "SHUTTING_DOWN"}
 	ErrBufferFull                 = &Error{Code: CodeBufferFull, Name: "BUFFER_FULL"}
+	ErrOutcomeUnknown             = &Error{Code: CodeOutcomeUnknown, Name: "OUTCOME_UNKNOWN"}
 	ErrMessageTooLarge            = &Error{Code: CodeMessageTooLarge, Name: "MESSAGE_TOO_LARGE"}
 	ErrUnknownTopicOrPartition    = &Error{Code: CodeUnknownTopicOrPartition, Name: "UNKNOWN_TOPIC_OR_PARTITION"}
 )
 
 // ErrConnectionLost: the connection to the daemon dropped after the record's Produce frame was
-// written and before its ProduceAck came. The daemon may have taken the record (it delivers
-// what it took even when the client is gone), so the outcome is unknown: sending it again is
-// safe only where a duplicate is acceptable. Records whose frame was never written are not
-// failed with it; the producer sends them on the next connection.
+// written and before its ProduceAck came, without the daemon's SHUTTING_DOWN. The daemon may
+// have read the record (it delivers what it read even when the client is gone), so the
+// outcome is unknown: sending it again is safe only where a duplicate is acceptable. Records
+// whose frame was never written, and after SHUTTING_DOWN those whose frame the daemon did not
+// answer (it answers every frame it read before saying SHUTTING_DOWN), are not failed with
+// it: the producer sends them on the next connection.
 var ErrConnectionLost = errors.New("sluice: connection to the daemon lost before the record was acknowledged; it may or may not have been delivered")
 
 // ErrClosed: the producer was closed (or failed for good) before the record was sent, or

@@ -516,7 +516,7 @@ var messageMakers = map[string]func(*decoder) (Message, error){
 			case "topic":
 				return d.setStr(&m.Topic, 0)
 			case "records":
-				recs, err := d.records()
+				recs, err := d.records(MaxProduceRecords)
 				m.Records = recs
 				return 1, err
 			case "ack":
@@ -669,11 +669,14 @@ func decodeStats(d *decoder) (Message, error) {
 	})
 }
 
-// records reads the "records" array of a Produce.
-func (d *decoder) records() ([]Record, error) {
+// records reads the "records" array of a Produce, at most limit of them.
+func (d *decoder) records(limit int) ([]Record, error) {
 	n, err := d.arrayLen()
 	if err != nil {
 		return nil, err
+	}
+	if n > limit {
+		return nil, fmt.Errorf("%d records; at most %d", n, limit)
 	}
 	recs := make([]Record, n)
 	for i := range recs {

@@ -235,3 +235,29 @@ func TestRecordSizeBoundIsAnUpperBound(t *testing.T) {
 		}
 	}
 }
+
+func TestProduceRecordsAreCapped(t *testing.T) {
+	frame, err := EncodeFrame(&Produce{Topic: "t", Records: make([]Record, MaxProduceRecords)})
+	if err != nil {
+		t.Fatalf("%d records: %v", MaxProduceRecords, err)
+	}
+	if _, err := DecodeFrame(frame); err != nil {
+		t.Fatalf("decoding %d records: %v", MaxProduceRecords, err)
+	}
+	var pe *ProtocolError
+	if _, err := EncodeFrame(&Produce{Topic: "t", Records: make([]Record, MaxProduceRecords+1)}); !errors.As(err, &pe) {
+		t.Fatalf("encoding one record more: %v", err)
+	}
+	// The same body with one more (empty) record: the array32 count + 1, one fixmap 0x80 more.
+	body := bytes.Clone(frame[4:])
+	header := mustHex(t, "dd00010000")
+	i := bytes.Index(body, header)
+	if i < 0 {
+		t.Fatalf("no array32 header of %d in %x", MaxProduceRecords, body[:40])
+	}
+	copy(body[i:], mustHex(t, "dd00010001"))
+	body = append(body[:i+len(header)], append([]byte{0x80}, body[i+len(header):]...)...)
+	if _, err := DecodeBody(body); !errors.As(err, &pe) || !strings.Contains(err.Error(), "at most") {
+		t.Fatalf("decoding one record more: %v", err)
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -54,7 +55,8 @@ type Config struct {
 	// (default DefaultLinger; NoLinger for no waiting).
 	Linger time.Duration
 	// BatchRecords and BatchBytes bound one Produce frame (defaults DefaultBatchRecords,
-	// DefaultBatchBytes; BatchBytes is at most MaxFrameBytes). A full batch is sent at once.
+	// DefaultBatchBytes; at most MaxProduceRecords and MaxFrameBytes). A full batch is sent
+	// at once.
 	BatchRecords int
 	BatchBytes   int
 	// MaxInFlightRecords and MaxInFlightBytes bound the records sent but not yet complete
@@ -92,6 +94,7 @@ func (c Config) withDefaults() Config {
 	if c.BatchRecords <= 0 {
 		c.BatchRecords = DefaultBatchRecords
 	}
+	c.BatchRecords = min(c.BatchRecords, MaxProduceRecords)
 	if c.BatchBytes <= 0 {
 		c.BatchBytes = DefaultBatchBytes
 	}
@@ -169,7 +172,7 @@ var ErrDaemonClosed = errors.New("sluice: the daemon closed the connection")
 // batch is the records of one topic that travel in one Produce frame, and their outcome.
 type batch struct {
 	topic string
-	recs  []Record // dropped once the frame is written
+	recs  []Record // kept until the outcome: after SHUTTING_DOWN the batch is sent again
 	n     int      // records
 	bytes int      // sum of recordSizeBound of its records
 	cbs   []func(RecordMetadata, error)
@@ -232,13 +235,15 @@ type session struct {
 //   - Memory: at most Config.MaxInFlightRecords records (and MaxInFlightBytes bytes) are
 //     between Send and their outcome; Send waits for room, or fails with ErrInFlightFull
 //     under Config.FailWhenFull.
-//   - Reconnection: when the connection drops (the daemon restarts, or says SHUTTING_DOWN),
-//     records whose frame was written and not acknowledged fail with a ConnectionLostError
-//     (the daemon may have taken them: sending them again may duplicate them). Records not
-//     yet written stay queued and go out on the next connection, so they are neither lost
-//     nor duplicated; Send keeps accepting meanwhile. The producer re-says Hello and
-//     refreshes its topics. After Config.ReconnectTimeout without a connection it fails for
-//     good: every queued record and later Send fail with ErrClosed.
+//   - Reconnection: when the connection drops, the producer connects again, re-says Hello
+//     and refreshes its topics; Send keeps accepting meanwhile. Records not yet written stay
+//     queued and go out on the next connection, so they are neither lost nor duplicated. When
+//     the daemon said SHUTTING_DOWN first, the frames it left unanswered were never read
+//     (docs/PROTOCOL.md: it answers every frame it read before that), so they are sent again
+//     too. After any other drop, records whose frame was written and not acknowledged fail
+//     with a ConnectionLostError: the daemon may have read them, so sending them again may
+//     duplicate them. After Config.ReconnectTimeout without a connection the producer fails
+//     for good: every queued record and later Send fail with ErrClosed.
 //   - Fatal errors other than SHUTTING_DOWN (NOT_ALLOWED, UNSUPPORTED_PROTOCOL_VERSION,
 //     BAD_FRAME, UNEXPECTED_MESSAGE) and protocol errors fail the producer at once: they
 //     would only repeat.
@@ -377,13 +382,11 @@ func checkRecord(topic string, rec *Record, info *TopicInfo) error {
 	if !rec.Timestamp.IsZero() && rec.Timestamp.UnixMilli() < 0 {
 		return fmt.Errorf("sluice: timestamp %v is before the epoch", rec.Timestamp)
 	}
-	size := len(rec.Key) + len(rec.Value)
-	for _, h := range rec.Headers {
-		size += len(h.Key) + len(h.Value)
-	}
-	if uint64(size) > info.MaxRequestSize || recordSizeBound(rec)+produceOverheadBound(topic) > MaxFrameBytes {
+	body := recordBodySize(rec)
+	if int64(body) > int64(info.MaxRequestSize)-batchOverhead || recordSizeBound(rec)+produceOverheadBound(topic) > MaxFrameBytes {
 		return &Error{Code: CodeMessageTooLarge, Name: "MESSAGE_TOO_LARGE",
-			Message: fmt.Sprintf("record of %d bytes; the topic's max_request_size is %d", size, info.MaxRequestSize)}
+			Message: fmt.Sprintf("record body of %d bytes; the topic's max_request_size is %d (%d bytes for the batch)",
+				body, info.MaxRequestSize, batchOverhead)}
 	}
 	return nil
 }
@@ -705,7 +708,7 @@ func (p *Producer) resolve(b *batch, results []RecordResult, err error) {
 	if !ok {
 		return
 	}
-	b.results, b.err = results, err
+	b.results, b.err, b.recs = results, err, nil
 	for i, cb := range b.cbs { // before done closes: once a Future is done, so are the callbacks
 		if cb != nil {
 			cb(b.result(i))
@@ -810,9 +813,7 @@ func (p *Producer) write(s *session, w *bufio.Writer, enc *Encoder, ctrl []*requ
 			p.resolve(b, nil, err)
 			continue
 		}
-		// From here on the batch counts as written: its outcome is the daemon's to tell, and
-		// the caller's buffers are no longer needed.
-		b.recs = nil
+		// From here on the batch counts as written: its outcome is the daemon's to tell.
 		p.mu.Lock()
 		p.inflight[seq] = b
 		p.mu.Unlock()
@@ -849,13 +850,29 @@ func (p *Producer) sayGoodbye(s *session, w *bufio.Writer, enc *Encoder) error {
 	return ErrClosed
 }
 
-// endSession fails the batches that were written on s and not acknowledged, and puts the
-// requests still waiting for a reply back in the queue (asking again is harmless).
+// endSession settles the batches that were written on s and not acknowledged: after the
+// daemon's SHUTTING_DOWN they were never read (it answers every frame it read first), so they
+// go back to the head of the queue, in their order, for the next connection; after any other
+// end their outcome is unknown and they fail with a ConnectionLostError. The requests still
+// waiting for a reply go back in the queue too (asking again is harmless).
 func (p *Producer) endSession(s *session, cause error) {
 	p.mu.Lock()
 	lost := p.inflight
 	p.inflight = make(map[uint64]*batch)
 	p.mu.Unlock()
+	if errors.Is(cause, ErrShuttingDown) {
+		seqs := make([]uint64, 0, len(lost))
+		for seq := range lost {
+			seqs = append(seqs, seq)
+		}
+		slices.Sort(seqs)
+		unread := make([]*batch, len(seqs))
+		for i, seq := range seqs {
+			unread[i] = lost[seq]
+		}
+		p.requeue(nil, unread)
+		lost = nil
+	}
 	for _, b := range lost {
 		p.resolve(b, nil, &ConnectionLostError{Cause: cause})
 	}

@@ -322,12 +322,17 @@ func TestKnownTopicIsLookedUpOnce(t *testing.T) {
 	}
 }
 
+// The size check is the daemon's (PROTOCOL.md, "Record size"): with max_request_size
+// 1,048,576 and a 1-byte key, the largest value is 1,048,480 bytes.
 func TestTooLargeRecordFailsBeforeSending(t *testing.T) {
 	d := newFakeDaemon(t)
 	p := connect(t, d.config())
-	_, err := p.Send(testCtx(t), "t", Record{Value: make([]byte, 1<<20+1)})
+	if _, err := p.Send(testCtx(t), "t", Record{Key: []byte("k"), Value: make([]byte, 1_048_480)}); err != nil {
+		t.Fatalf("largest record: %v", err)
+	}
+	_, err := p.Send(testCtx(t), "t", Record{Key: []byte("k"), Value: make([]byte, 1_048_481)})
 	if !errors.Is(err, ErrMessageTooLarge) {
-		t.Fatalf("got %v", err)
+		t.Fatalf("one byte more: %v", err)
 	}
 	_, err = p.Send(testCtx(t), "t", Record{Timestamp: time.UnixMilli(-5)})
 	if err == nil {
@@ -448,14 +453,14 @@ func TestNewerWelcomeVersionIsAProtocolError(t *testing.T) {
 	}
 }
 
-// The connection drops (SHUTTING_DOWN) with a frame written and not acknowledged: that
-// record fails with ErrConnectionLost; the producer connects again, says Hello, refreshes
-// its topic, and later records are delivered.
-func TestReconnectAfterShuttingDown(t *testing.T) {
+// The connection drops without a word with a frame written and not acknowledged: that
+// record fails with ErrConnectionLost (the daemon may have read it); the producer connects
+// again, says Hello, refreshes its topic, and later records are delivered.
+func TestHangUpFailsTheUnacknowledgedAndReconnects(t *testing.T) {
 	d := newFakeDaemon(t)
 	d.produce = func(n int, m *Produce) (Message, bool) {
 		if n == 0 {
-			return &ErrorReply{Code: CodeShuttingDown, Name: "SHUTTING_DOWN", Message: "SIGTERM", Fatal: true}, true
+			return nil, true
 		}
 		return d.ack(m), false
 	}
@@ -467,7 +472,7 @@ func TestReconnectAfterShuttingDown(t *testing.T) {
 	}
 	_, err = lost.Wait(ctx)
 	var cl *ConnectionLostError
-	if !errors.Is(err, ErrConnectionLost) || !errors.Is(err, ErrShuttingDown) || !errors.As(err, &cl) || !IsRetriable(err) {
+	if !errors.Is(err, ErrConnectionLost) || !errors.Is(err, ErrDaemonClosed) || !errors.As(err, &cl) || !IsRetriable(err) {
 		t.Fatalf("record on the dropped connection: %v", err)
 	}
 	f, err := p.Send(ctx, "t", Record{Value: []byte("after")})
@@ -484,6 +489,49 @@ func TestReconnectAfterShuttingDown(t *testing.T) {
 	defer d.mu.Unlock()
 	if d.hellos != 2 || d.lookups["t"] != 2 {
 		t.Fatalf("hellos %d, lookups %d: want 2 and 2 (re-Hello, re-lookup)", d.hellos, d.lookups["t"])
+	}
+}
+
+// After SHUTTING_DOWN the frames the daemon left unanswered were never read (PROTOCOL.md,
+// daemon shutdown): they go out again on the next connection, in their order, and succeed.
+func TestShuttingDownResendsTheUnansweredFrames(t *testing.T) {
+	d := newFakeDaemon(t)
+	var first []*Produce
+	d.produce = func(n int, m *Produce) (Message, bool) {
+		if n > 0 {
+			return d.ack(m), false
+		}
+		first = append(first, m)
+		if len(first) < 3 {
+			return nil, false // read, as far as the test goes, but answered below
+		}
+		return &ErrorReply{Code: CodeShuttingDown, Name: "SHUTTING_DOWN", Message: "SIGTERM", Fatal: true}, true
+	}
+	cfg := d.config()
+	cfg.BatchRecords = 2
+	p := connect(t, cfg)
+	ctx := testCtx(t)
+	var futs []Future
+	for i := 0; i < 6; i++ {
+		f, err := p.Send(ctx, "t", Record{Value: []byte{byte(i)}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		futs = append(futs, f)
+	}
+	for i, f := range futs {
+		if _, err := f.Wait(ctx); err != nil {
+			t.Fatalf("record %d: %v", i, err)
+		}
+	}
+	var again []byte
+	for _, m := range d.produced()[3:] {
+		for _, r := range m.Records {
+			again = append(again, r.Value[0])
+		}
+	}
+	if string(again) != "\x00\x01\x02\x03\x04\x05" || p.Reconnects() != 1 {
+		t.Fatalf("sent again after SHUTTING_DOWN: %v (want 0..5 in order); reconnects %d", again, p.Reconnects())
 	}
 }
 

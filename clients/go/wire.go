@@ -21,6 +21,14 @@ const ProtocolVersion = 1
 // counted).
 const MaxFrameBytes = 16 * 1024 * 1024
 
+// MaxProduceRecords is the most records one Produce may carry.
+const MaxProduceRecords = 65_536
+
+// batchOverhead is what the daemon sets aside from a topic's max_request_size for the batch
+// header and the record's prefix: a record body above max_request_size - batchOverhead is
+// refused with MESSAGE_TOO_LARGE (docs/PROTOCOL.md, "Record size").
+const batchOverhead = 90
+
 // Message is any message of the protocol. The concrete types are the structs of this file,
 // always used as pointers (*Hello, *ProduceAck, ...).
 type Message interface {
@@ -301,6 +309,9 @@ func (m *TopicLookup) encode(e *msgpack.Encoder) error {
 }
 
 func (m *Produce) encode(e *msgpack.Encoder) error {
+	if len(m.Records) > MaxProduceRecords {
+		return protocolErrorf("Produce of %d records; at most %d", len(m.Records), MaxProduceRecords)
+	}
 	hasAck, hasSeq := m.Ack, m.Seq != 0
 	if err := header(e, m, 2+count(hasAck, hasSeq)); err != nil {
 		return err
@@ -405,6 +416,36 @@ func recordSizeBound(r *Record) int {
 	n := fixed + len(r.Key) + len(r.Value)
 	for _, h := range r.Headers {
 		n += perHeader + len(h.Key) + len(h.Value)
+	}
+	return n
+}
+
+// varintLen is the size of Kafka's zig-zag varint of n.
+func varintLen(n int64) int {
+	u := uint64(n<<1) ^ uint64(n>>63)
+	size := 1
+	for u >= 0x80 {
+		u >>= 7
+		size++
+	}
+	return size
+}
+
+// bytesLen is the size of a nullable byte string in a Kafka record: its varint length (-1 for
+// nil) and its bytes.
+func bytesLen(b []byte) int {
+	if b == nil {
+		return varintLen(-1)
+	}
+	return varintLen(int64(len(b))) + len(b)
+}
+
+// recordBodySize is the record's body as Kafka's RecordBatch v2 encodes key, value and
+// headers: the size the daemon holds against max_request_size.
+func recordBodySize(r *Record) int {
+	n := bytesLen(r.Key) + bytesLen(r.Value) + varintLen(int64(len(r.Headers)))
+	for _, h := range r.Headers {
+		n += varintLen(int64(len(h.Key))) + len(h.Key) + bytesLen(h.Value)
 	}
 	return n
 }
