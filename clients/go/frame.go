@@ -286,33 +286,103 @@ func (d *decoder) str() (string, error) {
 	return string(b), nil
 }
 
-// key reads a map key: the protocol's field names come back as constants, so decoding a
-// message allocates nothing for its keys.
+// key reads a map key: the protocol's field names come back as constants (a switch on the
+// bytes allocates nothing), so decoding a message allocates nothing for its keys.
 func (d *decoder) key() (string, error) {
 	b, err := d.rawStr()
 	if err != nil {
 		return "", err
 	}
-	if k, ok := knownKeys[string(b)]; ok {
-		return k, nil
+	switch string(b) {
+	case "type":
+		return "type", nil
+	case "version":
+		return "version", nil
+	case "client_name":
+		return "client_name", nil
+	case "pid":
+		return "pid", nil
+	case "workers_expected":
+		return "workers_expected", nil
+	case "wants_segment":
+		return "wants_segment", nil
+	case "token":
+		return "token", nil
+	case "segment_bytes":
+		return "segment_bytes", nil
+	case "workers":
+		return "workers", nil
+	case "fd_count":
+		return "fd_count", nil
+	case "topic":
+		return "topic", nil
+	case "records":
+		return "records", nil
+	case "ack":
+		return "ack", nil
+	case "seq":
+		return "seq", nil
+	case "key":
+		return "key", nil
+	case "value":
+		return "value", nil
+	case "headers":
+		return "headers", nil
+	case "partition":
+		return "partition", nil
+	case "timestamp":
+		return "timestamp", nil
+	case "timeout_ms":
+		return "timeout_ms", nil
+	case "request_ring_bytes":
+		return "request_ring_bytes", nil
+	case "completion_ring_bytes":
+		return "completion_ring_bytes", nil
+	case "client_id":
+		return "client_id", nil
+	case "topic_id":
+		return "topic_id", nil
+	case "partitions":
+		return "partitions", nil
+	case "profile":
+		return "profile", nil
+	case "max_request_size":
+		return "max_request_size", nil
+	case "on_full":
+		return "on_full", nil
+	case "max_block_ms":
+		return "max_block_ms", nil
+	case "batch_size":
+		return "batch_size", nil
+	case "linger_ms":
+		return "linger_ms", nil
+	case "results":
+		return "results", nil
+	case "offset":
+		return "offset", nil
+	case "error_code":
+		return "error_code", nil
+	case "error_name":
+		return "error_name", nil
+	case "complete":
+		return "complete", nil
+	case "pending":
+		return "pending", nil
+	case "failed":
+		return "failed", nil
+	case "stats":
+		return "stats", nil
+	case "code":
+		return "code", nil
+	case "name":
+		return "name", nil
+	case "message":
+		return "message", nil
+	case "fatal":
+		return "fatal", nil
 	}
 	return string(b), nil
 }
-
-// knownKeys maps every field name of the protocol to itself.
-var knownKeys = func() map[string]string {
-	names := []string{"type", "version", "client_name", "pid", "workers_expected", "wants_segment", "token",
-		"segment_bytes", "workers", "fd_count", "topic", "records", "ack", "seq", "key", "value", "headers",
-		"partition", "timestamp", "timeout_ms", "request_ring_bytes", "completion_ring_bytes", "client_id",
-		"topic_id", "partitions", "profile", "max_request_size", "on_full", "max_block_ms", "batch_size",
-		"linger_ms", "results", "offset", "error_code", "error_name", "complete", "pending", "failed", "stats",
-		"code", "name", "message", "fatal"}
-	m := make(map[string]string, len(names))
-	for _, n := range names {
-		m[n] = n
-	}
-	return m
-}()
 
 // binOrNil returns nil for msgpack nil and a non-nil slice (empty for bin of length 0) for bin.
 func (d *decoder) binOrNil() ([]byte, error) {
