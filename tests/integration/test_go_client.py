@@ -7,7 +7,8 @@ partition, offset, timestamp, outcome) is checked against what an independent re
 against librdkafka's own murmur2 partitioner, not against Sluice's code.
 
 The Go unit tests (codec, conformance vectors, the Producer against an in-memory daemon) run
-here too, so the README's single test command covers them. Everything is skipped, with the
+here too, so the README's single test command covers them, and so does one quick benchmark
+case with the Go client as the runner. Everything is skipped, with the
 reason, only when the Go toolchain is not installed.
 """
 
@@ -18,6 +19,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -246,3 +248,20 @@ def test_context_timeouts(sluice_daemon, new_topic, go_produce) -> None:
     )
     assert again.returncode == 0, again.stdout + again.stderr
     assert _summary(again.stdout)["acked"] == 100
+
+
+@pytest.mark.integration
+def test_bench_runs_the_go_client(kafka_bootstrap, tmp_path) -> None:
+    """`python -m bench --sluice go`: one quick case, valid and counted by the harness's reader."""
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--scenario", "single", "--peers", "none", "--sluice", "go",
+         "--workers", "1", "--records", "5000", "--bootstrap", kafka_bootstrap,
+         "--results-dir", str(tmp_path / "results"), "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (r,) = json.loads(out.read_text())["results"]
+    assert (r["runner"], r["status"]) == ("sluice-go", "valid"), r["reason"]
+    assert r["records_sent"] == r["records_read"] == 5000
+    assert r["cpu_s"]["clients"] > 0 and r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
