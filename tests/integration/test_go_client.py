@@ -135,7 +135,7 @@ def test_keyed_records_with_headers_arrive_once_where_the_acks_say(
         seen.add(i)
         assert r.key == _key(i)
         assert r.headers == [("i", b"%d" % i), ("run", summary["run"].encode()), ("nothing", None)]
-        assert (r.partition, r.offset) == acks[i][:2], f"record {i}: Kafka has {(r.partition, r.offset)}, its ack said {acks[i][:2]}"
+        assert (r.partition, r.offset) == acks[i][:2], f"record {i}: in Kafka at {(r.partition, r.offset)}, acked {acks[i][:2]}"
         # Send's order is kept per partition.
         assert r.offset > last_offset.get(r.partition, -1) and i > last_index.get(r.partition, -1)
         last_offset[r.partition], last_index[r.partition] = r.offset, i
