@@ -32,6 +32,10 @@ const NoLinger = time.Duration(-1)
 // NoReconnect as Config.ReconnectTimeout fails the producer when its connection drops.
 const NoReconnect = time.Duration(-1)
 
+// goodbyeTimeout bounds Close's wait for the daemon to hang up after Goodbye (it does at once
+// when nothing is pending, which Close's flush made sure of), whatever Close's context.
+const goodbyeTimeout = 10 * time.Second
+
 // writeBufferBytes is the buffer in front of the socket: small frames written in a row go
 // out in one write.
 const writeBufferBytes = 256 * 1024
@@ -73,6 +77,11 @@ type Config struct {
 	ReconnectTimeout time.Duration
 	// Dial opens a connection to the daemon (default: the Unix socket at SocketPath).
 	Dial func(ctx context.Context) (net.Conn, error)
+	// OnDisconnect, when set, is called (on the producer's sending goroutine) each time a
+	// connection ends other than by Close, with the cause: an *Error such as
+	// SHUTTING_DOWN, ErrDaemonClosed, an I/O or protocol error. The producer then reconnects
+	// or, for a fatal cause, fails. For logs; it must return quickly.
+	OnDisconnect func(cause error)
 }
 
 func (c Config) withDefaults() Config {
@@ -318,8 +327,10 @@ func (p *Producer) Send(ctx context.Context, topic string, rec Record) (Future, 
 }
 
 // SendFunc is Send with a callback instead of a Future: cb gets the record's outcome, on the
-// producer's reading goroutine, so it must return quickly. When SendFunc returns an error, cb
-// is not called. Flush returns after the callbacks of the records it waited for have run.
+// producer's reading goroutine, so it must return quickly and must not wait for the producer
+// (a Send that waits for room would wait forever: the outcomes that make room come on that
+// goroutine). When SendFunc returns an error, cb is not called. Flush returns after the
+// callbacks of the records it waited for have run.
 func (p *Producer) SendFunc(ctx context.Context, topic string, rec Record, cb func(RecordMetadata, error)) error {
 	_, err := p.send(ctx, topic, &rec, cb)
 	return err
@@ -527,8 +538,8 @@ func (p *Producer) Flush(ctx context.Context) error {
 	return nil
 }
 
-// Close flushes (see Flush), says Goodbye, waits for the daemon to close the connection and
-// returns. When ctx ends first, the connection is closed at once: records whose frame was
+// Close flushes (see Flush), says Goodbye, waits for the daemon to close the connection (at
+// most 10 s) and returns. When ctx ends first, the connection is closed at once: records whose frame was
 // written fail with a ConnectionLostError, the others with ErrClosed, and Close returns
 // ctx.Err(). Send fails with ErrClosed once Close has begun. Close returns the producer's
 // earlier failure, if it had failed for good.
@@ -729,6 +740,9 @@ func (p *Producer) run(s *session) {
 			p.fail(ErrClosed)
 			return
 		}
+		if p.cfg.OnDisconnect != nil {
+			p.cfg.OnDisconnect(cause)
+		}
 		if permanent(cause) {
 			p.fail(cause)
 			return
@@ -843,6 +857,7 @@ func (p *Producer) sayGoodbye(s *session, w *bufio.Writer, enc *Encoder) error {
 		select {
 		case <-s.dead: // the daemon sent what was pending and closed
 		case <-p.abort:
+		case <-time.After(goodbyeTimeout):
 		}
 	}
 	_ = s.conn.Close()

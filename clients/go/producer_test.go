@@ -464,7 +464,10 @@ func TestHangUpFailsTheUnacknowledgedAndReconnects(t *testing.T) {
 		}
 		return d.ack(m), false
 	}
-	p := connect(t, d.config())
+	cfg := d.config()
+	causes := make(chan error, 10)
+	cfg.OnDisconnect = func(cause error) { causes <- cause }
+	p := connect(t, cfg)
 	ctx := testCtx(t)
 	lost, err := p.Send(ctx, "t", Record{Value: []byte("lost")})
 	if err != nil {
@@ -484,6 +487,9 @@ func TestHangUpFailsTheUnacknowledgedAndReconnects(t *testing.T) {
 	}
 	if p.Reconnects() != 1 || p.Welcome().ClientID != 2 {
 		t.Fatalf("reconnects %d, client id %d", p.Reconnects(), p.Welcome().ClientID)
+	}
+	if len(causes) != 1 || !errors.Is(<-causes, ErrDaemonClosed) {
+		t.Fatalf("OnDisconnect called %d times, want once with ErrDaemonClosed", len(causes)+1)
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()

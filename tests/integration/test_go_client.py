@@ -175,6 +175,7 @@ def test_reconnects_across_a_daemon_restart(start_sluice, new_topic, read_topic,
             proc.communicate()
     summary = _summary(out)
     assert summary["reconnects"] >= 1, (summary, err)
+    assert len(summary["disconnects"]) == summary["reconnects"], summary  # each drop, then a new connection
     assert summary["sent"] == n and summary["refused"] == 0 and summary["pending"] == 0, summary
     assert set(summary["errors"]) <= {"CONNECTION_LOST"}, summary
     assert summary["acked"] + summary["failed"] == n

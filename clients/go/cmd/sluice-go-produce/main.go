@@ -3,7 +3,8 @@
 //
 //	{"sent":…, "acked":…, "failed":…, "refused":…, "pending":…, "errors":{NAME:count},
 //	 "first_error":…, "timed_out":…, "elapsed_s":…, "records_per_s":…, "cpu_s":…,
-//	 "latency_ms":{"p50":…, "p99":…, "p999":…}, "reconnects":…, "client_id":…}
+//	 "latency_ms":{"p50":…, "p99":…, "p999":…}, "reconnects":…, "disconnects":[cause, …],
+//	 "client_id":…, "run":…}
 //
 // sent: records Send accepted; acked/failed: their outcomes; refused: Send failed; pending:
 // no outcome when -timeout passed (timed_out). Latency is per record, Send to its
@@ -154,6 +155,7 @@ type summary struct {
 	CPUS        float64            `json:"cpu_s"`
 	LatencyMS   map[string]float64 `json:"latency_ms"`
 	Reconnects  int64              `json:"reconnects"`
+	Disconnects []string           `json:"disconnects"`
 	ClientID    uint64             `json:"client_id"`
 	Run         string             `json:"run"`
 }
@@ -195,10 +197,17 @@ func fatal(code int, format string, args ...any) {
 
 func main() {
 	o := parseFlags()
+	var disconnects []string // the causes, in order; read after Close
+	var disconnectsMu sync.Mutex
 	ctx, cancel := context.WithTimeout(context.Background(), o.connectTimeout)
 	p, err := sluice.Connect(ctx, sluice.Config{
 		SocketPath: o.socket, ClientName: o.name, Linger: o.linger, BatchRecords: o.frameRecords,
 		BatchBytes: o.batchBytes, MaxInFlightRecords: o.inFlight, ReconnectTimeout: o.reconnectTimeout,
+		OnDisconnect: func(cause error) {
+			disconnectsMu.Lock()
+			disconnects = append(disconnects, cause.Error())
+			disconnectsMu.Unlock()
+		},
 	})
 	if err == nil {
 		_, err = p.Lookup(ctx, o.topic)
@@ -302,6 +311,9 @@ func main() {
 		s.FirstError = "close: " + err.Error()
 	}
 	closeCancel()
+	disconnectsMu.Lock()
+	s.Disconnects = append([]string{}, disconnects...)
+	disconnectsMu.Unlock()
 	if o.results != "" {
 		if err := writeResults(o.results, outcomes); err != nil {
 			fatal(2, "writing %s: %v", o.results, err)
