@@ -36,6 +36,9 @@ const NoReconnect = time.Duration(-1)
 // when nothing is pending, which Close's flush made sure of), whatever Close's context.
 const goodbyeTimeout = 10 * time.Second
 
+// defaultFlushTimeout is the Flush request's timeout_ms when Flush's context has no deadline.
+const defaultFlushTimeout = 5 * time.Minute
+
 // writeBufferBytes is the buffer in front of the socket: small frames written in a row go
 // out in one write.
 const writeBufferBytes = 256 * 1024
@@ -181,6 +184,7 @@ var ErrDaemonClosed = errors.New("sluice: the daemon closed the connection")
 // batch is the records of one topic that travel in one Produce frame, and their outcome.
 type batch struct {
 	topic string
+	ack   bool     // acknowledged (Send) or fire-and-forget (Produce)
 	recs  []Record // kept until the outcome: after SHUTTING_DOWN the batch is sent again
 	n     int      // records
 	bytes int      // sum of recordSizeBound of its records
@@ -262,17 +266,20 @@ type Producer struct {
 
 	mu       sync.Mutex
 	topics   map[string]*topicEntry
-	open     map[string]*batch
+	open     map[batchKey]*batch
 	queue    []*batch // closed, not yet written, in order
 	ctrl     []*request
 	inflight map[uint64]*batch // written, waiting for the ProduceAck, by seq
 	pending  map[*batch]struct{}
 	seq      uint64
-	closing  bool
-	failed   error // what Send returns once the producer is over (wraps ErrClosed)
-	cause    error // why it is over, when that is not Close
-	welcome  *Welcome
-	current  *session // the latest connection
+	// Fire-and-forget records were written since the last Flush request went out: the next
+	// Flush asks the daemon (FlushDone) rather than only waiting for acknowledgements.
+	unflushed bool
+	closing   bool
+	failed    error // what Send returns once the producer is over (wraps ErrClosed)
+	cause     error // why it is over, when that is not Close
+	welcome   *Welcome
+	current   *session // the latest connection
 
 	wake       chan struct{} // a batch closed or a request queued
 	goodbye    chan struct{} // closed by Close once its flush is over
@@ -281,6 +288,14 @@ type Producer struct {
 	byeOnce    sync.Once
 	abortOnce  sync.Once
 	reconnects atomic.Int64
+	// Records the daemon counted as failed in its FlushDone answers.
+	flushFailed atomic.Uint64
+}
+
+// batchKey: a topic's acknowledged and fire-and-forget records travel in separate frames.
+type batchKey struct {
+	topic string
+	ack   bool
 }
 
 // Connect says Hello to the daemon and returns a Producer once it answered Welcome. ctx
@@ -292,7 +307,7 @@ func Connect(ctx context.Context, cfg Config) (*Producer, error) {
 		cfg:      cfg,
 		budget:   budget{maxRecords: cfg.MaxInFlightRecords, maxBytes: cfg.MaxInFlightBytes},
 		topics:   make(map[string]*topicEntry),
-		open:     make(map[string]*batch),
+		open:     make(map[batchKey]*batch),
 		inflight: make(map[uint64]*batch),
 		pending:  make(map[*batch]struct{}),
 		wake:     make(chan struct{}, 1),
@@ -323,8 +338,24 @@ func (p *Producer) Reconnects() int64 { return p.reconnects.Load() }
 // An unknown topic or a record larger than the topic's max_request_size fails here with its
 // *Error, before anything is sent.
 func (p *Producer) Send(ctx context.Context, topic string, rec Record) (Future, error) {
-	return p.send(ctx, topic, &rec, nil)
+	return p.send(ctx, topic, &rec, nil, true)
 }
+
+// Produce sends rec fire-and-forget: in Produce frames with ack=false, which the daemon never
+// answers. Nothing is kept once the frame is written; the daemon counts the record's failure
+// in its stats and in the next FlushDone (see FlushFailed), and Flush waits until the daemon
+// has completed it. A record whose frame was in flight when the connection dropped is
+// neither reported nor sent again (its outcome is unknown). Errors are Send's: refused
+// before anything is sent.
+func (p *Producer) Produce(ctx context.Context, topic string, rec Record) error {
+	_, err := p.send(ctx, topic, &rec, nil, false)
+	return err
+}
+
+// FlushFailed returns how many records the daemon reported failed in its FlushDone answers to
+// this producer's Flushes: the fire-and-forget records' failures (acknowledged records'
+// failures, counted there too, also came with their outcomes).
+func (p *Producer) FlushFailed() uint64 { return p.flushFailed.Load() }
 
 // SendFunc is Send with a callback instead of a Future: cb gets the record's outcome, on the
 // producer's reading goroutine, so it must return quickly and must not wait for the producer
@@ -332,11 +363,11 @@ func (p *Producer) Send(ctx context.Context, topic string, rec Record) (Future, 
 // goroutine). When SendFunc returns an error, cb is not called. Flush returns after the
 // callbacks of the records it waited for have run.
 func (p *Producer) SendFunc(ctx context.Context, topic string, rec Record, cb func(RecordMetadata, error)) error {
-	_, err := p.send(ctx, topic, &rec, cb)
+	_, err := p.send(ctx, topic, &rec, cb, true)
 	return err
 }
 
-func (p *Producer) send(ctx context.Context, topic string, rec *Record, cb func(RecordMetadata, error)) (Future, error) {
+func (p *Producer) send(ctx context.Context, topic string, rec *Record, cb func(RecordMetadata, error), ack bool) (Future, error) {
 	info, err := p.Lookup(ctx, topic)
 	if err != nil {
 		return Future{}, err
@@ -355,14 +386,15 @@ func (p *Producer) send(ctx context.Context, topic string, rec *Record, cb func(
 		return Future{}, err
 	}
 	limit := p.cfg.BatchBytes - produceOverheadBound(topic)
-	b := p.open[topic]
+	key := batchKey{topic, ack}
+	b := p.open[key]
 	if b != nil && b.bytes+size > limit {
 		p.closeBatchLocked(b)
 		b = nil
 	}
 	if b == nil {
-		b = &batch{topic: topic, done: make(chan struct{})}
-		p.open[topic] = b
+		b = &batch{topic: topic, ack: ack, done: make(chan struct{})}
+		p.open[key] = b
 		p.pending[b] = struct{}{}
 		b.timer = time.AfterFunc(p.cfg.Linger, func() { p.lingerOver(b) })
 	}
@@ -414,8 +446,8 @@ func (p *Producer) unusableLocked() error {
 
 // closeBatchLocked moves b from the open batches to the queue (p.mu held).
 func (p *Producer) closeBatchLocked(b *batch) {
-	if p.open[b.topic] == b {
-		delete(p.open, b.topic)
+	if key := (batchKey{b.topic, b.ack}); p.open[key] == b {
+		delete(p.open, key)
 	}
 	b.timer.Stop()
 	p.queue = append(p.queue, b)
@@ -424,7 +456,7 @@ func (p *Producer) closeBatchLocked(b *batch) {
 
 func (p *Producer) lingerOver(b *batch) {
 	p.mu.Lock()
-	if p.open[b.topic] == b {
+	if p.open[batchKey{b.topic, b.ack}] == b {
 		p.closeBatchLocked(b)
 	}
 	p.mu.Unlock()
@@ -487,29 +519,36 @@ func (p *Producer) looked(topic string, e *topicEntry, m Message, err error) {
 
 // Stats returns the daemon's counters (StatsRequest).
 func (p *Producer) Stats(ctx context.Context) (map[string]any, error) {
+	m, err := p.ask(ctx, &StatsRequest{})
+	if err != nil {
+		return nil, err
+	}
+	reply, ok := m.(*StatsReply)
+	if !ok {
+		return nil, protocolErrorf("%s in answer to StatsRequest", m.MessageType())
+	}
+	return reply.Stats, nil
+}
+
+// ask sends a request and waits for its reply (a non-fatal ErrorReply is an *Error), or for
+// ctx to end. Close does not stop it: its own Flush asks too.
+func (p *Producer) ask(ctx context.Context, msg Message) (Message, error) {
 	type answer struct {
 		m   Message
 		err error
 	}
 	ch := make(chan answer, 1)
 	p.mu.Lock()
-	if err := p.unusableLocked(); err != nil {
+	if p.failed != nil {
 		p.mu.Unlock()
-		return nil, err
+		return nil, p.failed
 	}
-	p.ctrl = append(p.ctrl, &request{msg: &StatsRequest{}, done: func(m Message, err error) { ch <- answer{m, err} }})
+	p.ctrl = append(p.ctrl, &request{msg: msg, done: func(m Message, err error) { ch <- answer{m, err} }})
 	p.signal()
 	p.mu.Unlock()
 	select {
 	case a := <-ch:
-		if a.err != nil {
-			return nil, a.err
-		}
-		reply, ok := a.m.(*StatsReply)
-		if !ok {
-			return nil, protocolErrorf("%s in answer to StatsRequest", a.m.MessageType())
-		}
-		return reply.Stats, nil
+		return a.m, a.err
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
@@ -517,7 +556,10 @@ func (p *Producer) Stats(ctx context.Context) (map[string]any, error) {
 
 // Flush sends every open batch at once and waits until every record sent before the call
 // has its outcome, or ctx ends (then it returns ctx.Err()). The outcomes themselves are the
-// Futures'; Flush does not fail for a failed record.
+// Futures'; Flush does not fail for a failed record. When fire-and-forget records (Produce)
+// were written since the last Flush, it then asks the daemon to flush (a Flush request,
+// bounded by ctx's deadline or defaultFlushTimeout) and adds the FlushDone's failed count to
+// FlushFailed; a FlushDone that is not complete is an error.
 func (p *Producer) Flush(ctx context.Context) error {
 	p.mu.Lock()
 	for _, b := range p.open {
@@ -534,6 +576,29 @@ func (p *Producer) Flush(ctx context.Context) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		}
+	}
+	p.mu.Lock()
+	ask := p.unflushed
+	p.unflushed = false
+	p.mu.Unlock()
+	if !ask {
+		return nil
+	}
+	timeout := defaultFlushTimeout
+	if deadline, ok := ctx.Deadline(); ok {
+		timeout = max(time.Until(deadline), time.Millisecond)
+	}
+	m, err := p.ask(ctx, &Flush{TimeoutMS: uint64(timeout.Milliseconds())})
+	if err != nil {
+		return err
+	}
+	done, ok := m.(*FlushDone)
+	if !ok {
+		return protocolErrorf("%s in answer to Flush", m.MessageType())
+	}
+	p.flushFailed.Add(done.Failed)
+	if !done.Complete {
+		return fmt.Errorf("sluice: the daemon's flush timed out with %d records pending", done.Pending)
 	}
 	return nil
 }
@@ -818,6 +883,25 @@ func (p *Producer) write(s *session, w *bufio.Writer, enc *Encoder, ctrl []*requ
 		}
 	}
 	for i, b := range queue {
+		if !b.ack {
+			frame, err := enc.Encode(&Produce{Topic: b.topic, Records: b.recs})
+			if err == nil {
+				_, err = w.Write(frame)
+			}
+			// Written or not, nothing more is known of it: its room is free.
+			p.resolve(b, nil, nil)
+			p.mu.Lock()
+			p.unflushed = true
+			p.mu.Unlock()
+			if err != nil {
+				if _, ok := err.(*ProtocolError); ok {
+					continue // checkRecord refuses what the encoder would; this would be a bug
+				}
+				p.requeue(nil, queue[i+1:])
+				return err
+			}
+			continue
+		}
 		p.mu.Lock()
 		p.seq++
 		seq := p.seq
@@ -1003,7 +1087,7 @@ func (p *Producer) fail(err error) {
 		left = append(left, b)
 		b.timer.Stop()
 	}
-	p.open = make(map[string]*batch)
+	p.open = make(map[batchKey]*batch)
 	p.queue = nil
 	ctrl := p.ctrl
 	p.ctrl = nil

@@ -35,6 +35,8 @@ type fakeDaemon struct {
 	produces []*Produce
 	offsets  map[int32]int64
 	goodbyes int
+	flushes  int
+	failed   uint64 // FlushDone.failed of the next Flush
 }
 
 func newFakeDaemon(t *testing.T) *fakeDaemon {
@@ -137,15 +139,24 @@ func (d *fakeDaemon) serve(n int, conn net.Conn) {
 			d.mu.Unlock()
 			var reply Message
 			hangUp := false
-			if d.produce != nil {
+			switch {
+			case d.produce != nil:
 				reply, hangUp = d.produce(n, m)
-			} else {
+			case m.Ack:
 				reply = d.ack(m)
 			}
 			if reply != nil && !send(reply) {
 				return
 			}
 			if hangUp {
+				return
+			}
+		case *Flush:
+			d.mu.Lock()
+			d.flushes++
+			failed := d.failed
+			d.mu.Unlock()
+			if !send(&FlushDone{Complete: true, Failed: failed}) {
 				return
 			}
 		case *StatsRequest:
@@ -705,5 +716,53 @@ func TestStats(t *testing.T) {
 	stats, err := p.Stats(testCtx(t))
 	if err != nil || stats["connections"] != int8(1) {
 		t.Fatalf("%v %v", stats, err)
+	}
+}
+
+func TestFireAndForgetIsNeverAnsweredAndFlushAsksTheDaemon(t *testing.T) {
+	d := newFakeDaemon(t)
+	d.failed = 2
+	p := connect(t, d.config())
+	ctx := testCtx(t)
+	acked, err := p.Send(ctx, "t", Record{Value: []byte("acked")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 10; i++ {
+		if err := p.Produce(ctx, "t", Record{Value: []byte{byte(i)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := p.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := acked.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	noAck := 0
+	for _, m := range d.produced() {
+		if !m.Ack {
+			if m.Seq != 0 {
+				t.Fatalf("fire-and-forget frame with seq %d", m.Seq)
+			}
+			noAck += len(m.Records)
+		} else if len(m.Records) != 1 {
+			t.Fatalf("the acknowledged frame holds %d records", len(m.Records))
+		}
+	}
+	d.mu.Lock()
+	flushes := d.flushes
+	d.mu.Unlock()
+	if noAck != 10 || flushes != 1 || p.FlushFailed() != 2 {
+		t.Fatalf("%d fire-and-forget records, %d Flush requests, FlushFailed %d", noAck, flushes, p.FlushFailed())
+	}
+	// Nothing fire-and-forget since: the next Flush does not ask the daemon.
+	if err := p.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.flushes != 1 {
+		t.Fatalf("%d Flush requests", d.flushes)
 	}
 }

@@ -149,6 +149,23 @@ def test_keyed_records_with_headers_arrive_once_where_the_acks_say(
 
 
 @pytest.mark.integration
+def test_fire_and_forget_records_arrive_once(sluice_daemon, new_topic, read_topic, go_produce) -> None:
+    """Produce with ack=false: no ProduceAck, the Flush asks the daemon (FlushDone), and every
+    record is in Kafka once."""
+    topic = new_topic(partitions=3)
+    n = 5000
+    ran = subprocess.run(
+        [go_produce, "-socket", sluice_daemon.socket_path, "-topic", topic, "-count", str(n), "-no-ack", "-keyed"],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+    )
+    assert ran.returncode == 0, f"{ran.stdout}\n{ran.stderr}"
+    summary = _summary(ran.stdout)
+    assert (summary["sent"], summary["acked"], summary["failed"]) == (n, n, 0), summary
+    got = read_topic(topic, n)
+    assert sorted(_index(r.value, summary["run"]) for r in got) == list(range(n))
+
+
+@pytest.mark.integration
 def test_reconnects_across_a_daemon_restart(start_sluice, new_topic, read_topic, go_produce, tmp_path) -> None:
     """The daemon restarts while the client sends: the client connects again and goes on.
     Every acknowledged record is in Kafka once, where its ack said; records whose frame was

@@ -18,6 +18,9 @@
 // "i partition offset timestamp error", error being NONE, a Sluice/Kafka error name,
 // CONNECTION_LOST, CLOSED, PENDING (no outcome by -timeout) or UNSENT.
 //
+// With -no-ack the records go fire-and-forget (ack=false): acked and failed then come from the
+// daemon's FlushDone (completed and failed records), with no latency and no -results.
+//
 // With -wait-start the command connects, builds its records, prints {"ready":true,...} and
 // waits for a line on stdin before it sends (benchmarks start clients together that way).
 //
@@ -55,7 +58,7 @@ type options struct {
 	socket, topic, name, run, results  string
 	count, valueSize, keySize, keys    int
 	frameRecords, batchBytes, inFlight int
-	keyed, headers, waitStart          bool
+	keyed, headers, waitStart, noAck   bool
 	linger, timeout, connectTimeout    time.Duration
 	duration                           time.Duration
 	reconnectTimeout                   time.Duration
@@ -85,10 +88,11 @@ func parseFlags() options {
 	flag.StringVar(&o.name, "name", "sluice-go-produce", "client name in the daemon's logs and stats")
 	flag.StringVar(&o.run, "run", "", "run id in every value (default: random)")
 	flag.StringVar(&o.results, "results", "", "write one line per record's outcome to this file")
+	flag.BoolVar(&o.noAck, "no-ack", false, "fire and forget (Produce with ack=false): acked/failed come from the daemon's FlushDone; no latency, no -results")
 	flag.BoolVar(&o.waitStart, "wait-start", false, "print a ready line and wait for a line on stdin before sending")
 	flag.Int64Var(&o.seed, "seed", 1, "seed of the value padding")
 	flag.Parse()
-	if o.topic == "" || o.count < 0 || flag.NArg() > 0 {
+	if o.topic == "" || o.count < 0 || flag.NArg() > 0 || (o.noAck && o.results != "") {
 		fmt.Fprintln(os.Stderr, "usage: sluice-go-produce -topic T [flags]")
 		flag.PrintDefaults()
 		os.Exit(2)
@@ -237,17 +241,22 @@ func main() {
 	defer cancel()
 	for i := range recs {
 		i := i
-		sentAt[i] = int64(time.Since(t0))
-		err := p.SendFunc(ctx, o.topic, recs[i], func(md sluice.RecordMetadata, err error) {
-			if frozen.Load() {
-				return
-			}
-			lat := int64(time.Since(t0)) - sentAt[i]
-			mu.Lock()
-			outcomes[i].md, outcomes[i].err, outcomes[i].done = md, err, true
-			sentAt[i] = lat
-			mu.Unlock()
-		})
+		var err error
+		if o.noAck {
+			err = p.Produce(ctx, o.topic, recs[i])
+		} else {
+			sentAt[i] = int64(time.Since(t0))
+			err = p.SendFunc(ctx, o.topic, recs[i], func(md sluice.RecordMetadata, err error) {
+				if frozen.Load() {
+					return
+				}
+				lat := int64(time.Since(t0)) - sentAt[i]
+				mu.Lock()
+				outcomes[i].md, outcomes[i].err, outcomes[i].done = md, err, true
+				sentAt[i] = lat
+				mu.Unlock()
+			})
+		}
 		if err != nil {
 			s.Refused++
 			s.Errors[errorName(err)]++
@@ -272,8 +281,11 @@ func main() {
 			}
 		}
 	}
-	if err := p.Flush(ctx); err != nil {
+	flushErr := p.Flush(ctx)
+	if errors.Is(flushErr, context.DeadlineExceeded) {
 		s.TimedOut = true
+	} else if flushErr != nil && s.FirstError == "" {
+		s.FirstError = "flush: " + flushErr.Error()
 	}
 	frozen.Store(true)
 	elapsed := time.Since(t0)
@@ -297,6 +309,14 @@ func main() {
 		}
 	}
 	mu.Unlock()
+	if o.noAck && flushErr == nil {
+		// The daemon's FlushDone counted the failures; the rest completed.
+		s.Failed = int64(p.FlushFailed())
+		s.Acked = s.Sent - s.Failed
+		if s.Failed > 0 {
+			s.Errors["FAILED_PER_FLUSHDONE"] = s.Failed
+		}
+	}
 	s.Pending = s.Sent - s.Acked - s.Failed
 	s.ElapsedS = elapsed.Seconds()
 	if s.ElapsedS > 0 {
