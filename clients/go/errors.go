@@ -115,3 +115,23 @@ func IsRetriable(err error) bool {
 func errorOf(r *RecordResult) *Error {
 	return &Error{Code: r.ErrorCode, Name: r.ErrorName}
 }
+
+// ConnectionLostError fails the records whose Produce frame was written on a connection that
+// dropped before their ProduceAck came. errors.Is(err, ErrConnectionLost) holds; Cause says
+// why the connection ended (an *Error such as SHUTTING_DOWN, an I/O error, ...).
+type ConnectionLostError struct {
+	Cause error
+}
+
+func (e *ConnectionLostError) Error() string {
+	return fmt.Sprintf("%v (%v)", ErrConnectionLost, e.Cause)
+}
+
+// Is makes errors.Is(err, ErrConnectionLost) hold.
+func (e *ConnectionLostError) Is(target error) bool { return target == ErrConnectionLost }
+
+// Unwrap returns the cause.
+func (e *ConnectionLostError) Unwrap() error { return e.Cause }
+
+// ErrDaemonClosed: the daemon closed the connection without saying why.
+var ErrDaemonClosed = errors.New("sluice: the daemon closed the connection")
