@@ -319,6 +319,9 @@ func (p *Producer) SendFunc(ctx context.Context, topic string, rec Record, cb fu
 }
 
 func (p *Producer) send(ctx context.Context, topic string, rec *Record, cb func(RecordMetadata, error), ack bool) (Future, error) {
+	if err := ctx.Err(); err != nil {
+		return Future{}, err
+	}
 	info, err := p.Lookup(ctx, topic)
 	if err != nil {
 		return Future{}, err
