@@ -51,7 +51,8 @@ import (
 // paceEvery is how many records go between two looks at the clock under -rate.
 const paceEvery = 64
 
-// closeTimeout bounds the final Close (Goodbye and the daemon's hang-up).
+// closeTimeout bounds the final Close (Goodbye and the daemon's hang-up), unless -timeout
+// already passed: then the connection is closed at once.
 const closeTimeout = 10 * time.Second
 
 type options struct {
@@ -326,7 +327,11 @@ func main() {
 	s.Reconnects = p.Reconnects()
 	s.ClientID = p.Welcome().ClientID
 
-	closeCtx, closeCancel := context.WithTimeout(context.Background(), closeTimeout)
+	wait := closeTimeout
+	if s.TimedOut {
+		wait = 0 // the daemon did not answer in time: do not wait for it again
+	}
+	closeCtx, closeCancel := context.WithTimeout(context.Background(), wait)
 	if err := p.Close(closeCtx); err != nil && s.FirstError == "" && !s.TimedOut {
 		s.FirstError = "close: " + err.Error()
 	}
