@@ -21,6 +21,11 @@ import (
 // when nothing is pending, which Close's flush made sure of), whatever Close's context.
 const goodbyeTimeout = 10 * time.Second
 
+// readerGrace bounds how long a failed write waits for the reading goroutine to read what the
+// daemon sent before it hung up: its last frame (a fatal ErrorReply such as SHUTTING_DOWN)
+// says why, and decides what happens to the frames it left unanswered.
+const readerGrace = 2 * time.Second
+
 // writeBufferBytes is the buffer in front of the socket: small frames written in a row go
 // out in one write.
 const writeBufferBytes = 256 * 1024
@@ -247,8 +252,17 @@ func (p *Producer) serve(s *session) error {
 			}
 		}
 		if err := p.write(s, w, enc, ctrl, queue); err != nil {
-			_ = s.conn.Close()
-			<-s.dead
+			// A daemon that hangs up while we write (it stopped reading at SHUTTING_DOWN) makes
+			// the write fail before the reader has its last frame: let the reader finish.
+			select {
+			case <-s.dead:
+			case <-time.After(readerGrace):
+				_ = s.conn.Close()
+				<-s.dead
+			}
+			if e := (*Error)(nil); errors.As(s.err, &e) && e.Fatal {
+				return s.err
+			}
 			return err
 		}
 	}

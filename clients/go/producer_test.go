@@ -766,3 +766,40 @@ func TestFireAndForgetIsNeverAnsweredAndFlushAsksTheDaemon(t *testing.T) {
 		t.Fatalf("%d Flush requests", d.flushes)
 	}
 }
+
+// The daemon says SHUTTING_DOWN and hangs up while the producer is in the middle of writing a
+// large frame: the write fails first, but the cause is the daemon's, and the unanswered frames
+// go out again on the next connection instead of failing as lost.
+func TestShuttingDownDuringAWriteStillResends(t *testing.T) {
+	d := newFakeDaemon(t)
+	d.produce = func(n int, m *Produce) (Message, bool) {
+		if n == 0 {
+			return &ErrorReply{Code: CodeShuttingDown, Name: "SHUTTING_DOWN", Fatal: true}, true
+		}
+		return d.ack(m), false
+	}
+	cfg := d.config()
+	cfg.BatchRecords = 1
+	var causes []error
+	cfg.OnDisconnect = func(cause error) { causes = append(causes, cause) }
+	p := connect(t, cfg)
+	ctx := testCtx(t)
+	var futs []Future
+	for i := 0; i < 4; i++ {
+		// Larger than the fake daemon's read buffer: the second frame is still being written
+		// when it answers the first and hangs up.
+		f, err := p.Send(ctx, "t", Record{Value: make([]byte, 200_000)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		futs = append(futs, f)
+	}
+	for i, f := range futs {
+		if _, err := f.Wait(ctx); err != nil {
+			t.Fatalf("record %d: %v", i, err)
+		}
+	}
+	if len(causes) != 1 || !errors.Is(causes[0], ErrShuttingDown) {
+		t.Fatalf("disconnect causes %v, want one SHUTTING_DOWN", causes)
+	}
+}
