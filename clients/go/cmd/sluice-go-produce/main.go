@@ -38,6 +38,7 @@ import (
 	"fmt"
 	"math/rand"
 	"os"
+	"runtime/pprof"
 	"sort"
 	"strconv"
 	"sync"
@@ -57,6 +58,7 @@ const closeTimeout = 10 * time.Second
 
 type options struct {
 	socket, topic, name, run, results  string
+	cpuProfile                         string
 	count, valueSize, keySize, keys    int
 	frameRecords, batchBytes, inFlight int
 	keyed, headers, waitStart, noAck   bool
@@ -92,6 +94,7 @@ func parseFlags() options {
 	flag.BoolVar(&o.noAck, "no-ack", false, "fire and forget (Produce with ack=false): acked/failed come from the daemon's FlushDone; no latency, no -results")
 	flag.BoolVar(&o.waitStart, "wait-start", false, "print a ready line and wait for a line on stdin before sending")
 	flag.Int64Var(&o.seed, "seed", 1, "seed of the value padding")
+	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the timed section to this file")
 	flag.Parse()
 	if o.topic == "" || o.count < 0 || flag.NArg() > 0 || (o.noAck && o.results != "") {
 		fmt.Fprintln(os.Stderr, "usage: sluice-go-produce -topic T [flags]")
@@ -236,6 +239,16 @@ func main() {
 	var s summary
 	s.Errors = map[string]int64{}
 	s.Run = o.run
+	if o.cpuProfile != "" {
+		f, err := os.Create(o.cpuProfile)
+		if err == nil {
+			err = pprof.StartCPUProfile(f)
+		}
+		if err != nil {
+			fatal(2, "cpu profile: %v", err)
+		}
+		defer f.Close()
+	}
 	cpu0 := cpuSeconds()
 	t0 := time.Now()
 	ctx, cancel = context.WithTimeout(context.Background(), o.timeout)
@@ -291,6 +304,7 @@ func main() {
 	frozen.Store(true)
 	elapsed := time.Since(t0)
 	s.CPUS = cpuSeconds() - cpu0
+	pprof.StopCPUProfile()
 	mu.Lock()
 	var lats []int64
 	for i := range outcomes {
