@@ -1,5 +1,8 @@
 package sluice
 
+// The producer's memory bound: records (and their bytes) between Send and their outcome.
+// Acquiring waits for a release, or fails at once when the caller will not wait.
+
 import (
 	"context"
 	"sync"
