@@ -248,6 +248,16 @@ func (d *decoder) isNil() (bool, error) {
 
 // rawStr reads a str into d.scratch (valid until the next read) and checks it is UTF-8.
 func (d *decoder) rawStr() ([]byte, error) {
+	b, err := d.rawStrBytes()
+	if err == nil && !utf8.Valid(b) {
+		err = errors.New("str is not UTF-8")
+	}
+	return b, err
+}
+
+// rawStrBytes is rawStr without the UTF-8 check (for keys, which are checked when they are
+// not one of the protocol's ASCII names).
+func (d *decoder) rawStrBytes() ([]byte, error) {
 	c, err := d.peek()
 	if err != nil {
 		return nil, err
@@ -269,9 +279,6 @@ func (d *decoder) rawStr() ([]byte, error) {
 	if err := d.dec.ReadFull(b); err != nil {
 		return nil, err
 	}
-	if !utf8.Valid(b) {
-		return nil, errors.New("str is not UTF-8")
-	}
 	return b, nil
 }
 
@@ -289,7 +296,7 @@ func (d *decoder) str() (string, error) {
 // key reads a map key: the protocol's field names come back as constants (a switch on the
 // bytes allocates nothing), so decoding a message allocates nothing for its keys.
 func (d *decoder) key() (string, error) {
-	b, err := d.rawStr()
+	b, err := d.rawStrBytes()
 	if err != nil {
 		return "", err
 	}
@@ -380,6 +387,9 @@ func (d *decoder) key() (string, error) {
 		return "message", nil
 	case "fatal":
 		return "fatal", nil
+	}
+	if !utf8.Valid(b) {
+		return "", errors.New("str is not UTF-8")
 	}
 	return string(b), nil
 }

@@ -218,7 +218,8 @@ type Producer struct {
 	mu       sync.Mutex
 	topics   map[string]*topicEntry
 	open     map[batchKey]*batch
-	queue    []*batch // closed, not yet written, in order
+	sizeHint map[batchKey]int // records of each key's last batch
+	queue    []*batch         // closed, not yet written, in order
 	ctrl     []*request
 	inflight map[uint64]*batch // written, waiting for the ProduceAck, by seq
 	pending  map[*batch]struct{}
@@ -259,6 +260,7 @@ func Connect(ctx context.Context, cfg Config) (*Producer, error) {
 		budget:   budget{maxRecords: cfg.MaxInFlightRecords, maxBytes: cfg.MaxInFlightBytes},
 		topics:   make(map[string]*topicEntry),
 		open:     make(map[batchKey]*batch),
+		sizeHint: make(map[batchKey]int),
 		inflight: make(map[uint64]*batch),
 		pending:  make(map[*batch]struct{}),
 		wake:     make(chan struct{}, 1),
@@ -347,7 +349,9 @@ func (p *Producer) send(ctx context.Context, topic string, rec *Record, cb func(
 		b = nil
 	}
 	if b == nil {
-		b = &batch{topic: topic, ack: ack, done: make(chan struct{})}
+		// Sized like this topic's previous batch: a busy topic's batches do not grow by
+		// doubling, an idle one's do not hold room they never use.
+		b = &batch{topic: topic, ack: ack, done: make(chan struct{}), recs: make([]Record, 0, p.sizeHint[key])}
 		p.open[key] = b
 		p.pending[b] = struct{}{}
 		b.timer = time.AfterFunc(p.cfg.Linger, func() { p.lingerOver(b) })
@@ -402,6 +406,7 @@ func (p *Producer) unusableLocked() error {
 func (p *Producer) closeBatchLocked(b *batch) {
 	if key := (batchKey{b.topic, b.ack}); p.open[key] == b {
 		delete(p.open, key)
+		p.sizeHint[key] = b.n
 	}
 	b.timer.Stop()
 	p.queue = append(p.queue, b)
