@@ -53,9 +53,11 @@ func (e *Error) Is(target error) bool {
 
 // Retriable reports whether sending the record again may succeed: Kafka's retriable codes
 // (as Kafka 4.1's exceptions classify them; the daemon has already retried them until its
-// delivery timeout), BUFFER_FULL and SHUTTING_DOWN (the record never reached Kafka: sending
-// it again does not duplicate it), and OUTCOME_UNKNOWN (the daemon stopped before the
+// delivery timeout, and a request may have been written with its answer lost, so sending
+// again may duplicate), BUFFER_FULL and SHUTTING_DOWN (the record never reached Kafka:
+// sending it again does not duplicate it), and OUTCOME_UNKNOWN (the daemon stopped before the
 // outcome came: the record may still be delivered, so sending it again may duplicate it).
+// docs/PROTOCOL.md, "Retries", is the full list.
 func (e *Error) Retriable() bool {
 	return retriableCodes[e.Code]
 }
