@@ -261,3 +261,15 @@ func TestProduceRecordsAreCapped(t *testing.T) {
 		t.Fatalf("decoding one record more: %v", err)
 	}
 }
+
+// FlushDone.failed came after the first release of version 1: an older daemon's FlushDone
+// (without it) decodes with Failed 0.
+func TestFlushDoneFromAnOlderDaemon(t *testing.T) {
+	m, err := DecodeFrame(mustHex(t, "0000002383a474797065a9466c757368446f6e65a8636f6d706c657465c3a770656e64696e6700"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := *m.(*FlushDone); got != (FlushDone{Complete: true}) {
+		t.Fatalf("got %+v", got)
+	}
+}
