@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 export KAFKA_PORT ?= 9092
 
-.PHONY: venv test kafka-up kafka-down kafka-status demo bench clean sanitize
+.PHONY: venv test kafka-up kafka-down kafka-status demo bench clean sanitize go-test
 
 venv: $(STAMP)
 
@@ -50,3 +50,10 @@ clean: kafka-down
 # The compiled code's unit and fuzz tests under AddressSanitizer and UBSan (CI runs it too).
 sanitize: venv
 	@PY=$(PY) scripts/sanitize.sh
+
+# The Go client's unit tests (codec, conformance vectors, the Producer against an in-memory
+# daemon); tests/integration/test_go_client.py runs them too, with the client against a real
+# daemon. Modules come from the default GOPROXY into the default GOPATH/GOCACHE.
+GO ?= go
+go-test:
+	cd clients/go && $(GO) vet ./... && $(GO) test ./...

@@ -214,5 +214,6 @@ RUNNER_MODULES = {
     "aiokafka": "bench.peers.aiokafka_peer",
     "sluice-shm": "bench.sluice_shm",
     "sluice-socket": "bench.sluice_socket",
+    "sluice-go": "bench.sluice_go",  # runs the Go client's command in its process
 }
 """Python client runners by name (the Java peer runs its own processes: bench/peers/java.py)."""

@@ -36,7 +36,7 @@ from bench.progress import Progress
 __all__ = ["main", "parse_args", "RUNNERS", "PEERS", "SLUICE_RUNNERS", "evaluate_targets"]
 
 ROOT = Path(__file__).resolve().parent.parent
-SLUICE_RUNNERS = ("sluice-shm", "sluice-socket")
+SLUICE_RUNNERS = ("sluice-shm", "sluice-socket", "sluice-go")
 PEERS = ("confluent", "aiokafka", "java")
 RUNNERS = SLUICE_RUNNERS + PEERS
 DEFAULT_SEED = 20_240_601
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--records", type=int, help=f"records of a single-client case (default {sc.DEFAULT_RECORDS:,})")
     p.add_argument("--workers", default=None, help="Sluice daemon worker counts to sweep, e.g. 1,2,4 (default: usable CPUs)")
     p.add_argument("--peers", default=",".join(PEERS), help="peers to run: any of confluent,aiokafka,java, or none")
-    p.add_argument("--sluice", default="shm,socket", help="Sluice runners: any of shm,socket, or none")
+    p.add_argument("--sluice", default="shm,socket", help="Sluice runners: any of shm,socket,go, or none")
     p.add_argument("--sluice-api", choices=("send", "produce", "many"), default="send",
                    help="shm runner: send() per record (default), produce() per record (fire and forget), "
                         "or send_many() in chunks")
@@ -105,9 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown peer(s) {', '.join(bad)}; choose from {', '.join(PEERS)}")
     args.peer_list = peers
     sluice = [] if args.sluice.strip() == "none" else _split([args.sluice])
-    bad = [x for x in sluice if x not in ("shm", "socket")]
+    bad = [x for x in sluice if x not in ("shm", "socket", "go")]
     if bad:
-        p.error(f"unknown Sluice runner(s) {', '.join(bad)}; choose from shm, socket")
+        p.error(f"unknown Sluice runner(s) {', '.join(bad)}; choose from shm, socket, go")
     args.sluice_list = [f"sluice-{x}" for x in sluice]
     if args.workers:
         try:
@@ -138,6 +138,8 @@ def _settings_for(runner: str, delivery: sc.Delivery, bootstrap: str) -> dict[st
         from bench.peers import java as m  # type: ignore[no-redef]
     elif runner == "sluice-shm":
         from bench import sluice_shm as m  # type: ignore[no-redef]
+    elif runner == "sluice-go":
+        from bench import sluice_go as m  # type: ignore[no-redef]
     else:
         from bench import sluice_socket as m  # type: ignore[no-redef]
     return m.settings_for(delivery, bootstrap)
@@ -166,6 +168,10 @@ class Availability:
             return None if importlib.util.find_spec("aiokafka") else "aiokafka not installed (pip install aiokafka)"
         if runner == "confluent":
             return None
+        if runner == "sluice-go":
+            from bench.sluice_go import unavailable_reason
+
+            return unavailable_reason(own_daemon=self._own_daemon)
         from bench.sluice_daemon import sluice_unavailable_reason
 
         reason = sluice_unavailable_reason(runner, own_daemon=self._own_daemon)
