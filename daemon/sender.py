@@ -29,6 +29,20 @@ Ordering and retries
     acks=0 batches get no response: they complete (base offset -1) once the transport has
     written them out. DUPLICATE_SEQUENCE_NUMBER counts as success.
 
+Leader changes
+    A retry goes to the partition's leader as metadata knows it when the batch leaves. When that
+    leader differs from the broker that refused the batch (a CurrentLeader in the response, or a
+    metadata refresh since), the backoff is skipped: the new leader has no reason to refuse it.
+    Leadership older than the one known (by leader epoch) never replaces it
+    (:mod:`daemon.metadata`). A partition without a leader holds its batches until one is
+    elected or their delivery timeout passes.
+
+Throttling
+    A Produce response with ``throttle_time_ms > 0`` (a quota was exceeded; the broker mutes the
+    connection for that long) stops new requests to that broker until the time has passed, as
+    KIP-219 asks of clients; requests already written still answer. Counted in
+    ``throttle_ms`` (exported as ``sluice_produce_throttle_seconds_total``).
+
 ``on_complete(batch, error_code, base_offset, log_append_time_ms)`` is called exactly once per
 batch, then ``accumulator.release(batch)``. Every wait has a timeout.
 """
@@ -335,6 +349,8 @@ class Sender:
             "reconnects": 0,
             "producer_id_requests": 0,
             "protocol_errors": 0,
+            "throttle_ms": 0,
+            "stale_leaders": 0,
         }
         self._connections = ConnectionPool(settings, self.stats, listener=self, wakeup=self.wakeup)
         self._metadata = Metadata(settings, self._connections, stats=self.stats, on_partition_count=on_partition_count,
@@ -471,6 +487,9 @@ class Sender:
             raise
         now = _now_ms()
         pool = self._connections
+        if resp.throttle_time_ms > 0:
+            conn.throttle(now, resp.throttle_time_ms)
+            self.stats["throttle_ms"] += resp.throttle_time_ms
         for ep in resp.node_endpoints:
             pool.add_broker(ep.node_id, ep.host, ep.port)
         seen: set[tuple[str, int]] = set()
@@ -483,7 +502,7 @@ class Sender:
                 seen.add(key)
                 e.took_off()
                 if p.current_leader_id >= 0 and pool.knows(p.current_leader_id):
-                    self._metadata.adopt_leader(t.name, p.index, p.current_leader_id)
+                    self._metadata.adopt_leader(t.name, p.index, p.current_leader_id, p.current_leader_epoch)
                 self._on_partition_result(e, p.error_code, p.base_offset, p.log_append_time_ms, now, p.error_message)
         for key, e in preq.entries.items():
             if key not in seen:
@@ -547,6 +566,9 @@ class Sender:
         wake = self._queues.next_wake(now, wake)
         if self._queues.queued or self.stats["in_flight"] or any(c.unflushed for c in self._connections.connections()):
             wake = min(wake, now + _EXPIRY_SCAN_INTERVAL_MS)
+        for conn in self._connections.connections():
+            if conn.throttled_until_ms > now:
+                wake = min(wake, conn.throttled_until_ms)
         return wake
 
     # --- dispatch ---------------------------------------------------------------------------
@@ -573,13 +595,13 @@ class Sender:
                 queued.discard(part)
                 continue
             e = part.queue[0]
-            if e.not_before_ms > now:
-                continue
             leader = self._metadata.leader(part.topic, part.partition)
             if leader < 0:
                 continue
+            if e.not_before_ms > now and leader == part.node:
+                continue  # backing off, and the broker that refused it still leads
             conn = self._connection(leader, now)
-            if conn is None:
+            if conn is None or conn.throttled_until_ms > now:
                 continue
             limit = MAX_IN_FLIGHT if e.idempotent else _PLAIN_MAX_IN_FLIGHT
             if len(part.in_flight) >= limit:

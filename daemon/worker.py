@@ -297,6 +297,7 @@ class Worker:
             "requests": s["requests"],
             "in_flight": s["in_flight"],
             "retries": s["retries"],
+            "throttle_s": s["throttle_ms"] / 1000.0,
             "errors": dict(c.errors),
             "failed": dict(c.failed),
             "clients": len(self.clients),
