@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CLUSTER_PORT", "Cluster", "KAFKA_SH", "NODES", "STATE_DIR", "await_served", "leaders"]
+__all__ = ["CLUSTER_PORT", "KAFKA_SH", "NODES", "STATE_DIR", "Cluster", "await_served", "leaders"]
 
 ROOT = Path(__file__).resolve().parents[2]
 KAFKA_SH = ROOT / "scripts" / "kafka.sh"
@@ -31,7 +31,8 @@ class Cluster:
     events: list[str] = field(default_factory=list)
 
     def _sh(self, *args: str, timeout: float = 120.0) -> str:
-        res = subprocess.run([str(KAFKA_SH), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        res = subprocess.run([str(KAFKA_SH), *args], env=self.env, capture_output=True, text=True,
+                             check=False, timeout=timeout)
         if res.returncode != 0:
             raise AssertionError(f"kafka.sh {' '.join(args)} failed ({res.returncode}):\n{res.stderr[-4000:]}")
         return res.stdout
@@ -61,7 +62,7 @@ class Cluster:
         """Start whichever node a test left stopped."""
         for node in range(1, NODES + 1):
             if subprocess.run([str(KAFKA_SH), "start", str(node)], env=self.env, capture_output=True,
-                              timeout=120).returncode != 0:
+                              check=False, timeout=120).returncode != 0:
                 raise AssertionError(f"node {node} did not come back")
 
 

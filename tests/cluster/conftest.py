@@ -52,18 +52,19 @@ def cluster() -> Iterator[Cluster]:
     if given:
         yield Cluster(given, env, controllable=(STATE_DIR / "node1" / "pid").exists())
         return
-    status = subprocess.run([str(KAFKA_SH), "status"], env=env, capture_output=True, text=True, timeout=30)
+    status = subprocess.run([str(KAFKA_SH), "status"], env=env, capture_output=True, text=True, check=False,
+                            timeout=30)
     if status.returncode == 0:
         yield Cluster(status.stdout.strip(), env, controllable=(STATE_DIR / "node1" / "pid").exists())
         return
-    up = subprocess.run([str(KAFKA_SH), "up"], env=env, capture_output=True, text=True, timeout=600)
+    up = subprocess.run([str(KAFKA_SH), "up"], env=env, capture_output=True, text=True, check=False, timeout=600)
     if up.returncode != 0:
         pytest.fail(f"could not start the cluster:\n{up.stderr[-4000:]}", pytrace=False)
     c = Cluster(up.stdout.strip().splitlines()[-1], env, controllable=True, started_here=True)
     try:
         yield c
     finally:
-        subprocess.run([str(KAFKA_SH), "down"], env=env, capture_output=True, timeout=60)
+        subprocess.run([str(KAFKA_SH), "down"], env=env, capture_output=True, check=False, timeout=60)
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +114,7 @@ def cluster_topic(kafka_admin: Any, request: pytest.FixtureRequest) -> Iterator[
         for fut in kafka_admin.delete_topics(made, operation_timeout=30).values():
             try:
                 fut.result(timeout=30)
-            except Exception:  # noqa: BLE001 - cleanup must not mask the test's own result
+            except Exception:  # noqa: BLE001, S110 - cleanup must not mask the test's own result
                 pass
 
 

@@ -65,7 +65,7 @@ def test_worker_kills_while_batches_are_split_lose_and_duplicate_nothing(cluster
         finally:
             loop.stop()
         assert p.flush(90) == 0
-    ok, failed, pending = loop.outcomes()
+    _ok, failed, pending = loop.outcomes()
     assert pending == 0 and set(failed) <= {"MessageTooLargeError"}, failed
     delivered = [seq for seq, f in enumerate(loop.futures) if f.exception() is None]
     records = read_topic(topic, len(delivered), timeout=60)

@@ -3,15 +3,14 @@ and the ring walk that finds where a cut run's second part starts (daemon.ringsc
 
 from __future__ import annotations
 
-from shm.frames import encode_record_frames, put_frames
-from shm.layout import FRAME_RECORD, RING_HEADER_BYTES
-from shm.ring import SpscRing
-
 from daemon.accumulator import APPEND_OK, ORDINAL_STRIDE, Accumulator
 from daemon.arena import SLOT, SLOT_SIZE, STATE_SEALED, Arena
 from daemon.config import Profile
 from daemon.protocol.records import decode_batches
 from daemon.ringscan import nth_record_position
+from shm.frames import encode_record_frames, put_frames
+from shm.layout import FRAME_RECORD, RING_HEADER_BYTES
+from shm.ring import SpscRing
 
 T0 = 1_700_000_000_000
 BASE = 4096  # the ring position of the region's first byte

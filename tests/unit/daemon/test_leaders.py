@@ -215,7 +215,7 @@ def test_a_partition_without_a_leader_is_waited_for_then_delivered() -> None:
             await c.deliver(range(1))
             cluster.move_leader(-1)  # the leader died; no replica in sync yet
             cluster.metadata = (-1, 1)
-            c.sender._metadata.want(TOPIC)  # noqa: SLF001 - stands in for the timer refresh
+            c.sender._metadata.want(TOPIC)
             seen = cluster.metadata_requests
             await _wait(lambda: cluster.metadata_requests > seen)
             c.acc.add(FakeBatch(1, 0, profile))
