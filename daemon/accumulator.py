@@ -528,13 +528,13 @@ class Accumulator:
         n = batch.record_count
         if n < 2 or batch.span < 2 or batch.slot < 0 or isinstance(batch, RecoveredBatch):
             return None
-        _codec, records = record_bodies(batch.payload())
-        if len(records) != n:
-            raise RuntimeError(f"a sealed batch holds {len(records)} records, its header says {n}")
         half = (n + 1) // 2
         runs_cut = self._cut_runs(batch, half)
         if runs_cut is None:
             return None
+        _codec, records = record_bodies(batch.payload())
+        if len(records) != n:
+            raise RuntimeError(f"a sealed batch holds {len(records)} records, its header says {n}")
         arena = self._arena
         parts = []
         for recs, (runs, tr) in zip((records[:half], records[half:]), runs_cut):

@@ -179,16 +179,14 @@ class Metadata:
         """Refresh the broker list (a leader's address is not known)."""
         self._wanted.add(_BROKERS_ONLY)
 
-    def adopt_leader(self, topic: str, partition: int, node: int, epoch: int) -> bool:
+    def adopt_leader(self, topic: str, partition: int, node: int, epoch: int) -> None:
         """Take a leader named in a Produce response (CurrentLeader) before the next refresh,
-        unless its epoch is older than the one known. True when the leader changed."""
+        unless its epoch is older than the one known."""
         meta = self._topics.get(topic)
         if meta is None or partition >= len(meta.leaders) or not _newer(epoch, meta.epochs[partition]):
-            return False
-        old = meta.leaders[partition]
+            return
         meta.leaders[partition] = node
         meta.epochs[partition] = max(epoch, meta.epochs[partition])
-        return old != node
 
     def poll(self, now: float) -> None:
         """Start a refresh in the background if one is due (called from the sender's loop)."""
