@@ -5,6 +5,8 @@ Shared by tests/cluster/conftest.py (the fixtures) and the test modules.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -51,6 +53,22 @@ class Cluster:
         """Start the node again with its data; returns once it answers and lists every node."""
         self.events.append(f"{time.monotonic():.3f} start {node}")
         self._sh("start", str(node))
+
+    def pause(self, node: int) -> None:
+        """SIGSTOP the node: a stall (a frozen VM, a long GC pause) with its connections open."""
+        self.events.append(f"{time.monotonic():.3f} pause {node}")
+        os.kill(self._pid(node), signal.SIGSTOP)
+
+    def resume(self, node: int) -> None:
+        """SIGCONT a paused node."""
+        self.events.append(f"{time.monotonic():.3f} resume {node}")
+        os.kill(self._pid(node), signal.SIGCONT)
+
+    def _pid(self, node: int) -> int:
+        pid = self.pid(node)
+        if pid is None:
+            raise AssertionError(f"node {node} has no pid file")
+        return pid
 
     def pid(self, node: int) -> int | None:
         try:

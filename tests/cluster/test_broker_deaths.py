@@ -1,4 +1,4 @@
-"""Broker deaths and leader changes on the three-broker cluster, with records streaming.
+"""Broker deaths, stalls and leader changes on the three-broker cluster, with records streaming.
 
 Every test streams sequence-numbered records through a real ``sluice run`` (two workers) to a
 topic of 6 partitions replicated to all three brokers (min.insync.replicas 2) under the
@@ -13,7 +13,10 @@ then requires:
 
 The cluster fences a dead broker after broker.session.timeout.ms (3 s, scripts/kafka.sh), and a
 SIGTERMed one hands its leadership over in a controlled shutdown, so the stalls are bounded by
-seconds, not by the 120 s delivery timeout.
+seconds, not by the 120 s delivery timeout. A stalled broker (SIGSTOP: alive, connections open,
+silent) is fenced the same way, but the requests already written to it are only given up after
+``request_timeout_ms`` (10 s here, plus 1 s of grace), as in the Java producer: that is the
+stall its test expects.
 """
 
 from __future__ import annotations
@@ -120,6 +123,25 @@ def test_sigterm_of_a_broker(controlled, cluster_topic, kafka_admin, start_sluic
         _back_in_sync(controlled, kafka_admin, topic, victim)
 
     _stream_through(controlled, start_sluice, topic, read_topic, event, "SIGTERM of a broker")
+
+
+def test_a_broker_stalled_past_the_request_timeout(controlled, cluster_topic, kafka_admin, start_sluice,
+                                                  read_topic) -> None:
+    topic = cluster_topic("pay-stall", PARTITIONS)
+    request_timeout_s = PROFILES["payments"]["request_timeout_ms"] / 1000
+
+    def event() -> None:
+        victim = _busiest_leader(controlled, kafka_admin, topic)
+        controlled.pause(victim)
+        try:
+            time.sleep(request_timeout_s + 4)  # fenced after 3 s; requests to it time out at 11 s
+        finally:
+            controlled.resume(victim)
+        await_served(kafka_admin, topic, PARTITIONS, timeout=60)
+
+    stall = _stream_through(controlled, start_sluice, topic, read_topic, event, "a broker stalled")
+    # Records written to the stalled leader waited for their request timeout; none waited for more.
+    assert stall >= request_timeout_s * 0.9, f"the longest stall {stall:.1f}s: did the test stall anything?"
 
 
 def test_rolling_restart_of_all_three(controlled, cluster_topic, kafka_admin, start_sluice, read_topic) -> None:
