@@ -6,8 +6,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 export KAFKA_PORT ?= 9092
+# KAFKA_NODES=3: kafka-up, kafka-down and kafka-status act on a three-broker cluster on
+# 127.0.0.1:19092..19094 instead of the single node (docs/OPERATIONS.md, "Three brokers").
+# KAFKA_VERSION=X.Y.Z: kafka-up runs that release instead of the one pinned in kafka/pom.xml.
+# Passed to kafka-up/down/status only: test and demo always use the single node.
+KAFKA_NODES ?= 1
+unexport KAFKA_NODES
+CLUSTER_BOOTSTRAP := 127.0.0.1:19092,127.0.0.1:19093,127.0.0.1:19094
 
-.PHONY: venv test kafka-up kafka-down kafka-status demo bench clean sanitize go-test
+.PHONY: venv test test-cluster kafka-up kafka-down kafka-status demo bench clean sanitize go-test
 
 venv: $(STAMP)
 
@@ -18,13 +25,16 @@ $(STAMP): pyproject.toml setup.py $(wildcard daemon/*.c shm/*.c shm/*.h)
 	touch $(STAMP)
 
 kafka-up:
-	@PYTHON=$(PYTHON) scripts/kafka.sh up
+	@PYTHON=$(PYTHON) KAFKA_NODES=$(KAFKA_NODES) scripts/kafka.sh up
 
+# Plain kafka-down stops the single node as always, and a cluster this checkout runs as well.
 kafka-down:
-	@PYTHON=$(PYTHON) scripts/kafka.sh down
+	@PYTHON=$(PYTHON) KAFKA_NODES=$(KAFKA_NODES) scripts/kafka.sh down
+	@if [ "$(KAFKA_NODES)" = 1 ] && [ -d .run/kafka-cluster-19092 ]; then \
+	  PYTHON=$(PYTHON) KAFKA_NODES=3 scripts/kafka.sh down; fi
 
 kafka-status:
-	@PYTHON=$(PYTHON) scripts/kafka.sh status
+	@PYTHON=$(PYTHON) KAFKA_NODES=$(KAFKA_NODES) scripts/kafka.sh status
 
 # Starts Kafka only when none answers, and stops only what it started.
 test: venv
@@ -33,6 +43,16 @@ test: venv
 	SLUICE_TEST_BOOTSTRAP=127.0.0.1:$(KAFKA_PORT) $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$started = 1 ]; then scripts/kafka.sh down; fi; \
 	if [ $$rc = 5 ]; then echo "pytest collected no tests"; fi; \
+	exit $$rc
+
+# The three-broker tests (tests/cluster: leader changes, broker deaths, rolling restarts) on a
+# cluster of their own, started when none answers and stopped only if started here.
+test-cluster: venv
+	@started=0; \
+	if ! KAFKA_NODES=3 scripts/kafka.sh status >/dev/null 2>&1; then \
+	  PYTHON=$(PY) KAFKA_NODES=3 scripts/kafka.sh up >/dev/null || exit 1; started=1; fi; \
+	SLUICE_TEST_CLUSTER=$(CLUSTER_BOOTSTRAP) $(PY) -m pytest tests/cluster $(PYTEST_ARGS); rc=$$?; \
+	if [ $$started = 1 ]; then KAFKA_NODES=3 scripts/kafka.sh down; fi; \
 	exit $$rc
 
 # The whole product in one command: a local Kafka, the daemon, clients over shared memory and

@@ -22,6 +22,16 @@ Per-record state of the open batches lives in one table the compiled code reads 
 (``state``, one row per (topic, partition); the row layout is ``daemon._batcher.S_*``); a
 :class:`~daemon.batch.Batch` is synced from its row when it closes.
 
+Splitting: a sealed batch the broker refuses as too large (MESSAGE_TOO_LARGE,
+RECORD_LIST_TOO_LARGE) is cut in two halves by :meth:`Accumulator.split`, as the Java producer
+splits such batches: each half is a sealed batch of its own in a new arena slot, with its part
+of the records and of the runs table, and the old slot is freed *before* the sender stamps the
+halves. A worker that dies in between finds the halves SEALED (discarded) and the records still
+in the rings (read again); one that dies later finds the stamped halves, each a whole batch with
+exact runs. Ordinals step by :data:`ORDINAL_STRIDE`, so the halves' ordinals fit between their
+batch's and the next one's and completions keep each partition's record order. A run cut in the
+middle needs the ring position of the first record of its second part: ``locate`` finds it.
+
 It knows no asyncio: the sender asks :meth:`ready` what is ready now and :meth:`next_deadline`
 when to ask again. Clock: ``time.monotonic() * 1000`` (``now_ms``) everywhere.
 """
@@ -34,10 +44,10 @@ from array import array
 from typing import Callable, Sequence
 
 from daemon import _batcher as nat
-from daemon.arena import RUN, RUNS_HEADER, Arena, RecoveredSlot
+from daemon.arena import RUN, RUNS_HEADER, Arena, RecoveredSlot, runs_table_size
 from daemon.batch import Batch, RecoveredBatch
 from daemon.config import Profile
-from daemon.protocol.records import HEADER_SIZE, finish_batch
+from daemon.protocol.records import HEADER_SIZE, encode_records, finish_batch, record_bodies
 from shm.frames import RECORD_HEADER
 from shm.layout import FRAME_HEADER
 
@@ -48,6 +58,8 @@ __all__ = [
     "APPEND_INVALID",
     "APPEND_MALFORMED",
     "Accumulator",
+    "Locate",
+    "ORDINAL_STRIDE",
 ]
 
 APPEND_OK, APPEND_FULL, APPEND_TOO_LARGE, APPEND_INVALID, APPEND_MALFORMED = 0, 1, 2, 3, 4
@@ -62,6 +74,14 @@ _RECORD_FRAME_BYTES = _FRAME_RECORD.size  # 24
 # call were admitted), so the table always fits the reservation.
 _RUN_SIZE = RUN.size
 _TABLE_RESERVE = 7 + RUNS_HEADER.size + 2 * _RUN_SIZE
+
+# New batches' ordinals step by this: a batch split in halves (and halves split again, down to
+# single records) gives its parts ordinals between its own and the next batch's.
+ORDINAL_STRIDE = 1 << 20
+
+# (client id, ring position of a run's first record, topic, partition, k) -> the ring position
+# of the run's record k (0 = the first), or -1 when it cannot be found.
+Locate = Callable[[int, int, str, int, int], int]
 
 # Draining resumes once this share of the arena is free again (and at least two full batches
 # fit): resuming at the first free chunk refilled the arena at once and starved the sender.
@@ -85,6 +105,8 @@ class Accumulator:
         profile_for: the delivery profile of a topic; called once per new batch.
         arena: the worker's arena; an anonymous one of ``buffer_memory`` bytes when None.
         chunk_size: allocation unit of the arena created when ``arena`` is None.
+        locate: finds a record's ring position when :meth:`split` cuts a run (without it, such
+            a batch is not split).
     """
 
     def __init__(
@@ -94,6 +116,7 @@ class Accumulator:
         profile_for: Callable[[str], Profile],
         arena: Arena | None = None,
         chunk_size: int = 4096,
+        locate: Locate | None = None,
     ) -> None:
         if arena is None:
             arena = Arena(buffer_memory, chunk_size=chunk_size)
@@ -101,6 +124,7 @@ class Accumulator:
         self._buf = arena.buf
         self._limit = min(buffer_memory, arena.size)
         self._profile_for = profile_for
+        self._locate = locate
         self._open: dict[tuple[str, int], Batch] = {}
         self._closed: list[Batch] = []  # closed because full: ready at the next ready()
         self._deadlines: list[tuple[float, int, Batch]] = []  # linger heap, stale entries skipped
@@ -379,8 +403,9 @@ class Accumulator:
         st[at + _S_DMAX] = 0
         st[at + _S_TOUCHED] = 0
         self._open[(topic, partition)] = b
-        self._seq += 1
+        self._seq += ORDINAL_STRIDE
         b.ordinal = self._seq
+        b.span = ORDINAL_STRIDE
         heapq.heappush(self._deadlines, (b._deadline, self._seq, b))
         return APPEND_OK
 
@@ -483,11 +508,92 @@ class Accumulator:
 
     def close_partition(self, topic: str, partition: int) -> int:
         """Close the partition's open batch (ready at the next :meth:`ready`), so its later
-        records go to a new batch; returns the largest ordinal given so far."""
+        records go to a new batch; returns the largest ordinal given so far (or that a split
+        of the latest batch may give)."""
         b = self._open.get((topic, partition))
         if b is not None:
             self._close_full(b)
-        return self._seq
+        return self._seq + ORDINAL_STRIDE - 1
+
+    def split(self, batch: Batch) -> list[Batch] | None:
+        """Cut a sealed batch the broker refused as too large into two sealed halves.
+
+        The halves hold the first ``ceil(n/2)`` and the other records, in order, in new arena
+        slots (SEALED, not stamped: the caller stamps them, with the batch's own sequence range
+        when it was stamped), each with its runs, the batch's profile and ``created_ms``; the
+        batch's slot is freed. Returns None, changing nothing, when the batch cannot be split:
+        a single record, a recovered batch, no ordinals left between it and the next, a run it
+        cuts whose ring position is unknown, or no room in the arena for the halves.
+        """
+        n = batch.record_count
+        if n < 2 or batch.span < 2 or batch.slot < 0 or isinstance(batch, RecoveredBatch):
+            return None
+        half = (n + 1) // 2
+        runs_cut = self._cut_runs(batch, half)
+        if runs_cut is None:
+            return None
+        _codec, records = record_bodies(batch.payload())
+        if len(records) != n:
+            raise RuntimeError(f"a sealed batch holds {len(records)} records, its header says {n}")
+        arena = self._arena
+        parts = []
+        for recs, (runs, tr) in zip((records[:half], records[half:]), runs_cut):
+            base_ts = recs[0][0]
+            data, count, max_ts = encode_records(recs, base_ts)
+            want = HEADER_SIZE + len(data) + 8 + runs_table_size(len(tr) // 3)
+            slot = arena.alloc(want)
+            if slot < 0:
+                for b in parts:
+                    arena.free(b.slot)
+                return None
+            parts.append(self._sealed_part(batch, slot, want, data, count, base_ts, max_ts, runs, tr))
+        parts[1].ordinal = batch.ordinal + batch.span // 2
+        parts[0].span = batch.span // 2
+        parts[1].span = batch.span - batch.span // 2
+        for b in parts:
+            self._finish(b)
+        self.release(batch)
+        return parts
+
+    def _cut_runs(self, batch: Batch, at: int) -> tuple[tuple[list, list], tuple[list, list]] | None:
+        """``batch.runs`` and its runs table cut before record ``at``: ``((runs, table), ...)``
+        for each part, or None when the cut run's ring position cannot be found."""
+        runs, tr = batch.runs, batch._tr
+        if len(tr) != 3 * len(runs):
+            raise RuntimeError("a batch's runs and runs table differ")
+        seen = 0
+        for i, (key, count) in enumerate(runs):
+            if seen + count <= at:
+                seen += count
+                continue
+            k = at - seen
+            if k == 0:
+                return (runs[:i], tr[: 3 * i]), (runs[i:], tr[3 * i :])
+            owner, first = tr[3 * i], tr[3 * i + 1]
+            second = -1
+            if first >= 0:
+                second = self._locate(owner, first, batch.topic, batch.partition, k) if self._locate else -1
+                if second < 0:
+                    return None
+            head = (runs[:i] + [(key, k)], tr[: 3 * i] + [owner, first, k])
+            tail = ([(key, count - k)] + runs[i + 1 :], [owner, second, count - k] + tr[3 * i + 3 :])
+            return head, tail
+        raise RuntimeError(f"a batch of {batch.record_count} records has runs of {seen}")
+
+    def _sealed_part(self, batch: Batch, slot: int, want: int, data: bytes, count: int, base_ts: int,
+                     max_ts: int, runs: list, tr: list) -> Batch:
+        arena = self._arena
+        arena.open_slot(slot, arena.topic_index(batch.topic), batch.partition)
+        b = Batch(arena, slot, batch.topic, batch.partition, batch.profile, want, base_ts, batch.created_ms)
+        self._buf[b.offset + HEADER_SIZE : b.offset + HEADER_SIZE + len(data)] = data
+        b.record_count = count
+        b._records_len = len(data)
+        b._dmax = max_ts - base_ts
+        b.runs = runs
+        b._tr = tr
+        b.ordinal = batch.ordinal
+        b._closed = True
+        return b
 
     def retire(self, batch: Batch, error_code: int, base_offset: int, log_append_ms: int) -> int:
         """Record a finished batch's outcome in its slot (state DONE) and hand the slot over.
@@ -510,7 +616,7 @@ class Accumulator:
         """The batches of a dead worker's kept slots (``Arena.recovered``), in creation order.
 
         They get ordinals 1..n (written back to their slots, so a later recovery orders them
-        the same way) and every batch made from now on a larger one. ``created_ms`` is
+        the same way) and every batch made from now on a larger one. They are never split. ``created_ms`` is
         ``now_ms``: the delivery timeout starts again.
         """
         out = []

@@ -35,6 +35,7 @@ class Batch:
         "base_sequence",
         "attempts",
         "ordinal",
+        "span",
         "size",
         "codec",
         "slot",
@@ -73,6 +74,7 @@ class Batch:
         self.base_sequence = -1
         self.attempts = 0
         self.ordinal = 0  # creation order in its accumulator: a partition's batches ascend
+        self.span = 0  # ordinals ordinal .. ordinal + span - 1 are this batch's (for its halves)
         self.size = 0
         self.codec = CODECS[profile.compression_type]
         self.slot = slot
@@ -146,6 +148,7 @@ class RecoveredBatch(Batch):
         self.base_sequence = rs.base_sequence
         self.attempts = 0
         self.ordinal = ordinal
+        self.span = 1  # recovered: no room for halves, it is never split
         self.size = rs.length
         self.codec = 0
         self.slot = rs.slot

@@ -16,6 +16,10 @@ Connections
     reconnected after ``reconnect_backoff_ms`` doubling to ``reconnect_backoff_max_ms`` (with
     jitter).
 
+A broker that throttles a client (``throttle_time_ms`` in a response) mutes the connection for
+that long; :meth:`Connection.throttle` records until when, and the sender sends nothing new on
+it before then (the connection itself does not queue or delay anything).
+
 Requests that get no response (Produce with acks=0) are written with
 :meth:`Connection.send_unanswered`; their contexts come back from
 :meth:`Connection.take_written` once the transport has written them out.
@@ -120,6 +124,8 @@ class Connection(asyncio.Protocol):
         self.unflushed: list[Any] = []
         self._buf = bytearray()
         self._next_correlation_id = 0
+        # The broker mutes this connection until then (ms, the monotonic clock): see throttle().
+        self.throttled_until_ms = 0.0
 
     # asyncio.Protocol -------------------------------------------------------------------------
 
@@ -196,6 +202,10 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         self._fail_all(code)
+
+    def throttle(self, now_ms: float, throttle_time_ms: int) -> None:
+        """A response said the broker throttles this client for ``throttle_time_ms`` from now."""
+        self.throttled_until_ms = max(self.throttled_until_ms, now_ms + throttle_time_ms)
 
     def next_correlation_id(self) -> int:
         """A fresh correlation id (wraps within INT32)."""

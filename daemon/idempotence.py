@@ -49,7 +49,7 @@ from daemon.protocol import errors as ec
 from daemon.protocol import messages as m
 from shm.errors import KafkaError, ProtocolError
 
-__all__ = ["Chain", "Idempotence", "MAX_IN_FLIGHT", "Pending", "SEQUENCE_ERRORS", "Verdict"]
+__all__ = ["Chain", "Idempotence", "MAX_IN_FLIGHT", "Pending", "SEQUENCE_ERRORS", "SEQUENCE_MODULUS", "Verdict"]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 # and partition, which is what makes a resend of any of them a detectable duplicate.
 MAX_IN_FLIGHT = 5
 # Sequence numbers are INT32 and wrap to 0 past the largest.
-_SEQ_MODULUS = 2**31
+SEQUENCE_MODULUS = 2**31
 # Required in InitProducerId; the broker ignores it without a transactional id.
 _TRANSACTION_TIMEOUT_MS = 60_000
 # A bump refused with one of these means the old id is gone: ask for a brand-new one instead.
@@ -79,7 +79,7 @@ class Pending(Protocol):
     """The sender's state of one batch, as read here."""
 
     batch: Any  # daemon.accumulator.Batch: producer_id, producer_epoch, base_sequence, stamp()
-    order: int  # creation order within the sender
+    order: float  # creation order within the sender (the halves of a split batch: fractions)
     needs_stamp: bool  # not stamped yet (or to be stamped again)
 
 
@@ -164,7 +164,7 @@ class Idempotence:
         if (chain.producer_id, chain.epoch) != (self._pid, self._epoch):
             chain.producer_id, chain.epoch, chain.next_seq = self._pid, self._epoch, 0
         batch.stamp(self._pid, self._epoch, chain.next_seq)
-        chain.next_seq = (chain.next_seq + batch.record_count) % _SEQ_MODULUS
+        chain.next_seq = (chain.next_seq + batch.record_count) % SEQUENCE_MODULUS
 
     def on_sequence_error(self, chain: Chain, e: Pending, code: int, in_flight: Sequence[Pending],
                           queue: Sequence[Pending]) -> Verdict:

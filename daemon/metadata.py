@@ -12,6 +12,15 @@ Policy
     a failed one are asked again. A topic that gains partitions is reported to
     ``on_partition_count``. Produce responses v10+ name the new leader (CurrentLeader); the
     sender adopts it at once (:meth:`Metadata.adopt_leader`) instead of waiting for the refresh.
+
+Leader epochs
+    Every leader is kept with its leader epoch, which the controller raises at each election.
+    Leadership from a Metadata response or a CurrentLeader is taken only when its epoch is at
+    least the one known (a metadata answer from a broker that has not heard of the election
+    yet must not undo it). A partition without a leader (-1, at a known or newer epoch) is
+    waited for: the sender keeps its batches until a leader appears or their delivery timeout
+    passes, asking for metadata again at most every 100 ms meanwhile. A response without epochs
+    (-1) is taken as it is, as before.
     A topic error that is not retriable (the topic does not exist, say) goes to
     ``on_topic_error`` so that the batches waiting for it fail at once.
 """
@@ -45,10 +54,11 @@ def _now_ms() -> float:
 
 
 class _TopicMeta:
-    __slots__ = ("leaders", "error_code")
+    __slots__ = ("leaders", "epochs", "error_code")
 
-    def __init__(self, leaders: list[int], error_code: int) -> None:
+    def __init__(self, leaders: list[int], epochs: list[int], error_code: int) -> None:
         self.leaders = leaders
+        self.epochs = epochs  # leader epoch per partition, -1 when not known
         self.error_code = error_code
 
 
@@ -169,11 +179,14 @@ class Metadata:
         """Refresh the broker list (a leader's address is not known)."""
         self._wanted.add(_BROKERS_ONLY)
 
-    def adopt_leader(self, topic: str, partition: int, node: int) -> None:
-        """Take a leader named in a Produce response (CurrentLeader) before the next refresh."""
+    def adopt_leader(self, topic: str, partition: int, node: int, epoch: int) -> None:
+        """Take a leader named in a Produce response (CurrentLeader) before the next refresh,
+        unless its epoch is older than the one known."""
         meta = self._topics.get(topic)
-        if meta is not None and partition < len(meta.leaders):
-            meta.leaders[partition] = node
+        if meta is None or partition >= len(meta.leaders) or not _newer(epoch, meta.epochs[partition]):
+            return
+        meta.leaders[partition] = node
+        meta.epochs[partition] = max(epoch, meta.epochs[partition])
 
     def poll(self, now: float) -> None:
         """Start a refresh in the background if one is due (called from the sender's loop)."""
@@ -226,18 +239,32 @@ class Metadata:
                     # A passing error (a leader election, say): keep the leaders we have.
                     old.error_code = 0
                     continue
-                self._topics[t.name] = _TopicMeta([], t.error_code)
+                self._topics[t.name] = _TopicMeta([], [], t.error_code)
                 if not ec.is_retriable(t.error_code) and self._on_topic_error is not None:
                     self._on_topic_error(t.name, t.error_code)
                 continue
             count = max((p.partition_index for p in t.partitions), default=-1) + 1
-            leaders = [-1] * count
-            for p in t.partitions:
-                leaders[p.partition_index] = p.leader_id if p.error_code in (0, ec.REPLICA_NOT_AVAILABLE) else -1
             old = self._topics.get(t.name)
-            self._topics[t.name] = _TopicMeta(leaders, 0)
+            leaders = [-1] * count
+            epochs = [-1] * count
+            for p in t.partitions:
+                i = p.partition_index
+                leader = p.leader_id if p.error_code in (0, ec.REPLICA_NOT_AVAILABLE) else -1
+                if old is not None and i < len(old.leaders) and not _newer(p.leader_epoch, old.epochs[i]):
+                    # Stale: this broker has not heard of the election that gave us our leader.
+                    self.stats["stale_leaders"] = self.stats.get("stale_leaders", 0) + 1  # for tests and stats
+                    leaders[i], epochs[i] = old.leaders[i], old.epochs[i]
+                    continue
+                leaders[i], epochs[i] = leader, p.leader_epoch
+            self._topics[t.name] = _TopicMeta(leaders, epochs, 0)
             if (old is None or len(old.leaders) != count) and self._on_partition_count is not None:
                 try:
                     self._on_partition_count(t.name, count)
                 except Exception:  # noqa: BLE001 - a faulty callback must not stop metadata
                     log.exception("on_partition_count raised")
+
+
+def _newer(epoch: int, known: int) -> bool:
+    """Whether leadership at ``epoch`` may replace leadership known at ``known``: not older
+    (either unknown, -1, counts as not older)."""
+    return epoch < 0 or known < 0 or epoch >= known

@@ -36,6 +36,7 @@ Prometheus' ``rate()`` treats as a counter reset. ::
           "requests": int,              # Produce requests sent
           "in_flight": int,             # Produce requests awaiting a response now
           "retries": int,               # batch retries (retriable errors, timeouts)
+          "throttle_s": float,          # seconds brokers throttled Produce (throttle_time_ms)
           "errors": {name: int},        # records failed, by Kafka/Sluice error name
           "failed": {topic: int},       # records failed, by topic
           "ring_fill": float,           # 0..1, fullest request ring this worker drains
@@ -70,6 +71,7 @@ sluice_batches_total                   counter    worker               workers.*
 sluice_requests_total                  counter    worker               workers.*.requests
 sluice_in_flight_requests              gauge      worker               workers.*.in_flight
 sluice_retries_total                   counter    worker               workers.*.retries
+sluice_produce_throttle_seconds_total  counter    worker               workers.*.throttle_s
 sluice_errors_total                    counter    worker, error        workers.*.errors
 sluice_records_failed_total            counter    worker, topic        workers.*.failed
 sluice_ring_fill_ratio                 gauge      worker               workers.*.ring_fill
@@ -142,6 +144,8 @@ _WORKER_SCALARS: tuple[tuple[str, str, str, str], ...] = (
      "Produce requests awaiting a response.", "in_flight"),
     ("sluice_retries_total", "counter",
      "Batch retries after retriable errors or timeouts.", "retries"),
+    ("sluice_produce_throttle_seconds_total", "counter",
+     "Time brokers throttled this worker's Produce requests (quota throttle_time_ms), seconds.", "throttle_s"),
     ("sluice_ring_fill_ratio", "gauge",
      "Fill of the fullest request ring this worker drains (0 to 1).", "ring_fill"),
     ("sluice_arena_fill_ratio", "gauge",

@@ -29,6 +29,34 @@ Ordering and retries
     acks=0 batches get no response: they complete (base offset -1) once the transport has
     written them out. DUPLICATE_SEQUENCE_NUMBER counts as success.
 
+Batches too large for the topic
+    A batch of several records refused with MESSAGE_TOO_LARGE or RECORD_LIST_TOO_LARGE is cut
+    in two halves (:meth:`Accumulator.split <daemon.accumulator.Accumulator.split>`) that take
+    its place in the partition's queue and go at once, halves of halves if need be, as the Java
+    producer does. A stamped batch was refused, so its sequence numbers were not used: the
+    halves take them (the first half its base sequence, the second the rest), so the chain has
+    no gap and later batches answered OUT_OF_ORDER meanwhile are retried behind them. Only a
+    single record larger than the limit fails (or a batch the accumulator cannot split).
+    The smallest refused size is remembered per topic for ``metadata_max_age_ms``: a new batch
+    that large is split before its first send, so in steady state only the first batch of a
+    topic is refused, and few oversized stamped batches are in flight when a worker dies. (A
+    batch recovered from a dead worker's arena cannot be split: if the broker refuses it as too
+    large after the restart, its records fail with MESSAGE_TOO_LARGE.)
+
+Leader changes
+    A retry goes to the partition's leader as metadata knows it when the batch leaves. When that
+    leader differs from the broker that refused the batch (a CurrentLeader in the response, or a
+    metadata refresh since), the backoff is skipped: the new leader has no reason to refuse it.
+    Leadership older than the one known (by leader epoch) never replaces it
+    (:mod:`daemon.metadata`). A partition without a leader holds its batches until one is
+    elected or their delivery timeout passes.
+
+Throttling
+    A Produce response with ``throttle_time_ms > 0`` (a quota was exceeded; the broker mutes the
+    connection for that long) stops new requests to that broker until the time has passed, as
+    KIP-219 asks of clients; requests already written still answer. Counted in
+    ``throttle_ms`` (exported as ``sluice_produce_throttle_seconds_total``).
+
 ``on_complete(batch, error_code, base_offset, log_append_time_ms)`` is called exactly once per
 batch, then ``accumulator.release(batch)``. Every wait has a timeout.
 """
@@ -44,7 +72,7 @@ from typing import Any
 
 from daemon.config import KafkaSettings, Profile
 from daemon.connection import Connection, ConnectionPool
-from daemon.idempotence import MAX_IN_FLIGHT, SEQUENCE_ERRORS, Chain, Idempotence, Verdict
+from daemon.idempotence import MAX_IN_FLIGHT, SEQUENCE_ERRORS, SEQUENCE_MODULUS, Chain, Idempotence, Verdict
 from daemon.metadata import Metadata
 from daemon.protocol import errors as ec
 from daemon.protocol import messages as m
@@ -62,6 +90,9 @@ _EXPIRY_SCAN_INTERVAL_MS = 20.0
 _REQUEST_GRACE_MS = 1000.0
 # Without idempotence a retried batch could be written behind a later one: one at a time.
 _PLAIN_MAX_IN_FLIGHT = 1
+
+# Refusals of a batch too large for the topic: split it, unless it is a single record.
+_SPLIT_CODES = frozenset({ec.MESSAGE_TOO_LARGE, ec.RECORD_LIST_TOO_LARGE})
 
 # Errors after which the cached leader is suspect.
 _REFRESH_CODES = frozenset(
@@ -86,12 +117,15 @@ def _now_ms() -> float:
 class _Entry:
     """Sender-side state of one batch."""
 
-    __slots__ = ("batch", "order", "part", "idempotent", "needs_stamp", "in_flight", "done",
+    __slots__ = ("batch", "order", "span", "part", "idempotent", "needs_stamp", "in_flight", "done",
                  "not_before_ms", "deadline_ms", "retries")
 
-    def __init__(self, batch: Any, order: int, part: _Partition, idempotent: bool, deadline_ms: float) -> None:
+    def __init__(self, batch: Any, order: float, part: _Partition, idempotent: bool, deadline_ms: float,
+                 span: float = 1.0) -> None:
         self.batch = batch
         self.order = order
+        # Orders order .. order + span belong to this batch: the halves of a split share them.
+        self.span = span
         self.part = part
         self.idempotent = idempotent
         self.needs_stamp = idempotent
@@ -211,6 +245,29 @@ class _Queues:
             self.accumulator.release(batch)
             self.progress.set()
 
+    def replace(self, e: _Entry, halves: list[Any]) -> None:
+        """Put the halves of a split batch in its place, first in line, to go at once; a stamped
+        batch's sequence range passes to them. ``e`` is done without a completion (its halves
+        complete its records)."""
+        if e.done:
+            return
+        e.done = True
+        part = e.part
+        stamped = e.idempotent and not e.needs_stamp
+        seq = e.batch.base_sequence
+        span = e.span / len(halves)
+        for i, half in enumerate(halves):
+            if stamped:
+                half.stamp(e.batch.producer_id, e.batch.producer_epoch, seq)
+                seq = (seq + half.record_count) % SEQUENCE_MODULUS
+            h = _Entry(half, e.order + i * span, part, e.idempotent, e.deadline_ms, span)
+            h.needs_stamp = e.needs_stamp
+            h.retries = e.retries
+            self.outstanding += 1
+            part.requeue(h)
+        self.outstanding -= 1
+        self.queued.add(part)
+
     def finish(self, e: _Entry, code: int, base_offset: int, log_append_time_ms: int) -> None:
         """Complete a queued batch (once; later calls do nothing)."""
         if e.done:
@@ -303,7 +360,8 @@ class Sender:
 
     Args:
         settings: connection-level settings.
-        accumulator: the batch source (``ready``, ``next_deadline``, ``flush``, ``release``).
+        accumulator: the batch source (``ready``, ``next_deadline``, ``flush``, ``release``,
+            ``split``).
         profile_for: topic -> Profile (used when a batch carries no profile).
         on_complete: ``(batch, error_code, base_offset, log_append_time_ms)``, once per batch.
         on_partition_count: optional ``(topic, count)`` callback when a topic's partition count
@@ -335,6 +393,9 @@ class Sender:
             "reconnects": 0,
             "producer_id_requests": 0,
             "protocol_errors": 0,
+            "throttle_ms": 0,
+            "splits": 0,
+            "stale_leaders": 0,
         }
         self._connections = ConnectionPool(settings, self.stats, listener=self, wakeup=self.wakeup)
         self._metadata = Metadata(settings, self._connections, stats=self.stats, on_partition_count=on_partition_count,
@@ -346,6 +407,8 @@ class Sender:
         self._stopped = False
         self._last_expiry_scan = 0.0
         self._too_large_warned: set[str] = set()
+        # topic -> (the smallest batch size refused as too large, until when it is believed)
+        self._too_large: dict[str, tuple[int, float]] = {}
 
     # --- public API -------------------------------------------------------------------------
 
@@ -471,6 +534,9 @@ class Sender:
             raise
         now = _now_ms()
         pool = self._connections
+        if resp.throttle_time_ms > 0:
+            conn.throttle(now, resp.throttle_time_ms)
+            self.stats["throttle_ms"] += resp.throttle_time_ms
         for ep in resp.node_endpoints:
             pool.add_broker(ep.node_id, ep.host, ep.port)
         seen: set[tuple[str, int]] = set()
@@ -483,7 +549,7 @@ class Sender:
                 seen.add(key)
                 e.took_off()
                 if p.current_leader_id >= 0 and pool.knows(p.current_leader_id):
-                    self._metadata.adopt_leader(t.name, p.index, p.current_leader_id)
+                    self._metadata.adopt_leader(t.name, p.index, p.current_leader_id, p.current_leader_epoch)
                 self._on_partition_result(e, p.error_code, p.base_offset, p.log_append_time_ms, now, p.error_message)
         for key, e in preq.entries.items():
             if key not in seen:
@@ -547,6 +613,9 @@ class Sender:
         wake = self._queues.next_wake(now, wake)
         if self._queues.queued or self.stats["in_flight"] or any(c.unflushed for c in self._connections.connections()):
             wake = min(wake, now + _EXPIRY_SCAN_INTERVAL_MS)
+        for conn in self._connections.connections():
+            if conn.throttled_until_ms > now:
+                wake = min(wake, conn.throttled_until_ms)
         return wake
 
     # --- dispatch ---------------------------------------------------------------------------
@@ -573,13 +642,20 @@ class Sender:
                 queued.discard(part)
                 continue
             e = part.queue[0]
-            if e.not_before_ms > now:
-                continue
+            if e.batch.attempts == 0 and e.batch.record_count > 1 and self._known_too_large(e, now):
+                halves = self.accumulator.split(e.batch)
+                if halves:
+                    self.stats["splits"] += 1
+                    part.queue.pop(0)
+                    queues.replace(e, halves)
+                    e = part.queue[0]
             leader = self._metadata.leader(part.topic, part.partition)
             if leader < 0:
                 continue
+            if e.not_before_ms > now and leader == part.node:
+                continue  # backing off, and the broker that refused it still leads
             conn = self._connection(leader, now)
-            if conn is None:
+            if conn is None or conn.throttled_until_ms > now:
                 continue
             limit = MAX_IN_FLIGHT if e.idempotent else _PLAIN_MAX_IN_FLIGHT
             if len(part.in_flight) >= limit:
@@ -639,6 +715,11 @@ class Sender:
                     e.took_off()
                     self._queues.finish(e, 0, -1, -1)
 
+    def _known_too_large(self, e: _Entry, now: float) -> bool:
+        """Whether a batch of this size was refused as too large for its topic lately."""
+        known = self._too_large.get(e.part.topic)
+        return known is not None and e.batch.size >= known[0] and now < known[1]
+
     # --- responses --------------------------------------------------------------------------
 
     def _on_partition_result(self, e: _Entry, code: int, base_offset: int, log_append_time_ms: int,
@@ -662,13 +743,22 @@ class Sender:
             return
         if code in _REFRESH_CODES:
             self._metadata.want(part.topic)
+        if code in _SPLIT_CODES and e.batch.record_count > 1 and not self._stopped:
+            known = self._too_large.get(part.topic)
+            if known is None or known[1] < now or e.batch.size < known[0]:
+                self._too_large[part.topic] = (e.batch.size, now + self.settings.metadata_max_age_ms)
+            halves = self.accumulator.split(e.batch)
+            if halves:
+                self.stats["splits"] += 1
+                queues.replace(e, halves)
+                return
         if code == ec.MESSAGE_TOO_LARGE and e.batch.record_count > 1 and part.topic not in self._too_large_warned:
             # Each record fit max_request_size, so the topic's limit is below the batch: say
             # which setting to change (once per topic; the records fail either way).
             self._too_large_warned.add(part.topic)
-            log.warning("%s[%s]: a batch of %d records (%d bytes) was refused as MESSAGE_TOO_LARGE; the "
-                        "topic's max.message.bytes is below this profile's batch_size (%d): lower batch_size "
-                        "for this topic or raise max.message.bytes", part.topic, part.partition,
+            log.warning("%s[%s]: a batch of %d records (%d bytes) was refused as MESSAGE_TOO_LARGE and could "
+                        "not be split; the topic's max.message.bytes is below this profile's batch_size (%d): "
+                        "lower batch_size for this topic or raise max.message.bytes", part.topic, part.partition,
                         e.batch.record_count, e.batch.size, queues.profile(e.batch).batch_size)
         if ec.is_retriable(code):
             queues.retry(e, code, now)

@@ -52,6 +52,7 @@ from daemon.completions import Completions, SlotHolds
 from daemon.config import Config, Profile, loads
 from daemon.drain import ChunkTable, Client, Drainer, TopicTable, resume_position
 from daemon.recovery import Recovery
+from daemon.ringscan import nth_record_position
 from daemon.sender import Sender
 from daemon.stats import Counters, LatencyHistogram
 from shm.errors import CorruptFrameError, SegmentError
@@ -110,6 +111,7 @@ class Worker:
             buffer_memory=config.kafka.buffer_memory,
             profile_for=self._profile_for,
             arena=self.arena,
+            locate=self._locate_record,
         )
         self.holds = SlotHolds(self.arena)
         self.recovery = Recovery(
@@ -162,6 +164,14 @@ class Worker:
 
     def _profile_for(self, topic: str) -> Profile:
         return self.config.profile_for(topic)
+
+    def _locate_record(self, client_id: int, first: int, topic: str, partition: int, k: int) -> int:
+        # For Accumulator.split: a run's record k in its client's ring (-1: not found).
+        client = self.clients.get(client_id)
+        tid = self.topics.ids.get(topic)
+        if client is None or tid is None:
+            return -1
+        return nth_record_position(client.req, first, tid, partition, k)
 
     # --- control channel ------------------------------------------------------------------
 
@@ -297,6 +307,8 @@ class Worker:
             "requests": s["requests"],
             "in_flight": s["in_flight"],
             "retries": s["retries"],
+            "throttle_s": s["throttle_ms"] / 1000.0,
+            "splits": s["splits"],
             "errors": dict(c.errors),
             "failed": dict(c.failed),
             "clients": len(self.clients),

@@ -8,10 +8,22 @@
 #   scripts/kafka.sh start   start a stopped broker again with the data it had
 #   scripts/kafka.sh status  exit 0 and print the bootstrap if it answers
 #
+# With KAFKA_NODES=3 (any N from 2 to 9) the same commands run a KRaft cluster of N combined
+# broker+controller nodes instead (see "The cluster" below); `stop`, `start` and `kill` then take
+# a node number:
+#
+#   KAFKA_NODES=3 scripts/kafka.sh up        nodes 1..3 on 127.0.0.1:19092..19094
+#   KAFKA_NODES=3 scripts/kafka.sh stop 2    SIGTERM node 2 (kept data); `kill 2` is SIGKILL
+#   KAFKA_NODES=3 scripts/kafka.sh start 2   start node 2 again with its data
+#   KAFKA_NODES=3 scripts/kafka.sh down      stop every node and remove the cluster's data
+#
 # Environment: KAFKA_PORT (default 9092), KAFKA_CONTROLLER_PORT (default KAFKA_PORT+1),
 # KAFKA_ADVERTISED_PORT (default KAFKA_PORT: the port the broker tells clients to use; chaos
 # tests point it at a fault-injecting proxy in front of KAFKA_PORT),
 # KAFKA_STATE_DIR (default .run/kafka-$KAFKA_PORT in the repository), KAFKA_HEAP (default 1g).
+# KAFKA_VERSION (default: the version pinned in kafka/pom.xml) runs another release, fetched
+# from Maven Central into .run/kafka-jars-VERSION (the compatibility check of the oldest supported
+# version); the pinned one lives in kafka/.jars.
 # The broker's version is pinned in kafka/pom.xml; Maven fetches it from Maven Central once.
 set -euo pipefail
 
@@ -20,7 +32,10 @@ PORT=${KAFKA_PORT:-9092}
 CPORT=${KAFKA_CONTROLLER_PORT:-$((PORT + 1))}
 APORT=${KAFKA_ADVERTISED_PORT:-$PORT}
 STATE=${KAFKA_STATE_DIR:-$ROOT/.run/kafka-$PORT}
+PINNED=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$ROOT/kafka/pom.xml")
+VERSION=${KAFKA_VERSION:-$PINNED}
 JARS=$ROOT/kafka/.jars
+[ "$VERSION" = "$PINNED" ] || JARS=$ROOT/.run/kafka-jars-$VERSION
 HEAP=${KAFKA_HEAP:-1g}
 START_TIMEOUT=${KAFKA_START_TIMEOUT:-50}
 PY=${PYTHON:-python3}
@@ -36,12 +51,14 @@ fetch_jars() {
   local stamp=$JARS/.pom.sha
   local want
   want=$(sha256sum "$ROOT/kafka/pom.xml" | cut -d' ' -f1)
+  # Another version's stamp names it too, so its directory is never taken for the pinned one.
+  [ "$VERSION" = "$PINNED" ] || want="$want $VERSION"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
   command -v mvn >/dev/null || { log "Maven (mvn) is needed to fetch the broker"; exit 1; }
   command -v java >/dev/null || { log "Java 17+ is needed to run the broker"; exit 1; }
-  log "fetching the pinned broker jars from Maven Central (once)"
+  log "fetching the broker jars of Kafka $VERSION from Maven Central (once)"
   rm -rf "$JARS"
-  mvn -q -B -f "$ROOT/kafka/pom.xml" dependency:copy-dependencies \
+  mvn -q -B -f "$ROOT/kafka/pom.xml" dependency:copy-dependencies -Dkafka.version="$VERSION" \
       -DoutputDirectory="$JARS" -DincludeScope=runtime >&2
   echo "$want" > "$stamp"
 }
@@ -72,11 +89,16 @@ log.flush.interval.messages=9223372036854775807
 num.network.threads=2
 num.io.threads=4
 PROPS
-  cat > "$STATE/log4j2.properties" <<PROPS
+  write_log4j "$STATE"
+}
+
+# The broker's log goes to DIR/logs/server.log.
+write_log4j() {
+  cat > "$1/log4j2.properties" <<PROPS
 status = warn
 appender.file.type = File
 appender.file.name = FILE
-appender.file.fileName = $STATE/logs/server.log
+appender.file.fileName = $1/logs/server.log
 appender.file.layout.type = PatternLayout
 appender.file.layout.pattern = [%d] %p %m (%c)%n
 rootLogger.level = INFO
@@ -166,6 +188,194 @@ down() {
   rm -rf "$STATE"
   log "stopped; removed $STATE"
 }
+
+# --- The cluster (KAFKA_NODES > 1) ----------------------------------------------------------
+#
+# N combined broker+controller nodes on 127.0.0.1, a static quorum of all N. Node i (1..N)
+# serves clients on KAFKA_CLUSTER_PORT+i-1 (default 19092, so beside the single node on 9092 and
+# the chaos broker on 19292) and its controller on KAFKA_CLUSTER_PORT+100+i-1; its state lives in
+# .run/kafka-cluster-PORT/nodeI. Small heaps and few threads, so three fit on two cores.
+# Topics default to replication factor N with min.insync.replicas 2 (1 for N=2). A dead broker
+# is fenced after broker.session.timeout.ms (3 s here, 9 s by default) and its partitions get
+# new leaders then; tests measure the stall this causes.
+
+NODES=${KAFKA_NODES:-1}
+CBASE=${KAFKA_CLUSTER_PORT:-19092}
+CSTATE=${KAFKA_STATE_DIR:-$ROOT/.run/kafka-cluster-$CBASE}
+CHEAP=${KAFKA_HEAP:-384m}
+
+node_port() { echo $((CBASE + $1 - 1)); }
+node_dir() { echo "$CSTATE/node$1"; }
+node_alive() { local d; d=$(node_dir "$1"); [ -f "$d/pid" ] && kill -0 "$(cat "$d/pid")" 2>/dev/null; }
+# Ready: it answers and its Metadata lists every node (so the quorum has formed).
+node_probe() { "$PY" "$ROOT/scripts/kafka_probe.py" 127.0.0.1 "$(node_port "$1")" "${2:-2}" "$NODES" >/dev/null 2>&1; }
+cluster_bootstrap() {
+  local i out=""
+  for i in $(seq 1 "$NODES"); do out="$out${out:+,}127.0.0.1:$(node_port "$i")"; done
+  echo "$out"
+}
+
+write_node_config() {
+  local i=$1 d voters="" j min_isr=2
+  d=$(node_dir "$i")
+  [ "$NODES" -ge 3 ] || min_isr=1
+  for j in $(seq 1 "$NODES"); do voters="$voters${voters:+,}$j@127.0.0.1:$(( $(node_port "$j") + 100 ))"; done
+  mkdir -p "$d/data" "$d/logs"
+  cat > "$d/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=$i
+controller.quorum.voters=$voters
+listeners=PLAINTEXT://127.0.0.1:$(node_port "$i"),CONTROLLER://127.0.0.1:$(( $(node_port "$i") + 100 ))
+advertised.listeners=PLAINTEXT://127.0.0.1:$(node_port "$i")
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$d/data
+num.partitions=1
+default.replication.factor=$NODES
+min.insync.replicas=$min_isr
+auto.create.topics.enable=false
+offsets.topic.replication.factor=$NODES
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=$NODES
+transaction.state.log.min.isr=$min_isr
+share.coordinator.state.topic.replication.factor=$NODES
+share.coordinator.state.topic.min.isr=$min_isr
+group.initial.rebalance.delay.ms=0
+log.flush.interval.messages=9223372036854775807
+# A killed broker is fenced (and its partitions led elsewhere) within about 3 s.
+broker.session.timeout.ms=3000
+broker.heartbeat.interval.ms=500
+replica.lag.time.max.ms=10000
+# Leadership goes back to the preferred replica soon after a restart (rolling restarts).
+leader.imbalance.check.interval.seconds=10
+num.network.threads=2
+num.io.threads=2
+num.replica.fetchers=1
+background.threads=2
+log.cleaner.threads=1
+PROPS
+  write_log4j "$d"
+}
+
+node_launch() {
+  local i=$1 d
+  d=$(node_dir "$i")
+  # setsid: the node must outlive the make or pytest process that started it. SerialGC: one GC
+  # thread per node instead of one per core.
+  setsid java -Xms64m -Xmx"$CHEAP" -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true \
+      -Dlog4j2.configurationFile="$d/log4j2.properties" -Dkafka.logs.dir="$d/logs" \
+      -cp "$JARS/*" kafka.Kafka "$d/server.properties" \
+      > "$d/logs/stdout.log" 2>&1 < /dev/null &
+  echo $! > "$d/pid"
+}
+
+cluster_fail() {
+  local i
+  log "cluster did not become ready: $1"
+  for i in $(seq 1 "$NODES"); do
+    log "node $i, last lines of $(node_dir "$i")/logs/server.log:"
+    tail -n 15 "$(node_dir "$i")/logs/server.log" >&2 2>/dev/null || true
+    tail -n 5 "$(node_dir "$i")/logs/stdout.log" >&2 2>/dev/null || true
+  done
+  exit 1
+}
+
+# Waits until every node in "$@" answers and lists all N nodes.
+cluster_wait() {
+  local t0=$1 i
+  shift
+  local deadline=$(( $(date +%s) + START_TIMEOUT ))
+  for i in "$@"; do
+    until node_probe "$i"; do
+      node_alive "$i" || cluster_fail "node $i exited"
+      [ "$(date +%s)" -lt "$deadline" ] || cluster_fail "node $i: no answer within ${START_TIMEOUT}s"
+      sleep 0.3
+    done
+  done
+  log "cluster ready on $(cluster_bootstrap) in $("$PY" -c "import time;print(f'{time.time()-$t0:.1f}')")s (logs: $CSTATE/node*/logs)"
+}
+
+node_signal() {
+  local i=$1 sig=$2 d pid
+  d=$(node_dir "$i")
+  [ -f "$d/pid" ] || return 0
+  pid=$(cat "$d/pid")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "-$sig" "$pid" 2>/dev/null || true
+    for _ in $(seq 1 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$d/pid"
+}
+
+cluster_up() {
+  local all=1 i
+  for i in $(seq 1 "$NODES"); do node_alive "$i" && node_probe "$i" || all=0; done
+  if [ $all = 1 ]; then cluster_bootstrap; return 0; fi
+  for i in $(seq 1 "$NODES"); do node_signal "$i" KILL; done
+  fetch_jars
+  rm -rf "$CSTATE"
+  local t0 cluster
+  t0=$(date +%s.%N)
+  cluster=$("$PY" "$ROOT/scripts/kafka_cluster_id.py")
+  for i in $(seq 1 "$NODES"); do
+    write_node_config "$i"
+    java -cp "$JARS/*" -Dlog4j2.configurationFile="$(node_dir "$i")/log4j2.properties" \
+        kafka.tools.StorageTool format -t "$cluster" -c "$(node_dir "$i")/server.properties" \
+        > "$(node_dir "$i")/logs/format.log" 2>&1 &
+  done
+  wait || true
+  for i in $(seq 1 "$NODES"); do
+    grep -qi "formatting" "$(node_dir "$i")/logs/format.log" || { cat "$(node_dir "$i")/logs/format.log" >&2; cluster_fail "format of node $i failed"; }
+  done
+  for i in $(seq 1 "$NODES"); do node_launch "$i"; done
+  cluster_wait "$t0" $(seq 1 "$NODES")
+  cluster_bootstrap
+}
+
+cluster_node_arg() {
+  [[ "${1:-}" =~ ^[0-9]+$ ]] && [ "$1" -ge 1 ] && [ "$1" -le "$NODES" ] || { log "which node? 1..$NODES"; exit 2; }
+}
+
+cluster_main() {
+  case "${1:-}" in
+    up) cluster_up ;;
+    down)
+      # Its data goes anyway: TERM every node at once, KILL what still runs after 5 s (a
+      # controlled shutdown without a controller quorum would wait much longer).
+      for i in $(seq 1 "$NODES"); do node_alive "$i" && kill -TERM "$(cat "$(node_dir "$i")/pid")" 2>/dev/null; done
+      for _ in $(seq 1 50); do
+        local any=0
+        for i in $(seq 1 "$NODES"); do node_alive "$i" && any=1; done
+        [ $any = 1 ] || break
+        sleep 0.1
+      done
+      for i in $(seq 1 "$NODES"); do node_signal "$i" KILL; done
+      rm -rf "$CSTATE"
+      log "cluster stopped; removed $CSTATE" ;;
+    stop) cluster_node_arg "${2:-}"; node_signal "$2" TERM; log "node $2 stopped; kept its data" ;;
+    kill) cluster_node_arg "${2:-}"; node_signal "$2" KILL; log "node $2 killed; kept its data" ;;
+    start)
+      cluster_node_arg "${2:-}"
+      [ -f "$(node_dir "$2")/server.properties" ] || { log "no state for node $2 in $CSTATE: use up"; exit 1; }
+      node_alive "$2" || { fetch_jars; node_launch "$2"; }
+      cluster_wait "$(date +%s.%N)" "$2"
+      cluster_bootstrap ;;
+    status)
+      local ok=1 i
+      for i in $(seq 1 "$NODES"); do node_probe "$i" || { ok=0; log "node $i not answering on 127.0.0.1:$(node_port "$i")"; }; done
+      [ $ok = 1 ] || exit 1
+      cluster_bootstrap ;;
+    *) echo "usage: KAFKA_NODES=$NODES $0 up|down|status|stop N|kill N|start N" >&2; exit 2 ;;
+  esac
+}
+
+if [ "$NODES" != 1 ]; then
+  [[ "$NODES" =~ ^[2-9]$ ]] || { log "KAFKA_NODES must be 1..9"; exit 2; }
+  cluster_main "$@"
+  exit $?
+fi
 
 case "${1:-}" in
   up) up ;;

@@ -75,6 +75,7 @@ __all__ = [
     "CODEC_LZ4",
     "CODEC_ZSTD",
     "CODECS",
+    "record_bodies",
     "ATTR_CODEC_MASK",
     "ATTR_TIMESTAMP_TYPE",
     "ATTR_TRANSACTIONAL",
@@ -358,6 +359,49 @@ def build_batch(
         buf, 0, len(data), count, base_ts, max_ts, codec, producer_id, producer_epoch, base_sequence
     )
     return bytes(buf[:total])
+
+
+# -- splitting (a batch the broker refused as too large; never on the hot path) ---------------
+
+
+def record_bodies(batch: bytes | memoryview) -> tuple[int, list[tuple[int, bytes]]]:
+    """One RecordBatch v2's records as ``(timestamp_ms, body)`` pairs, in order, and its codec.
+
+    ``body`` is a record's bytes after its offset delta (key, value, headers: what
+    :func:`encode_records` takes back), so a part of the records can be encoded again as a
+    batch of its own. The CRC is not checked: the batch comes from this process's own arena.
+
+    Returns:
+        ``(codec, [(timestamp_ms, body), ...])``.
+
+    Raises:
+        ProtocolError: the batch or its records are malformed.
+    """
+    view = memoryview(batch)
+    if len(view) < HEADER_SIZE:
+        raise ProtocolError("truncated RecordBatch header")
+    (_base_offset, length, _epoch, magic, _crc, attributes, _last, base_ts, _max_ts, _pid, _pepoch, _seq,
+     count) = BATCH_HEADER.unpack_from(view, 0)
+    if magic != MAGIC or _LENGTH_BASE + length > len(view):
+        raise ProtocolError("not one whole RecordBatch v2")
+    codec = attributes & ATTR_CODEC_MASK
+    data = decompress(codec, view[HEADER_SIZE : _LENGTH_BASE + length])
+    out: list[tuple[int, bytes]] = []
+    pos = 0
+    for _ in range(count):
+        size, pos = _read_varint(data, pos)
+        end = pos + size
+        if size < 1 or end > len(data):
+            raise ProtocolError("record length runs past the batch")
+        ts_delta, at = _read_varint(data, pos + 1)  # after the attributes byte
+        _offset_delta, at = _read_varint(data, at)
+        if at > end:
+            raise ProtocolError("record header runs past the record")
+        out.append((base_ts + ts_delta, bytes(data[at:end])))
+        pos = end
+    if pos != len(data):
+        raise ProtocolError("bytes left after the last record")
+    return codec, out
 
 
 # -- decoding (tests and diagnostics; never on the hot path) ----------------------------------

@@ -51,6 +51,21 @@ class FakeAccumulator:
         self.pending: list[FakeBatch] = []
         self.released: list[FakeBatch] = []
         self.outstanding = 0
+        self.splittable = False  # split() cuts batches in halves (numbered from 1,000,000)
+        self.halves: dict[int, tuple[int, int]] = {}  # batch number -> its halves' numbers
+        self._next_n = 1_000_000
+
+    def split(self, batch: FakeBatch) -> list[FakeBatch] | None:
+        if not self.splittable or batch.record_count < 2:
+            return None
+        first = (batch.record_count + 1) // 2
+        halves = [FakeBatch(self._next_n + i, batch.partition, batch.profile, records=r)
+                  for i, r in enumerate((first, batch.record_count - first))]
+        self._next_n += 2
+        self.halves[batch.n] = (halves[0].n, halves[1].n)
+        self.outstanding += 1  # two halves in, one batch out (released, never completed)
+        self.released.append(batch)
+        return halves
 
     def ready(self, now_ms: float) -> list[FakeBatch]:
         out, self.pending = self.pending, []
@@ -532,3 +547,64 @@ def test_adopted_batch_refused_out_of_order_is_restamped_under_the_new_id() -> N
     assert sorted(n for n, code, _ in hs.done if code == 0) == [0, 1, 10]
     last = {n: (pid, seq) for _, req in broker.produce_requests for n, pid, _e, seq in req}
     assert last == {0: (1001, 0), 1: (1001, 5), 10: (1001, 10)}
+
+
+def test_a_batch_too_large_is_split_in_halves_that_take_its_sequences() -> None:
+    # The broker takes at most 3 records a batch and applies Kafka's sequence rule; batches of
+    # 10, 3 and 7 records go out together, so the second is in flight when the first is refused.
+    counts: dict[int, int] = {}
+    last_seq: dict[int, int] = {}
+    written: list[int] = []
+
+    def handler(n: int, pid: int, epoch: int, seq: int, attempt: int) -> int:
+        if counts[n] > 3:
+            return ec.MESSAGE_TOO_LARGE
+        if pid in last_seq and seq != last_seq[pid]:
+            return ec.OUT_OF_ORDER_SEQUENCE_NUMBER
+        last_seq[pid] = seq + counts[n]
+        written.append(n)
+        return 0
+
+    async def body(hs: Harness) -> None:
+        hs.acc.splittable = True
+        real_split = hs.acc.split
+
+        def split(batch: FakeBatch) -> list[FakeBatch] | None:
+            halves = real_split(batch)
+            for h in halves or ():
+                counts[h.n] = h.record_count
+            return halves
+
+        hs.acc.split = split  # type: ignore[method-assign]
+        batches = [FakeBatch(n, 0, fast_profile(), records=r) for n, r in ((1, 10), (2, 3), (3, 7))]
+        counts.update({b.n: b.record_count for b in batches})
+        hs.send(batches)
+        assert await hs.sender.flush(5)
+
+    hs, broker = scenario(handler, body)
+
+    def leaves(n: int) -> list[int]:
+        return [leaf for h in hs.acc.halves[n] for leaf in leaves(h)] if n in hs.acc.halves else [n]
+
+    expected = leaves(1) + leaves(2) + leaves(3)
+    assert written == expected == broker.log[0]
+    assert sum(counts[n] for n in written) == 20
+    assert [n for n, code, _ in hs.done] == expected and all(code == 0 for _, code, _ in hs.done)
+    assert hs.sender.stats["splits"] == len(hs.acc.halves) > 0
+    assert hs.acc.outstanding == 0
+
+
+def test_a_single_record_too_large_fails_and_the_rest_of_its_batch_is_delivered() -> None:
+    big = 1_000_001  # the second half of batch 1: its single record is too large
+
+    def handler(n: int, pid: int, epoch: int, seq: int, attempt: int) -> int:
+        return ec.MESSAGE_TOO_LARGE if n in (1, big) else 0
+
+    async def body(hs: Harness) -> None:
+        hs.acc.splittable = True
+        hs.send([FakeBatch(1, 0, fast_profile(), records=2)])
+        assert await hs.sender.flush(5)
+
+    hs, broker = scenario(handler, body)
+    assert hs.done == [(1_000_000, 0, 0), (big, ec.MESSAGE_TOO_LARGE, -1)]
+    assert broker.log[0] == [1_000_000]
