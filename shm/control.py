@@ -249,10 +249,16 @@ class ProduceAck(_Reply, tag="ProduceAck"):
 
 
 class FlushDone(_Reply, tag="FlushDone"):
-    """The answer to Flush. ``complete`` is False when the timeout came first."""
+    """The answer to Flush. ``complete`` is False when the timeout came first.
+
+    ``failed`` counts this connection's records that completed with an error (acknowledged or
+    not, refused before a ring or failed by Kafka) since the previous FlushDone. It was added
+    after the first release of version 1: a decoder of an older daemon's reply sees 0.
+    """
 
     complete: bool
     pending: Uint
+    failed: Uint = 0
 
 
 class StatsReply(_Reply, tag="StatsReply"):
