@@ -6,12 +6,26 @@ client: the same partitioner, rings, workers, delivery profiles and completions.
 
 Policies:
 
+- Topics: a topic this producer has not sent to yet is looked up first through the daemon's
+  coalescing, failure-remembering lookup (daemon/lookups.py), so an unknown topic fails at once
+  while it is remembered. The server runs a Produce that needs a lookup as its own task, so the
+  connection's other frames do not wait behind it (daemon/server.py keeps per-topic order).
 - ``on_full = "block"``: a full ring is retried every ``_FULL_RETRY_S`` until the topic's
-  ``max_block_ms``, on the event loop (never blocking it). ``"drop"`` answers BUFFER_FULL at
-  once and the producer counts the drop (in its segment, as every client does).
+  ``max_block_ms``, on the event loop (never blocking it); then the record fails with
+  BUFFER_FULL. ``"drop"`` fails it at once and the producer counts the drop (in its segment,
+  as every client does: stats ``drops``).
+- Every failure is reported, whether the Produce asked for an ack or not: the connection hears
+  how many records failed (:meth:`Origin.settled`, for FlushDone's ``failed``), and records
+  refused before a ring (unknown topic, partition out of range, too large, BUFFER_FULL after
+  ``max_block_ms``, the daemon stopping) are counted per topic and error in
+  :attr:`SocketIngest.refused` (stats ``socket.refused``). Failures after the ring are counted
+  by the workers (stats ``totals.failed``). A Produce with ``ack = false`` is never answered.
 - ``Produce(ack=True)``: one ProduceAck per frame, once every record has its outcome, in the
-  records' order. Without ack, errors known before the ring (unknown topic) are answered with a
-  non-fatal ErrorReply, and the outcomes are only awaited by Flush and Goodbye (``pending``).
+  records' order; never an ErrorReply. A failed record's result names the partition it asked
+  for (else the one chosen, else -1).
+- Stopping (:meth:`SocketIngest.stop`): a record still waiting for ring space is refused with
+  SHUTTING_DOWN; :meth:`SocketIngest.give_up` (the shutdown deadline) answers the acks still
+  waiting, their unfinished records with OUTCOME_UNKNOWN.
 """
 
 from __future__ import annotations
@@ -20,32 +34,74 @@ import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from shm import control
 from shm.errors import BufferFullError, KafkaError, SluiceError
 
-__all__ = ["INGEST_CLIENT_NAME", "Reply", "SocketIngest"]
+__all__ = ["INGEST_CLIENT_NAME", "Origin", "RefusalCounts", "SocketIngest", "record_results"]
 
 INGEST_CLIENT_NAME = "sluice-socket-ingest"
 # How often a Produce retries a full ring under on_full = "block": short next to any
 # max_block_ms, long enough that a waiting Produce costs the loop nothing noticeable.
 _FULL_RETRY_S = 0.002
+# Topics counted by name in RefusalCounts; the refusals of any further topic (a client inventing
+# names) are counted under _OTHER_TOPICS, so the counters stay bounded.
+_MAX_COUNTED_TOPICS = 1024
+_OTHER_TOPICS = "(other topics)"
+# Kafka's code for an error it cannot name; used when the daemon cannot look a topic up at all.
+_UNKNOWN_SERVER_ERROR = (-1, "UNKNOWN_SERVER_ERROR")
 
-Reply = Callable[[Any], Awaitable[None]]  # sends one message to the client that sent the Produce
+Lookup = Callable[[str], Awaitable[control.TopicInfo]]
+
+
+class Origin(Protocol):
+    """The connection a Produce came from, as ingest sees it."""
+
+    def reply(self, msg: Any) -> None:
+        """Queue ``msg`` for the client (dropped when the client is gone)."""
+
+    def settled(self, records: int, failed: int) -> None:
+        """``records`` of its records have their outcome now; ``failed`` of them failed."""
+
+
+class RefusalCounts:
+    """Records refused before they reached a ring: topic -> error name -> records."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, dict[str, int]] = {}
+
+    def add(self, topic: str, error: str, records: int) -> None:
+        by_error = self._counts.get(topic)
+        if by_error is None:
+            if len(self._counts) >= _MAX_COUNTED_TOPICS:
+                topic = _OTHER_TOPICS
+            by_error = self._counts.setdefault(topic, {})
+        by_error[error] = by_error.get(error, 0) + records
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        return {topic: dict(errors) for topic, errors in self._counts.items()}
 
 
 class SocketIngest:
-    """The socket clients' way into the rings: one shared-memory producer, used from the loop."""
+    """The socket clients' way into the rings: one shared-memory producer, used from the loop.
 
-    def __init__(self) -> None:
+    Args:
+        lookup: the daemon's topic lookup (coalesced, failures remembered).
+    """
+
+    def __init__(self, lookup: Lookup) -> None:
+        self._lookup = lookup
         self._producer: Any = None
         # The socket answers before the producer is attached (it connects to that very socket),
         # so a Produce that arrives in between waits for it.
         self._ready = asyncio.Event()
-        # TopicInfo of every topic the producer has looked up: a lookup blocks on the daemon's
-        # answer, so it runs in a thread, and only for a topic not seen before.
+        # TopicInfo of every topic the producer has registered (after a successful lookup).
         self._infos: dict[str, control.TopicInfo] = {}
+        self._stopping = False
+        # Completion waiters of the Produces whose outcomes have not all come (give_up ends them).
+        self._waiters: set[asyncio.Future[None]] = set()
+        self.refused = RefusalCounts()
 
     async def start(self, socket_path: str) -> None:
         """Connect the producer to the daemon's socket (already accepting)."""
@@ -64,6 +120,20 @@ class SocketIngest:
         self._producer = producer
         self._ready.set()
 
+    def known(self, topic: str) -> bool:
+        """Whether a Produce to ``topic`` goes straight to the rings (no lookup to wait for)."""
+        return topic in self._infos and self._producer is not None
+
+    def stop(self) -> None:
+        """The daemon is stopping: records still waiting for ring space are refused."""
+        self._stopping = True
+
+    def give_up(self) -> None:
+        """The shutdown deadline: acks still waiting go out now (unfinished records as
+        OUTCOME_UNKNOWN)."""
+        for waiter in list(self._waiters):
+            _finish(waiter)
+
     async def flush(self, timeout: float) -> None:
         """Wait (off the loop) up to ``timeout`` seconds for the records sent so far."""
         if self._producer is not None:
@@ -78,96 +148,140 @@ class SocketIngest:
         except Exception:  # noqa: BLE001 - the workers are gone; nothing left to lose here
             pass
 
-    async def produce(self, msg: control.Produce, reply: Reply, pending: set[asyncio.Future[Any]]) -> None:
-        """Put the records of ``msg`` into the rings; the outcomes go to ``reply`` or ``pending``.
+    async def produce(self, msg: control.Produce, origin: Origin) -> asyncio.Future[None] | None:
+        """Put the records of ``msg`` into the rings.
 
-        ``pending`` is the sending client's set of outstanding work: a future is added until
-        its records have their outcomes (Flush and Goodbye wait for it).
+        Returns:
+            None when every record's outcome is known already (and the ack, if asked, is
+            queued); else a future that completes once they are all known, the ack queued.
         """
         if self._producer is None:
             await self._ready.wait()
         producer = self._producer
-        results: list[control.RecordResult | None] = [None] * len(msg.records)
-        futures: list[tuple[int, list[Any]]] = []  # (index of the first record, their futures)
-        info = self._infos.get(msg.topic)
-        if info is None:
-            try:
-                info = await asyncio.to_thread(producer.lookup, msg.topic)
-            except KafkaError as exc:
-                _fail_all(results, exc.code, exc.name)
-                if msg.ack:
-                    await reply(control.ProduceAck(seq=msg.seq, results=results))
-                else:
-                    await reply(control.ErrorReply(code=exc.code, name=exc.name, message=str(exc), fatal=False))
-                return
-            self._infos[msg.topic] = info
+        topic = msg.topic
         records = msg.records
         n = len(records)
+        results: list[control.RecordResult | None] = [None] * n
+        futures: list[tuple[int, list[Any]]] = []  # (index of the first record, their futures)
+        info = self._infos.get(topic)
+        if info is None:
+            try:
+                await self._lookup(topic)
+                # The daemon knows the topic now, so the producer's own lookup is answered at once.
+                info = await asyncio.to_thread(producer.lookup, topic)
+            except KafkaError as exc:
+                return self._refuse_all(msg, origin, exc.code, exc.name)
+            except SluiceError:
+                code, name = _UNKNOWN_SERVER_ERROR
+                return self._refuse_all(msg, origin, code, name)
+            self._infos[topic] = info
+        refused = 0
         i = 0
         while i < n:
             # The records the compiled path takes, in one call; then the one it stopped at (if
             # any) through send(), which raises what is wrong or finds the ring full.
-            i, futs = producer.send_records(msg.topic, records, i)
+            i, futs = producer.send_records(topic, records, i)
             if futs:
                 futures.append((i - len(futs), futs))
             if i == n:
                 break
             rec = records[i]
+            asked = -1 if rec.partition is None else rec.partition
             deadline = time.monotonic() + info.max_block_ms / 1000.0
             while True:
                 try:
                     fut = producer.send(
-                        msg.topic, rec.value, rec.key, partition=rec.partition, headers=rec.headers, timestamp=rec.timestamp
+                        topic, rec.value, rec.key, partition=rec.partition, headers=rec.headers, timestamp=rec.timestamp
                     )
-                except BufferFullError as exc:
-                    if info.on_full == "block" and time.monotonic() < deadline:
+                except BufferFullError:
+                    if info.on_full == "block" and time.monotonic() < deadline and not self._stopping:
                         await asyncio.sleep(_FULL_RETRY_S)
                         continue
-                    results[i] = _result(-1, control.ERR_BUFFER_FULL, str(exc))
-                    break
+                    code = control.ERR_SHUTTING_DOWN if self._stopping else control.ERR_BUFFER_FULL
+                    results[i] = _failure(asked, code, control.ERROR_NAMES[code])
                 except KafkaError as exc:
-                    results[i] = _result(-1, exc.code, exc.name)
+                    results[i] = _failure(asked, exc.code, exc.name)
+                else:
+                    futures.append((i, [fut]))
                     break
-                futures.append((i, [fut]))
+                self.refused.add(topic, results[i].error_name, 1)  # type: ignore[union-attr]
+                refused += 1
                 break
             i += 1
-        if not msg.ack:
-            if futures:
-                waiter = _all_done(asyncio.get_running_loop(), futures)
-                pending.add(waiter)
-                waiter.add_done_callback(pending.discard)
-            return
-        waiter = asyncio.ensure_future(self._ack(reply, msg.seq, results, futures))
-        pending.add(waiter)
-        waiter.add_done_callback(pending.discard)
+        if refused:
+            origin.settled(refused, refused)
+        if not futures:
+            if msg.ack:
+                origin.reply(control.ProduceAck(seq=msg.seq, results=results))
+            return None
+        waiter = _all_done(asyncio.get_running_loop(), futures)
+        self._waiters.add(waiter)
+        waiter.add_done_callback(self._waiters.discard)
+        return asyncio.ensure_future(_complete(origin, msg, results, futures, waiter))
 
-    @staticmethod
-    async def _ack(reply: Reply, seq: int, results: list[Any], futures: list[tuple[int, list[Any]]]) -> None:
-        if futures:
-            await _all_done(asyncio.get_running_loop(), futures)
-        for i, fut in ((first + k, f) for first, futs in futures for k, f in enumerate(futs)):
+    def _refuse_all(self, msg: control.Produce, origin: Origin, code: int, name: str) -> None:
+        n = len(msg.records)
+        self.refused.add(msg.topic, name, n)
+        origin.settled(n, n)
+        if msg.ack:
+            origin.reply(control.ProduceAck(
+                seq=msg.seq, results=[_failure(-1 if r.partition is None else r.partition, code, name) for r in msg.records]
+            ))
+
+
+async def _complete(
+    origin: Origin, msg: control.Produce, results: list[Any], futures: list[tuple[int, list[Any]]], waiter: asyncio.Future[None]
+) -> None:
+    await waiter
+    taken = sum(len(futs) for _first, futs in futures)
+    failed = record_results(results if msg.ack else None, futures)
+    origin.settled(taken, failed)
+    if msg.ack:
+        origin.reply(control.ProduceAck(seq=msg.seq, results=results))
+
+
+def record_results(results: list[Any] | None, futures: list[tuple[int, list[Any]]]) -> int:
+    """The per-record step of a ProduceAck: fill ``results`` (when not None) from the records'
+    DeliveryFutures, ``(first index, futures)`` runs; returns how many failed.
+
+    The one per-record loop of socket ingest's completion, kept apart so it can be compiled
+    without touching its callers. A future not done (the shutdown deadline came first) is
+    OUTCOME_UNKNOWN.
+    """
+    failed = 0
+    for first, futs in futures:
+        for k, fut in enumerate(futs):
+            if not fut.done():
+                failed += 1
+                if results is not None:
+                    results[first + k] = _failure(fut.partition, control.ERR_OUTCOME_UNKNOWN, "OUTCOME_UNKNOWN")
+                continue
             try:
                 meta = fut.result(0)
-                results[i] = control.RecordResult(
+            except KafkaError as exc:
+                failed += 1
+                if results is not None:
+                    results[first + k] = _failure(fut.partition, exc.code, exc.name)
+                continue
+            except BufferFullError:  # dropped under on_full = "drop"
+                failed += 1
+                if results is not None:
+                    results[first + k] = _failure(fut.partition, control.ERR_BUFFER_FULL, "BUFFER_FULL")
+                continue
+            except SluiceError:  # the producer's session ended: the daemon is stopping
+                failed += 1
+                if results is not None:
+                    results[first + k] = _failure(fut.partition, control.ERR_OUTCOME_UNKNOWN, "OUTCOME_UNKNOWN")
+                continue
+            if results is not None:
+                results[first + k] = control.RecordResult(
                     partition=meta.partition, offset=meta.offset, timestamp=meta.timestamp, error_code=0, error_name="NONE"
                 )
-            except KafkaError as exc:
-                results[i] = control.RecordResult(partition=fut.partition, offset=-1, timestamp=-1, error_code=exc.code, error_name=exc.name)
-            except SluiceError as exc:
-                results[i] = control.RecordResult(partition=fut.partition, offset=-1, timestamp=-1, error_code=control.ERR_SHUTTING_DOWN, error_name=type(exc).__name__)
-        try:
-            await reply(control.ProduceAck(seq=seq, results=results))
-        except OSError:
-            pass  # the client went away: nobody is left to tell
+    return failed
 
 
-def _result(partition: int, code: int, name: str) -> control.RecordResult:
+def _failure(partition: int, code: int, name: str) -> control.RecordResult:
     return control.RecordResult(partition=partition, offset=-1, timestamp=-1, error_code=code, error_name=name)
-
-
-def _fail_all(results: list[Any], code: int, name: str) -> None:
-    for i in range(len(results)):
-        results[i] = _result(-1, code, name)
 
 
 def _all_done(loop: asyncio.AbstractEventLoop, runs: list[tuple[int, list[Any]]]) -> asyncio.Future[None]:
