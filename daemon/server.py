@@ -57,7 +57,7 @@ from typing import Any, Protocol
 
 from daemon import channel as ch
 from daemon.config import Config
-from daemon.ingest import SocketIngest
+from daemon.ingest import INGEST_CLIENT_NAME, SocketIngest
 from daemon.peercred import check_peer, peer_credentials
 from daemon.state import Tokens
 from daemon.tasks import TaskSet
@@ -539,7 +539,6 @@ class ControlServer:
             pid, uid, gid = 0, -1, -1  # check_peer refuses it whenever an allow-list is set
         client.pid = pid
         if pid == os.getpid():
-            client.internal = True
             return None  # the supervisor's own socket-ingest producer, whatever the lists say
         reason = check_peer(client.sock, cfg.allowed_uids, cfg.allowed_gids)
         if reason is None:
@@ -578,6 +577,7 @@ class ControlServer:
                 client.greeted = True
                 client.wants_segment = wants
                 client.name = name or f"client-{client.client_id}"
+                client.internal = client.pid == os.getpid() and name == INGEST_CLIENT_NAME
                 client.pid = client.pid or pid
                 if token and wants and not client.token:
                     self._claim_token(client, token)

@@ -17,7 +17,7 @@ from typing import Any
 
 from daemon import channel as ch
 from daemon.config import Config, loads
-from daemon.ingest import Reply
+from daemon.ingest import Origin
 from daemon.protocol.errors import UNKNOWN_TOPIC_OR_PARTITION
 from daemon.server import ControlServer
 from daemon.state import Tokens
@@ -46,15 +46,35 @@ class Services:
             on_full="drop" if name == "clicks" else "block", max_block_ms=60_000, batch_size=16384, linger_ms=5,
         )
 
-    async def produce(self, msg: control.Produce, reply: Reply, pending: set[asyncio.Future[Any]]) -> None:
-        self.produced.append(msg)
-        await reply(control.ProduceAck(seq=msg.seq, results=[]))
-
     def stats(self) -> dict[str, Any]:
         return {"connections": 1}
 
     def state_changed(self) -> None:
         self.saves += 1
+
+
+class Ingest:
+    """Socket ingest, recorded: every topic is known, every record settles at once."""
+
+    def __init__(self) -> None:
+        self.produced: list[control.Produce] = []
+        self.stopped = False
+
+    def known(self, topic: str) -> bool:
+        return True
+
+    async def produce(self, msg: control.Produce, origin: Origin) -> asyncio.Future[None] | None:
+        self.produced.append(msg)
+        origin.settled(len(msg.records), 0)
+        if msg.ack:
+            origin.reply(control.ProduceAck(seq=msg.seq, results=[]))
+        return None
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def give_up(self) -> None:
+        pass
 
 
 class Workers:
@@ -109,7 +129,8 @@ class Harness:
         self.services = Services(self.config)
         self.workers = Workers()
         self.tokens = Tokens()
-        self.server = ControlServer(self.services, self.workers, self.tokens)
+        self.ingest = Ingest()
+        self.server = ControlServer(self.services, self.workers, self.tokens, self.ingest)  # type: ignore[arg-type]
 
     def sent(self, kind: type) -> list[tuple[Any, int]]:
         return [(m, n) for m, n in self.workers.sent if isinstance(m, kind)]
@@ -157,7 +178,7 @@ def test_socket_client_conversation(tmp_path: Path) -> None:
         assert stats == control.StatsReply(stats={"connections": 1})
         ack = await c.ask(control.Produce(topic="orders", records=[control.Rec(value=b"v")], ack=True, seq=9))
         assert ack == control.ProduceAck(seq=9, results=[])
-        assert [m.topic for m in h.services.produced] == ["orders"]
+        assert [m.topic for m in h.ingest.produced] == ["orders"]
         done = await c.ask(control.Flush(timeout_ms=100))
         assert done == control.FlushDone(complete=True, pending=0)
         assert h.server.connection_count() == 1 and h.server.segment_count() == 0
