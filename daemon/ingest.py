@@ -217,7 +217,13 @@ class SocketIngest:
         waiter = _all_done(asyncio.get_running_loop(), futures)
         self._waiters.add(waiter)
         waiter.add_done_callback(self._waiters.discard)
-        return asyncio.ensure_future(_complete(origin, msg, results, futures, waiter))
+        taken = sum(len(futs) for _first, futs in futures)
+        if not msg.ack:
+            # No reply to build: the outcomes are only counted, from the waiter's callback
+            # (a task per frame would cost more than the counting).
+            waiter.add_done_callback(lambda _w: origin.settled(taken, record_results(None, futures)))
+            return waiter
+        return asyncio.ensure_future(_acknowledge(origin, msg.seq, results, futures, taken, waiter))
 
     def _refuse_all(self, msg: control.Produce, origin: Origin, code: int, name: str) -> None:
         n = len(msg.records)
@@ -229,54 +235,50 @@ class SocketIngest:
             ))
 
 
-async def _complete(
-    origin: Origin, msg: control.Produce, results: list[Any], futures: list[tuple[int, list[Any]]], waiter: asyncio.Future[None]
+async def _acknowledge(
+    origin: Origin, seq: int, results: list[Any], futures: list[tuple[int, list[Any]]], taken: int,
+    waiter: asyncio.Future[None],
 ) -> None:
     await waiter
-    taken = sum(len(futs) for _first, futs in futures)
-    failed = record_results(results if msg.ack else None, futures)
-    origin.settled(taken, failed)
-    if msg.ack:
-        origin.reply(control.ProduceAck(seq=msg.seq, results=results))
+    origin.settled(taken, record_results(results, futures))
+    origin.reply(control.ProduceAck(seq=seq, results=results))
 
 
 def record_results(results: list[Any] | None, futures: list[tuple[int, list[Any]]]) -> int:
-    """The per-record step of a ProduceAck: fill ``results`` (when not None) from the records'
-    DeliveryFutures, ``(first index, futures)`` runs; returns how many failed.
+    """The per-record step of a ProduceAck: fill ``results`` from the records' DeliveryFutures,
+    ``(first index, futures)`` runs; returns how many failed. With ``results`` None (an
+    unacknowledged Produce) it only counts the failures.
 
     The one per-record loop of socket ingest's completion, kept apart so it can be compiled
     without touching its callers. A future not done (the shutdown deadline came first) is
     OUTCOME_UNKNOWN.
     """
+    if results is None:
+        return sum(1 for _first, futs in futures for fut in futs if not fut.done() or fut.exception(0) is not None)
     failed = 0
     for first, futs in futures:
         for k, fut in enumerate(futs):
             if not fut.done():
                 failed += 1
-                if results is not None:
-                    results[first + k] = _failure(fut.partition, control.ERR_OUTCOME_UNKNOWN, "OUTCOME_UNKNOWN")
+                results[first + k] = _failure(fut.partition, control.ERR_OUTCOME_UNKNOWN, "OUTCOME_UNKNOWN")
                 continue
             try:
                 meta = fut.result(0)
             except KafkaError as exc:
                 failed += 1
-                if results is not None:
-                    results[first + k] = _failure(fut.partition, exc.code, exc.name)
+                results[first + k] = _failure(fut.partition, exc.code, exc.name)
                 continue
             except BufferFullError:  # dropped under on_full = "drop"
                 failed += 1
-                if results is not None:
-                    results[first + k] = _failure(fut.partition, control.ERR_BUFFER_FULL, "BUFFER_FULL")
+                results[first + k] = _failure(fut.partition, control.ERR_BUFFER_FULL, "BUFFER_FULL")
                 continue
             except SluiceError:  # the producer's session ended: the daemon is stopping
                 failed += 1
-                if results is not None:
-                    results[first + k] = _failure(fut.partition, control.ERR_OUTCOME_UNKNOWN, "OUTCOME_UNKNOWN")
+                results[first + k] = _failure(fut.partition, control.ERR_OUTCOME_UNKNOWN, "OUTCOME_UNKNOWN")
                 continue
-            if results is not None:
-                results[first + k] = control.RecordResult(
-                    partition=meta.partition, offset=meta.offset, timestamp=meta.timestamp, error_code=0, error_name="NONE"
-                )
+            results[first + k] = control.RecordResult(
+                partition=meta.partition, offset=meta.offset, timestamp=meta.timestamp, error_code=0, error_name="NONE"
+            )
     return failed
 
 

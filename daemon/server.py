@@ -18,9 +18,9 @@ Policies:
   the connection's last frame; the daemon carries on.
 - Frames of one connection are read in order. A Produce to a topic ingest already knows goes
   into the rings before the next frame is read (a full ring under ``on_full = "block"`` stops
-  the reading: back-pressure). A Produce that needs a topic lookup runs as its own task, and the
-  next Produces to that topic wait for it (per-topic order), while frames for other topics go
-  on. TopicLookup, Flush and StatsRequest are worked on at once, their replies queued in request
+  the reading: back-pressure). A Produce that needs a topic lookup goes into a queue of its
+  topic that one task empties in order, the lookup first, and the next Produces to that topic
+  join the queue while it exists (per-topic order), while frames for other topics go on. TopicLookup, Flush and StatsRequest are worked on at once, their replies queued in request
   order (:meth:`ControlServer._in_order`).
 - Memory per connection is bounded: replies wait in the connection's queue, written as the
   client reads them; once more than ``MAX_UNSENT_REPLY_BYTES`` wait there, or more than
@@ -150,8 +150,9 @@ class Client:
         self.bad_frame: ProtocolError | None = None  # raised once the frames before it are served
         # Outcomes still to come: ack and completion waiters, Produce tasks waiting on a lookup.
         self.pending: set[asyncio.Future[Any]] = set()
-        # Per topic: resolved once the latest Produce waiting on a lookup has entered the rings.
-        self.chains: dict[str, asyncio.Future[None]] = {}
+        # Per topic waiting on a lookup: its Produces in order, each with the future Flush waits
+        # on; one task empties the queue (ControlServer._drain_topic).
+        self.queues: dict[str, deque[tuple[control.Produce, asyncio.Future[None]]]] = {}
         self.last_ordered: asyncio.Future[Any] | None = None  # the latest in-order reply
         self.inflight = 0  # records without an outcome yet
         self.failed = 0  # records failed since the last FlushDone
@@ -661,35 +662,42 @@ class ControlServer:
         return control.StatsReply(stats=self._services.stats())
 
     async def _produce(self, client: Client, msg: control.Produce) -> None:
-        """Into the rings now when the topic is known and nothing of it waits; else as a task
-        behind the connection's earlier Produces to that topic."""
+        """Into the rings now when the topic is known and nothing of it waits; else into the
+        topic's queue, behind the connection's earlier Produces to that topic."""
         client.inflight += len(msg.records)
         client.check_room()
         topic = msg.topic
-        before = client.chains.get(topic)
-        if before is None and self._ingest.known(topic):
+        queue = client.queues.get(topic)
+        if queue is None and self._ingest.known(topic):
             waiter = await self._ingest.produce(msg, client)
             if waiter is not None:
                 self._track(client, waiter)
             return
-        entered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        client.chains[topic] = entered
-        entered.add_done_callback(lambda f: client.chains.get(topic) is f and client.chains.pop(topic, None))
-        task = self._tasks.spawn(self._produce_after(client, before, entered, msg), f"client-{client.client_id}-produce")
-        self._track(client, task)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._track(client, done)
+        if queue is None:
+            queue = client.queues[topic] = deque()
+            self._tasks.spawn(self._drain_topic(client, topic, queue), f"client-{client.client_id}-topic")
+        queue.append((msg, done))
 
-    async def _produce_after(
-        self, client: Client, before: asyncio.Future[None] | None, entered: asyncio.Future[None], msg: control.Produce
-    ) -> None:
+    async def _drain_topic(self, client: Client, topic: str, queue: deque[tuple[control.Produce, asyncio.Future[None]]]) -> None:
+        """Produce the topic's queued frames in order (the first waits for the lookup, the rest
+        follow at once); the queue goes when empty, and later frames go inline again."""
         try:
-            if before is not None:
-                await before
-            waiter = await self._ingest.produce(msg, client)
+            while queue:
+                msg, done = queue[0]
+                waiter = await self._ingest.produce(msg, client)
+                queue.popleft()
+                if waiter is None:
+                    done.set_result(None)
+                else:
+                    waiter.add_done_callback(lambda _w, d=done: d.done() or d.set_result(None))
         finally:
-            if not entered.done():
-                entered.set_result(None)
-        if waiter is not None:
-            await waiter
+            # Empty, or cancelled (the daemon is closing): nothing may wait on these any more.
+            client.queues.pop(topic, None)
+            for _msg, done in queue:
+                if not done.done():
+                    done.cancel()
 
     @staticmethod
     def _track(client: Client, fut: asyncio.Future[Any]) -> None:
