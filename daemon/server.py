@@ -86,9 +86,14 @@ _MAX_ANCILLARY = socket.CMSG_SPACE(_SCM_MAX_FD * 4)
 _REFUSE_LINGER_S = 1.0
 # How long close() waits for the connection tasks it cancelled.
 _CANCEL_WAIT_S = 2.0
-# A closing connection's queued replies (a fatal ErrorReply last) get this long to be read; a
-# client that does not read them loses them.
+# A closing connection's queued replies (a fatal ErrorReply last) are written as long as the
+# client reads some of them every this long; a client that stops reading loses the rest.
 _CLOSE_FLUSH_S = 2.0
+_FLUSH_POLL_S = 0.005
+# How many loop turns a closing connection waits for its reader to be unregistered.
+_READER_GONE_TURNS = 1000
+# Reads of unread data a closing connection drops (_discard_unread), at _RECV_BYTES each.
+_DISCARD_READS = 64
 # Replies written with one send: small frames are joined up to this size.
 _WRITE_CHUNK = 256 * 1024
 # After the shutdown deadline, how long the acks it released get to be queued.
@@ -432,10 +437,15 @@ class ControlServer:
             client.check_room()
 
     async def _flush_replies(self, client: Client, timeout: float) -> None:
-        """Wait up to ``timeout`` for the queued replies to be written."""
+        """Wait for the queued replies to be written, as long as the client takes some of
+        them every ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        while (client.out or client.unsent) and not client.closed and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        left = client.unsent
+        while client.unsent and not client.closed and time.monotonic() < deadline:
+            await asyncio.sleep(_FLUSH_POLL_S)
+            if client.unsent < left:
+                left = client.unsent
+                deadline = time.monotonic() + timeout
 
     async def _read(self, client: Client, reader: control.FrameReader) -> Any:
         """The next (message, fds) of ``client``; None at EOF, _STOPPED once the daemon stopped
@@ -745,9 +755,16 @@ class ControlServer:
         if client.writer is not None and client.writer is not asyncio.current_task():
             client.writer.cancel()
             await asyncio.wait([client.writer], timeout=_CANCEL_WAIT_S)
+        # The serve task unregisters its reader when it wakes (stop_reading woke it); closing
+        # the fd before would make uvloop abort, and removing it here could hit a reused fd.
+        for _ in range(_READER_GONE_TURNS):
+            if client.read_fut is None:
+                break
+            await asyncio.sleep(0)
         client.closed = True
         client.out.clear()
         client.unsent = 0
+        _discard_unread(client.sock)
         try:
             client.sock.close()
         except OSError:
@@ -778,6 +795,19 @@ class ControlServer:
     def _forget_token(self, client: Client) -> None:
         if self._tokens.forget(client.token, client.client_id):
             self._services.state_changed()
+
+
+def _discard_unread(sock: socket.socket) -> None:
+    """Read and drop what the client sent that will never be served (frames after a Goodbye,
+    a fatal error or the shutdown's stop): a Unix socket closed with unread data makes the
+    peer's next read fail with ECONNRESET instead of EOF. Bounded: a client still writing
+    may see the reset all the same."""
+    for _ in range(_DISCARD_READS):
+        try:
+            if not sock.recv(_RECV_BYTES):
+                return
+        except OSError:  # BlockingIOError: nothing more now; anything else: gone anyway
+            return
 
 
 def _outstanding(client: Client) -> list[asyncio.Future[Any]]:
