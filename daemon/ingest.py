@@ -171,8 +171,8 @@ class SocketIngest:
                 info = await asyncio.to_thread(producer.lookup, topic)
             except KafkaError as exc:
                 return self._refuse_all(msg, origin, exc.code, exc.name)
-            except SluiceError:
-                code, name = _UNKNOWN_SERVER_ERROR
+            except SluiceError:  # not connected to Kafka, the topic table full, or stopping
+                code, name = (control.ERR_SHUTTING_DOWN, "SHUTTING_DOWN") if self._stopping else _UNKNOWN_SERVER_ERROR
                 return self._refuse_all(msg, origin, code, name)
             self._infos[topic] = info
         refused = 0
@@ -201,6 +201,8 @@ class SocketIngest:
                     results[i] = _failure(asked, code, control.ERROR_NAMES[code])
                 except KafkaError as exc:
                     results[i] = _failure(asked, exc.code, exc.name)
+                except SluiceError:  # the producer is closed: the daemon is stopping
+                    results[i] = _failure(asked, control.ERR_SHUTTING_DOWN, "SHUTTING_DOWN")
                 else:
                     futures.append((i, [fut]))
                     break

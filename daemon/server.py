@@ -502,6 +502,7 @@ class ControlServer:
 
     async def _serve(self, client: Client) -> None:
         reader = control.FrameReader(control.ClientMessage)
+        stopped = False  # by whoever stopped the reading, who then closes the connection
         try:
             refused = self._check_peer(client)
             if refused:
@@ -515,17 +516,20 @@ class ControlServer:
                     await self._fatal(client, control.ERR_BAD_FRAME, str(exc))
                     return
                 if item is _STOPPED:
-                    return  # whoever stopped the reading closes the connection
+                    stopped = True
+                    return
                 if item is None:
                     # EOF, perhaps only a half-close: as a Goodbye, what was asked is answered.
                     await self._wind_up(client)
-                    break
+                    return
                 msg, fds = item
                 if not await self._dispatch(client, msg, fds):
-                    break
+                    return
         except (ConnectionError, OSError) as exc:
             log.info("client %d (%s): connection lost: %s", client.client_id, client.name, exc)
-        await self._close_client(client)
+        finally:
+            if not stopped:
+                await self._close_client(client)
 
     async def _refuse(self, client: Client, reader: control.FrameReader, reason: str) -> None:
         client.reply(control.error_reply(control.ERR_NOT_ALLOWED, reason, fatal=True))

@@ -321,3 +321,16 @@ def test_give_up_answers_unfinished_records_as_outcome_unknown() -> None:
         assert (c.settled_records, c.failed) == (2, 1)
 
     asyncio.run(main())
+
+
+def test_a_closed_producer_refuses_with_shutting_down() -> None:
+    async def main() -> None:
+        p = Producer()
+        p.refuse[b"late"] = ProducerClosedError("the producer is closed")  # type: ignore[assignment]
+        ingest, c = _ingest(p), Client()
+        c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"late"), ack=True, seq=4), c))
+        (ack,) = c.replies
+        assert [(x.error_code, x.error_name) for x in ack.results] == [(control.ERR_SHUTTING_DOWN, "SHUTTING_DOWN")]
+        assert (c.settled_records, c.failed) == (1, 1)
+
+    asyncio.run(main())
