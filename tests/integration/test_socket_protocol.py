@@ -211,3 +211,18 @@ def test_sigterm_acknowledges_what_was_read_then_says_shutting_down(start_sluice
     # A frame that got no ack was never read: none of its records is in Kafka (safe to resend).
     assert values == {b"f%d-%d" % (f, i) for f in acked for i in range(per)}
     assert acked == set(range(len(acks)))  # read in order: the unanswered ones are the last
+
+
+def test_sluice_send_without_acks_reports_failures(sluice_daemon, new_topic) -> None:
+    import subprocess
+
+    from daemon_fixture import SLUICE
+
+    topic = new_topic(partitions=1)
+    out = subprocess.run([SLUICE, "send", "-t", topic, "-p", "4", "--socket", sluice_daemon.socket_path],
+                         input="a\nb\nc\n", capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1, out.stderr
+    assert f"sent 3 records to {topic}: 3 failed" in out.stderr
+    ok = subprocess.run([SLUICE, "send", "-t", topic, "--socket", sluice_daemon.socket_path],
+                        input="a\nb\n", capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0 and ok.stderr.strip() == f"sent 2 records to {topic}", ok.stderr
