@@ -169,6 +169,7 @@ class Client:
         self.room.set()
         self.paused = False
         self.reading = True  # False once the daemon stopped reading (Goodbye, fatal, shutdown)
+        self.dispatching = False  # a frame is being served (a Produce may wait for ring space)
         self.read_fut: asyncio.Future[Any] | None = None
         self.final = False  # a fatal ErrorReply or Goodbye: nothing more is queued
         self.closing = False  # _close_client has begun
@@ -283,13 +284,10 @@ class ControlServer:
         for client in clients:
             client.stop_reading()
         socket_clients = [c for c in clients if c.segment is None]
-        waits = [f for c in socket_clients for f in _outstanding(c)]
-        if waits:
-            _, still = await asyncio.wait(waits, timeout=timeout)
-            if still:
-                log.warning("shutdown: %d socket Produce(s) still without outcome; answering OUTCOME_UNKNOWN", len(still))
-                self._ingest.give_up()
-                await asyncio.wait(still, timeout=_GIVE_UP_WAIT_S)
+        if not await _settle(socket_clients, timeout):
+            log.warning("shutdown: socket Produces still without outcome after %.0fs; answering OUTCOME_UNKNOWN", timeout)
+            self._ingest.give_up()
+            await _settle(socket_clients, _GIVE_UP_WAIT_S)
         await asyncio.gather(*(self._say_goodbye(c) for c in socket_clients))
 
     async def _say_goodbye(self, client: Client, *, release: bool = True) -> None:
@@ -457,6 +455,14 @@ class ControlServer:
             ProtocolError: a malformed frame (after the frames before it were returned).
         """
         loop = asyncio.get_running_loop()
+        if not client.reading:
+            # Frames decoded but not served yet were not read, as far as the client can tell:
+            # the daemon never answers them, so they must not be served either.
+            for _msg, fds in client.inbox:
+                for fd_ in fds:
+                    os.close(fd_)
+            client.inbox.clear()
+            return _STOPPED
         while not client.inbox:
             if client.bad_frame is not None:
                 raise client.bad_frame
@@ -523,8 +529,12 @@ class ControlServer:
                     await self._wind_up(client)
                     return
                 msg, fds = item
-                if not await self._dispatch(client, msg, fds):
-                    return
+                client.dispatching = True
+                try:
+                    if not await self._dispatch(client, msg, fds):
+                        return
+                finally:
+                    client.dispatching = False
         except (ConnectionError, OSError) as exc:
             log.info("client %d (%s): connection lost: %s", client.client_id, client.name, exc)
         finally:
@@ -812,6 +822,25 @@ def _discard_unread(sock: socket.socket) -> None:
                 return
         except OSError:  # BlockingIOError: nothing more now; anything else: gone anyway
             return
+
+
+async def _settle(clients: list[Client], timeout: float) -> bool:
+    """Wait up to ``timeout`` until no frame of ``clients`` is being served and nothing they
+    asked for is outstanding; True when so. Serving a frame may add outstanding work, so the
+    set is taken again after every wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        waits = [f for c in clients for f in _outstanding(c)]
+        busy = any(c.dispatching for c in clients)
+        if not waits and not busy:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if waits:
+            await asyncio.wait(waits, timeout=min(left, _FLUSH_POLL_S) if busy else left)
+        else:
+            await asyncio.sleep(min(left, _FLUSH_POLL_S))
 
 
 def _outstanding(client: Client) -> list[asyncio.Future[Any]]:
