@@ -64,12 +64,21 @@ class Ingest:
         self.result_per_record = False  # acks carry one result per record (large acks)
         self.held: list[tuple[control.Produce, Origin, asyncio.Future[None]]] = []
         self.hold = False  # outcomes come only when release() is called
+        self.full = False  # produce() waits for ring space until stop(), then refuses
 
     def known(self, topic: str) -> bool:
         return True
 
     async def produce(self, msg: control.Produce, origin: Origin) -> asyncio.Future[None] | None:
         self.produced.append(msg)
+        if self.full:
+            while not self.stopped:
+                await asyncio.sleep(0.01)
+            origin.settled(len(msg.records), len(msg.records))
+            result = control.RecordResult(partition=-1, offset=-1, timestamp=-1, error_code=control.ERR_SHUTTING_DOWN,
+                                          error_name="SHUTTING_DOWN")
+            origin.reply(control.ProduceAck(seq=msg.seq, results=[result] * len(msg.records)))
+            return None
         if self.hold:
             fut = asyncio.get_running_loop().create_future()
             self.held.append((msg, origin, fut))
@@ -474,6 +483,29 @@ def test_shutdown_acknowledges_what_was_read_then_says_shutting_down(tmp_path: P
         assert await c.recv() is None
         await asyncio.wait_for(finishing, 5)
         assert [m.seq for m in h.ingest.produced] == [1]  # the frame after the stop was never read
+        c.close()
+
+    _run(tmp_path, body)
+
+
+def test_shutdown_while_a_produce_waits_for_room_serves_nothing_after_it(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        h.ingest.full = True
+        c = await Client(h.path).connect()
+        await c.ask(control.Hello(version=1))
+        two = b"".join(control.encode(control.Produce(topic="orders", records=[control.Rec(value=b"x")], ack=True, seq=n))
+                       for n in (1, 2))
+        await asyncio.get_running_loop().sock_sendall(c.sock, two)  # one read brings both
+        await _until(lambda: len(h.ingest.produced) == 1, "the first Produce waiting for room")
+        await asyncio.wait_for(h.server.finish_socket_clients(5.0), 5)
+        ack = await c.recv()
+        assert isinstance(ack, control.ProduceAck) and ack.seq == 1
+        assert ack.results[0].error_name == "SHUTTING_DOWN"  # refused, never delivered
+        bye = await c.recv()
+        assert isinstance(bye, control.ErrorReply) and bye.name == "SHUTTING_DOWN" and bye.fatal
+        assert await c.recv() is None
+        # The second frame was decoded with the first but never served, and never answered.
+        assert [m.seq for m in h.ingest.produced] == [1]
         c.close()
 
     _run(tmp_path, body)
