@@ -249,6 +249,8 @@ class ControlServer:
         self._stopping = False
         # Drops by topic id of the segments already released, as each said last.
         self._released_drops: list[int] = []
+        # Closed connections whose records still wait for their outcomes (for stats).
+        self._leaving: set[Client] = set()
         self._tasks = TaskSet(log)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -327,11 +329,12 @@ class ControlServer:
         own producer not counted), those whose reading is paused for back-pressure, reply
         bytes queued, records without an outcome."""
         conns = [c for c in self.clients.values() if not c.closed and not c.internal]
+        self._leaving = {c for c in self._leaving if c.inflight > 0}
         return {
             "connections": len(conns),
             "paused": sum(1 for c in conns if c.paused),
             "unsent_reply_bytes": sum(c.unsent for c in conns),
-            "inflight_records": sum(c.inflight for c in self.clients.values() if not c.internal),
+            "inflight_records": sum(c.inflight for c in conns) + sum(c.inflight for c in self._leaving),
         }
 
     def drop_counts(self, ids: int) -> list[int]:
@@ -784,6 +787,8 @@ class ControlServer:
         except OSError:
             pass
         client.gone = True
+        if client.inflight > 0:
+            self._leaving.add(client)
         if client.segment is None:
             self.clients.pop(client.client_id, None)
             self._forget_token(client)
