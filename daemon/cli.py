@@ -118,8 +118,13 @@ def _send_lines(conn: Connection, args: argparse.Namespace) -> int:
         for name, n in sorted(errors.items()):
             print(f"  {name}: {n}", file=sys.stderr)
         return 0 if failed == 0 else 1
-    print(f"sent {sent} records to {args.topic}" + ("" if done.complete else f" ({done.pending} batches still pending)"), file=sys.stderr)
-    return 0
+    line = f"sent {sent} records to {args.topic}"
+    if done.failed:
+        line += f": {done.failed} failed (see sluice stats, socket.refused and failed by topic)"
+    if not done.complete:
+        line += f" ({done.pending} records still pending)"
+    print(line, file=sys.stderr)
+    return 0 if done.failed == 0 and done.complete else 1
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -176,10 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("check-config", help="validate a config file and exit")
-    p.add_argument("config")
+    p.add_argument("config", nargs="?", help="TOML config file (or --config FILE, as for run)")
+    p.add_argument("--config", "-c", dest="config_option", metavar="CONFIG", help="TOML config file")
     p.set_defaults(func=cmd_check)
 
     args = parser.parse_args(argv)
+    if args.command == "check-config":
+        if (args.config is None) == (args.config_option is None):
+            parser.error("check-config: give the config file once, as CONFIG or --config CONFIG")
+        args.config = args.config or args.config_option
     try:
         return args.func(args)
     except (FileNotFoundError, ConnectionRefusedError) as exc:

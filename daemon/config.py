@@ -138,6 +138,9 @@ class DaemonSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     # SO_PEERCRED allow-lists; both empty = anyone who can open the socket (its mode decides).
     allowed_uids: tuple[Annotated[int, msgspec.Meta(ge=0)], ...] = ()
     allowed_gids: tuple[Annotated[int, msgspec.Meta(ge=0)], ...] = ()
+    # A topic Kafka does not have is remembered this long: lookups and Produce frames to it fail
+    # at once instead of waiting for Kafka's metadata each time. 0 = ask Kafka every time.
+    unknown_topic_cache_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 2_000
     # Prometheus text metrics over HTTP; 0 = off.
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 0
     metrics_address: str = "127.0.0.1"
@@ -507,7 +510,9 @@ class ConfigDiff(msgspec.Struct, kw_only=True, frozen=True):
 
 # [daemon] keys a running daemon re-reads (log level, shutdown deadline, the allow-lists that
 # are checked at each accept). The rest shape processes, sockets or shared memory.
-_LIVE_DAEMON_KEYS = frozenset({"log_level", "shutdown_timeout_ms", "allowed_uids", "allowed_gids"})
+_LIVE_DAEMON_KEYS = frozenset(
+    {"log_level", "shutdown_timeout_ms", "allowed_uids", "allowed_gids", "unknown_topic_cache_ms"}
+)
 # A profile switching idempotence on needs a producer id that only a worker start obtains.
 _RESTART_PROFILE_KEYS = frozenset({"enable_idempotence"})
 
@@ -516,7 +521,8 @@ def diff_live(old: Config, new: Config) -> ConfigDiff:
     """Compare two configs for a SIGHUP reload.
 
     Live: profiles (added, removed, any key but ``enable_idempotence``), topic rules, and
-    ``daemon.log_level``, ``shutdown_timeout_ms``, ``allowed_uids``, ``allowed_gids``.
+    ``daemon.log_level``, ``shutdown_timeout_ms``, ``allowed_uids``, ``allowed_gids``,
+    ``unknown_topic_cache_ms``.
     Everything else (socket, workers, runtime_dir, rings, metrics, the whole ``[kafka]``
     section) needs a restart.
     """

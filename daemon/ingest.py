@@ -6,12 +6,31 @@ client: the same partitioner, rings, workers, delivery profiles and completions.
 
 Policies:
 
+- Topics: a topic this producer has not sent to yet is looked up first through the daemon's
+  coalescing, failure-remembering lookup (daemon/lookups.py), so an unknown topic fails at once
+  while it is remembered. The server runs a Produce that needs a lookup as its own task, so the
+  connection's other frames do not wait behind it (daemon/server.py keeps per-topic order).
 - ``on_full = "block"``: a full ring is retried every ``_FULL_RETRY_S`` until the topic's
-  ``max_block_ms``, on the event loop (never blocking it). ``"drop"`` answers BUFFER_FULL at
-  once and the producer counts the drop (in its segment, as every client does).
+  ``max_block_ms``, on the event loop (never blocking it); then the record fails with
+  BUFFER_FULL. ``"drop"`` fails it at once and the producer counts the drop (in its segment,
+  as every client does: stats ``drops``).
+- Every failure is reported, whether the Produce asked for an ack or not: the connection hears
+  how many records failed (:meth:`Origin.settled`, for FlushDone's ``failed``), and records
+  refused before a ring (unknown topic, partition out of range, too large, BUFFER_FULL after
+  ``max_block_ms``, the daemon stopping) are counted per topic and error in
+  :attr:`SocketIngest.refused` (stats ``socket.refused``). Failures after the ring are counted
+  by the workers (stats ``totals.failed``). A Produce with ``ack = false`` is never answered.
 - ``Produce(ack=True)``: one ProduceAck per frame, once every record has its outcome, in the
-  records' order. Without ack, errors known before the ring (unknown topic) are answered with a
-  non-fatal ErrorReply, and the outcomes are only awaited by Flush and Goodbye (``pending``).
+  records' order; never an ErrorReply. A failed record's result names the partition it asked
+  for (else the one chosen, else -1).
+- Per record, no Python: ``send_records`` (compiled) writes the frame's records into the rings;
+  an acknowledged frame gets a future per record and its results are encoded from them by
+  ``shm._client.ack_results`` (Python only for a failure's code and name, :func:`describe`); a
+  frame without ack gets no futures at all, one :class:`shm.futures.DeliveryTally` counts its
+  outcomes.
+- Stopping (:meth:`SocketIngest.stop`): a record still waiting for ring space is refused with
+  SHUTTING_DOWN; :meth:`SocketIngest.give_up` (the shutdown deadline) answers the acks still
+  waiting, their unfinished records with OUTCOME_UNKNOWN.
 """
 
 from __future__ import annotations
@@ -20,35 +39,78 @@ import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
 from shm import control
 from shm._client import ack_results, tails
-from shm.errors import BufferFullError, KafkaError
+from shm.errors import BufferFullError, KafkaError, SluiceError
+from shm.futures import DeliveryTally
 
-__all__ = ["INGEST_CLIENT_NAME", "Reply", "SocketIngest"]
+__all__ = ["INGEST_CLIENT_NAME", "Origin", "RefusalCounts", "SocketIngest", "describe"]
 
 INGEST_CLIENT_NAME = "sluice-socket-ingest"
 # How often a Produce retries a full ring under on_full = "block": short next to any
 # max_block_ms, long enough that a waiting Produce costs the loop nothing noticeable.
 _FULL_RETRY_S = 0.002
+# Topics counted by name in RefusalCounts; the refusals of any further topic (a client inventing
+# names) are counted under _OTHER_TOPICS, so the counters stay bounded.
+_MAX_COUNTED_TOPICS = 1024
+_OTHER_TOPICS = "(other topics)"
+# Kafka's code for an error it cannot name; used when the daemon cannot look a topic up at all.
+_UNKNOWN_SERVER_ERROR = (-1, "UNKNOWN_SERVER_ERROR")
 
-Reply = Callable[[Any], Awaitable[None]]  # sends one message to the client that sent the Produce
+Lookup = Callable[[str], Awaitable[control.TopicInfo]]
+
+
+class Origin(Protocol):
+    """The connection a Produce came from, as ingest sees it."""
+
+    def reply(self, msg: Any) -> None:
+        """Queue ``msg`` for the client (dropped when the client is gone)."""
+
+    def settled(self, records: int, failed: int) -> None:
+        """``records`` of its records have their outcome now; ``failed`` of them failed."""
+
+
+class RefusalCounts:
+    """Records refused before they reached a ring: topic -> error name -> records."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, dict[str, int]] = {}
+
+    def add(self, topic: str, error: str, records: int) -> None:
+        by_error = self._counts.get(topic)
+        if by_error is None:
+            if len(self._counts) >= _MAX_COUNTED_TOPICS:
+                topic = _OTHER_TOPICS
+            by_error = self._counts.setdefault(topic, {})
+        by_error[error] = by_error.get(error, 0) + records
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        return {topic: dict(errors) for topic, errors in self._counts.items()}
 
 
 class SocketIngest:
-    """The socket clients' way into the rings: one shared-memory producer, used from the loop."""
+    """The socket clients' way into the rings: one shared-memory producer, used from the loop.
 
-    def __init__(self) -> None:
+    Args:
+        lookup: the daemon's topic lookup (coalesced, failures remembered).
+    """
+
+    def __init__(self, lookup: Lookup) -> None:
+        self._lookup = lookup
         self._producer: Any = None
         # The socket answers before the producer is attached (it connects to that very socket),
         # so a Produce that arrives in between waits for it.
         self._ready = asyncio.Event()
-        # TopicInfo of every topic the producer has looked up: a lookup blocks on the daemon's
-        # answer, so it runs in a thread, and only for a topic not seen before.
+        # TopicInfo of every topic the producer has registered (after a successful lookup).
         self._infos: dict[str, control.TopicInfo] = {}
+        self._stopping = False
+        # Completion waiters of the Produces whose outcomes have not all come (give_up ends them).
+        self._waiters: set[asyncio.Future[None]] = set()
+        self.refused = RefusalCounts()
 
     async def start(self, socket_path: str) -> None:
         """Connect the producer to the daemon's socket (already accepting)."""
@@ -67,6 +129,20 @@ class SocketIngest:
         self._producer = producer
         self._ready.set()
 
+    def known(self, topic: str) -> bool:
+        """Whether a Produce to ``topic`` goes straight to the rings (no lookup to wait for)."""
+        return topic in self._infos and self._producer is not None
+
+    def stop(self) -> None:
+        """The daemon is stopping: records still waiting for ring space are refused."""
+        self._stopping = True
+
+    def give_up(self) -> None:
+        """The shutdown deadline: acks still waiting go out now (unfinished records as
+        OUTCOME_UNKNOWN)."""
+        for waiter in list(self._waiters):
+            _finish(waiter)
+
     async def flush(self, timeout: float) -> None:
         """Wait (off the loop) up to ``timeout`` seconds for the records sent so far."""
         if self._producer is not None:
@@ -81,130 +157,161 @@ class SocketIngest:
         except Exception:  # noqa: BLE001 - the workers are gone; nothing left to lose here
             pass
 
-    async def produce(self, msg: control.Produce, reply: Reply, pending: set[asyncio.Future[Any]]) -> None:
-        """Put the records of ``msg`` into the rings; the outcomes go to ``reply`` or ``pending``.
+    async def produce(self, msg: control.Produce, origin: Origin) -> asyncio.Future[None] | None:
+        """Put the records of ``msg`` into the rings.
 
-        ``pending`` is the sending client's set of outstanding work: a future is added until
-        its records have their outcomes (Flush and Goodbye wait for it).
+        Returns:
+            None when every record's outcome is known already (and the ack, if asked, is
+            queued); else a future that completes once they are all known, the ack queued.
         """
         if self._producer is None:
             await self._ready.wait()
         producer = self._producer
-        # Per record: its future once sent, or (partition, error_code, error_name) if refused.
-        results: list[Any] = [None] * len(msg.records)
-        futures: list[tuple[int, list[Any]]] = []  # (index of the first record, their futures)
-        info = self._infos.get(msg.topic)
-        if info is None:
-            try:
-                info = await asyncio.to_thread(producer.lookup, msg.topic)
-            except KafkaError as exc:
-                _fail_all(results, exc.code, exc.name)
-                if msg.ack:
-                    await reply(control.ProduceAck(seq=msg.seq, results=msgspec.Raw(ack_results(results, _describe)[0])))  # type: ignore[arg-type]
-                else:
-                    await reply(control.ErrorReply(code=exc.code, name=exc.name, message=str(exc), fatal=False))
-                return
-            self._infos[msg.topic] = info
+        topic = msg.topic
         records = msg.records
         n = len(records)
+        ack = msg.ack
+        # Per record, for the ack: its future once sent, or (partition, code, name) if refused.
+        results: list[Any] = [None] * n if ack else []
+        futures: list[Any] = []  # ack: every record's future, in order
+        info = self._infos.get(topic)
+        if info is None:
+            try:
+                await self._lookup(topic)
+                # The daemon knows the topic now, so the producer's own lookup is answered at once.
+                info = await asyncio.to_thread(producer.lookup, topic)
+            except KafkaError as exc:
+                return self._refuse_all(msg, origin, exc.code, exc.name)
+            except SluiceError:  # not connected to Kafka, the topic table full, or stopping
+                code, name = (control.ERR_SHUTTING_DOWN, "SHUTTING_DOWN") if self._stopping else _UNKNOWN_SERVER_ERROR
+                return self._refuse_all(msg, origin, code, name)
+            self._infos[topic] = info
+        loop = asyncio.get_running_loop()
+        # Without ack, no future per record: one tally counts this frame's outcomes (the
+        # completion thread settles a run of them with one call) and says when they are in.
+        waiter: asyncio.Future[None] = loop.create_future()
+        tally = None if ack else DeliveryTally(topic, on_done=lambda _t: loop.call_soon_threadsafe(_finish, waiter))
+        taken = refused = 0
         i = 0
         while i < n:
             # The records the compiled path takes, in one call; then the one it stopped at (if
             # any) through send(), which raises what is wrong or finds the ring full.
-            i, futs = producer.send_records(msg.topic, records, i)
+            start = i
+            i, futs = producer.send_records(topic, records, i, tally)
+            taken += i - start
             if futs:
-                futures.append((i - len(futs), futs))
+                futures += futs
+                results[start:i] = futs
             if i == n:
                 break
             rec = records[i]
+            asked = -1 if rec.partition is None else rec.partition
             deadline = time.monotonic() + info.max_block_ms / 1000.0
             while True:
                 try:
                     fut = producer.send(
-                        msg.topic, rec.value, rec.key, partition=rec.partition, headers=rec.headers, timestamp=rec.timestamp
+                        topic, rec.value, rec.key, partition=rec.partition, headers=rec.headers, timestamp=rec.timestamp
                     )
-                except BufferFullError as exc:
-                    if info.on_full == "block" and time.monotonic() < deadline:
+                except BufferFullError:
+                    if info.on_full == "block" and time.monotonic() < deadline and not self._stopping:
                         await asyncio.sleep(_FULL_RETRY_S)
                         continue
-                    results[i] = _result(-1, control.ERR_BUFFER_FULL, str(exc))
-                    break
+                    code = control.ERR_SHUTTING_DOWN if self._stopping else control.ERR_BUFFER_FULL
+                    failure = (asked, code, control.ERROR_NAMES[code])
                 except KafkaError as exc:
-                    results[i] = _result(-1, exc.code, exc.name)
+                    failure = (asked, exc.code, exc.name)
+                except SluiceError:  # the producer is closed: the daemon is stopping
+                    failure = (asked, control.ERR_SHUTTING_DOWN, "SHUTTING_DOWN")
+                else:
+                    taken += 1
+                    if ack:
+                        futures.append(fut)
+                        results[i] = fut
+                    else:
+                        fut.add_done_callback(tally.settle_future)  # type: ignore[union-attr]
                     break
-                futures.append((i, [fut]))
+                if ack:
+                    results[i] = failure
+                self.refused.add(topic, failure[2], 1)
+                refused += 1
                 break
             i += 1
-        if not msg.ack:
-            if futures:
-                waiter = _all_done(asyncio.get_running_loop(), futures)
-                pending.add(waiter)
-                waiter.add_done_callback(pending.discard)
-            return
-        waiter = asyncio.ensure_future(self._ack(reply, msg.seq, results, futures))
-        pending.add(waiter)
-        waiter.add_done_callback(pending.discard)
+        if refused:
+            origin.settled(refused, refused)
+        if not taken:
+            if ack:
+                origin.reply(_ack_frame(msg.seq, results))
+            return None
+        self._waiters.add(waiter)
+        waiter.add_done_callback(self._waiters.discard)
+        if tally is not None:
+            # No reply to build: the outcomes are only counted, when the tally has them all.
+            waiter.add_done_callback(lambda _w: origin.settled(taken, taken - tally.delivered))
+            tally.expect(taken)
+            return waiter
+        _watch(loop, waiter, futures)
+        return asyncio.ensure_future(_acknowledge(origin, msg.seq, results, taken, refused, waiter))
 
-    @staticmethod
-    async def _ack(reply: Reply, seq: int, results: list[Any], futures: list[tuple[int, list[Any]]]) -> None:
-        if futures:
-            await _all_done(asyncio.get_running_loop(), futures)
-        for first, futs in futures:
-            results[first : first + len(futs)] = futs
-        # Compiled: each settled future (or refusal tuple) straight into the ack's msgpack.
-        body = msgspec.Raw(ack_results(results, _describe)[0])
-        try:
-            await reply(control.ProduceAck(seq=seq, results=body))  # type: ignore[arg-type]
-        except OSError:
-            pass  # the client went away: nobody is left to tell
+    def _refuse_all(self, msg: control.Produce, origin: Origin, code: int, name: str) -> None:
+        n = len(msg.records)
+        self.refused.add(msg.topic, name, n)
+        origin.settled(n, n)
+        if msg.ack:
+            origin.reply(_ack_frame(msg.seq, [(-1 if r.partition is None else r.partition, code, name) for r in msg.records]))
 
 
-def _describe(exc: BaseException) -> tuple[int, str]:
-    """A failed record's error code and name in its RecordResult."""
+async def _acknowledge(
+    origin: Origin, seq: int, results: list[Any], taken: int, refused: int, waiter: asyncio.Future[None]
+) -> None:
+    await waiter
+    body, failed = ack_results(results, describe)
+    origin.settled(taken, failed - refused)  # the refused were settled when they were refused
+    origin.reply(control.ProduceAck(seq=seq, results=msgspec.Raw(body)))  # type: ignore[arg-type]
+
+
+def _ack_frame(seq: int, slots: list[Any]) -> control.ProduceAck:
+    """A ProduceAck whose results are ``slots`` (futures, or (partition, code, name) for a
+    record refused before a ring), encoded in compiled code."""
+    return control.ProduceAck(seq=seq, results=msgspec.Raw(ack_results(slots, describe)[0]))  # type: ignore[arg-type]
+
+
+def describe(exc: BaseException | None) -> tuple[int, str]:
+    """A failed record's error code and name in its RecordResult (None: the record has no
+    outcome yet, because the shutdown deadline came first). Called by
+    :func:`shm._client.ack_results` for the failures only; successes never reach Python."""
+    if exc is None:
+        return control.ERR_OUTCOME_UNKNOWN, "OUTCOME_UNKNOWN"
     if isinstance(exc, KafkaError):
         return exc.code, exc.name
-    return control.ERR_SHUTTING_DOWN, type(exc).__name__
+    if isinstance(exc, BufferFullError):  # dropped under on_full = "drop"
+        return control.ERR_BUFFER_FULL, "BUFFER_FULL"
+    return control.ERR_OUTCOME_UNKNOWN, "OUTCOME_UNKNOWN"  # the producer's session ended: stopping
 
 
-def _result(partition: int, code: int, name: str) -> tuple[int, int, str]:
-    """A record refused before it reached a ring, as :func:`shm._client.ack_results` takes it."""
-    return (partition, code, name)
-
-
-def _fail_all(results: list[Any], code: int, name: str) -> None:
-    for i in range(len(results)):
-        results[i] = _result(-1, code, name)
-
-
-def _all_done(loop: asyncio.AbstractEventLoop, runs: list[tuple[int, list[Any]]]) -> asyncio.Future[None]:
-    """One asyncio future that completes when every DeliveryFuture in ``runs`` (``(first
-    index, futures)`` pairs) has its outcome.
+def _watch(loop: asyncio.AbstractEventLoop, done: asyncio.Future[None], futures: list[Any]) -> None:
+    """Complete ``done`` when every DeliveryFuture of ``futures`` has its outcome.
 
     The records' outcomes arrive on the ingest producer's completion thread; counting them
     down there and waking the loop once per Produce costs far less than awaiting each one
     (an asyncio future and a thread-safe call per record: socket ingest ran at ~150k records/s
-    with seconds of p99 latency that way). Only the last future of each partition is watched:
-    a partition's futures get their outcomes in the order they were sent (the completion
-    thread settles each partition's FIFO in order), so its last one is done last.
+    with seconds of p99 latency that way). Only the last future of each partition is watched
+    (:func:`shm._client.tails`): a partition's futures get their outcomes in the order they
+    were sent (the completion thread settles each partition's FIFO in order), so its last one
+    is done last.
     """
-    done: asyncio.Future[None] = loop.create_future()
-    futs = tails(runs[0][1]) if len(runs) == 1 else tails([f for _first, fs in runs for f in fs])
-    if not futs:
-        done.set_result(None)
-        return done
-    left = [len(futs)]
+    last = tails(futures)
+    left = [len(last)]
     lock = threading.Lock()
 
     def one(_f: Any) -> None:
         with lock:
             left[0] -= 1
-            last = left[0] == 0
-        if last:
+            all_in = left[0] == 0
+        if all_in:
             loop.call_soon_threadsafe(_finish, done)
 
-    for f in futs:
+    for f in last:
         f.add_done_callback(one)
-    return done
 
 
 def _finish(fut: asyncio.Future[None]) -> None:

@@ -48,6 +48,14 @@ Prometheus' ``rate()`` treats as a counter reset. ::
         },
       },
       "drops": {topic: int},            # records clients dropped under on_full="drop"
+      "socket": {                       # socket clients (daemon/server.py, daemon/ingest.py)
+        "refused": {topic: {error: int}},  # records refused before a ring, by topic and error
+        "connections": int,             # open client connections
+        "paused": int,                  # connections not read now (back-pressure)
+        "unsent_reply_bytes": int,      # replies queued, not yet read by their clients
+        "inflight_records": int,        # socket records without an outcome yet
+        "unknown_topics": int,          # topic names remembered as unknown
+      },
       "clients": int,                   # connected client sessions
       "start_time": float,              # daemon start, Unix seconds
       "reloads": int,                   # successful config reloads
@@ -78,6 +86,12 @@ sluice_ring_fill_ratio                 gauge      worker               workers.*
 sluice_arena_fill_ratio                gauge      worker               workers.*.arena_fill
 sluice_request_latency_seconds         summary    worker, quantile     workers.*.latency_*
 sluice_drops_total                     counter    topic                drops
+sluice_socket_refused_total            counter    topic, error         socket.refused
+sluice_socket_connections              gauge                           socket.connections
+sluice_socket_paused_connections       gauge                           socket.paused
+sluice_socket_unsent_reply_bytes       gauge                           socket.unsent_reply_bytes
+sluice_socket_inflight_records         gauge                           socket.inflight_records
+sluice_unknown_topics_remembered       gauge                           socket.unknown_topics
 sluice_clients_connected               gauge                           clients
 sluice_start_time_seconds              gauge                           start_time
 sluice_config_reloads_total            counter                         reloads
@@ -168,6 +182,20 @@ _QUANTILES: tuple[tuple[str, str], ...] = (
 _LATENCY = "sluice_request_latency_seconds"
 _DROPS = ("sluice_drops_total",
           "Records clients dropped because a ring was full under on_full=drop, by topic.")
+_REFUSED = ("sluice_socket_refused_total",
+            "Socket-client records refused before they reached a ring (unknown topic, partition out of range, "
+            "too large, BUFFER_FULL after max_block_ms, SHUTTING_DOWN), by topic and error.")
+# Scalars of the socket section: (metric name, type, help, key of snapshot["socket"]).
+_SOCKET_SCALARS: tuple[tuple[str, str, str, str], ...] = (
+    ("sluice_socket_connections", "gauge", "Open client connections.", "connections"),
+    ("sluice_socket_paused_connections", "gauge",
+     "Connections the daemon does not read now: their replies or records in flight reached the cap.", "paused"),
+    ("sluice_socket_unsent_reply_bytes", "gauge", "Reply bytes queued that clients have not read yet.",
+     "unsent_reply_bytes"),
+    ("sluice_socket_inflight_records", "gauge", "Socket-client records without an outcome yet.", "inflight_records"),
+    ("sluice_unknown_topics_remembered", "gauge",
+     "Topic names remembered as unknown (unknown_topic_cache_ms).", "unknown_topics"),
+)
 # Daemon-wide scalars: (metric name, type, help, snapshot key).
 _DAEMON_SCALARS: tuple[tuple[str, str, str, str], ...] = (
     ("sluice_clients_connected", "gauge", "Connected client sessions.", "clients"),
@@ -183,6 +211,8 @@ METRICS: dict[str, str] = {
     **{name: kind for name, kind, _, _, _ in _WORKER_MAPS},
     _LATENCY: "summary",
     _DROPS[0]: "counter",
+    _REFUSED[0]: "counter",
+    **{name: kind for name, kind, _, _ in _SOCKET_SCALARS},
     **{name: kind for name, kind, _, _ in _DAEMON_SCALARS},
     "sluice_build_info": "gauge",
 }
@@ -265,6 +295,19 @@ class SnapshotCollector:
         for topic in sorted(values, key=str):
             drops.add_metric((str(topic),), _number(values[topic]))
         yield drops
+
+        sock = snap.get("socket") or {}
+        refused = _family(_REFUSED[0], "counter", _REFUSED[1], ("topic", "error"))
+        by_topic = sock.get("refused") or {}
+        for topic in sorted(by_topic, key=str):
+            for error in sorted(by_topic[topic], key=str):
+                refused.add_metric((str(topic), str(error)), _number(by_topic[topic][error]))
+        yield refused
+        for name, kind, help_text, key in _SOCKET_SCALARS:
+            family = _family(name, kind, help_text, ())
+            if key in sock:
+                family.add_metric((), _number(sock[key]))
+            yield family
 
         for name, kind, help_text, key in _DAEMON_SCALARS:
             family = _family(name, kind, help_text, ())

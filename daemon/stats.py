@@ -204,6 +204,11 @@ def format_table(stats: Mapping[str, Any]) -> str:
     failed = totals.get("failed", {})
     if failed:
         lines.append("failed by topic: " + ", ".join(f"{k}={v}" for k, v in sorted(failed.items())))
+    refused = stats.get("socket", {}).get("refused", {})
+    if refused:
+        lines.append("refused (socket clients): " + ", ".join(
+            f"{topic}:{err}={n}" for topic, errs in sorted(refused.items()) for err, n in sorted(errs.items())
+        ))
     drops = stats.get("drops", {})
     if drops:
         lines.append("drops (client side): " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))

@@ -11,8 +11,9 @@ them together.
 
 Lifecycle: :meth:`Supervisor.startup` (Kafka metadata, socket, saved state, workers, READY=1),
 :meth:`Supervisor.main_loop` (serve until a signal asks to stop; SIGHUP reloads),
-:meth:`Supervisor.shutdown` (stop accepting, workers drain rings, flush and wait for acks up to
-the deadline, exit 0). Signal handlers only enqueue; the loop dispatches.
+:meth:`Supervisor.shutdown` (stop accepting; stop reading every connection; socket clients get the
+acks of what was read, then SHUTTING_DOWN; workers drain rings, flush and wait for acks up to
+the deadline; shared-memory clients get SHUTTING_DOWN; exit 0). Signal handlers only enqueue; the loop dispatches.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from typing import Any
 from daemon import channel as ch
 from daemon import systemd
 from daemon.config import EXIT_CONFIG, Config, ConfigError, diff_live, loads
-from daemon.ingest import Reply, SocketIngest
+from daemon.ingest import SocketIngest
+from daemon.lookups import TopicLookups
 from daemon.metrics import start_metrics
 from daemon.server import ControlServer
 from daemon.state import StateDir, Tokens
@@ -86,8 +88,9 @@ class Supervisor:
         self.workers = WorkerPool(count, config, config_text, config_path, events=self)
         self.topics = TopicTable(on_change=self._topic_changed)
         self.tokens = Tokens()
-        self.ingest = SocketIngest()
-        self.server = ControlServer(self, self.workers, self.tokens)
+        self.lookups = TopicLookups(self._lookup_topic, lambda: self.config.daemon.unknown_topic_cache_ms)
+        self.ingest = SocketIngest(self.lookups.lookup)
+        self.server = ControlServer(self, self.workers, self.tokens, self.ingest)
         self._state: StateDir | None = None  # None: no runtime directory, nothing is kept
         self._meta: Metadata | None = None
         self._events: asyncio.Queue[str] = asyncio.Queue()
@@ -210,14 +213,16 @@ class Supervisor:
         self.workers.broadcast(ch.AddTopic(topic_id=topic_id, name=name, partitions=partitions))
 
     async def lookup_topic(self, name: str) -> control.TopicInfo:
-        """The TopicLookup answer for ``name`` (registered with every worker on first use)."""
+        """The TopicLookup answer for ``name`` (registered with every worker on first use);
+        concurrent lookups of a name share one, and unknown names are remembered a while
+        (daemon/lookups.py)."""
+        return await self.lookups.lookup(name)
+
+    async def _lookup_topic(self, name: str) -> control.TopicInfo:
         if self._meta is None:
             raise SluiceError("not connected to Kafka yet")
         tid, parts = await self.topics.lookup(name, self._meta)
         return topic_info(self.config, name, tid, parts)
-
-    async def produce(self, msg: control.Produce, reply: Reply, pending: set[asyncio.Future[Any]]) -> None:
-        await self.ingest.produce(msg, reply, pending)
 
     def introduce(self, worker: int) -> Introduction:
         """What a worker just spawned must hear: the topics, then the segments it serves."""
@@ -270,6 +275,11 @@ class Supervisor:
             "start_time": self._started_wall,
             "version": _VERSION,
             "drops": self.drops(),
+            "socket": {
+                **self.server.socket_stats(),
+                "refused": self.ingest.refused.snapshot(),
+                "unknown_topics": len(self.lookups),
+            },
         }
 
     def _status_line(self) -> str:
@@ -326,6 +336,9 @@ class Supervisor:
         systemd.extend_timeout(int((timeout_s + _STOP_SLACK_S) * 1e6))
         log.info("stopping: draining rings and waiting for acks (up to %.0fs)", timeout_s)
         self.server.stop_listening(self.config.daemon.socket_path)
+        # Socket clients: no more frames read; the records already read are delivered and
+        # acknowledged (or refused) up to the deadline, then SHUTTING_DOWN and close.
+        await self.server.finish_socket_clients(timeout_s)
         await self.ingest.flush(min(timeout_s, _INGEST_FLUSH_MAX_S))
         await self.workers.drain(timeout_s, lambda: systemd.extend_timeout(_EXTEND_BY_US), _EXTEND_EVERY_S)
         self.ingest.close(_INGEST_CLOSE_S)

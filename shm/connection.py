@@ -298,9 +298,11 @@ class ProducerConnection:
         return self._conn.fileno()
 
     def dropped(self) -> bool:
-        """After a hang-up: did the daemon say why (a fatal ErrorReply)? Then it meant it."""
+        """After a hang-up: did the daemon say why (a fatal ErrorReply)? Then it meant it,
+        unless the reason is SHUTTING_DOWN: a restarted daemon may take the segment back."""
         with self._lock:
-            return self._conn.fatal_reply() is not None
+            reply = self._conn.fatal_reply()
+        return reply is not None and reply.code != control.ERR_SHUTTING_DOWN
 
     def reconnect(
         self, segment: Segment, topic_ids: Callable[[], dict[str, int]], *, within_s: float, stopped: Callable[[], bool]

@@ -15,10 +15,15 @@ ignore keys they do not know, so later versions may add optional fields; an unkn
 ``"type"`` is a protocol error. Requests (client -> daemon) may leave out any field that has
 a default; replies (daemon -> client) always carry every field.
 
-Ordering: replies to non-Produce requests come in request order. A ``ProduceAck`` comes when
-its records are complete, possibly after later replies, and is matched by ``seq``. A Produce
-with ``ack = False`` is never answered. A fatal ``ErrorReply`` may come at any time; the
-daemon closes the connection after it.
+Ordering: Hello comes first, once. Replies to non-Produce requests come in request order. A
+``ProduceAck`` comes when its records are complete, possibly after later replies, and is
+matched by ``seq``. A Produce with ``ack = False`` is never answered (its failures are counted,
+and reported by the next FlushDone's ``failed``). A fatal ``ErrorReply`` may come at any time
+and is the last frame; the daemon closes the connection after it.
+
+Field values: a ``Rec`` whose ``value`` is left out or nil is a tombstone (null value); an
+empty bin is an empty value. The reference encoder leaves out only fields equal to their
+default (None), so an empty value is always written.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "MIN_PROTOCOL_VERSION",
     "MAX_FRAME_BYTES",
+    "MAX_PRODUCE_RECORDS",
     "LENGTH_PREFIX",
     "ERR_UNSUPPORTED_PROTOCOL_VERSION",
     "ERR_BAD_FRAME",
@@ -43,6 +49,7 @@ __all__ = [
     "ERR_SEGMENT_REFUSED",
     "ERR_SHUTTING_DOWN",
     "ERR_BUFFER_FULL",
+    "ERR_OUTCOME_UNKNOWN",
     "ERROR_NAMES",
     "Rec",
     "RecordResult",
@@ -74,6 +81,9 @@ MIN_PROTOCOL_VERSION = 1
 """The oldest version a daemon built from this module accepts."""
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 """Largest msgpack body one frame may carry (the 4-byte prefix not counted)."""
+MAX_PRODUCE_RECORDS = 65_536
+"""Most records one Produce may carry: its ProduceAck (about 100 bytes a result) must fit in
+one frame, and a frame of tiny records must not decode into millions of objects."""
 LENGTH_PREFIX = struct.Struct(">I")
 """The frame's length prefix: u32, big-endian, counting the msgpack body only."""
 
@@ -87,6 +97,9 @@ ERR_NOT_ALLOWED = 1004
 ERR_SEGMENT_REFUSED = 1005
 ERR_SHUTTING_DOWN = 1006
 ERR_BUFFER_FULL = 1007
+# A record result only: the daemon stopped (shutdown deadline) before the record's outcome came;
+# it is in the daemon's rings or arena and may still be delivered (by the next start's recovery).
+ERR_OUTCOME_UNKNOWN = 1008
 
 ERROR_NAMES: dict[int, str] = {
     ERR_UNSUPPORTED_PROTOCOL_VERSION: "UNSUPPORTED_PROTOCOL_VERSION",
@@ -96,6 +109,7 @@ ERROR_NAMES: dict[int, str] = {
     ERR_SEGMENT_REFUSED: "SEGMENT_REFUSED",
     ERR_SHUTTING_DOWN: "SHUTTING_DOWN",
     ERR_BUFFER_FULL: "BUFFER_FULL",
+    ERR_OUTCOME_UNKNOWN: "OUTCOME_UNKNOWN",
 }
 """Names of Sluice's own ErrorReply codes (1000 and up)."""
 
@@ -126,7 +140,10 @@ class RecordResult(msgspec.Struct, gc=False):
 
     ``error_code`` 0 (``"NONE"``) is success; otherwise a Kafka error code (or a Sluice code
     of 1000 and up) and ``offset`` is -1. acks=0 profiles report offset -1 on success too.
-    ``timestamp`` is the log-append time, or -1 when the topic uses CreateTime.
+    ``partition`` is the partition written; on failure the one the record asked for, else the
+    one chosen, else -1. ``timestamp`` is the record's timestamp in Kafka as the Java producer's
+    RecordMetadata has it (the broker's time on LogAppendTime topics, else the CreateTime the
+    record was written with); -1 on failure.
     """
 
     partition: Annotated[int, _I32]
@@ -192,7 +209,7 @@ class Produce(_Request, tag="Produce"):
     """Records for one topic. With ``ack`` the daemon answers with a ProduceAck carrying ``seq``."""
 
     topic: str
-    records: list[Rec]
+    records: Annotated[list[Rec], msgspec.Meta(max_length=MAX_PRODUCE_RECORDS)]
     ack: bool = False
     seq: Uint = 0
 
@@ -249,10 +266,16 @@ class ProduceAck(_Reply, tag="ProduceAck"):
 
 
 class FlushDone(_Reply, tag="FlushDone"):
-    """The answer to Flush. ``complete`` is False when the timeout came first."""
+    """The answer to Flush. ``complete`` is False when the timeout came first.
+
+    ``failed`` counts this connection's records that completed with an error (acknowledged or
+    not, refused before a ring or failed by Kafka) since the previous FlushDone. It was added
+    after the first release of version 1: a decoder of an older daemon's reply sees 0.
+    """
 
     complete: bool
     pending: Uint
+    failed: Uint = 0
 
 
 class StatsReply(_Reply, tag="StatsReply"):

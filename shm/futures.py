@@ -393,6 +393,11 @@ class DeliveryTally:
         """One record failed before it entered the ring (the DeliveryFuture protocol)."""
         self.settle(1, exc)
 
+    def settle_future(self, fut: DeliveryFuture) -> None:
+        """A done callback: count ``fut``'s outcome here (a record of the batch that had to be
+        sent with a future)."""
+        self.settle(1, fut.exception(0))
+
     def __repr__(self) -> str:
         return f"DeliveryTally({self.topic!r}, delivered={self.delivered}, failed={self.failed})"
 

@@ -98,6 +98,13 @@ def test_check_config_exit_codes(tmp_path: Any, capsys: Any) -> None:
     bad.write_text("[daemon]\nno_such_key = 1\n")
     assert main(["check-config", str(bad)]) == 78  # EX_CONFIG, as the unit file expects
     assert "no_such_key" in capsys.readouterr().err
+    # --config FILE, as `sluice run` takes it, works too.
+    assert main(["check-config", "--config", str(bad)]) == 78
+    assert "no_such_key" in capsys.readouterr().err
+    good = tmp_path / "good.toml"
+    good.write_text("[daemon]\nworkers = 2\n")
+    assert main(["check-config", "-c", str(good)]) == 0
+    assert "ok (2 workers" in capsys.readouterr().out
 
 
 class _Trickle(io.RawIOBase):

@@ -18,14 +18,14 @@ from daemon.ingest import SocketIngest
 from daemon.protocol.errors import MESSAGE_TOO_LARGE, UNKNOWN_TOPIC_OR_PARTITION
 from shm import control
 from shm.errors import BufferFullError, KafkaError, SluiceError
-from shm.futures import DeliveryFuture
+from shm.futures import DeliveryFuture, DeliveryTally
 
 
 class ProducerClosedError(SluiceError):
     """What the producer's futures fail with when it closes before their outcome."""
 
 
-Outcome = DeliveryFuture  # the real future: the ack is encoded from its slots in compiled code
+Outcome = DeliveryFuture  # the real future: acks are encoded from its slots in compiled code
 
 
 class Producer:
@@ -57,15 +57,22 @@ class Producer:
         self.sent.append(fut)
         return fut
 
-    def send_records(self, topic: str, records: list[Any], start: int) -> tuple[int, list[Outcome]]:
+    def send_records(self, topic: str, records: list[Any], start: int,
+                     tally: DeliveryTally | None = None) -> tuple[int, list[Outcome]]:
         """As shm.Producer.send_records: the records send() would take without raising, in
-        one call; it stops before the first that would raise (the caller sends that one)."""
+        one call; it stops before the first that would raise (the caller sends that one).
+        With a tally, no futures come back and the tally counts the outcomes (here through
+        the futures this stand-in keeps for complete())."""
         futs = []
         i = start
         while i < len(records) and not self.full_for and records[i].value not in self.refuse:
             r = records[i]
             futs.append(self.send(topic, r.value, r.key, partition=r.partition))
             i += 1
+        if tally is not None:
+            for f in futs:
+                f.add_done_callback(tally.settle_future)
+            return i, []
         return i, futs
 
     def complete(self, outcomes: Callable[[int, Outcome], None]) -> None:
@@ -85,16 +92,36 @@ def _delivered(i: int, fut: Outcome) -> None:
 
 
 class Client:
-    """The reply side: what the server would write to the connection."""
+    """The connection's side (daemon.ingest.Origin): what the server would write to it, and
+    the outcomes it is told of."""
 
     def __init__(self) -> None:
         self.replies: list[Any] = []
         self.pending: set[asyncio.Future[Any]] = set()
+        self.settled_records = 0
+        self.failed = 0
 
-    async def reply(self, msg: Any) -> None:
+    def reply(self, msg: Any) -> None:
         """As the wire has it: encoded, then decoded as a client does."""
         (got,) = control.FrameReader(control.DaemonMessage).feed(control.encode(msg))
         self.replies.append(got)
+
+    def settled(self, records: int, failed: int) -> None:
+        self.settled_records += records
+        self.failed += failed
+
+    def track(self, fut: asyncio.Future[Any] | None) -> None:
+        if fut is not None:
+            self.pending.add(fut)
+            fut.add_done_callback(self.pending.discard)
+
+
+async def _lookup(topic: str) -> control.TopicInfo:
+    """The daemon's lookup (daemon/lookups.py): Kafka has every topic but "nope"."""
+    if topic == "nope":
+        raise KafkaError.for_code(UNKNOWN_TOPIC_OR_PARTITION)
+    return control.TopicInfo(topic=topic, topic_id=0, partitions=4, profile="p", max_request_size=1 << 20,
+                             on_full="block", max_block_ms=0, batch_size=16384, linger_ms=5)
 
 
 def _recs(*values: bytes, partition: int | None = None) -> list[control.Rec]:
@@ -102,7 +129,7 @@ def _recs(*values: bytes, partition: int | None = None) -> list[control.Rec]:
 
 
 def _ingest(producer: Producer) -> SocketIngest:
-    ingest = SocketIngest()
+    ingest = SocketIngest(_lookup)
     ingest.attach(producer)
     return ingest
 
@@ -112,7 +139,7 @@ def test_acknowledged_produce_answers_every_record_in_order() -> None:
         p = Producer()
         p.refuse[b"big"] = KafkaError.for_code(MESSAGE_TOO_LARGE)
         ingest, c = _ingest(p), Client()
-        await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"big", b"c"), ack=True, seq=5), c.reply, c.pending)
+        c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"big", b"c"), ack=True, seq=5), c))
         assert c.replies == [] and len(c.pending) == 1  # waiting for the outcomes
         p.complete(_delivered)
         await asyncio.wait_for(asyncio.gather(*c.pending), 5)
@@ -121,8 +148,11 @@ def test_acknowledged_produce_answers_every_record_in_order() -> None:
         r = ack.results
         assert (r[0].partition, r[0].offset, r[0].timestamp, r[0].error_code) == (0, 100, 1_000, 0)
         assert (r[1].offset, r[1].error_code, r[1].error_name) == (-1, MESSAGE_TOO_LARGE, "MESSAGE_TOO_LARGE")
+        assert r[1].partition == -1  # none asked, none chosen
         assert (r[2].partition, r[2].offset, r[2].error_code) == (1, 101, 0)
         assert not c.pending
+        assert (c.settled_records, c.failed) == (3, 1)
+        assert ingest.refused.snapshot() == {"t": {"MESSAGE_TOO_LARGE": 1}}
 
     asyncio.run(main())
 
@@ -131,7 +161,7 @@ def test_failed_and_closed_outcomes_are_reported_per_record() -> None:
     async def main() -> None:
         p = Producer()
         ingest, c = _ingest(p), Client()
-        await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"b", partition=3), ack=True, seq=1), c.reply, c.pending)
+        c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"b", partition=3), ack=True, seq=1), c))
 
         def outcomes(i: int, fut: Outcome) -> None:
             fut.resolve(KafkaError.for_code(MESSAGE_TOO_LARGE) if i == 0 else ProducerClosedError("closed"))
@@ -139,8 +169,10 @@ def test_failed_and_closed_outcomes_are_reported_per_record() -> None:
         p.complete(outcomes)
         await asyncio.wait_for(asyncio.gather(*c.pending), 5)
         (ack,) = c.replies
-        assert [(x.partition, x.error_code) for x in ack.results] == [(3, MESSAGE_TOO_LARGE), (3, control.ERR_SHUTTING_DOWN)]
-        assert ack.results[1].error_name == "ProducerClosedError"
+        assert [(x.partition, x.error_code) for x in ack.results] == [(3, MESSAGE_TOO_LARGE), (3, control.ERR_OUTCOME_UNKNOWN)]
+        assert ack.results[1].error_name == "OUTCOME_UNKNOWN"
+        assert (c.settled_records, c.failed) == (2, 2)
+        assert ingest.refused.snapshot() == {}  # failed after the ring: the workers count those
 
     asyncio.run(main())
 
@@ -148,14 +180,15 @@ def test_failed_and_closed_outcomes_are_reported_per_record() -> None:
 def test_unknown_topic_fails_the_whole_frame() -> None:
     async def main() -> None:
         ingest, c = _ingest(Producer()), Client()
-        await ingest.produce(control.Produce(topic="nope", records=_recs(b"a", b"b"), ack=True, seq=2), c.reply, c.pending)
+        c.track(await ingest.produce(control.Produce(topic="nope", records=_recs(b"a", b"b"), ack=True, seq=2), c))
         (ack,) = c.replies
         assert [(x.partition, x.error_code) for x in ack.results] == [(-1, UNKNOWN_TOPIC_OR_PARTITION)] * 2
-        # Without ack the client still hears of it, as a non-fatal error.
-        await ingest.produce(control.Produce(topic="nope", records=_recs(b"a")), c.reply, c.pending)
-        err = c.replies[1]
-        assert isinstance(err, control.ErrorReply)
-        assert (err.code, err.fatal) == (UNKNOWN_TOPIC_OR_PARTITION, False)
+        # Without ack nothing is answered, ever; the failure is counted for the connection
+        # (FlushDone.failed) and per topic.
+        c.track(await ingest.produce(control.Produce(topic="nope", records=_recs(b"a")), c))
+        assert len(c.replies) == 1 and not c.pending
+        assert (c.settled_records, c.failed) == (3, 3)
+        assert ingest.refused.snapshot() == {"nope": {"UNKNOWN_TOPIC_OR_PARTITION": 3}}
 
     asyncio.run(main())
 
@@ -165,7 +198,7 @@ def test_topic_is_looked_up_once() -> None:
         p = Producer()
         ingest, c = _ingest(p), Client()
         for _ in range(3):
-            await ingest.produce(control.Produce(topic="t", records=_recs(b"a")), c.reply, c.pending)
+            c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"a")), c))
         assert p.lookups == ["t"]
 
     asyncio.run(main())
@@ -176,7 +209,7 @@ def test_full_ring_under_drop_answers_buffer_full() -> None:
         p = Producer(on_full="drop")
         p.full_for = 1
         ingest, c = _ingest(p), Client()
-        await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"b"), ack=True), c.reply, c.pending)
+        c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"b"), ack=True), c))
         p.complete(_delivered)
         await asyncio.wait_for(asyncio.gather(*c.pending), 5)
         (ack,) = c.replies
@@ -192,7 +225,7 @@ def test_full_ring_under_block_retries_until_max_block(max_block_ms: int, delive
         p = Producer(on_full="block", max_block_ms=max_block_ms)
         p.full_for = 3
         ingest, c = _ingest(p), Client()
-        await ingest.produce(control.Produce(topic="t", records=_recs(b"a"), ack=True), c.reply, c.pending)
+        c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"a"), ack=True), c))
         assert len(p.sent) == delivered
         p.complete(_delivered)
         await asyncio.wait_for(asyncio.gather(*c.pending), 5)
@@ -206,14 +239,14 @@ def test_unacknowledged_produce_is_pending_until_its_outcomes() -> None:
     async def main() -> None:
         p = Producer()
         ingest, c = _ingest(p), Client()
-        await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"b")), c.reply, c.pending)
+        c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"b")), c))
         (waiter,) = c.pending
         await asyncio.sleep(0.01)
         assert not waiter.done()
         p.sent[0].resolve(1)
         await asyncio.sleep(0.01)
         assert not waiter.done()  # one record still out
-        p.complete(lambda i, f: f.done() or _delivered(i, f))  # type: ignore[func-returns-value]
+        p.complete(lambda i, f: f.done() or _delivered(i, f))
         await asyncio.wait_for(waiter, 5)
         assert c.replies == [] and not c.pending
 
@@ -222,13 +255,101 @@ def test_unacknowledged_produce_is_pending_until_its_outcomes() -> None:
 
 def test_produce_before_the_producer_is_attached_waits_for_it() -> None:
     async def main() -> None:
-        ingest, c = SocketIngest(), Client()
-        task = asyncio.create_task(ingest.produce(control.Produce(topic="t", records=_recs(b"a")), c.reply, c.pending))
+        ingest, c = SocketIngest(_lookup), Client()
+        task = asyncio.create_task(ingest.produce(control.Produce(topic="t", records=_recs(b"a")), c))
         await asyncio.sleep(0.02)
         assert not task.done()
         p = Producer()
         ingest.attach(p)
         await asyncio.wait_for(task, 5)
         assert len(p.sent) == 1
+
+    asyncio.run(main())
+
+
+def test_partition_out_of_range_names_the_partition_asked_for() -> None:
+    async def main() -> None:
+        p = Producer()
+        p.refuse[b"bad"] = KafkaError.for_code(UNKNOWN_TOPIC_OR_PARTITION)
+        ingest, c = _ingest(p), Client()
+        recs = [control.Rec(value=b"bad", partition=7), control.Rec(value=b"ok", partition=1)]
+        c.track(await ingest.produce(control.Produce(topic="t", records=recs, ack=True, seq=3), c))
+        p.complete(_delivered)
+        await asyncio.wait_for(asyncio.gather(*c.pending), 5)
+        (ack,) = c.replies
+        assert [(x.partition, x.error_code) for x in ack.results] == [(7, UNKNOWN_TOPIC_OR_PARTITION), (1, 0)]
+
+    asyncio.run(main())
+
+
+def test_unacknowledged_failures_after_the_ring_are_counted() -> None:
+    async def main() -> None:
+        p = Producer()
+        ingest, c = _ingest(p), Client()
+        c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"b", b"c")), c))
+        p.complete(lambda i, f: f.resolve(KafkaError.for_code(MESSAGE_TOO_LARGE)) if i == 1 else _delivered(i, f))
+        await asyncio.wait_for(asyncio.gather(*c.pending), 5)
+        assert c.replies == [] and (c.settled_records, c.failed) == (3, 1)
+
+    asyncio.run(main())
+
+
+def test_stopping_refuses_records_waiting_for_room() -> None:
+    async def main() -> None:
+        p = Producer(on_full="block", max_block_ms=60_000)
+        p.full_for = 10**9
+        ingest, c = _ingest(p), Client()
+        task = asyncio.create_task(ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"b"), ack=True, seq=1), c))
+        await asyncio.sleep(0.05)
+        assert not task.done()  # waiting for room
+        ingest.stop()
+        assert await asyncio.wait_for(task, 5) is None
+        (ack,) = c.replies
+        assert [x.error_name for x in ack.results] == ["SHUTTING_DOWN"] * 2
+        assert ingest.refused.snapshot() == {"t": {"SHUTTING_DOWN": 2}}
+
+    asyncio.run(main())
+
+
+def test_give_up_answers_unfinished_records_as_outcome_unknown() -> None:
+    async def main() -> None:
+        p = Producer()
+        ingest, c = _ingest(p), Client()
+        c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"b", partition=2), ack=True, seq=8), c))
+        p.sent[0].resolve(5)
+        ingest.give_up()
+        await asyncio.wait_for(asyncio.gather(*c.pending), 5)
+        (ack,) = c.replies
+        assert [(x.offset, x.error_name) for x in ack.results] == [(5, "NONE"), (-1, "OUTCOME_UNKNOWN")]
+        assert (c.settled_records, c.failed) == (2, 1)
+
+    asyncio.run(main())
+
+
+def test_a_closed_producer_refuses_with_shutting_down() -> None:
+    async def main() -> None:
+        p = Producer()
+        p.refuse[b"late"] = ProducerClosedError("the producer is closed")  # type: ignore[assignment]
+        ingest, c = _ingest(p), Client()
+        c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"late"), ack=True, seq=4), c))
+        (ack,) = c.replies
+        assert [(x.error_code, x.error_name) for x in ack.results] == [(control.ERR_SHUTTING_DOWN, "SHUTTING_DOWN")]
+        assert (c.settled_records, c.failed) == (1, 1)
+
+    asyncio.run(main())
+
+
+def test_give_up_counts_the_unfinished_records_of_a_frame_without_ack_as_failed() -> None:
+    async def main() -> None:
+        p = Producer()
+        ingest, c = _ingest(p), Client()
+        c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"b", b"c")), c))
+        p.sent[0].resolve(5)
+        p.sent[1].resolve(KafkaError.for_code(MESSAGE_TOO_LARGE))
+        await asyncio.sleep(0.01)
+        assert c.pending and (c.settled_records, c.failed) == (0, 0)  # one record still out
+        ingest.give_up()
+        await asyncio.wait_for(asyncio.gather(*c.pending), 5)
+        assert c.replies == [] and (c.settled_records, c.failed) == (3, 2)
 
     asyncio.run(main())

@@ -442,3 +442,18 @@ def test_operations_doc_lists_exactly_the_metrics_exposed() -> None:
     assert set(re.findall(r"\b(sluice_[a-z_]+)\b", section)) <= set(metrics.METRICS) | {
         name + suffix for name in metrics.METRICS for suffix in ("_sum", "_count")
     }
+
+
+def test_socket_section_becomes_refusals_by_topic_and_error_and_gauges() -> None:
+    snap = {"workers": {}, "socket": {"refused": {"orders": {"UNKNOWN_TOPIC_OR_PARTITION": 3, "BUFFER_FULL": 1}},
+                                      "connections": 4, "paused": 1, "unsent_reply_bytes": 9000,
+                                      "inflight_records": 12, "unknown_topics": 2}}
+    text = metrics.render(snap).decode()
+    assert 'sluice_socket_refused_total{error="UNKNOWN_TOPIC_OR_PARTITION",topic="orders"} 3.0' in text
+    assert 'sluice_socket_refused_total{error="BUFFER_FULL",topic="orders"} 1.0' in text
+    for line in ("sluice_socket_connections 4.0", "sluice_socket_paused_connections 1.0",
+                 "sluice_socket_unsent_reply_bytes 9000.0", "sluice_socket_inflight_records 12.0",
+                 "sluice_unknown_topics_remembered 2.0"):
+        assert line in text.splitlines()
+    # No socket section: no samples, never made-up zeros.
+    assert not [ln for ln in metrics.render({"workers": {}}).decode().splitlines() if ln.startswith("sluice_socket_")]

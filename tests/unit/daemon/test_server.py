@@ -17,7 +17,7 @@ from typing import Any
 
 from daemon import channel as ch
 from daemon.config import Config, loads
-from daemon.ingest import Reply
+from daemon.ingest import Origin
 from daemon.protocol.errors import UNKNOWN_TOPIC_OR_PARTITION
 from daemon.server import ControlServer
 from daemon.state import Tokens
@@ -39,6 +39,8 @@ class Services:
         self.topic_id_bound = 5  # every topic is id 4
 
     async def lookup_topic(self, name: str) -> control.TopicInfo:
+        if name.startswith("slow"):
+            await asyncio.sleep(0.3)
         if name == "nope":
             raise KafkaError.for_code(UNKNOWN_TOPIC_OR_PARTITION)
         return control.TopicInfo(
@@ -46,15 +48,61 @@ class Services:
             on_full="drop" if name == "clicks" else "block", max_block_ms=60_000, batch_size=16384, linger_ms=5,
         )
 
-    async def produce(self, msg: control.Produce, reply: Reply, pending: set[asyncio.Future[Any]]) -> None:
-        self.produced.append(msg)
-        await reply(control.ProduceAck(seq=msg.seq, results=[]))
-
     def stats(self) -> dict[str, Any]:
         return {"connections": 1}
 
     def state_changed(self) -> None:
         self.saves += 1
+
+
+class Ingest:
+    """Socket ingest, recorded: every topic is known, every record settles at once."""
+
+    def __init__(self) -> None:
+        self.produced: list[control.Produce] = []
+        self.stopped = False
+        self.result_per_record = False  # acks carry one result per record (large acks)
+        self.held: list[tuple[control.Produce, Origin, asyncio.Future[None]]] = []
+        self.hold = False  # outcomes come only when release() is called
+        self.full = False  # produce() waits for ring space until stop(), then refuses
+
+    def known(self, topic: str) -> bool:
+        return True
+
+    async def produce(self, msg: control.Produce, origin: Origin) -> asyncio.Future[None] | None:
+        self.produced.append(msg)
+        if self.full:
+            while not self.stopped:
+                await asyncio.sleep(0.01)
+            origin.settled(len(msg.records), len(msg.records))
+            result = control.RecordResult(partition=-1, offset=-1, timestamp=-1, error_code=control.ERR_SHUTTING_DOWN,
+                                          error_name="SHUTTING_DOWN")
+            origin.reply(control.ProduceAck(seq=msg.seq, results=[result] * len(msg.records)))
+            return None
+        if self.hold:
+            fut = asyncio.get_running_loop().create_future()
+            self.held.append((msg, origin, fut))
+            return fut
+        self._answer(msg, origin)
+        return None
+
+    def _answer(self, msg: control.Produce, origin: Origin) -> None:
+        origin.settled(len(msg.records), 0)
+        if msg.ack:
+            result = control.RecordResult(partition=0, offset=1, timestamp=1, error_code=0, error_name="NONE")
+            origin.reply(control.ProduceAck(seq=msg.seq, results=[result] * len(msg.records) if self.result_per_record else []))
+
+    def release(self) -> None:
+        for msg, origin, fut in self.held:
+            self._answer(msg, origin)
+            fut.set_result(None)
+        self.held.clear()
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def give_up(self) -> None:
+        pass
 
 
 class Workers:
@@ -109,7 +157,8 @@ class Harness:
         self.services = Services(self.config)
         self.workers = Workers()
         self.tokens = Tokens()
-        self.server = ControlServer(self.services, self.workers, self.tokens)
+        self.ingest = Ingest()
+        self.server = ControlServer(self.services, self.workers, self.tokens, self.ingest)  # type: ignore[arg-type]
 
     def sent(self, kind: type) -> list[tuple[Any, int]]:
         return [(m, n) for m, n in self.workers.sent if isinstance(m, kind)]
@@ -157,7 +206,7 @@ def test_socket_client_conversation(tmp_path: Path) -> None:
         assert stats == control.StatsReply(stats={"connections": 1})
         ack = await c.ask(control.Produce(topic="orders", records=[control.Rec(value=b"v")], ack=True, seq=9))
         assert ack == control.ProduceAck(seq=9, results=[])
-        assert [m.topic for m in h.services.produced] == ["orders"]
+        assert [m.topic for m in h.ingest.produced] == ["orders"]
         done = await c.ask(control.Flush(timeout_ms=100))
         assert done == control.FlushDone(complete=True, pending=0)
         assert h.server.connection_count() == 1 and h.server.segment_count() == 0
@@ -338,5 +387,125 @@ def test_drops_are_read_from_the_segment_and_outlive_the_client(tmp_path: Path) 
             h.server.client_detached(cid, w)
         assert h.server.segment_count() == 0
         assert h.server.drop_counts(5) == [0, 0, 0, 0, dropped]
+
+    _run(tmp_path, body)
+
+
+def test_hello_comes_first_and_once(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        early = await Client(h.path).connect()
+        err = await early.ask(control.Produce(topic="orders", records=[control.Rec(value=b"v")], ack=True, seq=1))
+        assert (err.code, err.fatal) == (control.ERR_UNEXPECTED_MESSAGE, True)
+        assert await early.recv() is None and h.ingest.produced == []  # its records were not taken
+        twice = await Client(h.path).connect()
+        assert isinstance(await twice.ask(control.Hello(version=1)), control.Welcome)
+        err = await twice.ask(control.Hello(version=1))
+        assert (err.code, err.name, err.fatal) == (control.ERR_UNEXPECTED_MESSAGE, "UNEXPECTED_MESSAGE", True)
+        assert await twice.recv() is None
+        early.close()
+        twice.close()
+
+    _run(tmp_path, body)
+
+
+def test_replies_come_in_request_order_while_lookups_overlap(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        c = await Client(h.path).connect()
+        await c.ask(control.Hello(version=1))
+        t0 = asyncio.get_running_loop().time()
+        for msg in (control.TopicLookup(topic="slow-a"), control.TopicLookup(topic="slow-b"),
+                    control.TopicLookup(topic="fast"), control.StatsRequest()):
+            await c.send(msg)
+        # An acknowledged Produce is not held up by the lookups before it.
+        await c.send(control.Produce(topic="orders", records=[], ack=True, seq=3))
+        replies = [await c.recv() for _ in range(5)]
+        took = asyncio.get_running_loop().time() - t0
+        assert isinstance(replies[0], control.ProduceAck)
+        assert [r.topic for r in replies[1:4]] == ["slow-a", "slow-b", "fast"]
+        assert isinstance(replies[4], control.StatsReply)
+        assert took < 0.55  # the two slow lookups ran side by side (0.3 s each)
+        c.close()
+
+    _run(tmp_path, body)
+
+
+def test_a_client_that_does_not_read_is_not_read_either(tmp_path: Path) -> None:
+    from daemon.server import MAX_UNSENT_REPLY_BYTES
+
+    async def body(h: Harness) -> None:
+        h.ingest.result_per_record = True
+        c = await Client(h.path).connect()
+        await c.ask(control.Hello(version=1))
+        frame = control.encode(control.Produce(topic="orders", records=[control.Rec()] * 5000, ack=True, seq=1))
+        loop = asyncio.get_running_loop()
+        sent = 0
+        while True:  # never a recv
+            try:
+                await asyncio.wait_for(loop.sock_sendall(c.sock, frame), 0.5)
+            except asyncio.TimeoutError:
+                break
+            sent += 1
+            assert sent < 1000, "the server kept reading"
+        stats = h.server.socket_stats()
+        assert stats["paused"] == 1 and stats["unsent_reply_bytes"] > MAX_UNSENT_REPLY_BYTES
+        read_then = len(h.ingest.produced)
+        await asyncio.sleep(0.2)
+        assert len(h.ingest.produced) == read_then  # stopped, not buffering
+        # Once the client reads its replies, the server reads again: every frame is answered.
+        acks = 0
+        while acks < sent:
+            msg = await c.recv()
+            assert isinstance(msg, control.ProduceAck) and len(msg.results) == 5000
+            acks += 1
+        assert h.server.socket_stats()["paused"] == 0 and len(h.ingest.produced) == sent
+        c.close()
+
+    _run(tmp_path, body)
+
+
+def test_shutdown_acknowledges_what_was_read_then_says_shutting_down(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        h.ingest.hold = True
+        c = await Client(h.path).connect()
+        await c.ask(control.Hello(version=1))
+        await c.send(control.Produce(topic="orders", records=[control.Rec(value=b"a")], ack=True, seq=1))
+        await _until(lambda: len(h.ingest.produced) == 1, "the Produce read")
+        finishing = asyncio.ensure_future(h.server.finish_socket_clients(5.0))
+        await asyncio.sleep(0.05)
+        assert h.ingest.stopped and not finishing.done()  # waiting for the outcome
+        await c.send(control.Produce(topic="orders", records=[control.Rec(value=b"b")], ack=True, seq=2))
+        await asyncio.sleep(0.05)
+        h.ingest.release()
+        ack = await c.recv()
+        assert isinstance(ack, control.ProduceAck) and ack.seq == 1
+        bye = await c.recv()
+        assert (bye.code, bye.name, bye.fatal) == (control.ERR_SHUTTING_DOWN, "SHUTTING_DOWN", True)
+        assert await c.recv() is None
+        await asyncio.wait_for(finishing, 5)
+        assert [m.seq for m in h.ingest.produced] == [1]  # the frame after the stop was never read
+        c.close()
+
+    _run(tmp_path, body)
+
+
+def test_shutdown_while_a_produce_waits_for_room_serves_nothing_after_it(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        h.ingest.full = True
+        c = await Client(h.path).connect()
+        await c.ask(control.Hello(version=1))
+        two = b"".join(control.encode(control.Produce(topic="orders", records=[control.Rec(value=b"x")], ack=True, seq=n))
+                       for n in (1, 2))
+        await asyncio.get_running_loop().sock_sendall(c.sock, two)  # one read brings both
+        await _until(lambda: len(h.ingest.produced) == 1, "the first Produce waiting for room")
+        await asyncio.wait_for(h.server.finish_socket_clients(5.0), 5)
+        ack = await c.recv()
+        assert isinstance(ack, control.ProduceAck) and ack.seq == 1
+        assert ack.results[0].error_name == "SHUTTING_DOWN"  # refused, never delivered
+        bye = await c.recv()
+        assert isinstance(bye, control.ErrorReply) and bye.name == "SHUTTING_DOWN" and bye.fatal
+        assert await c.recv() is None
+        # The second frame was decoded with the first but never served, and never answered.
+        assert [m.seq for m in h.ingest.produced] == [1]
+        c.close()
 
     _run(tmp_path, body)

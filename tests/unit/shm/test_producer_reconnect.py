@@ -32,7 +32,7 @@ class RestartingStandIn(StandIn):
     def __init__(self, path: str) -> None:
         self.hellos: list[control.Hello] = []
         self.inodes: list[int] = []
-        self.fatal_next = False
+        self.fatal_next = 0  # an error code: hang_up sends it as a fatal ErrorReply first
         super().__init__(path)
 
     def _serve(self) -> None:
@@ -78,7 +78,7 @@ class RestartingStandIn(StandIn):
 
     def hang_up(self) -> None:
         if self.fatal_next and self.conn is not None:
-            self.conn.sendall(control.encode(control.error_reply(control.ERR_BAD_FRAME, "dropped", fatal=True)))
+            self.conn.sendall(control.encode(control.error_reply(self.fatal_next, "dropped", fatal=True)))
         super().hang_up()
 
 
@@ -111,11 +111,24 @@ def test_fatal_error_before_hang_up_is_not_retried(restarting: RestartingStandIn
     p = Producer(restarting.path, reconnect_timeout_s=5.0)
     try:
         f = p.send("u", b"x", partition=0)
-        restarting.fatal_next = True
+        restarting.fatal_next = control.ERR_BAD_FRAME
         restarting.hang_up()
         with pytest.raises(ProducerClosedError):
             f.result(timeout=3)
         assert p.reconnects == 0 and len(restarting.hellos) == 1
+    finally:
+        p.close(timeout=1)
+
+
+def test_shutting_down_is_no_reason_to_give_up(restarting: RestartingStandIn) -> None:
+    # A stopping daemon says SHUTTING_DOWN before it closes: its successor may take the segment.
+    p = Producer(restarting.path, reconnect_timeout_s=5.0)
+    try:
+        f = p.send("u", b"x", partition=0)
+        restarting.fatal_next = control.ERR_SHUTTING_DOWN
+        restarting.hang_up()
+        wait_until(lambda: p.reconnects == 1)
+        assert not f.done() and len(restarting.hellos) == 2
     finally:
         p.close(timeout=1)
 
