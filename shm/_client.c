@@ -696,6 +696,19 @@ static PyObject *header_snapshot(PyObject *headers) {
             if ((PyUnicode_CheckExact(k) || PyBytes_CheckExact(k)) && (v == Py_None || PyBytes_CheckExact(v)))
                 continue; /* the usual shape, kept as it is */
         }
+        if (seq == headers) {
+            /* The caller's own tuple: fix a copy, never theirs. */
+            PyObject *copy = PyTuple_New(n); /* not a slice: a full slice is the same tuple */
+            if (copy == NULL) {
+                Py_DECREF(seq);
+                return NULL;
+            }
+            for (Py_ssize_t j = 0; j < n; j++)
+                PyTuple_SET_ITEM(copy, j, Py_NewRef(PyTuple_GET_ITEM(seq, j)));
+            Py_DECREF(seq);
+            seq = copy;
+            h = PyTuple_GET_ITEM(seq, i);
+        }
         PyObject *pair = PySequence_Tuple(h);
         if (pair == NULL || PyTuple_GET_SIZE(pair) != 2) {
             Py_XDECREF(pair);
@@ -720,7 +733,7 @@ static PyObject *header_snapshot(PyObject *headers) {
             Py_DECREF(seq);
             return NULL;
         }
-        PyTuple_SET_ITEM(seq, i, fixed); /* seq is new and ours: replacing an item is safe */
+        PyTuple_SET_ITEM(seq, i, fixed); /* seq is a new tuple of ours: replacing an item is safe */
         Py_DECREF(h);
     }
     return seq;

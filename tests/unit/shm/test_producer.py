@@ -653,3 +653,12 @@ def test_a_watched_tally_calls_back_once_every_record_it_was_expecting_has_its_o
     late.expect(4)  # every outcome came before expect(): at once
     assert seen == [early, late]
     assert DeliveryTally("t", on_done=seen.append).expect(0) is None and len(seen) == 3
+
+
+def test_headers_of_odd_shapes_are_copied_never_changed(standin: StandIn) -> None:
+    hdrs = (("a", bytearray(b"1")), ["b", b"2"])  # a tuple the caller keeps
+    with _quick(Producer(standin.path)) as p:
+        p.send("t", b"v", partition=0, headers=hdrs)
+        assert hdrs == (("a", bytearray(b"1")), ["b", b"2"]) and type(hdrs[1]) is list
+        (body,) = [body for *_, body in standin.take(owner("t", 0, WORKERS))]
+        assert body == encode_record_body(None, b"v", [("a", b"1"), ("b", b"2")])
