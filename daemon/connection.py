@@ -557,7 +557,9 @@ class ConnectionPool:
         except ssl.SSLError as exc:
             if isinstance(exc, _RETRIABLE_SSL_ERRORS):
                 raise KafkaError.for_code(ec.NETWORK_EXCEPTION, f"{where}: {describe_tls_error(exc, host)}") from None
-            raise BrokerAuthError(f"{where}: {describe_tls_error(exc, host)}") from None
+            raise BrokerAuthError(
+                f"{where}: {describe_tls_error(exc, host, bool(self.settings.ssl_certificate_location))}"
+            ) from None
         except (OSError, asyncio.TimeoutError) as exc:
             raise KafkaError.for_code(ec.NETWORK_EXCEPTION, f"cannot connect to {host}:{port}: {exc!r}") from None
         try:
@@ -573,7 +575,7 @@ class ConnectionPool:
             if tls_error is not None and not isinstance(tls_error, _RETRIABLE_SSL_ERRORS):
                 # TLS 1.3: a refused client certificate shows only after the handshake, as an
                 # alert on the first read.
-                raise BrokerAuthError(f"{where}: {describe_tls_error(tls_error, host)}") from None
+                raise BrokerAuthError(f"{where}: {describe_tls_error(tls_error, host, bool(self.settings.ssl_certificate_location))}") from None
             if isinstance(exc, BrokerAuthError) and not str(exc).startswith(where):
                 raise BrokerAuthError(f"{where}: {exc}") from None
             raise

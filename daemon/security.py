@@ -74,12 +74,12 @@ class BrokerAuthError(KafkaError):
 
 
 def read_secret(inline: str, path: str, key: str) -> str:
-    """The secret given inline, else read from ``path`` (see the module's Secrets policy).
+    """The secret given inline, else read from ``path``, else "" (the module's Secrets policy).
 
     Raises:
         BrokerAuthError: the file cannot be read, or a relative path has no credentials directory.
     """
-    if inline:
+    if inline or not path:
         return inline
     if not os.path.isabs(path):
         creds = os.environ.get("CREDENTIALS_DIRECTORY")
@@ -160,8 +160,8 @@ class TlsContexts:
         return ctx
 
 
-def describe_tls_error(exc: ssl.SSLError, host: str) -> str:
-    """A sentence saying what a TLS failure means for the operator."""
+def describe_tls_error(exc: ssl.SSLError, host: str, client_cert: bool = True) -> str:
+    """A sentence saying what a TLS failure means for the operator (``client_cert``: one was sent)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         if exc.verify_code in _HOSTNAME_MISMATCH_CODES:
             return (f"TLS: the broker's certificate does not name {host!r} (hostname mismatch: "
@@ -172,6 +172,9 @@ def describe_tls_error(exc: ssl.SSLError, host: str) -> str:
     if "CERTIFICATE_REQUIRED" in str(reason).upper() or "CERTIFICATE REQUIRED" in str(exc).upper():
         return "TLS: the broker requires a client certificate (set ssl_certificate_location, ssl_key_location)"
     if "UNKNOWN_CA" in str(reason).upper() or "BAD_CERTIFICATE" in str(reason).upper():
+        if not client_cert:
+            return ("TLS: the broker requires a client certificate (mutual TLS: set "
+                    f"ssl_certificate_location and ssl_key_location; {reason})")
         return f"TLS: the broker refused the client certificate ({reason})"
     return f"TLS handshake failed ({reason})"
 
