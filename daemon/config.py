@@ -33,6 +33,7 @@ import fnmatch
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -502,10 +503,13 @@ def _build(raw: dict[str, Any]) -> Config:
         daemon_table["log_level"] = daemon_table["log_level"].lower()
     daemon = _convert(daemon_table, DaemonSettings, "daemon")
     kafka_table = dict(_table(raw, "kafka", "kafka"))
-    for key in ("security_protocol", "sasl_mechanism"):
+    for key, kind in (("security_protocol", SecurityProtocol), ("sasl_mechanism", SaslMechanism)):
         # Kafka reads these without regard to case.
         if isinstance(kafka_table.get(key), str):
             kafka_table[key] = kafka_table[key].upper()
+            allowed = [v for v in typing.get_args(kind) if v]
+            if kafka_table[key] not in allowed:
+                raise _Invalid(f"kafka.{key}", f"{kafka_table[key]!r} is not one of {', '.join(allowed)}")
     kafka = _convert(kafka_table, KafkaSettings, "kafka")
 
     user_profiles = _table(raw, "profiles", "profiles")
