@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -217,3 +218,23 @@ def test_tls_context_is_rebuilt_when_a_file_changes(tmp_path: Path) -> None:
     ca.write_text("not a certificate")
     with pytest.raises(BrokerAuthError, match="ssl_ca_location: cannot load"):
         tls.context()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_credentials_dropin_verifies_and_its_names_are_the_documented_ones(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    dropin = (root / "systemd" / "credentials.conf").read_text()
+    unit = tmp_path / "sluice.service"
+    unit.write_text((root / "systemd" / "sluice.service").read_text()
+                    .replace("/opt/sluice/bin/sluice", sys.executable))
+    (tmp_path / "sluice.service.d").mkdir()
+    (tmp_path / "sluice.service.d" / "credentials.conf").write_text(dropin)
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60,
+                          check=False, env={**os.environ, "SYSTEMD_LOG_COLOR": "0"})
+    ours = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "credentials.conf" in ln]
+    assert ours == [], ours
+    names = [line.split("=", 1)[1].split(":", 1)[0] for line in dropin.splitlines()
+             if line.startswith("LoadCredential=")]
+    assert names == ["kafka-sasl-password", "kafka-ssl-key-password"]
+    for name in names:  # the config keys the comment shows read these names
+        assert f'_file = "{name}"' in dropin
