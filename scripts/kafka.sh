@@ -182,8 +182,10 @@ PROPS
  "ca": "$d/ca.pem", "other_ca": "$d/other-ca.pem",
  "client_cert": "$d/client.pem", "client_key": "$d/client.key", "client_key_plain": "$d/client.plain.key",
  "client_key_password": "$CLIENT_KEY_PASSWORD",
- "username": "$SASL_USER", "password": "$SASL_PASSWORD", "reauth_ms": ${KAFKA_REAUTH_MS:-20000}}
+ "username": "$SASL_USER", "password": "$SASL_PASSWORD", "password_file": "$d/sasl-password",
+ "reauth_ms": ${KAFKA_REAUTH_MS:-20000}}
 JSON
+  (umask 077; printf '%s\n' "$SASL_PASSWORD" > "$d/sasl-password")
 }
 
 # Extra format arguments: the SCRAM users of the secure node.
