@@ -238,3 +238,57 @@ def test_credentials_dropin_verifies_and_its_names_are_the_documented_ones(tmp_p
     assert names == ["kafka-sasl-password", "kafka-ssl-key-password"]
     for name in names:  # the config keys the comment shows read these names
         assert f'_file = "{name}"' in dropin
+
+
+def test_a_mechanism_the_listener_lacks_is_a_clear_error() -> None:
+    """A broker double (our codec's server side) that enables PLAIN only: asking for SCRAM fails
+    at once with the mechanisms it offers, naming the broker; nothing is retried."""
+    from daemon.connection import ConnectionPool
+
+    handshakes: list[str] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await answer(reader, writer)
+        finally:
+            writer.close()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                size = int.from_bytes(await reader.readexactly(4), "big")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            body = await reader.readexactly(size)
+            api_key = int.from_bytes(body[:2], "big")
+            if api_key == m.API_VERSIONS:
+                h, _ = m.decode_api_versions_request(body)
+                ranges = [m.ApiVersionRange(k, 0, hi) for k, (_, hi) in m.SUPPORTED_VERSIONS.items()]
+                writer.write(m.encode_api_versions_response(h.correlation_id, h.api_version,
+                                                            m.ApiVersionsResponse(0, ranges)))
+            else:
+                h, mechanism = m.decode_sasl_handshake_request(body)
+                handshakes.append(mechanism)
+                writer.write(m.encode_sasl_handshake_response(h.correlation_id, 1,
+                                                              m.SaslHandshakeResponse(33, ["PLAIN"])))
+            await writer.drain()
+
+    async def main() -> str:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = ConnectionPool(KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}", security_protocol="SASL_PLAINTEXT",
+                                            sasl_mechanism="SCRAM-SHA-256", sasl_username="u", sasl_password="p"))
+        try:
+            with pytest.raises(BrokerAuthError) as err:
+                await pool.control_connection()
+            return str(err.value)
+        finally:
+            pool.close(-1)
+            await asyncio.sleep(0.1)  # the double sees the hang-up and closes its side
+            server.close()
+            await server.wait_closed()
+
+    message = asyncio.run(main())
+    assert handshakes == ["SCRAM-SHA-256"]
+    assert "SASL mechanism SCRAM-SHA-256 is not enabled on this listener (UNSUPPORTED_SASL_MECHANISM; it offers: PLAIN)" \
+        in message and message.startswith("bootstrap server 127.0.0.1:")
