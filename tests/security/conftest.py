@@ -55,6 +55,9 @@ def secure_kafka() -> Iterator[dict[str, Any]]:
         if up.returncode != 0:
             pytest.fail(f"could not start the secure Kafka node:\n{up.stderr}", pytrace=False)
         started = True
+    if not (STATE / "secure.json").exists():
+        pytest.fail(f"a secure Kafka node answers on port {SECURE_PORT}, but not one this checkout started "
+                    f"({STATE}/secure.json is missing); stop it or set KAFKA_SECURE_PORT", pytrace=False)
     try:
         yield json.loads((STATE / "secure.json").read_text())
     finally:
