@@ -110,7 +110,8 @@ LATENCY_SECONDS = 10.0
 # (127.0.0.1:29092), where topics are made and read back, so `single` in the same invocation is
 # the plaintext baseline on the same broker. Only runners that speak the same TLS and SASL run.
 TLS_RUNNERS = ("confluent", "sluice-shm", "sluice-socket", "sluice-go")
-_SECURE_STATE = Path(__file__).resolve().parents[1] / ".run" / f"kafka-secure-{os.environ.get('KAFKA_SECURE_PORT', '29092')}"
+_SECURE_PORT = os.environ.get("KAFKA_SECURE_PORT", "29092")
+_SECURE_STATE = Path(__file__).resolve().parents[1] / ".run" / f"kafka-secure-{_SECURE_PORT}"
 _TLS_MECHANISM = "SCRAM-SHA-512"
 
 

@@ -366,10 +366,9 @@ class Connection(asyncio.Protocol):
         token: bytes | None = mechanism.start()
         lifetime = 0
         while token is not None:
-            payload = token
             _, body = await self.request(
                 m.SASL_AUTHENTICATE,
-                lambda v, cid: m.encode_sasl_authenticate_request(v, cid, client_id, payload),
+                lambda v, cid, payload=token: m.encode_sasl_authenticate_request(v, cid, client_id, payload),
                 timeout_s,
             )
             resp = m.decode_sasl_authenticate_response(body, self.versions[m.SASL_AUTHENTICATE])
@@ -575,7 +574,8 @@ class ConnectionPool:
             if tls_error is not None and not isinstance(tls_error, _RETRIABLE_SSL_ERRORS):
                 # TLS 1.3: a refused client certificate shows only after the handshake, as an
                 # alert on the first read.
-                raise BrokerAuthError(f"{where}: {describe_tls_error(tls_error, host, bool(self.settings.ssl_certificate_location))}") from None
+                has_cert = bool(self.settings.ssl_certificate_location)
+                raise BrokerAuthError(f"{where}: {describe_tls_error(tls_error, host, has_cert)}") from None
             if isinstance(exc, BrokerAuthError) and not str(exc).startswith(where):
                 raise BrokerAuthError(f"{where}: {exc}") from None
             raise
