@@ -510,6 +510,9 @@ def _build(raw: dict[str, Any]) -> Config:
             allowed = [v for v in typing.get_args(kind) if v]
             if kafka_table[key] not in allowed:
                 raise _Invalid(f"kafka.{key}", f"{kafka_table[key]!r} is not one of {', '.join(allowed)}")
+    if kafka_table.get("ssl_endpoint_identification_algorithm") == "":
+        # Kafka's own spelling of "no hostname check" is the empty string.
+        kafka_table["ssl_endpoint_identification_algorithm"] = "none"
     kafka = _convert(kafka_table, KafkaSettings, "kafka")
 
     user_profiles = _table(raw, "profiles", "profiles")

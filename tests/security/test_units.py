@@ -36,6 +36,8 @@ def test_security_keys_load_under_kafka_names_case_insensitively() -> None:
     assert (k.security_protocol, k.sasl_mechanism, k.sasl_password_file) == ("SASL_SSL", "SCRAM-SHA-512",
                                                                             "sasl-password")
     assert k.uses_tls() and k.uses_sasl() and k.ssl_endpoint_identification_algorithm == "https"
+    off = loads('[kafka]\nsecurity_protocol = "SSL"\nssl_endpoint_identification_algorithm = ""\n').kafka
+    assert off.ssl_endpoint_identification_algorithm == "none"
 
 
 @pytest.mark.parametrize(
