@@ -9,9 +9,11 @@ nonce the client never sent) raises :class:`SaslError` here.
 
 SCRAM (RFC 5802, RFC 7677 for SHA-256; Kafka's SCRAM-SHA-512 is the same with SHA-512)
     No channel binding (``n,,``); the client nonce is 24 random bytes from :mod:`secrets`; the
-    server's iteration count must be at least 4096 (Kafka's own minimum), so a hostile server
-    cannot make the check trivially cheap; the server's final signature is verified, so a
-    server that does not know the password is detected. Server-first extensions are ignored.
+    server's iteration count must lie within Kafka's own bounds, 4096 to 16384: fewer would make
+    a captured exchange cheap to attack, more would let a hostile server stall the worker's
+    event loop in PBKDF2 (4096 rounds of SHA-512 take a few milliseconds). The server's final
+    signature is verified, so a server that does not know the password is detected.
+    Server-first extensions are ignored.
 
 OAUTHBEARER (RFC 7628)
     ``n,,\\x01auth=Bearer TOKEN\\x01\\x01``. A broker that refuses the token first sends a JSON
@@ -27,10 +29,12 @@ import hashlib
 import hmac
 import secrets
 
-__all__ = ["SaslError", "Mechanism", "Plain", "Scram", "OAuthBearer", "SCRAM_MIN_ITERATIONS"]
+__all__ = ["SaslError", "Mechanism", "Plain", "Scram", "OAuthBearer", "SCRAM_MIN_ITERATIONS", "SCRAM_MAX_ITERATIONS"]
 
-# Kafka refuses SCRAM credentials with fewer iterations; a server asking fewer is not Kafka.
+# Kafka refuses SCRAM credentials with fewer or more iterations; a server asking otherwise is
+# not Kafka.
 SCRAM_MIN_ITERATIONS = 4096
+SCRAM_MAX_ITERATIONS = 16384
 _SCRAM_NONCE_BYTES = 24
 _SCRAM_HASHES = {"SCRAM-SHA-256": "sha256", "SCRAM-SHA-512": "sha512"}
 _GS2_HEADER = b"n,,"
@@ -131,8 +135,9 @@ class Scram(Mechanism):
             iterations = int(attrs["i"])
         except (KeyError, ValueError):
             raise SaslError("SCRAM server-first message lacks a valid salt or iteration count") from None
-        if iterations < SCRAM_MIN_ITERATIONS:
-            raise SaslError(f"SCRAM iteration count {iterations} is below {SCRAM_MIN_ITERATIONS}")
+        if not SCRAM_MIN_ITERATIONS <= iterations <= SCRAM_MAX_ITERATIONS:
+            raise SaslError(f"SCRAM iteration count {iterations} is outside Kafka's "
+                            f"{SCRAM_MIN_ITERATIONS}..{SCRAM_MAX_ITERATIONS}")
         salted = hashlib.pbkdf2_hmac(self._hash, self._password, salt, iterations)
         client_key = self._hmac(salted, b"Client Key")
         stored_key = hashlib.new(self._hash, client_key).digest()
