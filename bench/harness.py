@@ -153,6 +153,8 @@ class Availability:
         self._own_daemon = own_daemon
 
     def reason(self, runner: str, scenario: sc.Scenario) -> str | None:
+        if scenario.name == "tls" and (tls := sc.tls_unavailable_reason(runner)):
+            return tls
         if runner == "java":
             from bench.peers import java
 

@@ -8,7 +8,12 @@ results, so a reader can check that the peers were configured alike.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import socket
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 __all__ = [
     "Delivery",
@@ -20,6 +25,10 @@ __all__ = [
     "PARTITIONS",
     "BATCH_SIZE",
     "scenarios_for",
+    "TLS_RUNNERS",
+    "secure_node",
+    "tls_unavailable_reason",
+    "librdkafka_security",
 ]
 
 DEFAULT_RECORDS = 1_000_000
@@ -43,6 +52,9 @@ class Delivery:
     linger_ms: int = 5
     batch_size: int = BATCH_SIZE
     compression: str = "none"  # none, lz4, zstd, ...
+    # Security to the brokers as Sluice's [kafka] keys (bootstrap_servers included: the secure
+    # listener); empty = PLAINTEXT to --bootstrap. Peers translate them (librdkafka_security).
+    security: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,13 +97,63 @@ class Scenario:
         return self.records // self.clients
 
 
-SCENARIO_NAMES = ("single", "latency", "fleet", "keyed", "durable", "compressed", "large")
+SCENARIO_NAMES = ("single", "latency", "fleet", "keyed", "durable", "compressed", "large", "tls")
 """Every scenario, in the order they run (``latency`` after ``single``: it uses its peak)."""
 
 FLEET_CLIENTS = 16
 FLEET_RATE = 50_000.0
 LATENCY_DEFAULT_RATE = 20_000.0
 LATENCY_SECONDS = 10.0
+
+# The tls scenario runs against the secure node of `KAFKA_SECURITY=1 scripts/kafka.sh up`, over
+# its SASL_SSL listener with SCRAM-SHA-512; --bootstrap must be that node's PLAINTEXT listener
+# (127.0.0.1:29092), where topics are made and read back, so `single` in the same invocation is
+# the plaintext baseline on the same broker. Only runners that speak the same TLS and SASL run.
+TLS_RUNNERS = ("confluent", "sluice-shm", "sluice-socket", "sluice-go")
+_SECURE_PORT = os.environ.get("KAFKA_SECURE_PORT", "29092")
+_SECURE_STATE = Path(__file__).resolve().parents[1] / ".run" / f"kafka-secure-{_SECURE_PORT}"
+_TLS_MECHANISM = "SCRAM-SHA-512"
+
+
+def secure_node() -> dict[str, Any] | None:
+    """The running secure node's ``secure.json`` (scripts/kafka.sh), or None when none answers."""
+    try:
+        info = json.loads((_SECURE_STATE / "secure.json").read_text())
+        host, port = info["sasl_ssl"].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return info
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def tls_unavailable_reason(runner: str) -> str | None:
+    """Why ``runner`` cannot run the tls scenario here, or None."""
+    if runner not in TLS_RUNNERS:
+        return f"the tls scenario compares Sluice with confluent-kafka only (not {runner})"
+    if secure_node() is None:
+        return "no secure Kafka node answers (start one: KAFKA_SECURITY=1 scripts/kafka.sh up)"
+    return None
+
+
+def _tls_security() -> tuple[tuple[str, Any], ...]:
+    info = secure_node()
+    if info is None:
+        return ()
+    return (("bootstrap_servers", info["sasl_ssl"]), ("security_protocol", "SASL_SSL"),
+            ("ssl_ca_location", info["ca"]), ("sasl_mechanism", _TLS_MECHANISM),
+            ("sasl_username", info["username"]), ("sasl_password_file", info["password_file"]))
+
+
+def librdkafka_security(security: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    """Sluice's [kafka] security keys as librdkafka properties (dots for underscores; a
+    ``*_file`` secret is read, librdkafka has no such key)."""
+    out: dict[str, Any] = {}
+    for key, value in security:
+        if key.endswith("_file"):
+            out[key.removesuffix("_file").replace("_", ".")] = Path(value).read_text().rstrip("\n")
+        else:
+            out[key.replace("_", ".")] = value
+    return out
 
 
 def scenarios_for(
@@ -143,6 +205,10 @@ def scenarios_for(
                 out.append(Scenario(name, f"{name}-{codec}", records=base, value_size=100,
                                     delivery=Delivery(acks=1, linger_ms=5, compression=codec),
                                     note=f"{codec}, text-like values", **common))
+        elif name == "tls":
+            out.append(Scenario(name, name, records=base, value_size=100,
+                                delivery=dataclasses.replace(fast, security=_tls_security()),
+                                note=f"as single, over SASL_SSL ({_TLS_MECHANISM}) to the secure node", **common))
         elif name == "large":
             out.append(Scenario(name, name, records=max(100, base // 20), value_size=10_240,
                                 delivery=fast, note="10 KiB values", **common))

@@ -67,8 +67,12 @@ def config_text(*, socket_path: str, runtime_dir: str, workers: int, bootstrap: 
         "batch_size": delivery.batch_size,
         "compression_type": delivery.compression,
     }
-    return config_toml(socket_path, bootstrap, workers=workers,
-                       kafka={"buffer_memory": buffer_memory} if buffer_memory else None,
+    # The tls scenario: the delivery's security keys, its secure listener as the bootstrap.
+    kafka: dict[str, Any] = dict(delivery.security)
+    bootstrap = kafka.pop("bootstrap_servers", bootstrap)
+    if buffer_memory:
+        kafka["buffer_memory"] = buffer_memory
+    return config_toml(socket_path, bootstrap, workers=workers, kafka=kafka or None,
                        daemon={"runtime_dir": runtime_dir, "log_level": "warning", "shutdown_timeout_ms": 10000},
                        profiles={"bench": profile}, topics={topic: "bench"},
                        comment="Written by bench/sluice_daemon.py for one benchmark case.")

@@ -38,6 +38,7 @@ def settings_for(delivery: Delivery, bootstrap: str) -> dict[str, Any]:
         "batch_size": delivery.batch_size,
         "compression_type": delivery.compression,
         "bootstrap_servers": bootstrap,
+        **dict(delivery.security),  # the tls scenario's [kafka] security keys
     }
 
 

@@ -11,6 +11,14 @@ Producer settings keep Kafka's property names (dots become underscores) and Kafk
 Three profiles are built in (``default``, ``payments``, ``clicks``); a config may override
 their keys or add profiles of its own. ``docs/CONFIG.md`` lists every key.
 
+Security to the brokers (``security_protocol``, ``ssl_*``, ``sasl_*`` in ``[kafka]``) keeps
+Kafka's names too; :func:`_validate_security` refuses the combinations that cannot work (TLS
+keys without TLS, SASL keys without SASL, a mechanism without its credentials, a secret given
+both inline and as a file). Secrets policy: every secret has a ``*_file`` form (read when a
+connection opens, a relative path under systemd's ``$CREDENTIALS_DIRECTORY``, see
+:mod:`daemon.security`); a secret written inline is accepted only from a file no other user can
+read (``mode & 0o077 == 0``), checked by :func:`loads` whenever its ``source`` is a file.
+
 Every refusal is a :class:`~shm.errors.ConfigError` whose message names the file, the key's
 path (``profiles.clicks.lingr_ms``) and the reason. Cross-field rules (idempotence needs
 ``acks = all``, ``batch_size <= max_request_size``, ring sizes are powers of two, ...) are
@@ -25,6 +33,7 @@ import fnmatch
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -54,6 +63,8 @@ DEFAULT_CONFIG_PATH = "/etc/sluice/sluice.toml"
 EXIT_CONFIG = 78
 
 Compression = Literal["none", "gzip", "snappy", "lz4", "zstd"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 _KiB = 1024
@@ -113,6 +124,47 @@ class KafkaSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     reconnect_backoff_max_ms: Annotated[int, msgspec.Meta(ge=0)] = 1_000
     # Bytes of batches one worker may hold in its arena before it stops draining rings.
     buffer_memory: Annotated[int, msgspec.Meta(ge=1024 * 1024)] = 33_554_432
+    # Security to the brokers (docs/CONFIG.md, "Security"). TLS keys apply to SSL and SASL_SSL.
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    # PEM CA bundle the brokers' certificates must chain to; empty = the system's trust store.
+    ssl_ca_location: str = ""
+    # Mutual TLS: the client certificate (PEM, may hold the key too) and its private key.
+    ssl_certificate_location: str = ""
+    ssl_key_location: str = ""
+    ssl_key_password: str = ""
+    ssl_key_password_file: str = ""
+    # "https": the broker's certificate must name the host connected to; "none": not checked.
+    ssl_endpoint_identification_algorithm: Literal["https", "none"] = "https"
+    sasl_mechanism: SaslMechanism = ""
+    sasl_username: str = ""
+    sasl_password: str = ""
+    sasl_password_file: str = ""
+    # OAUTHBEARER: the token (a JWT) from a file or from a command's standard output, fetched
+    # again before it expires (its exp claim, else this lifetime).
+    sasl_oauthbearer_token_file: str = ""
+    sasl_oauthbearer_token_command: str = ""
+    sasl_oauthbearer_token_lifetime_ms: Annotated[int, msgspec.Meta(ge=1000)] = 3_600_000
+
+    def uses_tls(self) -> bool:
+        """Whether connections to the brokers are TLS (SSL or SASL_SSL)."""
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    def uses_sasl(self) -> bool:
+        """Whether connections authenticate with SASL (SASL_PLAINTEXT or SASL_SSL)."""
+        return self.security_protocol.startswith("SASL_")
+
+    def inline_secrets(self) -> list[str]:
+        """The secret keys written inline (not as ``*_file``), for the file-mode check."""
+        return [k for k in _INLINE_SECRETS if getattr(self, k)]
+
+
+# Keys that hold a secret when set inline; each has a *_file form.
+_INLINE_SECRETS = ("sasl_password", "ssl_key_password")
+_SSL_KEYS = ("ssl_ca_location", "ssl_certificate_location", "ssl_key_location", "ssl_key_password",
+             "ssl_key_password_file")
+_SASL_KEYS = ("sasl_mechanism", "sasl_username", "sasl_password", "sasl_password_file",
+              "sasl_oauthbearer_token_file", "sasl_oauthbearer_token_command")
+_USER_PASSWORD_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 class DaemonSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -329,10 +381,72 @@ def _validate(config: Config) -> None:
             "kafka.reconnect_backoff_ms",
             f"{kafka.reconnect_backoff_ms} exceeds reconnect_backoff_max_ms ({kafka.reconnect_backoff_max_ms})",
         )
+    _validate_security(kafka)
     for i, rule in enumerate(config.topics):
         if rule.profile not in config.profiles:
             known = ", ".join(sorted(config.profiles))
             raise _Invalid(f"topics[{i}].profile", f"no profile named {rule.profile!r} (known: {known})")
+
+
+def _validate_security(kafka: KafkaSettings) -> None:
+    """The [kafka] security combinations that cannot work; raises _Invalid naming the key."""
+    protocol = kafka.security_protocol
+    if not kafka.uses_tls():
+        for key in _SSL_KEYS:
+            if getattr(kafka, key):
+                raise _Invalid(f"kafka.{key}", f"is set, but security_protocol = {protocol} does not use TLS "
+                               "(use SSL or SASL_SSL)")
+    for inline in _INLINE_SECRETS:
+        if getattr(kafka, inline) and getattr(kafka, f"{inline}_file"):
+            raise _Invalid(f"kafka.{inline}_file", f"and kafka.{inline} are both set; give the secret one way")
+    if kafka.ssl_key_location and not kafka.ssl_certificate_location:
+        raise _Invalid("kafka.ssl_key_location", "is set without ssl_certificate_location (mutual TLS needs both)")
+    if (kafka.ssl_key_password or kafka.ssl_key_password_file) and not kafka.ssl_certificate_location:
+        raise _Invalid("kafka.ssl_key_password", "is set, but there is no client key (ssl_certificate_location)")
+    if not kafka.uses_sasl():
+        for key in _SASL_KEYS:
+            if getattr(kafka, key):
+                raise _Invalid(f"kafka.{key}", f"is set, but security_protocol = {protocol} does not use SASL "
+                               "(use SASL_SSL or SASL_PLAINTEXT)")
+        return
+    mechanism = kafka.sasl_mechanism
+    if not mechanism:
+        raise _Invalid("kafka.sasl_mechanism", f"is required with security_protocol = {protocol} "
+                       "(PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER)")
+    if mechanism in _USER_PASSWORD_MECHANISMS:
+        if not kafka.sasl_username:
+            raise _Invalid("kafka.sasl_username", f"is required with sasl_mechanism = {mechanism}")
+        if not (kafka.sasl_password or kafka.sasl_password_file):
+            raise _Invalid("kafka.sasl_password", f"is required with sasl_mechanism = {mechanism} "
+                           "(or sasl_password_file)")
+        for key in ("sasl_oauthbearer_token_file", "sasl_oauthbearer_token_command"):
+            if getattr(kafka, key):
+                raise _Invalid(f"kafka.{key}", f"applies to OAUTHBEARER only, not {mechanism}")
+    else:
+        if bool(kafka.sasl_oauthbearer_token_file) == bool(kafka.sasl_oauthbearer_token_command):
+            raise _Invalid("kafka.sasl_oauthbearer_token_file",
+                           "OAUTHBEARER needs exactly one of sasl_oauthbearer_token_file and "
+                           "sasl_oauthbearer_token_command")
+        for key in ("sasl_username", "sasl_password", "sasl_password_file"):
+            if getattr(kafka, key):
+                raise _Invalid(f"kafka.{key}", "does not apply to OAUTHBEARER (the token names the principal)")
+
+
+def _check_secret_mode(config: Config, source: str) -> None:
+    """Refuse an inline secret in a file other users can read (the secrets policy above)."""
+    secrets = config.kafka.inline_secrets()
+    if not secrets:
+        return
+    try:
+        mode = os.stat(source).st_mode
+    except OSError:
+        return  # not a file (a string given to loads): nothing to protect
+    if mode & 0o077:
+        raise ConfigError(
+            f"{source}: kafka.{secrets[0]}: a secret is written inline, but the file is readable by "
+            f"other users (mode {mode & 0o777:04o}); chmod 0600 it, or move the secret to "
+            f"{secrets[0]}_file (a systemd credential, docs/OPERATIONS.md)"
+        )
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -366,16 +480,19 @@ def load(path: str | os.PathLike[str]) -> Config:
 def loads(text: str, source: str = "<string>") -> Config:
     """Check a TOML document and return its :class:`Config`.
 
-    ``source`` names the document in error messages (usually its file name).
+    ``source`` names the document in error messages (usually its file name). When ``source``
+    is a file and the config holds a secret inline, the file must not be readable by other users.
     """
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
     try:
-        return _build(raw)
+        config = _build(raw)
     except _Invalid as e:
         raise ConfigError(f"{source}: {e.key}: {e.reason}") from None
+    _check_secret_mode(config, source)
+    return config
 
 
 def _build(raw: dict[str, Any]) -> Config:
@@ -388,7 +505,18 @@ def _build(raw: dict[str, Any]) -> Config:
     if isinstance(daemon_table.get("log_level"), str):
         daemon_table["log_level"] = daemon_table["log_level"].lower()
     daemon = _convert(daemon_table, DaemonSettings, "daemon")
-    kafka = _convert(_table(raw, "kafka", "kafka"), KafkaSettings, "kafka")
+    kafka_table = dict(_table(raw, "kafka", "kafka"))
+    for key, kind in (("security_protocol", SecurityProtocol), ("sasl_mechanism", SaslMechanism)):
+        # Kafka reads these without regard to case.
+        if isinstance(kafka_table.get(key), str):
+            kafka_table[key] = kafka_table[key].upper()
+            allowed = [v for v in typing.get_args(kind) if v]
+            if kafka_table[key] not in allowed:
+                raise _Invalid(f"kafka.{key}", f"{kafka_table[key]!r} is not one of {', '.join(allowed)}")
+    if kafka_table.get("ssl_endpoint_identification_algorithm") == "":
+        # Kafka's own spelling of "no hostname check" is the empty string.
+        kafka_table["ssl_endpoint_identification_algorithm"] = "none"
+    kafka = _convert(kafka_table, KafkaSettings, "kafka")
 
     user_profiles = _table(raw, "profiles", "profiles")
     profiles: dict[str, Profile] = {}

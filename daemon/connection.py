@@ -20,6 +20,28 @@ A broker that throttles a client (``throttle_time_ms`` in a response) mutes the 
 that long; :meth:`Connection.throttle` records until when, and the sender sends nothing new on
 it before then (the connection itself does not queue or delay anything).
 
+Security (``security_protocol``; policies in :mod:`daemon.security`)
+    SSL and SASL_SSL connections are TLS from the first byte (``ssl=`` an SSLContext from
+    :class:`~daemon.security.TlsContexts`, ``server_hostname`` the host connected to). SASL
+    (SASL_PLAINTEXT, SASL_SSL) runs after ApiVersions and before the connection counts as ready:
+    SaslHandshake v1 names the mechanism, then SaslAuthenticate v2 rounds carry the
+    :mod:`daemon.sasl` exchange. A refusal (wrong password, a mechanism the listener does not
+    enable, an expired token), an untrusted certificate or a host name mismatch is a
+    :class:`~daemon.security.BrokerAuthError` naming the broker: the pool logs it as an error and
+    stops connecting to that broker (retrying cannot fix credentials; a restart after the fix
+    does); batches for it expire at their ``delivery_timeout_ms``. From the bootstrap connection
+    the error reaches start-up, which exits with it. TLS failures that are not about
+    certificates (EOF or reset during the handshake) stay retriable.
+
+Re-authentication (KIP-368)
+    When SaslAuthenticate answers a ``session_lifetime_ms`` (the broker's
+    ``connections.max.reauth.ms``, or the token's expiry), the connection is *retired* at a
+    random point between 80 % and 90 % of it: nothing new is sent on it, the requests in flight
+    are answered, then it closes and the next request opens a fresh, freshly authenticated
+    connection (no backoff, not counted as a reconnect). Sluice reconnects rather than
+    re-authenticating in place, so a re-authentication never interleaves with pipelined
+    Produce requests; the cost is one handshake per session lifetime.
+
 Requests that get no response (Produce with acks=0) are written with
 :meth:`Connection.send_unanswered`; their contexts come back from
 :meth:`Connection.take_written` once the transport has written them out.
@@ -32,15 +54,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from daemon import sasl
 from daemon.config import KafkaSettings
 from daemon.protocol import errors as ec
 from daemon.protocol import messages as m
+from daemon.security import BrokerAuthError, TlsContexts, TokenSource, describe_tls_error, read_secret
 from shm.errors import KafkaError, ProtocolError
 
 __all__ = [
@@ -63,6 +89,11 @@ _CLIENT_SOFTWARE = ("sluice", "0.1.0")
 _MAX_RESPONSE_BYTES = 128 * 1024 * 1024
 # What a connection asks first, before it knows which ApiVersions versions the broker serves.
 _API_VERSIONS_FALLBACK = 4
+# A connection with a SASL session lifetime retires at a random point in this share of it.
+_REAUTH_WINDOW = (0.8, 0.9)
+# SSL errors whose reason means "these peers will never agree" (certificates, protocol
+# versions), as opposed to a connection that broke during the handshake.
+_RETRIABLE_SSL_ERRORS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
 
 
 def _now_ms() -> float:
@@ -116,6 +147,7 @@ class Connection(asyncio.Protocol):
         self.client_id = client_id
         self.transport: asyncio.Transport | None = None
         self.versions: dict[int, int] = {}
+        self._api_keys: list[m.ApiVersionRange] = []
         self.ready = False
         self.closed = False
         self.outstanding: deque[_Outstanding] = deque()
@@ -126,6 +158,16 @@ class Connection(asyncio.Protocol):
         self._next_correlation_id = 0
         # The broker mutes this connection until then (ms, the monotonic clock): see throttle().
         self.throttled_until_ms = 0.0
+        # Retiring: its SASL session nears its end; nothing new is sent, it closes once drained.
+        self.retiring = False
+        # The TLS error that ended the connection, if one did (for the error message).
+        self.tls_error: ssl.SSLError | None = None
+
+    def describe(self) -> str:
+        """``broker N (host:port)``, or ``bootstrap server host:port``, for messages."""
+        if self.node_id == BOOTSTRAP_NODE:
+            return f"bootstrap server {self.host}:{self.port}"
+        return f"broker {self.node_id} ({self.host}:{self.port})"
 
     # asyncio.Protocol -------------------------------------------------------------------------
 
@@ -156,6 +198,8 @@ class Connection(asyncio.Protocol):
             del buf[:start]
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
+        if isinstance(exc, ssl.SSLError):
+            self.tls_error = exc
         self._fail_all(ec.NETWORK_EXCEPTION)
 
     # ------------------------------------------------------------------------------------------
@@ -171,6 +215,8 @@ class Connection(asyncio.Protocol):
                 f"correlation id {header.correlation_id} from broker {self.node_id}, expected {req.correlation_id}"
             )
         self.outstanding.popleft()
+        if self.retiring and not self.outstanding:
+            asyncio.get_running_loop().call_soon(self.close)
         body = memoryview(frame_bytes)[header.body_offset :]
         self.stats["in_flight"] -= 1
         if req.future is not None:
@@ -202,6 +248,14 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         self._fail_all(code)
+
+    def retire(self) -> None:
+        """Send nothing new; close once every request in flight is answered (re-authentication)."""
+        if self.closed:
+            return
+        self.retiring = True
+        if not self.outstanding:
+            self.close()
 
     def throttle(self, now_ms: float, throttle_time_ms: int) -> None:
         """A response said the broker throttles this client for ``throttle_time_ms`` from now."""
@@ -280,9 +334,57 @@ class Connection(asyncio.Protocol):
             if resp.error_code:
                 raise KafkaError.for_code(resp.error_code, f"ApiVersions refused by broker {self.node_id}")
             self.versions = m.pick_versions(resp.api_keys)
-            self.ready = True
+            self._api_keys = resp.api_keys
             return
         raise m.UnsupportedVersionError(f"broker {self.node_id} refused every ApiVersions version we offered")
+
+    async def authenticate(self, mechanism: sasl.Mechanism, timeout_s: float) -> int:
+        """SaslHandshake, then SaslAuthenticate rounds until ``mechanism`` is done.
+
+        Returns the session lifetime the broker granted (ms; 0 = no limit).
+
+        Raises:
+            BrokerAuthError: the broker refused the mechanism or the credentials, or its answer
+                failed the mechanism's checks.
+        """
+        try:
+            self.versions.update(m.pick_versions(self._api_keys, m.SASL_APIS))
+        except m.UnsupportedVersionError as exc:
+            raise BrokerAuthError(f"{self.describe()}: SASL is not available: {exc}") from None
+        client_id = self.client_id
+        name = mechanism.name
+        _, body = await self.request(
+            m.SASL_HANDSHAKE, lambda v, cid: m.encode_sasl_handshake_request(v, cid, client_id, name), timeout_s
+        )
+        hs = m.decode_sasl_handshake_response(body, self.versions[m.SASL_HANDSHAKE])
+        if hs.error_code:
+            offered = ", ".join(hs.mechanisms) or "none"
+            raise BrokerAuthError(
+                f"{self.describe()}: SASL mechanism {name} is not enabled on this listener "
+                f"({ec.error_name(hs.error_code)}; it offers: {offered})"
+            )
+        token: bytes | None = mechanism.start()
+        lifetime = 0
+        while token is not None:
+            _, body = await self.request(
+                m.SASL_AUTHENTICATE,
+                lambda v, cid, payload=token: m.encode_sasl_authenticate_request(v, cid, client_id, payload),
+                timeout_s,
+            )
+            resp = m.decode_sasl_authenticate_response(body, self.versions[m.SASL_AUTHENTICATE])
+            if resp.error_code:
+                detail = resp.error_message or ec.error_name(resp.error_code)
+                server = getattr(mechanism, "server_error", "")
+                raise BrokerAuthError(
+                    f"{self.describe()}: SASL {name} authentication failed: {detail}"
+                    + (f" (server said {server})" if server else "")
+                )
+            lifetime = resp.session_lifetime_ms
+            try:
+                token = mechanism.step(resp.auth_bytes)
+            except sasl.SaslError as exc:
+                raise BrokerAuthError(f"{self.describe()}: SASL {name}: {exc}") from None
+        return lifetime
 
 
 class ConnectionPool:
@@ -313,6 +415,10 @@ class ConnectionPool:
         self._reconnect_backoff: dict[int, float] = {}
         self._bootstrap_conn: Connection | None = None
         self._stopped = False
+        self._tls = TlsContexts(settings) if settings.uses_tls() else None
+        self._tokens = TokenSource(settings)
+        # Brokers given up on after a BrokerAuthError: node -> the error's message.
+        self.fatal: dict[int, str] = {}
 
     # --- brokers ----------------------------------------------------------------------------
 
@@ -341,7 +447,7 @@ class ConnectionPool:
     def ready(self, node: int) -> Connection | None:
         """The broker's connection if it is open and past its handshake."""
         conn = self._conns.get(node)
-        if conn is not None and conn.ready and not conn.closed:
+        if conn is not None and conn.ready and not conn.closed and not conn.retiring:
             return conn
         return None
 
@@ -351,6 +457,9 @@ class ConnectionPool:
         Returns False when a connection is due but the broker's address is unknown (the broker
         list needs a refresh).
         """
+        current = self._conns.get(node)
+        if current is not None and not current.closed:
+            return True  # retiring: its successor opens once it has closed (ordering per broker)
         if node not in self._connecting and now >= self._reconnect_at.get(node, 0.0) and not self._stopped:
             addr = self._brokers.get(node)
             if addr is None:
@@ -361,17 +470,18 @@ class ConnectionPool:
 
     async def control_connection(self) -> Connection:
         """A ready connection for control requests: the least busy broker, else bootstrap."""
-        ready = [c for c in self._conns.values() if c.ready and not c.closed]
+        ready = [c for c in self._conns.values() if c.ready and not c.closed and not c.retiring]
         if ready:
             return min(ready, key=lambda c: len(c.outstanding))
-        if self._bootstrap_conn is not None and self._bootstrap_conn.ready and not self._bootstrap_conn.closed:
-            return self._bootstrap_conn
+        boot = self._bootstrap_conn
+        if boot is not None and boot.ready and not boot.closed and not boot.retiring:
+            return boot
         last: Exception | None = None
         for host, port in self._bootstrap:
             try:
                 self._bootstrap_conn = await self._open(BOOTSTRAP_NODE, host, port)
                 return self._bootstrap_conn
-            except m.UnsupportedVersionError:
+            except (m.UnsupportedVersionError, BrokerAuthError):
                 raise  # not a reachability problem: another bootstrap server will not differ
             except KafkaError as exc:
                 last = exc
@@ -411,8 +521,9 @@ class ConnectionPool:
     def on_connection_lost(self, conn: Connection) -> None:  # noqa: D102
         if self._conns.get(conn.node_id) is conn:
             del self._conns[conn.node_id]
-            self.stats["reconnects"] += 1
-            self._back_off(conn.node_id)
+            if not conn.retiring:
+                self.stats["reconnects"] += 1
+                self._back_off(conn.node_id)
         if self._bootstrap_conn is conn:
             self._bootstrap_conn = None
         if self._listener is not None:
@@ -429,23 +540,76 @@ class ConnectionPool:
         loop = asyncio.get_running_loop()
         timeout = self.settings.socket_connection_setup_timeout_ms / 1000.0
         client_id = self.settings.client_id
+        where = f"broker {node} ({host}:{port})" if node != BOOTSTRAP_NODE else f"bootstrap server {host}:{port}"
+        tls: dict[str, Any] = {}
+        if self._tls is not None:
+            try:
+                tls = {"ssl": self._tls.context(), "server_hostname": host}
+            except BrokerAuthError as exc:
+                raise BrokerAuthError(f"{where}: {exc}") from None
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: Connection(self, self.stats, node, host, port, client_id), host, port),
+                loop.create_connection(lambda: Connection(self, self.stats, node, host, port, client_id), host, port,
+                                       **tls),
                 timeout,
             )
+        except ssl.SSLError as exc:
+            if isinstance(exc, _RETRIABLE_SSL_ERRORS):
+                raise KafkaError.for_code(ec.NETWORK_EXCEPTION, f"{where}: {describe_tls_error(exc, host)}") from None
+            raise BrokerAuthError(
+                f"{where}: {describe_tls_error(exc, host, bool(self.settings.ssl_certificate_location))}"
+            ) from None
         except (OSError, asyncio.TimeoutError) as exc:
             raise KafkaError.for_code(ec.NETWORK_EXCEPTION, f"cannot connect to {host}:{port}: {exc!r}") from None
         try:
             await conn.handshake(timeout)
+            if self.settings.uses_sasl():
+                lifetime = await conn.authenticate(await self._mechanism(), timeout)
+                if lifetime > 0:
+                    loop.call_later(lifetime / 1000.0 * random.uniform(*_REAUTH_WINDOW), self._retire, conn)
+            conn.ready = True
+        except KafkaError as exc:
+            conn.close()
+            tls_error = conn.tls_error
+            if tls_error is not None and not isinstance(tls_error, _RETRIABLE_SSL_ERRORS):
+                # TLS 1.3: a refused client certificate shows only after the handshake, as an
+                # alert on the first read.
+                has_cert = bool(self.settings.ssl_certificate_location)
+                raise BrokerAuthError(f"{where}: {describe_tls_error(tls_error, host, has_cert)}") from None
+            if isinstance(exc, BrokerAuthError) and not str(exc).startswith(where):
+                raise BrokerAuthError(f"{where}: {exc}") from None
+            raise
         except BaseException:
             conn.close()
             raise
         return conn
 
+    async def _mechanism(self) -> sasl.Mechanism:
+        """A fresh exchange for the configured mechanism, with secrets read now."""
+        s = self.settings
+        if s.sasl_mechanism == "OAUTHBEARER":
+            return sasl.OAuthBearer(await self._tokens.token())
+        password = read_secret(s.sasl_password, s.sasl_password_file, "sasl_password_file")
+        if s.sasl_mechanism == "PLAIN":
+            return sasl.Plain(s.sasl_username, password)
+        return sasl.Scram(s.sasl_mechanism, s.sasl_username, password)
+
+    def _retire(self, conn: Connection) -> None:
+        if conn.closed:
+            return
+        log.info("%s: SASL session nears its end; reconnecting to re-authenticate", conn.describe())
+        conn.retire()
+        if self._wakeup is not None:
+            self._wakeup()
+
     async def _connect(self, node: int, addr: tuple[str, int]) -> None:
         try:
             conn = await self._open(node, *addr)
+        except BrokerAuthError as exc:
+            # Retrying cannot fix credentials or certificates: stop, and say so once.
+            self._reconnect_at[node] = math.inf
+            self.fatal[node] = str(exc)
+            log.error("%s; not connecting to broker %s again until restart", exc, node)
         except KafkaError as exc:
             self._back_off(node)
             log.warning("broker %s (%s:%s): %s", node, addr[0], addr[1], exc)

@@ -34,6 +34,7 @@ from daemon.config import EXIT_CONFIG, Config, ConfigError, diff_live, loads
 from daemon.ingest import SocketIngest
 from daemon.lookups import TopicLookups
 from daemon.metrics import start_metrics
+from daemon.security import BrokerAuthError
 from daemon.server import ControlServer
 from daemon.state import StateDir, Tokens
 from daemon.stats import aggregate
@@ -161,6 +162,8 @@ class Supervisor:
             try:
                 await asyncio.wait_for(meta.start(), _KAFKA_ATTEMPT_S)
                 return
+            except BrokerAuthError:
+                raise  # wrong credentials or certificates: retrying cannot help (daemon/security.py)
             except (OSError, asyncio.TimeoutError, SluiceError) as exc:
                 if time.monotonic() > deadline:
                     raise SluiceError(f"cannot reach Kafka at {self.config.kafka.bootstrap_servers}: {exc}") from exc

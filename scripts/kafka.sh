@@ -21,6 +21,9 @@
 # KAFKA_ADVERTISED_PORT (default KAFKA_PORT: the port the broker tells clients to use; chaos
 # tests point it at a fault-injecting proxy in front of KAFKA_PORT),
 # KAFKA_STATE_DIR (default .run/kafka-$KAFKA_PORT in the repository), KAFKA_HEAP (default 1g).
+# KAFKA_SECURITY=1 runs a single node with TLS and SASL listeners beside a PLAINTEXT one, on
+# ports of its own (default KAFKA_PORT=29092) and its own state (.run/kafka-secure-PORT); see
+# "The secure node" below. Without it nothing of that mode applies.
 # KAFKA_VERSION (default: the version pinned in kafka/pom.xml) runs another release, fetched
 # from Maven Central into .run/kafka-jars-VERSION (the compatibility check of the oldest supported
 # version); the pinned one lives in kafka/.jars.
@@ -28,10 +31,16 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PORT=${KAFKA_PORT:-9092}
+SECURITY=${KAFKA_SECURITY:-0}
+if [ "$SECURITY" = 1 ]; then
+  PORT=${KAFKA_SECURE_PORT:-29092}
+  STATE=${KAFKA_STATE_DIR:-$ROOT/.run/kafka-secure-$PORT}
+else
+  PORT=${KAFKA_PORT:-9092}
+  STATE=${KAFKA_STATE_DIR:-$ROOT/.run/kafka-$PORT}
+fi
 CPORT=${KAFKA_CONTROLLER_PORT:-$((PORT + 1))}
 APORT=${KAFKA_ADVERTISED_PORT:-$PORT}
-STATE=${KAFKA_STATE_DIR:-$ROOT/.run/kafka-$PORT}
 PINNED=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$ROOT/kafka/pom.xml")
 VERSION=${KAFKA_VERSION:-$PINNED}
 JARS=$ROOT/kafka/.jars
@@ -89,7 +98,101 @@ log.flush.interval.messages=9223372036854775807
 num.network.threads=2
 num.io.threads=4
 PROPS
+  [ "$SECURITY" = 1 ] && write_secure_config
   write_log4j "$STATE"
+}
+
+# --- The secure node (KAFKA_SECURITY=1) -----------------------------------------------------
+#
+# One node, five ports from KAFKA_SECURE_PORT (default 29092):
+#   +0 PLAINTEXT (readiness probe, inter-broker)   +1 CONTROLLER
+#   +2 SSL, client certificate required (mutual TLS)
+#   +3 SASL_SSL        +4 SASL_PLAINTEXT
+# with PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 and OAUTHBEARER (Kafka's unsecured JWS validator,
+# for tests only) on both SASL listeners. A fresh CA, a broker certificate for IP 127.0.0.1 only
+# (so "localhost" is a host name mismatch), a client certificate whose key is encrypted, and a
+# second CA that signed nothing (an untrusted CA) are made with openssl at each `up` under
+# STATE/tls. SCRAM users are created at format time. SASL sessions last KAFKA_REAUTH_MS
+# (default 20000; 0 = unlimited), so clients must re-authenticate (KIP-368). Everything a
+# client needs (ports, files, users, passwords) is in STATE/secure.json. Test secrets only.
+SASL_USER=alice
+SASL_PASSWORD=alice-secret
+CLIENT_KEY_PASSWORD=client-key-secret
+KEYSTORE_PASSWORD=broker-keystore-secret
+
+gen_certs() {
+  local d=$STATE/tls
+  mkdir -p "$d"
+  (
+    cd "$d"
+    ec() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+    ec ca.key
+    openssl req -x509 -new -key ca.key -out ca.pem -days 2 -subj "/CN=sluice test CA" 2>/dev/null
+    ec other-ca.key
+    openssl req -x509 -new -key other-ca.key -out other-ca.pem -days 2 -subj "/CN=untrusted test CA" 2>/dev/null
+    ec broker.key
+    openssl req -new -key broker.key -out broker.csr -subj "/CN=127.0.0.1" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > broker.ext
+    openssl x509 -req -in broker.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+        -extfile broker.ext -out broker.pem 2>/dev/null
+    openssl pkcs12 -export -in broker.pem -inkey broker.key -certfile ca.pem -name broker \
+        -out broker.p12 -passout "pass:$KEYSTORE_PASSWORD"
+    ec client.plain.key
+    openssl pkcs8 -topk8 -in client.plain.key -out client.key -v2 aes-256-cbc -passout "pass:$CLIENT_KEY_PASSWORD"
+    openssl req -new -key client.plain.key -out client.csr -subj "/CN=sluice-client" 2>/dev/null
+    printf 'extendedKeyUsage=clientAuth\n' > client.ext
+    openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+        -extfile client.ext -out client.pem 2>/dev/null
+    rm -f ./*.csr ./*.ext ca.srl
+  ) || fail_start "certificate generation failed (openssl)"
+}
+
+write_secure_config() {
+  local d=$STATE/tls sslp=$((PORT + 2)) saslsp=$((PORT + 3)) saslpp=$((PORT + 4)) l
+  gen_certs
+  # The listeners replace the plain node's: same PLAINTEXT and CONTROLLER, three secure ones.
+  sed -i -e '/^listeners=/d' -e '/^advertised.listeners=/d' -e '/^listener.security.protocol.map=/d' \
+      "$STATE/server.properties"
+  cat >> "$STATE/server.properties" <<PROPS
+listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT,SSL://127.0.0.1:$sslp,SASL_SSL://127.0.0.1:$saslsp,SASL_PLAINTEXT://127.0.0.1:$saslpp
+advertised.listeners=PLAINTEXT://127.0.0.1:$APORT,SSL://127.0.0.1:$sslp,SASL_SSL://127.0.0.1:$saslsp,SASL_PLAINTEXT://127.0.0.1:$saslpp
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,SASL_PLAINTEXT:SASL_PLAINTEXT
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$d/broker.p12
+ssl.keystore.password=$KEYSTORE_PASSWORD
+ssl.key.password=$KEYSTORE_PASSWORD
+ssl.truststore.type=PEM
+ssl.truststore.location=$d/ca.pem
+listener.name.ssl.ssl.client.auth=required
+sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512,OAUTHBEARER
+connections.max.reauth.ms=${KAFKA_REAUTH_MS:-20000}
+PROPS
+  for l in sasl_ssl sasl_plaintext; do
+    cat >> "$STATE/server.properties" <<PROPS
+listener.name.$l.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$SASL_USER="$SASL_PASSWORD";
+listener.name.$l.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.$l.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.$l.oauthbearer.sasl.jaas.config=org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required unsecuredLoginStringClaim_sub="broker";
+listener.name.$l.oauthbearer.sasl.server.callback.handler.class=org.apache.kafka.common.security.oauthbearer.internals.unsecured.OAuthBearerUnsecuredValidatorCallbackHandler
+PROPS
+  done
+  cat > "$STATE/secure.json" <<JSON
+{"plaintext": "127.0.0.1:$PORT", "ssl": "127.0.0.1:$sslp", "sasl_ssl": "127.0.0.1:$saslsp",
+ "sasl_plaintext": "127.0.0.1:$saslpp",
+ "ca": "$d/ca.pem", "other_ca": "$d/other-ca.pem",
+ "client_cert": "$d/client.pem", "client_key": "$d/client.key", "client_key_plain": "$d/client.plain.key",
+ "client_key_password": "$CLIENT_KEY_PASSWORD",
+ "username": "$SASL_USER", "password": "$SASL_PASSWORD", "password_file": "$d/sasl-password",
+ "reauth_ms": ${KAFKA_REAUTH_MS:-20000}}
+JSON
+  (umask 077; printf '%s\n' "$SASL_PASSWORD" > "$d/sasl-password")
+}
+
+# Extra format arguments: the SCRAM users of the secure node.
+format_args() {
+  [ "$SECURITY" = 1 ] || return 0
+  printf '%s\n' --add-scram "SCRAM-SHA-256=[name=$SASL_USER,password=$SASL_PASSWORD]" \
+      --add-scram "SCRAM-SHA-512=[name=$SASL_USER,password=$SASL_PASSWORD]"
 }
 
 # The broker's log goes to DIR/logs/server.log.
@@ -149,8 +252,10 @@ up() {
   local t0 cluster
   t0=$(date +%s.%N)
   cluster=$("$PY" "$ROOT/scripts/kafka_cluster_id.py")
+  local extra=()
+  mapfile -t extra < <(format_args)
   java -cp "$JARS/*" -Dlog4j2.configurationFile="$STATE/log4j2.properties" \
-      kafka.tools.StorageTool format -t "$cluster" -c "$STATE/server.properties" \
+      kafka.tools.StorageTool format -t "$cluster" -c "$STATE/server.properties" "${extra[@]}" \
       > "$STATE/logs/format.log" 2>&1 || { cat "$STATE/logs/format.log" >&2; fail_start "format failed"; }
   launch "$t0"
 }
@@ -373,6 +478,7 @@ cluster_main() {
 
 if [ "$NODES" != 1 ]; then
   [[ "$NODES" =~ ^[2-9]$ ]] || { log "KAFKA_NODES must be 1..9"; exit 2; }
+  [ "$SECURITY" != 1 ] || { log "KAFKA_SECURITY=1 runs a single node only"; exit 2; }
   cluster_main "$@"
   exit $?
 fi

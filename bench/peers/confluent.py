@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from bench.client import CHUNK, ClientResult, ClientSpec, Pacer, make_keys, make_values, report, timed_section, wait_for_start
-from bench.scenarios import Delivery
+from bench.scenarios import Delivery, librdkafka_security
 
 __all__ = ["NAME", "settings_for", "run_client"]
 
@@ -35,6 +35,8 @@ def settings_for(delivery: Delivery, bootstrap: str) -> dict[str, Any]:
         # The Java client's default; librdkafka's own is 100,000 messages.
         "queue.buffering.max.kbytes": 32 * 1024,
         "statistics.interval.ms": STATS_INTERVAL_MS,
+        # The tls scenario: the same security settings as the Sluice daemon's [kafka] section.
+        **librdkafka_security(delivery.security),
     }
 
 

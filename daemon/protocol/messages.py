@@ -7,6 +7,12 @@ Versions implemented (every one a *flexible* version: compact strings/arrays, ta
     Metadata           3  12..13    13 adds a top-level ErrorCode
     ApiVersions       18  3..4      the RESPONSE header is always v0 (no tagged fields)
     InitProducerId    22  3..5      3+ carries ProducerId/ProducerEpoch (epoch bump)
+    SaslHandshake     17  1         NOT flexible: request header v1, response header v0
+    SaslAuthenticate  36  2         flexible; 1+ carries SessionLifetimeMs (KIP-368)
+
+The two SASL APIs are pinned only on connections that authenticate (``pick_versions(...,
+SASL_APIS)``); the default pin covers :data:`PRODUCER_APIS`, so a broker that offers no SASL
+still serves a PLAINTEXT connection.
 
 One version per API is pinned per connection by :func:`pick_versions` from the broker's
 ApiVersions answer: the highest version both sides support, or :class:`UnsupportedVersionError`.
@@ -33,6 +39,7 @@ from daemon.protocol.primitives import (
     Reader,
     boolean,
     compact_array_len,
+    compact_bytes,
     compact_bytes_header,
     compact_string,
     int16,
@@ -48,6 +55,10 @@ __all__ = [
     "METADATA",
     "API_VERSIONS",
     "INIT_PRODUCER_ID",
+    "SASL_HANDSHAKE",
+    "SASL_AUTHENTICATE",
+    "PRODUCER_APIS",
+    "SASL_APIS",
     "API_NAMES",
     "SUPPORTED_VERSIONS",
     "UnsupportedVersionError",
@@ -90,6 +101,16 @@ __all__ = [
     "decode_init_producer_id_request",
     "encode_init_producer_id_response",
     "decode_init_producer_id_response",
+    "SaslHandshakeResponse",
+    "SaslAuthenticateResponse",
+    "encode_sasl_handshake_request",
+    "decode_sasl_handshake_request",
+    "encode_sasl_handshake_response",
+    "decode_sasl_handshake_response",
+    "encode_sasl_authenticate_request",
+    "decode_sasl_authenticate_request",
+    "encode_sasl_authenticate_response",
+    "decode_sasl_authenticate_response",
     "encode_produce_request",
     "decode_produce_request",
     "encode_produce_response",
@@ -100,13 +121,21 @@ PRODUCE = 0
 METADATA = 3
 API_VERSIONS = 18
 INIT_PRODUCER_ID = 22
+SASL_HANDSHAKE = 17
+SASL_AUTHENTICATE = 36
 
 API_NAMES: dict[int, str] = {
     PRODUCE: "Produce",
     METADATA: "Metadata",
     API_VERSIONS: "ApiVersions",
     INIT_PRODUCER_ID: "InitProducerId",
+    SASL_HANDSHAKE: "SaslHandshake",
+    SASL_AUTHENTICATE: "SaslAuthenticate",
 }
+
+# What every connection pins; SASL_APIS only connections that authenticate.
+PRODUCER_APIS: tuple[int, ...] = (PRODUCE, METADATA, API_VERSIONS, INIT_PRODUCER_ID)
+SASL_APIS: tuple[int, ...] = (SASL_HANDSHAKE, SASL_AUTHENTICATE)
 
 # (min, max) version this codec implements, per API key.
 SUPPORTED_VERSIONS: dict[int, tuple[int, int]] = {
@@ -114,6 +143,8 @@ SUPPORTED_VERSIONS: dict[int, tuple[int, int]] = {
     METADATA: (12, 13),
     API_VERSIONS: (3, 4),
     INIT_PRODUCER_ID: (3, 5),
+    SASL_HANDSHAKE: (1, 1),
+    SASL_AUTHENTICATE: (2, 2),
 }
 
 _UNSUPPORTED_VERSION = 35
@@ -158,8 +189,8 @@ class ResponseHeader(msgspec.Struct, frozen=True):
 
 
 def response_header_version(api_key: int) -> int:
-    """0 for ApiVersions (always, by design of the protocol), 1 for the flexible others."""
-    return 0 if api_key == API_VERSIONS else 1
+    """0 for ApiVersions (always, by design) and SaslHandshake (not flexible), else 1."""
+    return 0 if api_key in (API_VERSIONS, SASL_HANDSHAKE) else 1
 
 
 def encode_request_header(api_key: int, api_version: int, correlation_id: int, client_id: str | None) -> bytes:
@@ -202,14 +233,14 @@ def pick_versions(api_keys: Sequence[ApiVersionRange], wanted: Iterable[int] | N
 
     Args:
         api_keys: the broker's ranges from its ApiVersions response.
-        wanted: API keys to pin (default: every key in :data:`SUPPORTED_VERSIONS`).
+        wanted: API keys to pin (default: :data:`PRODUCER_APIS`).
 
     Raises:
         UnsupportedVersionError: an API is missing on the broker or the ranges do not overlap.
     """
     broker = {k.api_key: k for k in api_keys}
     chosen: dict[int, int] = {}
-    for key in wanted if wanted is not None else SUPPORTED_VERSIONS:
+    for key in wanted if wanted is not None else PRODUCER_APIS:
         lo, hi = SUPPORTED_VERSIONS[key]
         b = broker.get(key)
         if b is None:
@@ -607,6 +638,120 @@ def decode_init_producer_id_response(buf: bytes | memoryview, version: int) -> I
     r.tagged_fields()
     r.expect_end()
     return resp
+
+
+# --------------------------------------------------------------------------------------------
+# SaslHandshake (key 17) and SaslAuthenticate (key 36)
+# --------------------------------------------------------------------------------------------
+
+
+class SaslHandshakeResponse(msgspec.Struct, frozen=True):
+    """SaslHandshake response v1."""
+
+    # SaslHandshakeRequest v1 (not flexible; request header v1: no tagged fields)
+    #   mechanism   STRING
+    # SaslHandshakeResponse v1 (response header v0)
+    #   error_code  INT16
+    #   mechanisms  ARRAY(INT32 length) of STRING   (what the listener enables)
+    error_code: int
+    mechanisms: list[str]
+
+
+class SaslAuthenticateResponse(msgspec.Struct, frozen=True):
+    """SaslAuthenticate response v2."""
+
+    # SaslAuthenticateRequest v2
+    #   auth_bytes           COMPACT_BYTES
+    #   _tagged_fields       TAGGED_FIELDS
+    # SaslAuthenticateResponse v2
+    #   error_code           INT16
+    #   error_message        COMPACT_NULLABLE_STRING
+    #   auth_bytes           COMPACT_BYTES
+    #   session_lifetime_ms  INT64   (0: the session does not expire; KIP-368)
+    #   _tagged_fields       TAGGED_FIELDS
+    error_code: int
+    error_message: str | None
+    auth_bytes: bytes
+    session_lifetime_ms: int = 0
+
+
+def _request_header_v1(api_key: int, version: int, correlation_id: int, client_id: str | None) -> bytes:
+    return int16(api_key) + int16(version) + int32(correlation_id) + string(client_id)
+
+
+def encode_sasl_handshake_request(version: int, correlation_id: int, client_id: str | None, mechanism: str) -> bytes:
+    """Encode a framed SaslHandshake request (request header v1)."""
+    _check_version(SASL_HANDSHAKE, version)
+    return frame(_request_header_v1(SASL_HANDSHAKE, version, correlation_id, client_id), string(mechanism))
+
+
+def decode_sasl_handshake_request(buf: bytes | memoryview) -> tuple[RequestHeader, str]:
+    """Decode a SaslHandshake request (without its size prefix): the header and the mechanism."""
+    r = Reader(buf)
+    h = RequestHeader(r.int16(), r.int16(), r.int32(), r.string())
+    _check_api(h, SASL_HANDSHAKE)
+    mechanism = r.string() or ""
+    r.expect_end()
+    return h, mechanism
+
+
+def encode_sasl_handshake_response(correlation_id: int, version: int, resp: SaslHandshakeResponse) -> bytes:
+    """Encode a framed SaslHandshake response (header v0)."""
+    _check_version(SASL_HANDSHAKE, version)
+    body = int16(resp.error_code) + int32(len(resp.mechanisms)) + b"".join(string(s) for s in resp.mechanisms)
+    return frame(encode_response_header(correlation_id, 0), body)
+
+
+def decode_sasl_handshake_response(buf: bytes | memoryview, version: int) -> SaslHandshakeResponse:
+    """Decode a SaslHandshake response body (after the v0 header)."""
+    _check_version(SASL_HANDSHAKE, version)
+    r = Reader(buf)
+    error_code = r.int16()
+    n = r.int32()
+    if n < 0 or n * 2 > r.remaining():
+        raise ProtocolError(f"bad SaslHandshake mechanisms array length {n}")
+    mechanisms = [r.string() or "" for _ in range(n)]
+    r.expect_end()
+    return SaslHandshakeResponse(error_code, mechanisms)
+
+
+def encode_sasl_authenticate_request(version: int, correlation_id: int, client_id: str | None,
+                                     auth_bytes: bytes) -> bytes:
+    """Encode a framed SaslAuthenticate request."""
+    return _request(SASL_AUTHENTICATE, version, correlation_id, client_id,
+                    compact_bytes(auth_bytes) + EMPTY_TAGGED_FIELDS)
+
+
+def decode_sasl_authenticate_request(buf: bytes | memoryview) -> tuple[RequestHeader, bytes]:
+    """Decode a SaslAuthenticate request (without its size prefix): the header and the bytes."""
+    r = Reader(buf)
+    h = decode_request_header(r)
+    _check_api(h, SASL_AUTHENTICATE)
+    auth = r.compact_bytes()
+    r.tagged_fields()
+    r.expect_end()
+    return h, bytes(auth or b"")
+
+
+def encode_sasl_authenticate_response(correlation_id: int, version: int, resp: SaslAuthenticateResponse) -> bytes:
+    """Encode a framed SaslAuthenticate response (header v1)."""
+    _check_version(SASL_AUTHENTICATE, version)
+    body = (int16(resp.error_code) + compact_string(resp.error_message) + compact_bytes(resp.auth_bytes)
+            + int64(resp.session_lifetime_ms) + EMPTY_TAGGED_FIELDS)
+    return frame(encode_response_header(correlation_id, 1), body)
+
+
+def decode_sasl_authenticate_response(buf: bytes | memoryview, version: int) -> SaslAuthenticateResponse:
+    """Decode a SaslAuthenticate response body (after the v1 header)."""
+    _check_version(SASL_AUTHENTICATE, version)
+    r = Reader(buf)
+    error_code = r.int16()
+    message = r.compact_string()
+    auth = r.compact_bytes()
+    lifetime = r.int64()
+    r.tagged_fields()
+    r.expect_end()
+    return SaslAuthenticateResponse(error_code, message, bytes(auth or b""), lifetime)
 
 
 # --------------------------------------------------------------------------------------------
