@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 from confluent_kafka.admin import NewPartitions
-from daemon_fixture import connect
 
 from shm import Producer, control
 from shm.connection import Connection, hello_for
@@ -52,8 +51,10 @@ def test_growth_reaches_a_connected_producer_and_socket_clients(new_topic, kafka
     topic = new_topic(BEFORE)
     d = start_sluice(workers=2, kafka={"metadata_max_age_ms": METADATA_MAX_AGE_MS})
     notices: list[control.TopicChanged] = []
+    raw_notices: list[control.TopicChanged] = []  # a client that did not ask (as the Go client)
     sent: dict[bytes, Any] = {}  # value -> future (shm) or RecordResult (socket)
-    with Producer(d.socket_path, client_name="grow-before") as p, connect(d.socket_path) as raw, \
+    with Producer(d.socket_path, client_name="grow-before") as p, \
+            Connection(d.socket_path, hello=hello_for("grow-raw"), on_notice=raw_notices.append) as raw, \
             Connection(d.socket_path, hello=hello_for("grow-watcher", topic_updates=True),
                        on_notice=notices.append) as watcher:
         assert p.lookup(topic).partitions == BEFORE
@@ -83,6 +84,8 @@ def test_growth_reaches_a_connected_producer_and_socket_clients(new_topic, kafka
         # The watcher's TopicChanged was queued when the daemon's table grew, before this reply.
         watcher.request(control.StatsRequest(), control.StatsReply)
         assert [(n.topic, n.partitions) for n in notices] == [(topic, AFTER)]
+        raw.request(control.StatsRequest(), control.StatsReply)
+        assert raw_notices == [], "a client whose Hello did not ask never gets a TopicChanged"
         assert notices[0].topic_id == p.lookup(topic).topic_id
 
     results: dict[bytes, tuple[int, int]] = {}
