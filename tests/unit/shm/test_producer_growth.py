@@ -14,6 +14,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -203,3 +204,54 @@ def test_a_push_during_a_request_is_not_its_reply_and_beats_a_stale_topic_info(d
         assert [(part, tid) for _w, tid, part, _ts, _b in seen] == [(AFTER - 1, LATE_TID)]
         daemon.complete(seen[0][0], LATE_TID, AFTER - 1, 42, 1)
         assert fut.result(timeout=5).offset == 42
+
+
+def test_sends_on_several_threads_while_the_topic_grows_step_by_step(daemon: GrowingDaemon) -> None:
+    """The compiled send() of other threads runs while _bind swaps the tables (run under ASan
+    by ``make sanitize``): every record goes to murmur2 modulo one of the counts the topic had,
+    to that partition's owner, and settles."""
+    counts = list(range(BEFORE, 17))
+    per_thread, threads = 150, 3
+    with Producer(daemon.path, client_name="grow-threads") as p:
+        assert p.partitions_for(TOPIC) == BEFORE
+        errors: list[BaseException] = []
+        go = threading.Event()
+
+        def sender(t: int) -> None:
+            go.wait(5)
+            try:
+                for i in range(per_thread):
+                    p.produce(TOPIC, b"v", b"t%d-k%d" % (t, i), timestamp=t * per_thread + i)
+                    if i % 5 == 0:
+                        time.sleep(0.0002)  # spread the sends over the pushes
+            except BaseException as exc:  # noqa: BLE001 - reported to the test
+                errors.append(exc)
+
+        workers = [threading.Thread(target=sender, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        go.set()
+        for n in counts[1:]:
+            daemon.push(_changed(TOPIC, TID, n))
+            time.sleep(0.001)
+        for w in workers:
+            w.join(10)
+        assert not errors, errors
+        wait_until(lambda: p.partitions_for(TOPIC) == counts[-1], 5, "the last growth")
+        seen = daemon.take([counts[-1]])
+        assert len(seen) == per_thread * threads
+        by_part: dict[tuple[int, int], int] = {}
+        early = late = 0  # records sent before the last growth, after the first
+        for w, _tid, part, ts, _body in seen:
+            t, i = divmod(ts, per_thread)
+            key = b"t%d-k%d" % (t, i)
+            assert part in {partition_for_key(key, n) for n in counts}, (key, part)
+            assert w == owner(TOPIC, part, WORKERS)
+            by_part[(w, part)] = by_part.get((w, part), 0) + 1
+            early += part != partition_for_key(key, counts[-1])
+            late += part != partition_for_key(key, BEFORE)
+        assert early and late, "the sends went on while the topic grew"
+        for (w, part), count in by_part.items():
+            daemon.complete(w, TID, part, 0, count)
+        assert p.flush(5) == 0
+        assert sum(p.delivered.values()) == per_thread * threads
