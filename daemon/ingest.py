@@ -105,7 +105,8 @@ class SocketIngest:
         # The socket answers before the producer is attached (it connects to that very socket),
         # so a Produce that arrives in between waits for it.
         self._ready = asyncio.Event()
-        # TopicInfo of every topic the producer has registered (after a successful lookup).
+        # TopicInfo of every topic the producer has registered (after a successful lookup);
+        # its partition count follows the topic's growth (topic_changed).
         self._infos: dict[str, control.TopicInfo] = {}
         self._stopping = False
         # Completion waiters of the Produces whose outcomes have not all come (give_up ends them).
@@ -132,6 +133,17 @@ class SocketIngest:
     def known(self, topic: str) -> bool:
         """Whether a Produce to ``topic`` goes straight to the rings (no lookup to wait for)."""
         return topic in self._infos and self._producer is not None
+
+    def topic_changed(self, msg: control.TopicChanged) -> None:
+        """A topic grew (the supervisor, on the loop, before the connections hear of it): the
+        producer's partitioner uses the new count from now on, so socket clients' keyed
+        records spread over the new partitions and a named new partition is taken."""
+        if self._producer is None:
+            return
+        self._producer.topic_changed(msg)
+        info = self._producer.cached(msg.topic)
+        if info is not None and msg.topic in self._infos:
+            self._infos[msg.topic] = info
 
     def stop(self) -> None:
         """The daemon is stopping: records still waiting for ring space are refused."""

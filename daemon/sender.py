@@ -24,7 +24,9 @@ Ordering and retries
     place in it, so a partition never sends a later batch before an earlier one. Without
     idempotence at most one batch per partition is in flight. Retriable errors retry after
     ``retry_backoff_ms`` doubling to ``retry_backoff_max_ms`` (+-20 % jitter) until
-    ``created_ms + delivery_timeout_ms``, then fail with REQUEST_TIMED_OUT; other errors fail the
+    ``created_ms + delivery_timeout_ms``, then fail with REQUEST_TIMED_OUT (with
+    UNKNOWN_TOPIC_OR_PARTITION when that was the broker's last answer: a topic deleted under its
+    records says so, not "timed out"); other errors fail the
     batch at once. A batch waiting for a leader or a connection expires the same way.
     acks=0 batches get no response: they complete (base offset -1) once the transport has
     written them out. DUPLICATE_SEQUENCE_NUMBER counts as success.
@@ -147,7 +149,7 @@ class _Entry:
 class _Partition:
     """Per-partition queue, in-flight list and idempotent sequence chain."""
 
-    __slots__ = ("topic", "partition", "queue", "in_flight", "node", "chain")
+    __slots__ = ("topic", "partition", "queue", "in_flight", "node", "chain", "gone")
 
     def __init__(self, topic: str, partition: int) -> None:
         self.topic = topic
@@ -156,6 +158,9 @@ class _Partition:
         self.in_flight: list[_Entry] = []
         self.node = -1
         self.chain = Chain()
+        # The broker's last answer for this partition was UNKNOWN_TOPIC_OR_PARTITION (the
+        # topic was deleted, say): batches that expire say that instead of REQUEST_TIMED_OUT.
+        self.gone = False
 
     def requeue(self, entry: _Entry) -> None:
         q = self.queue
@@ -292,7 +297,7 @@ class _Queues:
             return
         if now >= e.deadline_ms or self._stopped:
             log.debug("batch %s[%s] expired after %s", e.part.topic, e.part.partition, ec.error_name(code))
-            self.fail(e, ec.REQUEST_TIMED_OUT)
+            self.fail(e, ec.UNKNOWN_TOPIC_OR_PARTITION if e.part.gone else ec.REQUEST_TIMED_OUT)
             return
         e.retries += 1
         self.stats["retries"] += 1
@@ -317,7 +322,7 @@ class _Queues:
                 if now >= e.deadline_ms:
                     # Say why it never left, when metadata knows (the topic is gone, say).
                     topic_code = self._metadata.error_code(part.topic)
-                    code = ec.REQUEST_TIMED_OUT
+                    code = ec.UNKNOWN_TOPIC_OR_PARTITION if part.gone else ec.REQUEST_TIMED_OUT
                     if topic_code and topic_code != ec.LEADER_NOT_AVAILABLE:
                         code = topic_code
                     self.fail(e, code)
@@ -726,6 +731,7 @@ class Sender:
                              now: float, message: str | None) -> None:
         part = e.part
         queues = self._queues
+        part.gone = code == ec.UNKNOWN_TOPIC_OR_PARTITION
         if code == 0 or code == ec.DUPLICATE_SEQUENCE_NUMBER:
             queues.finish(e, 0, base_offset, log_append_time_ms)
             return

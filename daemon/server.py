@@ -22,6 +22,9 @@ Policies:
   topic that one task empties in order, the lookup first, and the next Produces to that topic
   join the queue while it exists (per-topic order), while frames for other topics go on. TopicLookup, Flush and StatsRequest are worked on at once, their replies queued in request
   order (:meth:`ControlServer._in_order`).
+- Partition growth: a connection whose Hello set ``topic_updates`` gets a TopicChanged when
+  any topic gains partitions (:meth:`ControlServer.topic_changed`, after every worker
+  was told). It is queued at once, not in request order: it answers no request.
 - Memory per connection is bounded: replies wait in the connection's queue, written as the
   client reads them; once more than ``MAX_UNSENT_REPLY_BYTES`` wait there, or more than
   ``MAX_INFLIGHT_RECORDS`` of the connection's records have no outcome yet, the daemon stops
@@ -148,6 +151,7 @@ class Client:
         self.internal = False  # the daemon's own socket-ingest producer
         self.greeted = False  # Hello came
         self.wants_segment = False
+        self.topic_updates = False  # Hello.topic_updates: it is told when a topic grows
         self.segment: Segment | None = None
         self.detached: set[int] = set()  # workers that drained and let go of the segment
         self.gone = False  # its connection closed: workers drain its segment, then detach
@@ -182,6 +186,12 @@ class Client:
         if self.closed or self.final:
             return
         self._queue(control.encode(msg))
+
+    def reply_frame(self, frame: bytes) -> None:
+        """Queue an encoded message (one frame encoded once for many connections)."""
+        if self.closed or self.final:
+            return
+        self._queue(frame)
 
     def settled(self, records: int, failed: int) -> None:
         self.inflight -= records
@@ -371,6 +381,19 @@ class ControlServer:
                 # The RemoveClient its predecessor got (or missed, being dead) dies with it.
                 msgs.append((ch.RemoveClient(client_id=client.client_id), []))
         return ids, msgs
+
+    def topic_changed(self, name: str, topic_id: int, partitions: int) -> int:
+        """``name`` grew to ``partitions``: tell every connection whose Hello asked
+        (``topic_updates``), at once, ahead of any reply still queued behind a request. Returns
+        how many were told."""
+        msg = control.TopicChanged(topic=name, topic_id=topic_id, partitions=partitions)
+        frame = control.encode(msg)
+        told = 0
+        for client in list(self.clients.values()):
+            if client.topic_updates and not (client.closed or client.final):
+                client.reply_frame(frame)
+                told += 1
+        return told
 
     def client_dropped(self, cid: int, reason: str) -> None:
         """A worker found the client's ring malformed: tell it why and cut the connection."""
@@ -591,7 +614,9 @@ class ControlServer:
             await self._fatal(client, control.ERR_UNEXPECTED_MESSAGE, f"{type(msg).__name__} before Hello")
             return False
         match msg:
-            case control.Hello(version=version, client_name=name, pid=pid, token=token, wants_segment=wants):
+            case control.Hello(
+                version=version, client_name=name, pid=pid, token=token, wants_segment=wants, topic_updates=updates
+            ):
                 if client.greeted:
                     await self._fatal(client, control.ERR_UNEXPECTED_MESSAGE, "a second Hello")
                     return False
@@ -604,6 +629,7 @@ class ControlServer:
                     return False
                 client.greeted = True
                 client.wants_segment = wants
+                client.topic_updates = updates
                 client.name = name or f"client-{client.client_id}"
                 client.internal = client.pid == os.getpid() and name == INGEST_CLIENT_NAME
                 client.pid = client.pid or pid

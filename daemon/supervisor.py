@@ -211,8 +211,11 @@ class Supervisor:
             self._state.write(self.topics.snapshot(), self.tokens.snapshot())
 
     def _topic_changed(self, name: str, topic_id: int, partitions: int) -> None:
+        """A topic was added (first lookup) or grew (:meth:`partitions_changed`)."""
         self.state_changed()
-        # Every worker hears of the topic before any client can use its id.
+        # Every worker hears of the topic (or its new partitions) before any client can use
+        # them: a frame naming a partition the worker has not heard of makes it read its
+        # channel again before judging the frame (daemon/drain.py).
         self.workers.broadcast(ch.AddTopic(topic_id=topic_id, name=name, partitions=partitions))
 
     async def lookup_topic(self, name: str) -> control.TopicInfo:
@@ -236,7 +239,20 @@ class Supervisor:
         return Introduction(clients=ids + sorted(self.tokens.awaited), messages=topics + client_msgs)
 
     def partitions_changed(self, topic: str, partitions: int) -> None:
-        self.topics.grow(topic, partitions)
+        """A worker's metadata says ``topic`` has ``partitions``. If that is growth of a topic
+        the clients know (:meth:`TopicTable.grow` then ran :meth:`_topic_changed`: the workers
+        accept the new partitions), the clients are told: the socket ingest's producer first,
+        in this thread, so a socket client that hears of it can name the new partitions at
+        once, then every connection that asked for topic updates."""
+        if not self.topics.grow(topic, partitions):
+            return
+        known = self.topics.get(topic)
+        if known is None:
+            return
+        tid, parts = known
+        self.ingest.topic_changed(control.TopicChanged(topic=topic, topic_id=tid, partitions=parts))
+        told = self.server.topic_changed(topic, tid, parts)
+        log.debug("topic %s: %d partitions; told %d connection(s)", topic, parts, told)
 
     def client_dropped(self, client_id: int, reason: str) -> None:
         self.server.client_dropped(client_id, reason)

@@ -481,8 +481,8 @@ static PyObject *TopicBase_bind(TopicBase *t, PyObject *args) {
     Py_ssize_t n = PySequence_Size(owners);
     if (n < 0)
         return NULL;
-    if (n != t->partitions || PySequence_Size(pending) != n) {
-        PyErr_SetString(PyExc_ValueError, "bind: one owner and one FIFO per partition");
+    if (n < t->partitions || n > INT_MAX || PySequence_Size(pending) != n) {
+        PyErr_SetString(PyExc_ValueError, "bind: one owner and one FIFO per partition, never fewer partitions");
         return NULL;
     }
     int *own = PyMem_Malloc(sizeof(int) * (size_t)(n ? n : 1));
@@ -508,16 +508,24 @@ static PyObject *TopicBase_bind(TopicBase *t, PyObject *args) {
         own[i] = (int)w;
         PyTuple_SET_ITEM(appends, i, app);
     }
+    /* The swap: no Python code runs from here to the return (the old tuple's bound methods
+     * only drop references to FIFOs the new tuple holds too), so the compiled send() of
+     * another thread sees either the old count with the old tables or the new count with the
+     * new ones. A send() that chose its partition under the old count and runs Python before
+     * it indexes the tables (the sticky partitioner, a timestamp's __index__, the collector)
+     * finds the new ones: counts only grow, so its partition is still in range there. */
     PyMem_Free(t->owners);
     t->owners = own;
     Py_XSETREF(t->appends, appends);
+    t->partitions = (int)n;
     t->bound = 1;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef TopicBase_methods[] = {
     {"_bind", (PyCFunction)TopicBase_bind, METH_VARARGS,
-     "_bind(owners, pending): each partition's worker and pending FIFO, for send()."},
+     "_bind(owners, pending): each partition's worker and pending FIFO, for send(); the\n"
+     "partition count becomes len(owners) in the same step (it may grow, never shrink)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -6,9 +6,14 @@ the position it names (see :mod:`daemon.worker` for why the ring is freed only t
 
 Idle: the thread arms every completion ring (the worker rings the doorbell only when armed)
 and sleeps in poll() on the doorbells and the control socket, at most
-``_COMPLETION_POLL_MS`` so a lost wake-up costs a bounded delay. The socket is registered
-for no event: the daemon closing it still shows as POLLHUP, and its replies stay for the
-control requests of the producer's other threads.
+``_COMPLETION_POLL_MS`` so a lost wake-up costs a bounded delay. The daemon closing the socket
+shows as POLLHUP. The socket is readable when the daemon pushed something unasked (a
+TopicChanged) or a reply came: the thread then reads what is there without blocking
+(``read_control``, :meth:`shm.connection.ProducerConnection.read_notices`), which hands the
+unsolicited messages on and leaves replies for the request that waits for them. While a
+request holds the connection (it reads the socket itself) the thread watches only for the
+hang-up until its next pass, so it does not spin. Busy with completions, it still reads the
+socket every ``_CONTROL_READ_S``.
 
 The thread talks back to its producer only through the callables it is given: records
 completed, ring space freed, the daemon hung up, the rings are unreadable.
@@ -32,6 +37,9 @@ __all__ = ["CompletionReader"]
 
 _COMPLETION_POLL_MS = 20
 _HEARTBEAT_S = 1.0
+# How often a thread that never gets to idle still reads the control socket (a TopicChanged
+# waits at most this long behind a stream of completions).
+_CONTROL_READ_S = 0.05
 _HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
@@ -45,7 +53,9 @@ class CompletionReader:
             dict as it learns them; the thread only reads it).
         limits: topic id -> partition count, for validating completions (also grown by the
             producer).
-        control_fd: the control socket, watched for the daemon hanging up.
+        control_fd: the control socket, watched for the daemon hanging up and for messages.
+        read_control: reads what the control socket holds now, without blocking; False when
+            a request is reading it (then the thread leaves it alone until its next pass).
         on_completed: ``count`` records got their outcome.
         on_freed: request-ring space was freed (senders waiting for room may go on).
         on_hangup: the daemon closed the connection (its last completions were read first).
@@ -63,6 +73,7 @@ class CompletionReader:
         limits: list[int],
         control_fd: int,
         *,
+        read_control: Callable[[], bool],
         on_completed: Callable[[int], None],
         on_freed: Callable[[], None],
         on_hangup: Callable[[], int | None],
@@ -75,6 +86,7 @@ class CompletionReader:
         self._pending = pending
         self._limits = limits
         self._control_fd = control_fd
+        self._read_control = read_control
         self._on_completed = on_completed
         self._on_freed = on_freed
         self._on_hangup = on_hangup
@@ -103,8 +115,9 @@ class CompletionReader:
                 bells.append(bell)
         rings = self._cmp
         sock_fd = self._control_fd
-        poll.register(sock_fd, 0)
-        last_beat = 0.0
+        poll.register(sock_fd, select.POLLIN)
+        watching = select.POLLIN  # the socket's events in the poll set
+        last_beat = last_read = 0.0
         try:
             while not self._stopped:
                 took = False
@@ -116,17 +129,30 @@ class CompletionReader:
                     self._segment.beat_client()
                     last_beat = now
                 if took:
+                    if now - last_read > _CONTROL_READ_S:
+                        self._read_control()
+                        last_read = now
                     continue
+                if not watching:
+                    poll.modify(sock_fd, select.POLLIN)
+                    watching = select.POLLIN
                 armed = all(ring.arm() for ring in rings)
-                hangup = False
+                hangup = readable = False
                 if armed:
                     for fd, ev in poll.poll(_COMPLETION_POLL_MS):
-                        if fd == sock_fd and ev & _HANGUP:
-                            hangup = True
+                        if fd == sock_fd:
+                            hangup = bool(ev & _HANGUP)
+                            readable = bool(ev & select.POLLIN)
                     for bell in bells:
                         bell.drain()
                 for ring in rings:
                     ring.disarm()
+                if readable and not hangup:
+                    last_read = time.monotonic()
+                    if not self._read_control():
+                        # A request reads the socket: only the hang-up until the next pass.
+                        poll.modify(sock_fd, 0)
+                        watching = 0
                 if hangup and not self._stopped:
                     # The daemon wrote its last completions before closing: take them first.
                     for w, ring in enumerate(rings):
@@ -136,7 +162,8 @@ class CompletionReader:
                         return
                     poll.unregister(sock_fd)
                     sock_fd = new_fd
-                    poll.register(sock_fd, 0)
+                    poll.register(sock_fd, select.POLLIN)
+                    watching = select.POLLIN
         except Exception as exc:  # noqa: BLE001 - corrupt completions: the producer fails everything loudly
             self._on_error(exc)
 

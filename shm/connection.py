@@ -11,6 +11,13 @@ daemon with the same segment::
 
 Threads: one thread may send while another receives (the kernel orders each side); two
 receivers, or two request/reply pairs at once, need the caller's lock.
+
+Unsolicited messages (``TopicChanged``, for a Hello with ``topic_updates``) are never returned
+as replies: whichever read brings one in hands it to the connection's ``on_notice`` at once, in
+stream order, and goes on waiting for the reply it wanted. :class:`ProducerConnection` keeps one
+reader at a time: a request holds its lock while it waits, and the completion thread reads only
+what is already there (:meth:`ProducerConnection.read_notices`), and only when no request is
+waiting, so it never takes a reply from a request.
 """
 
 from __future__ import annotations
@@ -54,10 +61,17 @@ def socket_path(path: str | None) -> str:
     return path or os.environ.get("SLUICE_SOCKET") or DEFAULT_SOCKET
 
 
-def hello_for(client_name: str, *, wants_segment: bool = False, token: int = 0) -> control.Hello:
+def hello_for(
+    client_name: str, *, wants_segment: bool = False, token: int = 0, topic_updates: bool = False
+) -> control.Hello:
     """The Hello this process sends (this protocol version and pid)."""
     return control.Hello(
-        version=control.PROTOCOL_VERSION, client_name=client_name, pid=os.getpid(), wants_segment=wants_segment, token=token
+        version=control.PROTOCOL_VERSION,
+        client_name=client_name,
+        pid=os.getpid(),
+        wants_segment=wants_segment,
+        token=token,
+        topic_updates=topic_updates,
     )
 
 
@@ -77,6 +91,8 @@ class Connection:
         hello: say this Hello and wait for the Welcome (kept in ``welcome``); None to say
             nothing (a test that sends its own first bytes).
         timeout: seconds for connect and for every later send or receive; None blocks.
+        on_notice: called with each unsolicited message (TopicChanged) as it is read, on the
+            reading thread; never returned by :meth:`recv`. None drops them.
 
     Raises:
         OSError: the socket could not be reached.
@@ -84,12 +100,20 @@ class Connection:
             (:class:`ConnectionClosedError`).
     """
 
-    def __init__(self, path: str, *, hello: control.Hello | None, timeout: float | None = 10.0) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        hello: control.Hello | None,
+        timeout: float | None = 10.0,
+        on_notice: Callable[[control.TopicChanged], None] | None = None,
+    ) -> None:
         self.path = path
         self.welcome: control.Welcome | None = None
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._reader = control.FrameReader(control.DaemonMessage)
         self._inbox: deque[Any] = deque()
+        self._on_notice = on_notice
         try:
             self._sock.settimeout(timeout)
             self._sock.connect(path)
@@ -125,7 +149,35 @@ class Connection:
         data = self._sock.recv(_RECV_BYTES)
         if not data:
             raise ConnectionClosedError("the daemon closed the connection")
-        self._inbox.extend(self._reader.feed(data))
+        self._take(data)
+
+    def _take(self, data: bytes) -> None:
+        """Decode ``data``: replies into the inbox, unsolicited messages to ``on_notice``."""
+        for msg in self._reader.feed(data):
+            if type(msg) is control.TopicChanged:
+                if self._on_notice is not None:
+                    self._on_notice(msg)
+            else:
+                self._inbox.append(msg)
+
+    def read_ready(self) -> None:
+        """Read what has already arrived, without blocking (nor changing the socket's mode):
+        replies stay in the inbox for :meth:`recv`, unsolicited messages go to ``on_notice``.
+        The daemon's hang-up is left for the caller's poll() to see.
+
+        Raises:
+            ProtocolError: a malformed frame.
+        """
+        while True:
+            try:
+                data = self._sock.recv(_RECV_BYTES, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # reset or closed: the poll() reports the hang-up
+            if not data:
+                return
+            self._take(data)
 
     def recv(self) -> Any:
         """The next message.
@@ -183,7 +235,7 @@ class Connection:
                 data = self._sock.recv(_RECV_BYTES)
                 if not data:
                     break
-                self._inbox.extend(self._reader.feed(data))
+                self._take(data)
         except (BlockingIOError, InterruptedError):
             pass
         except (OSError, SluiceError):
@@ -247,19 +299,29 @@ class ProducerConnection:
         client_name: shown in the daemon's logs and stats.
         token: the identity a restarted daemon knows the segment by (0: never reconnects).
         connect_timeout: seconds for connecting and the handshake, per attempt.
+        on_notice: called with each TopicChanged the daemon pushes (the Hello asks for them),
+            on whichever thread read it, with this connection's lock held; in stream order.
 
     Raises:
         OSError: the socket could not be reached.
         SluiceError: the daemon refused the Hello.
     """
 
-    def __init__(self, path: str, client_name: str, token: int, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        path: str,
+        client_name: str,
+        token: int,
+        connect_timeout: float,
+        on_notice: Callable[[control.TopicChanged], None],
+    ) -> None:
         self.path = path
         self._name = client_name
         self._token = token
         self._connect_timeout = connect_timeout
+        self._on_notice = on_notice
         self._lock = threading.Lock()
-        self._conn = Connection(path, hello=None, timeout=connect_timeout)
+        self._conn = Connection(path, hello=None, timeout=connect_timeout, on_notice=on_notice)
         try:
             self.welcome = self.request(self._hello(), control.Welcome)
         except BaseException:
@@ -267,7 +329,7 @@ class ProducerConnection:
             raise
 
     def _hello(self) -> control.Hello:
-        return hello_for(self._name, wants_segment=True, token=self._token)
+        return hello_for(self._name, wants_segment=True, token=self._token, topic_updates=True)
 
     def request(self, msg: control.Message, kind: type[_M]) -> _M:
         """Send ``msg`` and return its ``kind`` reply (raises as :meth:`Connection.expect`)."""
@@ -294,6 +356,22 @@ class ProducerConnection:
         except OSError:
             pass
 
+    def read_notices(self) -> bool:
+        """Read what the daemon sent unasked (the completion thread, when poll() says the socket
+        is readable), unless a request is waiting for its reply: that request reads it then.
+        Replies found stay for their request. False when a request held the connection.
+
+        Raises:
+            ProtocolError: a malformed frame.
+        """
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._conn.read_ready()
+        finally:
+            self._lock.release()
+        return True
+
     def fileno(self) -> int:
         return self._conn.fileno()
 
@@ -311,7 +389,8 @@ class ProducerConnection:
         same token, retrying with back-off for up to ``within_s`` seconds.
 
         Gives up at once when the new daemon wants another segment layout or knows one of
-        ``topic_ids()`` (name -> id) by another id, since ring frames carry topic ids.
+        ``topic_ids()`` (name -> id) by another id, since ring frames carry topic ids. A topic
+        that has more partitions now is reported to ``on_notice`` as a TopicChanged.
 
         Returns:
             True when the new daemon took the segment; the client id in ``welcome`` is new.
@@ -325,7 +404,9 @@ class ProducerConnection:
                 return False
             conn = None
             try:
-                conn = Connection(self.path, hello=None, timeout=max(0.1, min(self._connect_timeout, left)))
+                conn = Connection(
+                    self.path, hello=None, timeout=max(0.1, min(self._connect_timeout, left)), on_notice=self._on_notice
+                )
                 welcome = conn.request(self._hello(), control.Welcome)
                 if (
                     welcome.workers != segment.workers
@@ -346,6 +427,8 @@ class ProducerConnection:
                                       name, info.topic_id, tid)
                             conn.close()
                             return False
+                        # It may have grown while no daemon could say so (never shrinks).
+                        self._on_notice(control.TopicChanged(topic=name, topic_id=tid, partitions=info.partitions))
                     conn.settimeout(None)
                     old, self._conn, self.welcome = self._conn, conn, welcome
                 old.close()

@@ -21,6 +21,11 @@ matched by ``seq``. A Produce with ``ack = False`` is never answered (its failur
 and reported by the next FlushDone's ``failed``). A fatal ``ErrorReply`` may come at any time
 and is the last frame; the daemon closes the connection after it.
 
+Unsolicited: a client whose Hello said ``topic_updates`` also gets a ``TopicChanged`` whenever a
+topic gained partitions. It answers no request and may come at any time, between any two
+replies; a reader sets it aside and keeps waiting for the reply it wanted. A client that did
+not ask never gets one.
+
 Field values: a ``Rec`` whose ``value`` is left out or nil is a tombstone (null value); an
 empty bin is an empty value. The reference encoder leaves out only fields equal to their
 default (None), so an empty value is always written.
@@ -67,6 +72,7 @@ __all__ = [
     "FlushDone",
     "StatsReply",
     "ErrorReply",
+    "TopicChanged",
     "ClientMessage",
     "DaemonMessage",
     "Message",
@@ -176,6 +182,10 @@ class Hello(_Request, tag="Hello"):
     sends the same token and offers the same segment: the daemon gives it back its old
     ``client_id``, so the records its predecessor had taken (runs tables in the worker arenas)
     are matched to it and completed exactly once.
+
+    ``topic_updates`` (optional, added to version 1 after its first release): the client wants
+    a TopicChanged whenever a topic gains partitions. A daemon that predates it ignores the key
+    and never sends one.
     """
 
     version: Uint
@@ -184,6 +194,7 @@ class Hello(_Request, tag="Hello"):
     workers_expected: Uint | None = None
     wants_segment: bool = False
     token: Uint = 0
+    topic_updates: bool = False
 
 
 class SegmentOffer(_Request, tag="SegmentOffer"):
@@ -297,10 +308,22 @@ class ErrorReply(_Reply, tag="ErrorReply"):
     fatal: bool
 
 
+class TopicChanged(_Reply, tag="TopicChanged"):
+    """Unsolicited, to clients whose Hello set ``topic_updates``: ``topic`` (ring frames carry
+    ``topic_id``) has ``partitions`` partitions now. Counts only grow (Kafka cannot shrink a
+    topic); keyed records go to murmur2 of the key modulo the new count from then on, as with
+    Kafka's producer after its metadata refresh. Not a reply: it may come between any replies.
+    """
+
+    topic: str
+    topic_id: Annotated[int, msgspec.Meta(ge=0, le=0xFFFF)]
+    partitions: Uint
+
+
 ClientMessage: TypeAlias = Hello | SegmentOffer | TopicLookup | Produce | Flush | StatsRequest | Goodbye
 """Every message a client sends."""
 DaemonMessage: TypeAlias = (
-    Welcome | SegmentAccepted | TopicInfo | ProduceAck | FlushDone | StatsReply | ErrorReply
+    Welcome | SegmentAccepted | TopicInfo | ProduceAck | FlushDone | StatsReply | ErrorReply | TopicChanged
 )
 """Every message the daemon sends."""
 Message: TypeAlias = ClientMessage | DaemonMessage

@@ -32,6 +32,16 @@ per-record costs left are a few C-level list operations.
 This module wires the parts together and keeps ``send_many()``'s checks, the topic table,
 ``flush()`` and ``close()``.
 
+Partition growth: the Hello asks for ``topic_updates``, so the daemon pushes a TopicChanged
+when a topic gains partitions (its metadata refresh saw it, within ``metadata_max_age_ms``).
+Whichever thread reads it from the control socket (the completion thread, or a request waiting
+for its reply) grows the topic's state at once (:meth:`shm.topic.TopicState.grow`): new pending
+FIFOs and owners, then the compiled tables and the count in one step, then the completion
+thread's partition limit. From then on keyed records go to murmur2 modulo the new count, as
+with Kafka's producer after its metadata refresh. A TopicChanged for a topic not in the table
+yet is remembered, since a TopicInfo computed before the growth may still be on its way; the
+table takes the larger count. Counts never shrink.
+
 Thread safety: ``send()`` may be called from several threads, without a lock. The compiled
 send() holds the GIL from its ring claim to its publish and runs no Python code in between;
 the Python writers (``send_many()``, a record waiting for room) hold ``_send_lock``, and the
@@ -43,6 +53,7 @@ resolved on the completion thread; ``on_delivery`` callbacks run there too and m
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -50,6 +61,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+import msgspec
 
 from shm import connection, control
 from shm._client import SendCore
@@ -79,6 +92,8 @@ __all__ = [
 # How long a client waits for a restarted daemon to take its segment back (a systemd restart
 # takes well under a second; a crash restart waits RestartSec).
 DEFAULT_RECONNECT_TIMEOUT_S = 60.0
+
+log = logging.getLogger("sluice.client")
 
 
 class Producer:
@@ -132,13 +147,21 @@ class Producer:
         self._topics: dict[str, TopicState] = {}
         self._pending_by_id: dict[int, list[deque[Any]]] = {}
         self._limits: list[int] = []
+        # Held while the table changes: a topic added, or grown by a TopicChanged (on the
+        # thread that read it). Partition counts the daemon pushed for topics not in the table
+        # yet (at most one per topic the daemon knows).
+        self._topics_lock = threading.Lock()
+        self._announced: dict[str, int] = {}
+        self.workers = 0  # the Welcome's, below
         self._final_drops: dict[str, int] | None = None  # drops, as they were at close()
         self._name = client_name or f"{os.path.basename(sys.argv[0] or 'python')}[{os.getpid()}]"
         self._reconnect_s = max(0.0, float(reconnect_timeout_s))
         # The identity a restarted daemon knows this segment by (0: never reconnects).
         self._token = (int.from_bytes(os.urandom(8), "little") | 1) if self._reconnect_s else 0
 
-        self._ctl = ProducerConnection(self.socket_path, self._name, self._token, connect_timeout)
+        self._ctl = ProducerConnection(
+            self.socket_path, self._name, self._token, connect_timeout, on_notice=self.topic_changed
+        )
         try:
             welcome = self._ctl.welcome
             self.workers = welcome.workers
@@ -184,6 +207,7 @@ class Producer:
             self._pending_by_id,
             self._limits,
             self._ctl.fileno(),
+            read_control=self._ctl.read_notices,
             on_completed=self._session.completed,
             on_freed=self._room.wake,
             on_hangup=self._session.hung_up,
@@ -214,13 +238,44 @@ class Producer:
     def _add_topic(self, topic: str) -> TopicState:
         self._check_open()
         info = self._ctl.request(control.TopicLookup(topic=topic), control.TopicInfo)
-        t = TopicState(info, self.workers)
-        while len(self._limits) <= t.id:
-            self._limits.append(0)
-        self._limits[t.id] = t.partitions
-        self._pending_by_id[t.id] = t.pending
-        self._topics[topic] = t
+        with self._topics_lock:
+            known = self._topics.get(topic)
+            if known is not None:
+                return known  # another thread looked it up meanwhile: its FIFOs may hold records
+            announced = self._announced.pop(topic, 0)
+            if announced > info.partitions:
+                info = msgspec.structs.replace(info, partitions=announced)
+            t = TopicState(info, self.workers)
+            while len(self._limits) <= t.id:
+                self._limits.append(0)
+            self._limits[t.id] = t.partitions
+            self._pending_by_id[t.id] = t.pending
+            self._topics[topic] = t
         return t
+
+    def topic_changed(self, msg: control.TopicChanged) -> None:
+        """What a TopicChanged from the daemon does: ``msg.topic`` has ``msg.partitions`` now,
+        and records may go to the new partitions. Applications never call it (the producer
+        reads the daemon's TopicChanged itself, on the thread that reads the control socket);
+        the daemon's own socket ingest, which hears of the growth in-process first, does.
+        A count that is not more than the one known changes nothing."""
+        with self._topics_lock:
+            t = self._topics.get(msg.topic)
+            if t is None:
+                if msg.partitions > self._announced.get(msg.topic, 0):
+                    self._announced[msg.topic] = msg.partitions
+                return
+            if t.id != msg.topic_id:
+                log.warning("sluice: TopicChanged for %r names id %d, not %d; ignored", msg.topic, msg.topic_id, t.id)
+                return
+            # The send lock keeps the Python writers (send_many's runs, records waiting for
+            # room) off the table while it grows; the compiled send() needs no lock (_bind).
+            with self._send_lock:
+                old = t.partitions
+                if not t.grow(msg.partitions, self.workers):
+                    return
+                self._limits[t.id] = msg.partitions
+        log.info("sluice: topic %r grew from %d to %d partitions", msg.topic, old, msg.partitions)
 
     def partitions_for(self, topic: str) -> int:
         """The topic's partition count as the daemon reported it."""

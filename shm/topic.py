@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+import msgspec
+
 from shm import control
 from shm._client import TopicBase
 from shm.errors import KafkaError
@@ -63,6 +65,23 @@ class TopicState(TopicBase):
         self.max_body = info.max_request_size - BATCH_OVERHEAD
         self.tally = DeliveryTally(self.name)  # the outcomes of produce() records
         self._bind(self.owners, self.pending)
+
+    def grow(self, partitions: int, workers: int) -> bool:
+        """The topic has ``partitions`` now (the daemon said so); True if that is more.
+
+        The new partitions get their owners and pending FIFOs first (the lists grow in place,
+        so the completion thread's table, which holds the same FIFO list, sees them), then
+        ``_bind`` hands the compiled send() the longer tables and the new count in one step.
+        From then on keyed records go to murmur2 modulo the new count. Never shrinks.
+        """
+        old = self.partitions
+        if partitions <= old:
+            return False
+        self.owners.extend(owner(self.name, p, workers) for p in range(old, partitions))
+        self.pending.extend(deque() for _ in range(old, partitions))
+        self._bind(self.owners, self.pending)
+        self.info = msgspec.structs.replace(self.info, partitions=partitions)
+        return True
 
 
 def refusal(code: int, t: TopicState, n: int) -> KafkaError:

@@ -509,3 +509,32 @@ def test_shutdown_while_a_produce_waits_for_room_serves_nothing_after_it(tmp_pat
         c.close()
 
     _run(tmp_path, body)
+
+
+def test_topic_changed_goes_only_to_clients_that_asked_and_is_not_a_reply(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        asked = await Client(h.path).connect()
+        plain = await Client(h.path).connect()
+        await asked.ask(control.Hello(version=1, topic_updates=True))
+        await plain.ask(control.Hello(version=1))
+        # A push while a slow lookup is being answered comes ahead of its reply.
+        await asked.send(control.TopicLookup(topic="slow-x"))
+        await plain.send(control.TopicLookup(topic="slow-x"))
+        await asyncio.sleep(0.05)
+        assert h.server.topic_changed("orders", 4, 6) == 1
+        changed = control.TopicChanged(topic="orders", topic_id=4, partitions=6)
+        assert await asked.recv() == changed
+        reply = await asked.recv()
+        assert isinstance(reply, control.TopicInfo) and reply.topic == "slow-x"
+        reply = await plain.recv()  # the client that did not ask gets only its reply
+        assert isinstance(reply, control.TopicInfo) and reply.topic == "slow-x"
+        stats = await plain.ask(control.StatsRequest())
+        assert isinstance(stats, control.StatsReply) and plain.inbox == []
+        # A connection that is going gets nothing more.
+        await asked.send(control.Goodbye())
+        assert await asked.recv() is None
+        assert h.server.topic_changed("orders", 4, 7) == 0
+        asked.close()
+        plain.close()
+
+    _run(tmp_path, body)

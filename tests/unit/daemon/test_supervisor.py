@@ -11,6 +11,7 @@ from pathlib import Path
 from daemon import channel as ch
 from daemon.config import loads
 from daemon.supervisor import Supervisor
+from shm import control
 
 
 def _supervisor(tmp_path: Path) -> Supervisor:
@@ -47,3 +48,30 @@ def test_a_worker_report_of_more_partitions_grows_the_topic(tmp_path: Path) -> N
     sup.partitions_changed("orders", 7)  # a stale report
     assert sup.topics.get("orders") == (0, 8)
     assert sup.introduce(0).messages == [(ch.AddTopic(topic_id=0, name="orders", partitions=8), [])]
+
+
+def test_growth_is_told_to_the_workers_then_ingest_then_the_connections(tmp_path: Path) -> None:
+    sup = _supervisor(tmp_path)
+    sup.topics.restore({"orders": (0, 6)})
+    events: list[tuple[str, object]] = []
+
+    class Ingest:
+        def topic_changed(self, msg: control.TopicChanged) -> None:
+            events.append(("ingest", msg))
+
+    class Server:
+        def topic_changed(self, name: str, tid: int, parts: int) -> int:
+            events.append(("connections", (name, tid, parts)))
+            return 1
+
+    sup.workers.broadcast = lambda msg, fds=None: events.append(("workers", msg))  # type: ignore[method-assign]
+    sup.ingest = Ingest()  # type: ignore[assignment]
+    sup.server = Server()  # type: ignore[assignment]
+    sup.partitions_changed("orders", 8)
+    sup.partitions_changed("orders", 8)  # no growth: nobody is told again
+    sup.partitions_changed("unknown", 3)  # a topic no client looked up
+    assert events == [
+        ("workers", ch.AddTopic(topic_id=0, name="orders", partitions=8)),
+        ("ingest", control.TopicChanged(topic="orders", topic_id=0, partitions=8)),
+        ("connections", ("orders", 0, 8)),
+    ]

@@ -67,6 +67,7 @@ STRATEGIES: dict[type, st.SearchStrategy[typing.Any]] = {
         workers_expected=st.none() | st.integers(0, 1024),
         wants_segment=st.booleans(),
         token=u64,
+        topic_updates=st.booleans(),
     ),
     c.SegmentOffer: st.builds(c.SegmentOffer, segment_bytes=u64, workers=u32, fd_count=u32),
     c.TopicLookup: st.builds(c.TopicLookup, topic=st.text(max_size=40)),
@@ -98,6 +99,7 @@ STRATEGIES: dict[type, st.SearchStrategy[typing.Any]] = {
     c.ErrorReply: st.builds(
         c.ErrorReply, code=st.integers(-1, 2000), name=st.text(max_size=20), message=st.text(), fatal=st.booleans()
     ),
+    c.TopicChanged: st.builds(c.TopicChanged, topic=st.text(max_size=40), topic_id=st.integers(0, 0xFFFF), partitions=u32),
 }
 CLIENT_TYPES = typing.get_args(ClientMessage)
 DAEMON_TYPES = typing.get_args(DaemonMessage)

@@ -172,3 +172,21 @@ def test_no_token_without_reconnect(restarting: RestartingStandIn) -> None:
     with Producer(restarting.path, reconnect_timeout_s=0):
         pass
     assert restarting.hellos[0].token == 0
+
+
+def test_a_topic_that_grew_while_the_daemon_was_away_grows_on_reconnect(restarting: RestartingStandIn) -> None:
+    p = Producer(restarting.path, reconnect_timeout_s=5.0)
+    try:
+        assert p.partitions_for("u") == 1
+        _standin.TOPICS["u"] = 3  # the restarted daemon's table: "u" has 3 partitions now
+        restarting.hang_up()
+        wait_until(lambda: p.reconnects == 1)
+        assert p.partitions_for("u") == 3
+        f = p.send("u", b"x", partition=2)
+        w = owner("u", 2, WORKERS)
+        assert [(tid, part) for tid, part, _ts, _b in restarting.take(w)] == [(1, 2)]
+        restarting.complete(w, 1, 2, 7, 1)
+        assert f.result(timeout=5).offset == 7
+    finally:
+        _standin.TOPICS["u"] = 1
+        p.close(timeout=1)
