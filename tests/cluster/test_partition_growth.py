@@ -1,11 +1,12 @@
-"""Partition growth, daemon side: a topic that gains partitions while the daemon runs.
+"""Partition growth on a three-broker cluster: a topic that gains partitions while the daemon runs.
 
 The workers' metadata refresh (``metadata_max_age_ms``) sees the new count; the supervisor's
 topic table grows and every worker hears of it (AddTopic), so the new partitions get owners,
 rows in the accumulator and leaders in the sender. A client that looks the topic up afterwards
-is told the new count and can write to the new partitions; a client connected before keeps
-writing to the partitions it knows (telling it is the socket protocol's job, not yet built).
-Checked with confluent-kafka: every record where its future says, exactly once.
+is told the new count and can write to the new partitions; a client connected before hears of
+it too (TopicChanged, docs/PROTOCOL.md) and writes to them as well
+(tests/integration/test_partition_growth.py checks keyed records against murmur2 on the new
+count). Checked with confluent-kafka: every record where its future says, exactly once.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ def test_new_partitions_are_served_after_the_metadata_refresh(cluster_topic, kaf
             assert new.lookup(topic).partitions == AFTER
             for i in range(50):
                 send(new, b"new", i, AFTER)
-            # The connected client still writes to the partitions it was told of.
+            # The client connected before the growth was told of it, and uses every partition.
+            wait_until(lambda: old.partitions_for(topic) == AFTER, 10, "the connected client heard of the growth")
             for i in range(20, 40):
-                send(old, b"old", i, BEFORE)
+                send(old, b"old", i, AFTER)
             assert new.flush(30) == 0 and old.flush(30) == 0
     results = {value: fut.result(0) for value, fut in sent}
     assert {md.partition for md in results.values()} == set(range(AFTER))
