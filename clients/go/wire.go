@@ -210,7 +210,7 @@ func header(b []byte, m Message, n int) []byte {
 	return appendStr(appendStr(appendMapLen(b, n+1), "type"), m.MessageType())
 }
 
-func strField(b []byte, k, v string) []byte      { return appendStr(appendStr(b, k), v) }
+func strField(b []byte, k, v string) []byte         { return appendStr(appendStr(b, k), v) }
 func uintField(b []byte, k string, v uint64) []byte { return appendUint(appendStr(b, k), v) }
 func intField(b []byte, k string, v int64) []byte   { return appendInt(appendStr(b, k), v) }
 func boolField(b []byte, k string, v bool) []byte   { return appendBool(appendStr(b, k), v) }
