@@ -30,6 +30,9 @@ const readerGrace = 2 * time.Second
 // out in one write.
 const writeBufferBytes = 256 * 1024
 
+// maxSpareBuffers bounds the written fire-and-forget batches' buffers kept for new batches.
+const maxSpareBuffers = 4
+
 // Reconnect backoff: the first retry comes soon (a restarting daemon is back in well under a
 // second), later ones no more often than once a second.
 const (
@@ -115,7 +118,9 @@ func (p *Producer) read(s *session) {
 	var err error
 	for err == nil {
 		var m Message
-		if m, err = s.frames.Next(); err != nil {
+		// ProduceAck results are decoded into the reader's reused slice: resolve settles them
+		// (and copies them for Futures) before the next frame is read.
+		if m, err = s.frames.next(true); err != nil {
 			break
 		}
 		switch m := m.(type) {
@@ -180,18 +185,26 @@ func (p *Producer) resolve(b *batch, results []RecordResult, err error) {
 	p.mu.Lock()
 	_, ok := p.pending[b]
 	delete(p.pending, b)
+	if ok {
+		p.budget.release(b.n, b.bytes)
+	}
 	p.mu.Unlock()
 	if !ok {
 		return
 	}
-	b.results, b.err, b.recs = results, err, nil
+	if b.futures && results != nil {
+		results = slices.Clone(results) // results is the reader's reused slice
+	}
+	b.results, b.err, b.enc = results, err, nil
 	for i, cb := range b.cbs { // before done closes: once a Future is done, so are the callbacks
 		if cb != nil {
 			cb(b.result(i))
 		}
 	}
+	if !b.futures {
+		b.results = nil
+	}
 	close(b.done)
-	p.budget.release(b.n, b.bytes)
 }
 
 // run is the sending goroutine: it writes the queued requests and batches on the current
@@ -292,44 +305,51 @@ func (p *Producer) write(s *session, w *bufio.Writer, enc *Encoder, ctrl []*requ
 		}
 	}
 	for i, b := range queue {
-		if !b.ack {
-			frame, err := enc.Encode(&Produce{Topic: b.topic, Records: b.recs})
-			if err == nil {
-				_, err = w.Write(frame)
-			}
-			// Written or not, nothing more is known of it: its room is free.
-			p.resolve(b, nil, nil)
+		var seq uint64
+		if b.ack {
 			p.mu.Lock()
-			p.unflushed = true
+			p.seq++
+			seq = p.seq
 			p.mu.Unlock()
-			if err != nil {
-				if _, ok := err.(*ProtocolError); ok {
-					continue // checkRecord refuses what the encoder would; this would be a bug
-				}
-				p.requeue(nil, queue[i+1:])
-				return err
-			}
-			continue
 		}
-		p.mu.Lock()
-		p.seq++
-		seq := p.seq
-		p.mu.Unlock()
-		frame, err := enc.Encode(&Produce{Topic: b.topic, Records: b.recs, Ack: true, Seq: seq})
-		if err != nil { // checkRecord refuses what the encoder would; this would be a bug
+		head, tail, err := enc.produceFrame(b.topic, b.n, b.enc, b.ack, seq)
+		if err != nil { // the batch bounds keep a frame under MaxFrameBytes: not reached
 			p.resolve(b, nil, err)
 			continue
 		}
-		// From here on the batch counts as written: its outcome is the daemon's to tell.
-		p.mu.Lock()
-		p.inflight[seq] = b
-		p.mu.Unlock()
-		if _, err := w.Write(frame); err != nil {
+		if b.ack {
+			// From here on the batch counts as written: its outcome is the daemon's to tell.
+			p.mu.Lock()
+			p.inflight[seq] = b
+			p.mu.Unlock()
+		}
+		err = writeAll(w, head, b.enc, tail)
+		if !b.ack {
+			// Written or not, nothing more is known of it: its room is free, its buffer spare.
+			buf := b.enc
+			p.resolve(b, nil, nil)
+			p.mu.Lock()
+			p.unflushed = true
+			if len(p.spare) < maxSpareBuffers {
+				p.spare = append(p.spare, buf[:0])
+			}
+			p.mu.Unlock()
+		}
+		if err != nil {
 			p.requeue(nil, queue[i+1:])
 			return err
 		}
 	}
 	return w.Flush()
+}
+
+func writeAll(w *bufio.Writer, parts ...[]byte) error {
+	for _, part := range parts {
+		if _, err := w.Write(part); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func (p *Producer) requeue(ctrl []*request, queue []*batch) {
@@ -469,7 +489,7 @@ func (p *Producer) refreshTopics() {
 		p.ctrl = append(p.ctrl, &request{msg: &TopicLookup{Topic: name}, done: func(m Message, err error) {
 			if info, ok := m.(*TopicInfo); ok && err == nil {
 				p.mu.Lock()
-				e.info = info
+				p.setInfoLocked(name, e, info)
 				p.mu.Unlock()
 			}
 		}})

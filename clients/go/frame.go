@@ -76,6 +76,25 @@ func putPrefix(out []byte, what string) error {
 	return nil
 }
 
+// produceFrame returns the parts of a Produce frame around its n records, already encoded
+// back to back in recs (appendRecord): the length prefix and the fields before the records,
+// and the fields after them. Both are valid until the next call.
+func (e *Encoder) produceFrame(topic string, n int, recs []byte, ack bool, seq uint64) (head, tail []byte, err error) {
+	if n > MaxProduceRecords {
+		return nil, nil, protocolErrorf("Produce of %d records; at most %d", n, MaxProduceRecords)
+	}
+	b := appendProduceHead(append(e.buf[:0], 0, 0, 0, 0), topic, n, ack, seq)
+	h := len(b)
+	b = appendProduceTail(b, ack, seq)
+	e.buf = b
+	size := len(b) - prefixBytes + len(recs)
+	if size > MaxFrameBytes {
+		return nil, nil, protocolErrorf("Produce frame of %d bytes exceeds %d", size, MaxFrameBytes)
+	}
+	binary.BigEndian.PutUint32(b, uint32(size))
+	return b[:h:h], b[h:], nil
+}
+
 // EncodeFrame returns the frame of m in a new slice (see [Encoder.Encode]).
 func EncodeFrame(m Message) ([]byte, error) {
 	out, err := NewEncoder().Encode(m)
