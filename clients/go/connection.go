@@ -517,6 +517,7 @@ func (p *Producer) fail(err error) {
 		b.timer.Stop()
 	}
 	p.open = make(map[batchKey]*batch)
+	p.last = nil
 	p.queue = nil
 	ctrl := p.ctrl
 	p.ctrl = nil

@@ -148,9 +148,10 @@ type batch struct {
 	ack   bool // acknowledged (Send) or fire-and-forget (Produce)
 	// The records, encoded as Send took them (Rec maps back to back, appendRecord): the
 	// frame's middle part. Kept until the outcome: after SHUTTING_DOWN the batch is sent again.
-	enc   []byte
-	n     int // records
-	bytes int // sum of recordSizeBound of its records
+	enc    []byte
+	closed bool // no longer open: in the queue or written (p.mu)
+	n      int  // records
+	bytes  int  // sum of recordSizeBound of its records
 	// futures: Send handed out a Future, which may read the results after the outcome; else
 	// the results are only the callbacks' and are not kept.
 	futures bool
@@ -222,6 +223,8 @@ type Producer struct {
 	mu       sync.Mutex
 	budget   budget
 	infos    atomic.Pointer[map[string]*TopicInfo] // the known topics, copied on write: Send reads it without a lock
+	lastInfo atomic.Pointer[TopicInfo]             // the latest one Send found there: most Sends are to it again
+	last     *batch                                // the open batch the latest Send added to
 	topics   map[string]*topicEntry
 	open     map[batchKey]*batch
 	sizeHint map[batchKey]int // encoded bytes of each key's last batch
@@ -366,7 +369,10 @@ func (p *Producer) send(ctx context.Context, topic string, rec *Record, cb func(
 	}
 	limit := p.cfg.BatchBytes - produceOverheadBound(topic)
 	key := batchKey{topic, ack}
-	b := p.open[key]
+	b := p.last // most Sends go where the previous one went: no map lookup then
+	if b == nil || b.closed || b.ack != ack || b.topic != topic {
+		b = p.open[key]
+	}
 	if b != nil && b.bytes+size > limit {
 		p.closeBatchLocked(b)
 		b = nil
@@ -381,6 +387,7 @@ func (p *Producer) send(ctx context.Context, topic string, rec *Record, cb func(
 		return Future{}, err
 	}
 	b.enc = enc
+	p.last = b
 	i := b.n
 	b.n++
 	b.bytes += size
@@ -421,8 +428,19 @@ func (p *Producer) openBatchLocked(key batchKey) *batch {
 
 // knownInfo returns the topic's TopicInfo if it was looked up, without a lock.
 func (p *Producer) knownInfo(topic string) *TopicInfo {
+	if info := p.lastInfo.Load(); info != nil && info.Topic == topic {
+		return info
+	}
 	if m := p.infos.Load(); m != nil {
-		return (*m)[topic]
+		if info := (*m)[topic]; info != nil {
+			if info.Topic == topic { // the daemon's answer names the topic looked up
+				p.lastInfo.Store(info)
+				if p.infos.Load() != m { // setInfoLocked ran meanwhile: info may be stale
+					p.lastInfo.Store(nil)
+				}
+			}
+			return info
+		}
 	}
 	return nil
 }
@@ -438,6 +456,7 @@ func (p *Producer) setInfoLocked(topic string, e *topicEntry, info *TopicInfo) {
 	}
 	m[topic] = info
 	p.infos.Store(&m)
+	p.lastInfo.Store(nil) // it may be this topic's previous TopicInfo
 }
 
 // checkRecord refuses what the daemon would refuse for sure, before the record is queued.
@@ -469,6 +488,7 @@ func (p *Producer) unusableLocked() error {
 
 // closeBatchLocked moves b from the open batches to the queue (p.mu held).
 func (p *Producer) closeBatchLocked(b *batch) {
+	b.closed = true
 	if key := (batchKey{b.topic, b.ack}); p.open[key] == b {
 		delete(p.open, key)
 		p.sizeHint[key] = len(b.enc)
