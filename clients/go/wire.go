@@ -53,8 +53,8 @@ type Header struct {
 // receives the record; otherwise it is sent as CreateTime in milliseconds since the epoch and
 // must not be before the epoch.
 //
-// The producer keeps a reference to Key, Value and the header values until the record's
-// frame is written: do not modify them after [Producer.Send].
+// [Producer.Send] (and SendFunc, Produce) encodes the record into its batch's frame before
+// it returns: the caller may reuse Key, Value and the header values afterwards.
 type Record struct {
 	Key       []byte
 	Value     []byte
