@@ -9,7 +9,8 @@ summary into a ClientResult.
 
 What is measured is the command's own: time from its first send to the daemon's FlushDone
 (every record complete), its CPU (getrusage of the Go process, added to the daemon's by the
-harness), and latency per acknowledged record from ``Send`` to its acknowledgement, reported as
+harness), and latency once per acknowledged frame, from the ``Send`` of its first record to
+that record's acknowledgement (as the socket runner times its acked frames), reported as
 percentiles.
 
 Framing is the socket runner's (bench/sluice_socket.py), so the two compare like for like: the
@@ -17,11 +18,14 @@ Go producer batches per topic with the case's ``linger_ms`` and at most FRAME re
 Produce frame, and only every ACK_EVERY-th frame is acknowledged (``Send``); the others go
 fire-and-forget (``Produce``, ack=false), and the final Flush asks the daemon, whose FlushDone
 counts every failed record. ``SLUICE_BENCH_GO_ACK_EVERY=1`` in the environment acknowledges
-every frame instead (every record's latency sampled, every record's outcome decoded by the
-client), the Go client's all-acknowledged mode. Records cycle through POOL distinct values and
-KEYS keys, as the Python runners' do; the data differs in content only: values are ``RUN-i-``
-and seeded letters of the case's size (never the compressible vocabulary), keys ``k<i mod
-KEYS>`` padded to the case's key size.
+every frame instead (every record's outcome decoded by the client), the Go client's
+all-acknowledged mode. The producer holds at most IN_FLIGHT records between ``Send`` and their
+outcome (written, for fire-and-forget ones): the socket runner has no queue of its own (it
+blocks in its socket write), and a deep client queue adds only latency.
+
+Records cycle through POOL distinct values and KEYS keys, as the Python runners' do; the data
+differs in content only: values are ``RUN-i-`` and seeded letters of the case's size (never
+the compressible vocabulary), keys ``k<i mod KEYS>`` padded to the case's key size.
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ from bench import sluice_shm, sluice_socket
 from bench.client import POOL, ClientResult, ClientSpec, report, wait_for_start
 from bench.scenarios import Delivery
 
-__all__ = ["NAME", "FRAME", "ACK_EVERY", "ACK_EVERY_ENV", "KEYS", "settings_for", "unavailable_reason", "command_path",
-           "run_client"]
+__all__ = ["NAME", "FRAME", "ACK_EVERY", "ACK_EVERY_ENV", "IN_FLIGHT", "KEYS", "settings_for", "unavailable_reason",
+           "command_path", "run_client"]
 
 NAME = "sluice-go"
 FRAME = sluice_socket.FRAME
@@ -50,6 +54,9 @@ ACK_EVERY = sluice_socket.ACK_EVERY
 """Every this-many-th frame is acknowledged, the others fire-and-forget: the socket runner's."""
 KEYS = 65_536
 """Distinct keys of a keyed case (as many as the Python runners' key pool)."""
+IN_FLIGHT = 16_384
+"""The Go producer's MaxInFlightRecords: 128 frames of FRAME records (the client's default,
+100,000, kept throughput the same here and added ~50 ms of queueing to every latency)."""
 ACK_EVERY_ENV = "SLUICE_BENCH_GO_ACK_EVERY"
 """Environment variable overriding ACK_EVERY (1: every frame acknowledged)."""
 CLIENT_DIR = Path(__file__).resolve().parent.parent / "clients" / "go"
@@ -118,7 +125,8 @@ def run_client(spec: ClientSpec, conn: Any, start: Any, counters: Any) -> None:
     cmd = [command_path(), "-socket", spec.socket_path or "", "-topic", spec.topic, "-count", str(spec.records),
            "-value-size", str(spec.value_size), "-linger", f"{spec.settings['go_linger_ms']}ms",
            "-frame-records", str(spec.settings["go_frame_records"]), "-ack-every", str(spec.settings["go_ack_every"]),
-           "-distinct-values", str(POOL), "-seed", str(spec.seed * 1_000_003 + spec.index),
+           "-distinct-values", str(POOL), "-max-in-flight", str(IN_FLIGHT),
+           "-seed", str(spec.seed * 1_000_003 + spec.index),
            "-name", f"bench-go-{spec.index}", "-wait-start", "-timeout", "30m"]
     if spec.key_size:
         cmd += ["-keyed", "-key-size", str(spec.key_size), "-keys", str(KEYS)]
@@ -149,7 +157,8 @@ def run_client(spec: ClientSpec, conn: Any, start: Any, counters: Any) -> None:
     counters[spec.index] = sent
     ack_every = spec.settings["go_ack_every"]
     frames = "every frame" if ack_every == 1 else f"every {ack_every}th frame, the others fire-and-forget"
-    method = f"Go producer: Send() to its acknowledgement, every record of {frames} ({spec.settings['go_frame_records']} records)"
+    method = (f"Go producer: Send() of a frame's first record to its acknowledgement, {frames} "
+              f"({spec.settings['go_frame_records']} records)")
     result = ClientResult(index=spec.index, latency_method=method)
     result.sent = sent
     result.payload_bytes = sent * (spec.value_size + spec.key_size)

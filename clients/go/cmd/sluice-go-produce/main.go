@@ -7,15 +7,17 @@
 //	 "client_id":…, "run":…}
 //
 // sent: records Send accepted; acked/failed: their outcomes; refused: Send failed; pending:
-// no outcome when -timeout passed (timed_out). Latency is per record, Send to its
-// acknowledgement. Timing and CPU cover sending and acknowledgements, not connecting or
-// building the records.
+// no outcome when -timeout passed (timed_out). Latency is sampled once per acknowledged
+// group of -frame-records records (a Produce frame, unless a linger split it): the Send of
+// its first record to that record's acknowledgement, as the benchmark's socket runner times
+// its frames; the other records' callbacks only count (no clock, no allocation). Timing and
+// CPU cover sending and acknowledgements, not connecting or building the records.
 //
 // Record i (0-based) is built before timing: its value is "RUN-i-" followed by seeded
 // letters up to -value-size bytes (with -distinct-values N > 0, the value of record i mod N:
 // records share N values, as the benchmark's Python runners share theirs); with -keyed its
-// key is "k" + (i mod -keys) padded with '.' to -key-size bytes (one slice per distinct key); with -headers it carries the headers i=<i>, run=RUN and
-// nothing=<null>. The daemon chooses partitions. -results FILE writes one line per record:
+// key is "k" + (i mod -keys) padded with '.' to -key-size bytes (one slice per distinct
+// key); with -headers it carries the headers i=<i>, run=RUN and nothing=<null>. The daemon chooses partitions. -results FILE writes one line per record:
 // "i partition offset timestamp error", error being NONE, a Sluice/Kafka error name,
 // CONNECTION_LOST, CLOSED, PENDING (no outcome by -timeout) or UNSENT.
 //
@@ -25,7 +27,7 @@
 // With -ack-every N (N > 1) the records go in groups of -frame-records, and only every N-th
 // group is acknowledged (Send, one acked Produce frame); the others go fire-and-forget
 // (Produce, ack=false frames), as the benchmark's Python socket runner frames them. Latency is
-// then over the acknowledged groups' records; acked and failed come from the daemon's
+// then over the acknowledged groups; acked and failed come from the daemon's
 // FlushDone (failed: every record it counted failed, with the acknowledged groups' error
 // names; FAILED_PER_FLUSHDONE for the rest); no -results.
 //
@@ -175,8 +177,30 @@ type tally struct {
 	failed     int64
 	errors     map[string]int64
 	firstError string
-	latency    []int64 // ns, Send to acknowledgement, by record; -1: none (yet)
+	latency    []int64 // ns, Send to acknowledgement, of the timed records
 	outcomes   []outcome
+}
+
+// settle counts one record's outcome: i is its index (-1: no result line to write), lat its
+// latency (-1: not timed).
+func (t *tally) settle(i int, lat int64, md sluice.RecordMetadata, err error) {
+	t.mu.Lock()
+	if err == nil {
+		t.acked++
+		if lat >= 0 {
+			t.latency = append(t.latency, lat)
+		}
+	} else {
+		t.failed++
+		t.errors[errorName(err)]++
+		if t.firstError == "" {
+			t.firstError = err.Error()
+		}
+	}
+	if t.outcomes != nil && i >= 0 {
+		t.outcomes[i] = outcome{md: md, err: err, done: true}
+	}
+	t.mu.Unlock()
 }
 
 type summary struct {
@@ -256,10 +280,7 @@ func main() {
 	}
 	recs := build(o)
 	// Every per-record slot is written before timing, so no page is first touched while timed.
-	t := &tally{errors: map[string]int64{}, latency: make([]int64, len(recs))}
-	for i := range t.latency {
-		t.latency[i] = -1
-	}
+	t := &tally{errors: map[string]int64{}, latency: make([]int64, 0, len(recs)/o.frameRecords+1)}
 	if o.results != "" {
 		t.outcomes = make([]outcome, len(recs))
 		for i := range t.outcomes {
@@ -292,33 +313,31 @@ func main() {
 	t0 := time.Now()
 	ctx, cancel = context.WithTimeout(context.Background(), o.timeout)
 	defer cancel()
+	count := func(md sluice.RecordMetadata, err error) { // the untimed records' callback, shared
+		if !frozen.Load() {
+			t.settle(-1, -1, md, err)
+		}
+	}
 	for i := range recs {
 		var err error
-		if o.noAck || (i/o.frameRecords+1)%o.ackEvery != 0 {
+		switch {
+		case o.noAck || (i/o.frameRecords+1)%o.ackEvery != 0:
 			err = p.Produce(ctx, o.topic, recs[i])
-		} else {
-			at := int64(time.Since(t0))
+		case i%o.frameRecords == 0: // the group's first record: timed
+			at := time.Since(t0)
 			err = p.SendFunc(ctx, o.topic, recs[i], func(md sluice.RecordMetadata, err error) {
-				if frozen.Load() {
-					return
+				if !frozen.Load() {
+					t.settle(i, int64(time.Since(t0)-at), md, err)
 				}
-				lat := int64(time.Since(t0)) - at
-				t.mu.Lock()
-				if err == nil {
-					t.acked++
-					t.latency[i] = lat
-				} else {
-					t.failed++
-					t.errors[errorName(err)]++
-					if t.firstError == "" {
-						t.firstError = err.Error()
-					}
-				}
-				if t.outcomes != nil {
-					t.outcomes[i] = outcome{md: md, err: err, done: true}
-				}
-				t.mu.Unlock()
 			})
+		case t.outcomes != nil:
+			err = p.SendFunc(ctx, o.topic, recs[i], func(md sluice.RecordMetadata, err error) {
+				if !frozen.Load() {
+					t.settle(i, -1, md, err)
+				}
+			})
+		default:
+			err = p.SendFunc(ctx, o.topic, recs[i], count)
 		}
 		if err != nil {
 			s.Refused++
@@ -355,12 +374,7 @@ func main() {
 	s.CPUS = cpuSeconds() - cpu0
 	pprof.StopCPUProfile()
 	t.mu.Lock()
-	var lats []int64
-	for _, ns := range t.latency {
-		if ns >= 0 {
-			lats = append(lats, ns)
-		}
-	}
+	lats := t.latency
 	s.Acked, s.Failed = t.acked, t.failed
 	for name, n := range t.errors {
 		s.Errors[name] += n
