@@ -210,9 +210,9 @@ func producerFrame(t *testing.T, m *Produce) []byte {
 			t.Fatal(err)
 		}
 	}
-	head, tail, err := NewEncoder().produceFrame(m.Topic, len(m.Records), recs, m.Ack, m.Seq)
+	parts, h, err := appendFrameAround(nil, m.Topic, len(m.Records), len(recs), m.Ack, m.Seq)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return append(append(append([]byte(nil), head...), recs...), tail...)
+	return append(append(append([]byte(nil), parts[:h]...), recs...), parts[h:]...)
 }

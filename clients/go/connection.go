@@ -246,6 +246,7 @@ func permanent(err error) bool {
 func (p *Producer) serve(s *session) error {
 	w := bufio.NewWriterSize(s.conn, writeBufferBytes)
 	enc := NewEncoder()
+	bw := &batchWriter{}
 	for {
 		p.mu.Lock()
 		ctrl, queue := p.ctrl, p.queue
@@ -264,7 +265,7 @@ func (p *Producer) serve(s *session) error {
 				return p.sayGoodbye(s, w, enc)
 			}
 		}
-		if err := p.write(s, w, enc, ctrl, queue); err != nil {
+		if err := p.write(s, w, enc, bw, ctrl, queue); err != nil {
 			// A daemon that hangs up while we write (it stopped reading at SHUTTING_DOWN) makes
 			// the write fail before the reader has its last frame: let the reader finish.
 			select {
@@ -289,7 +290,7 @@ func (p *Producer) hasWork() bool {
 
 // write sends ctrl, then queue. On an error the requests and batches not written are put
 // back at the head of their queues, for the next connection.
-func (p *Producer) write(s *session, w *bufio.Writer, enc *Encoder, ctrl []*request, queue []*batch) error {
+func (p *Producer) write(s *session, w *bufio.Writer, enc *Encoder, bw *batchWriter, ctrl []*request, queue []*batch) error {
 	for i, r := range ctrl {
 		frame, err := enc.Encode(r.msg)
 		if err != nil {
@@ -304,7 +305,41 @@ func (p *Producer) write(s *session, w *bufio.Writer, enc *Encoder, ctrl []*requ
 			return err
 		}
 	}
-	for i, b := range queue {
+	if err := w.Flush(); err != nil { // the requests go first
+		p.requeue(nil, queue)
+		return err
+	}
+	if len(queue) == 0 {
+		return nil
+	}
+	return p.writeBatches(s.conn, bw, queue)
+}
+
+// batchWriter is the sending goroutine's scratch for writeBatches, reused from call to call.
+type batchWriter struct {
+	parts   []byte      // the frames' heads and tails
+	bufs    net.Buffers // head, records, tail of each frame, for one writev
+	ends    []int       // each frame's end, in bytes from the first frame's start
+	seqs    []uint64    // each frame's seq (acknowledged batches)
+	batches []*batch    // the batches of those frames
+}
+
+// writeBatches writes the batches' frames with one gathered write (writev): each frame is its
+// head, the batch's encoded records (not copied) and its tail. Acknowledged batches are in
+// flight from before the write (their outcome is the daemon's to tell); fire-and-forget ones
+// are settled once written. On an error, the batches none of whose bytes were written leave
+// the in-flight ones and go back to the head of the queue; the others count as written.
+func (p *Producer) writeBatches(conn net.Conn, bw *batchWriter, queue []*batch) error {
+	need := 0
+	for _, b := range queue {
+		need += produceOverheadBound(b.topic)
+	}
+	if cap(bw.parts) < need {
+		bw.parts = make([]byte, 0, need) // sized so that appending never moves what bufs holds
+	}
+	parts, bufs, ends, seqs, batches := bw.parts[:0], bw.bufs[:0], bw.ends[:0], bw.seqs[:0], bw.batches[:0]
+	total := 0
+	for _, b := range queue {
 		var seq uint64
 		if b.ack {
 			p.mu.Lock()
@@ -312,9 +347,11 @@ func (p *Producer) write(s *session, w *bufio.Writer, enc *Encoder, ctrl []*requ
 			seq = p.seq
 			p.mu.Unlock()
 		}
-		head, tail, err := enc.produceFrame(b.topic, b.n, b.enc, b.ack, seq)
-		if err != nil { // the batch bounds keep a frame under MaxFrameBytes: not reached
-			p.resolve(b, nil, err)
+		start := len(parts)
+		var h int
+		var err error
+		if parts, h, err = appendFrameAround(parts, b.topic, b.n, len(b.enc), b.ack, seq); err != nil {
+			p.resolve(b, nil, err) // the batch bounds keep frames within the limits: not reached
 			continue
 		}
 		if b.ack {
@@ -323,9 +360,36 @@ func (p *Producer) write(s *session, w *bufio.Writer, enc *Encoder, ctrl []*requ
 			p.inflight[seq] = b
 			p.mu.Unlock()
 		}
-		err = writeAll(w, head, b.enc, tail)
+		bufs = append(bufs, parts[start:h:h], b.enc, parts[h:len(parts):len(parts)])
+		total += len(parts) - start + len(b.enc)
+		ends, seqs, batches = append(ends, total), append(seqs, seq), append(batches, b)
+	}
+	bw.parts, bw.bufs, bw.ends, bw.seqs, bw.batches = parts, bufs, ends, seqs, batches
+	_, err := bufs.WriteTo(conn) // consumes bufs: what is left was not written
+	done := total
+	if err != nil {
+		for _, part := range bufs {
+			done -= len(part)
+		}
+	}
+	clear(bw.bufs[:cap(bw.bufs)]) // the scratch does not hold the batches' buffers
+	var unwritten []*batch
+	for i, b := range batches {
+		start := 0
+		if i > 0 {
+			start = ends[i-1]
+		}
+		if start >= done {
+			if b.ack {
+				p.mu.Lock()
+				delete(p.inflight, seqs[i])
+				p.mu.Unlock()
+			}
+			unwritten = append(unwritten, b)
+			continue
+		}
 		if !b.ack {
-			// Written or not, nothing more is known of it: its room is free, its buffer spare.
+			// Written: nothing more is known of it, its room is free, its buffer spare.
 			buf := b.enc
 			p.resolve(b, nil, nil)
 			p.mu.Lock()
@@ -335,21 +399,12 @@ func (p *Producer) write(s *session, w *bufio.Writer, enc *Encoder, ctrl []*requ
 			}
 			p.mu.Unlock()
 		}
-		if err != nil {
-			p.requeue(nil, queue[i+1:])
-			return err
-		}
 	}
-	return w.Flush()
-}
-
-func writeAll(w *bufio.Writer, parts ...[]byte) error {
-	for _, part := range parts {
-		if _, err := w.Write(part); err != nil {
-			return err
-		}
+	clear(bw.batches[:cap(bw.batches)])
+	if err != nil {
+		p.requeue(nil, unwritten)
 	}
-	return nil
+	return err
 }
 
 func (p *Producer) requeue(ctrl []*request, queue []*batch) {

@@ -76,23 +76,22 @@ func putPrefix(out []byte, what string) error {
 	return nil
 }
 
-// produceFrame returns the parts of a Produce frame around its n records, already encoded
-// back to back in recs (appendRecord): the length prefix and the fields before the records,
-// and the fields after them. Both are valid until the next call.
-func (e *Encoder) produceFrame(topic string, n int, recs []byte, ack bool, seq uint64) (head, tail []byte, err error) {
-	if n > MaxProduceRecords {
-		return nil, nil, protocolErrorf("Produce of %d records; at most %d", n, MaxProduceRecords)
+// appendFrameAround appends the parts of a Produce frame around its n records, which are
+// encoded (appendRecord) in recsLen bytes elsewhere: the length prefix and the fields before
+// the records, then the fields after them, which start at h. The Producer writes the three
+// parts with one gathered write. A frame over the limits is a *ProtocolError (b unchanged).
+func appendFrameAround(b []byte, topic string, n, recsLen int, ack bool, seq uint64) (out []byte, h int, err error) {
+	start := len(b)
+	out = appendProduceHead(append(b, 0, 0, 0, 0), topic, n, ack, seq)
+	h = len(out)
+	out = appendProduceTail(out, ack, seq)
+	size := len(out) - start - prefixBytes + recsLen
+	if n > MaxProduceRecords || size > MaxFrameBytes {
+		return b, 0, protocolErrorf("Produce frame of %d records and %d bytes is over the limits (%d, %d)",
+			n, size, MaxProduceRecords, MaxFrameBytes)
 	}
-	b := appendProduceHead(append(e.buf[:0], 0, 0, 0, 0), topic, n, ack, seq)
-	h := len(b)
-	b = appendProduceTail(b, ack, seq)
-	e.buf = b
-	size := len(b) - prefixBytes + len(recs)
-	if size > MaxFrameBytes {
-		return nil, nil, protocolErrorf("Produce frame of %d bytes exceeds %d", size, MaxFrameBytes)
-	}
-	binary.BigEndian.PutUint32(b, uint32(size))
-	return b[:h:h], b[h:], nil
+	binary.BigEndian.PutUint32(out[start:], uint32(size))
+	return out, h, nil
 }
 
 // EncodeFrame returns the frame of m in a new slice (see [Encoder.Encode]).

@@ -17,7 +17,9 @@
 // letters up to -value-size bytes (with -distinct-values N > 0, the value of record i mod N:
 // records share N values, as the benchmark's Python runners share theirs); with -keyed its
 // key is "k" + (i mod -keys) padded with '.' to -key-size bytes (one slice per distinct
-// key); with -headers it carries the headers i=<i>, run=RUN and nothing=<null>. The daemon chooses partitions. -results FILE writes one line per record:
+// key); with -headers it carries the headers i=<i>, run=RUN and nothing=<null>. Records that
+// repeat (with -distinct-values, record i is record i mod the period of its value and key) are
+// built once, as the Python runners build one Rec per distinct value and key. The daemon chooses partitions. -results FILE writes one line per record:
 // "i partition offset timestamp error", error being NONE, a Sluice/Kafka error name,
 // CONNECTION_LOST, CLOSED, PENDING (no outcome by -timeout) or UNSENT.
 //
@@ -132,8 +134,16 @@ func build(o options) []sluice.Record {
 		pad[i] = letters[rng.Intn(len(letters))]
 	}
 	run := []byte(o.run)
-	recs := make([]sluice.Record, o.count)
-	keys := make([][]byte, min(o.keys, o.count))
+	n := o.count
+	if o.distinctValues > 0 && !o.headers { // headers name the record: every record differs
+		period := o.distinctValues
+		if o.keyed {
+			period = lcm(period, o.keys)
+		}
+		n = min(n, period)
+	}
+	recs := make([]sluice.Record, n)
+	keys := make([][]byte, min(o.keys, n))
 	for i := range recs {
 		if o.distinctValues > 0 && i >= o.distinctValues {
 			recs[i].Value = recs[i%o.distinctValues].Value
@@ -161,6 +171,14 @@ func build(o options) []sluice.Record {
 		}
 	}
 	return recs
+}
+
+func lcm(a, b int) int {
+	x, y := a, b
+	for y != 0 {
+		x, y = y, x%y
+	}
+	return a / x * b
 }
 
 // outcome of one record, written by the producer's callback (kept with -results only).
@@ -278,16 +296,16 @@ func main() {
 	if err != nil {
 		fatal(2, "connecting: %v", err)
 	}
-	recs := build(o)
+	recs := build(o) // record i is recs[i % len(recs)]
 	// Every per-record slot is written before timing, so no page is first touched while timed.
-	t := &tally{errors: map[string]int64{}, latency: make([]int64, 0, len(recs)/o.frameRecords+1)}
+	t := &tally{errors: map[string]int64{}, latency: make([]int64, 0, o.count/o.frameRecords+1)}
 	if o.results != "" {
-		t.outcomes = make([]outcome, len(recs))
+		t.outcomes = make([]outcome, o.count)
 		for i := range t.outcomes {
 			t.outcomes[i].md.Partition = -1
 		}
 	}
-	sent := make([]bool, len(recs))
+	sent := make([]bool, o.count)
 	if o.waitStart {
 		emit(map[string]any{"ready": true, "client_id": p.Welcome().ClientID, "pid": os.Getpid()})
 		if _, err := bufio.NewReader(os.Stdin).ReadString('\n'); err != nil {
@@ -318,26 +336,27 @@ func main() {
 			t.settle(-1, -1, md, err)
 		}
 	}
-	for i := range recs {
+	for i := range o.count {
+		rec := &recs[i%len(recs)]
 		var err error
 		switch {
 		case o.noAck || (i/o.frameRecords+1)%o.ackEvery != 0:
-			err = p.Produce(ctx, o.topic, recs[i])
+			err = p.Produce(ctx, o.topic, *rec)
 		case i%o.frameRecords == 0: // the group's first record: timed
 			at := time.Since(t0)
-			err = p.SendFunc(ctx, o.topic, recs[i], func(md sluice.RecordMetadata, err error) {
+			err = p.SendFunc(ctx, o.topic, *rec, func(md sluice.RecordMetadata, err error) {
 				if !frozen.Load() {
 					t.settle(i, int64(time.Since(t0)-at), md, err)
 				}
 			})
 		case t.outcomes != nil:
-			err = p.SendFunc(ctx, o.topic, recs[i], func(md sluice.RecordMetadata, err error) {
+			err = p.SendFunc(ctx, o.topic, *rec, func(md sluice.RecordMetadata, err error) {
 				if !frozen.Load() {
 					t.settle(i, -1, md, err)
 				}
 			})
 		default:
-			err = p.SendFunc(ctx, o.topic, recs[i], count)
+			err = p.SendFunc(ctx, o.topic, *rec, count)
 		}
 		if err != nil {
 			s.Refused++
