@@ -1,16 +1,15 @@
 package sluice
 
 // The producer's memory bound: records (and their bytes) between Send and their outcome.
-// Acquiring waits for a release, or fails at once when the caller will not wait.
+// The budget has no lock of its own: the Producer's mutex guards it, so a Send takes its room
+// in the same critical section that adds the record to its batch (one lock per record), and
+// a batch's outcome gives its room back in the one that removes the batch from the pending
+// ones. A Send that finds no room waits on room (closed at the next release), or fails at
+// once when it will not wait.
 
-import (
-	"context"
-	"sync"
-)
-
-// budget counts the records (and their bytes) between Send and their outcome.
+// budget counts the records (and their bytes) between Send and their outcome (Producer.mu
+// held for every method).
 type budget struct {
-	mu         sync.Mutex
 	records    int
 	bytes      int
 	maxRecords int
@@ -18,40 +17,30 @@ type budget struct {
 	room       chan struct{} // closed at the next release, for those waiting
 }
 
-func (b *budget) acquire(ctx context.Context, size int, wait bool) error {
-	b.mu.Lock()
-	for {
-		if b.records < b.maxRecords && (b.bytes+size <= b.maxBytes || b.records == 0) {
-			b.records++
-			b.bytes += size
-			b.mu.Unlock()
-			return nil
-		}
-		if !wait {
-			b.mu.Unlock()
-			return ErrInFlightFull
-		}
-		if b.room == nil {
-			b.room = make(chan struct{})
-		}
-		room := b.room
-		b.mu.Unlock()
-		select {
-		case <-room:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-		b.mu.Lock()
+// take takes room for one record of size bytes, if there is room. A record larger than
+// maxBytes is let through alone.
+func (b *budget) take(size int) bool {
+	if b.records < b.maxRecords && (b.bytes+size <= b.maxBytes || b.records == 0) {
+		b.records++
+		b.bytes += size
+		return true
 	}
+	return false
+}
+
+// wait returns a channel closed at the next release.
+func (b *budget) wait() <-chan struct{} {
+	if b.room == nil {
+		b.room = make(chan struct{})
+	}
+	return b.room
 }
 
 func (b *budget) release(records, bytes int) {
-	b.mu.Lock()
 	b.records -= records
 	b.bytes -= bytes
 	if b.room != nil {
 		close(b.room)
 		b.room = nil
 	}
-	b.mu.Unlock()
 }

@@ -169,6 +169,12 @@ func TestConformanceEncoderBuildsTheVectorsFrames(t *testing.T) {
 		if want := v.Client[c.index]; hex.EncodeToString(got) != want {
 			t.Errorf("%s: frame %d\n got  %x\n want %s", c.vector, c.index, got, want)
 		}
+		if m, ok := c.msg.(*Produce); ok {
+			// The Producer's own path: records encoded as they are sent, the frame around them.
+			if got := producerFrame(t, m); hex.EncodeToString(got) != v.Client[c.index] {
+				t.Errorf("%s: the Producer's frame %d\n got  %x\n want %s", c.vector, c.index, got, v.Client[c.index])
+			}
+		}
 	}
 }
 
@@ -191,4 +197,22 @@ func TestConformanceFailedResultIsAnError(t *testing.T) {
 		return
 	}
 	t.Fatal("vector produce-unknown-topic-ack is not in the file")
+}
+
+// producerFrame builds m's frame as the Producer does: each record appended to the batch's
+// buffer when it is sent, then the frame's head and tail around them.
+func producerFrame(t *testing.T, m *Produce) []byte {
+	t.Helper()
+	var recs []byte
+	for i := range m.Records {
+		var err error
+		if recs, err = appendRecord(recs, &m.Records[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	parts, h, err := appendFrameAround(nil, m.Topic, len(m.Records), len(recs), m.Ack, m.Seq)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return append(append(append([]byte(nil), parts[:h]...), recs...), parts[h:]...)
 }

@@ -30,6 +30,9 @@ const readerGrace = 2 * time.Second
 // out in one write.
 const writeBufferBytes = 256 * 1024
 
+// maxSpareBuffers bounds the written fire-and-forget batches' buffers kept for new batches.
+const maxSpareBuffers = 4
+
 // Reconnect backoff: the first retry comes soon (a restarting daemon is back in well under a
 // second), later ones no more often than once a second.
 const (
@@ -115,7 +118,9 @@ func (p *Producer) read(s *session) {
 	var err error
 	for err == nil {
 		var m Message
-		if m, err = s.frames.Next(); err != nil {
+		// ProduceAck results are decoded into the reader's reused slice: resolve settles them
+		// (and copies them for Futures) before the next frame is read.
+		if m, err = s.frames.next(true); err != nil {
 			break
 		}
 		switch m := m.(type) {
@@ -180,18 +185,26 @@ func (p *Producer) resolve(b *batch, results []RecordResult, err error) {
 	p.mu.Lock()
 	_, ok := p.pending[b]
 	delete(p.pending, b)
+	if ok {
+		p.budget.release(b.n, b.bytes)
+	}
 	p.mu.Unlock()
 	if !ok {
 		return
 	}
-	b.results, b.err, b.recs = results, err, nil
+	if b.futures && results != nil {
+		results = slices.Clone(results) // results is the reader's reused slice
+	}
+	b.results, b.err, b.enc = results, err, nil
 	for i, cb := range b.cbs { // before done closes: once a Future is done, so are the callbacks
 		if cb != nil {
 			cb(b.result(i))
 		}
 	}
+	if !b.futures {
+		b.results = nil
+	}
 	close(b.done)
-	p.budget.release(b.n, b.bytes)
 }
 
 // run is the sending goroutine: it writes the queued requests and batches on the current
@@ -233,6 +246,7 @@ func permanent(err error) bool {
 func (p *Producer) serve(s *session) error {
 	w := bufio.NewWriterSize(s.conn, writeBufferBytes)
 	enc := NewEncoder()
+	bw := &batchWriter{}
 	for {
 		p.mu.Lock()
 		ctrl, queue := p.ctrl, p.queue
@@ -251,7 +265,7 @@ func (p *Producer) serve(s *session) error {
 				return p.sayGoodbye(s, w, enc)
 			}
 		}
-		if err := p.write(s, w, enc, ctrl, queue); err != nil {
+		if err := p.write(s, w, enc, bw, ctrl, queue); err != nil {
 			// A daemon that hangs up while we write (it stopped reading at SHUTTING_DOWN) makes
 			// the write fail before the reader has its last frame: let the reader finish.
 			select {
@@ -276,7 +290,7 @@ func (p *Producer) hasWork() bool {
 
 // write sends ctrl, then queue. On an error the requests and batches not written are put
 // back at the head of their queues, for the next connection.
-func (p *Producer) write(s *session, w *bufio.Writer, enc *Encoder, ctrl []*request, queue []*batch) error {
+func (p *Producer) write(s *session, w *bufio.Writer, enc *Encoder, bw *batchWriter, ctrl []*request, queue []*batch) error {
 	for i, r := range ctrl {
 		frame, err := enc.Encode(r.msg)
 		if err != nil {
@@ -291,45 +305,106 @@ func (p *Producer) write(s *session, w *bufio.Writer, enc *Encoder, ctrl []*requ
 			return err
 		}
 	}
-	for i, b := range queue {
-		if !b.ack {
-			frame, err := enc.Encode(&Produce{Topic: b.topic, Records: b.recs})
-			if err == nil {
-				_, err = w.Write(frame)
+	if err := w.Flush(); err != nil { // the requests go first
+		p.requeue(nil, queue)
+		return err
+	}
+	if len(queue) == 0 {
+		return nil
+	}
+	return p.writeBatches(s.conn, bw, queue)
+}
+
+// batchWriter is the sending goroutine's scratch for writeBatches, reused from call to call.
+type batchWriter struct {
+	parts   []byte      // the frames' heads and tails
+	bufs    net.Buffers // head, records, tail of each frame, for one writev
+	ends    []int       // each frame's end, in bytes from the first frame's start
+	seqs    []uint64    // each frame's seq (acknowledged batches)
+	batches []*batch    // the batches of those frames
+}
+
+// writeBatches writes the batches' frames with one gathered write (writev): each frame is its
+// head, the batch's encoded records (not copied) and its tail. Acknowledged batches are in
+// flight from before the write (their outcome is the daemon's to tell); fire-and-forget ones
+// are settled once written. On an error, the batches none of whose bytes were written leave
+// the in-flight ones and go back to the head of the queue; the others count as written.
+func (p *Producer) writeBatches(conn net.Conn, bw *batchWriter, queue []*batch) error {
+	need := 0
+	for _, b := range queue {
+		need += produceOverheadBound(b.topic)
+	}
+	if cap(bw.parts) < need {
+		bw.parts = make([]byte, 0, need) // sized so that appending never moves what bufs holds
+	}
+	parts, bufs, ends, seqs, batches := bw.parts[:0], bw.bufs[:0], bw.ends[:0], bw.seqs[:0], bw.batches[:0]
+	total := 0
+	for _, b := range queue {
+		var seq uint64
+		if b.ack {
+			p.mu.Lock()
+			p.seq++
+			seq = p.seq
+			p.mu.Unlock()
+		}
+		start := len(parts)
+		var h int
+		var err error
+		if parts, h, err = appendFrameAround(parts, b.topic, b.n, len(b.enc), b.ack, seq); err != nil {
+			p.resolve(b, nil, err) // the batch bounds keep frames within the limits: not reached
+			continue
+		}
+		if b.ack {
+			// From here on the batch counts as written: its outcome is the daemon's to tell.
+			p.mu.Lock()
+			p.inflight[seq] = b
+			p.mu.Unlock()
+		}
+		bufs = append(bufs, parts[start:h:h], b.enc, parts[h:len(parts):len(parts)])
+		total += len(parts) - start + len(b.enc)
+		ends, seqs, batches = append(ends, total), append(seqs, seq), append(batches, b)
+	}
+	bw.parts, bw.bufs, bw.ends, bw.seqs, bw.batches = parts, bufs, ends, seqs, batches
+	_, err := bufs.WriteTo(conn) // consumes bufs: what is left was not written
+	done := total
+	if err != nil {
+		for _, part := range bufs {
+			done -= len(part)
+		}
+	}
+	clear(bw.bufs[:cap(bw.bufs)]) // the scratch does not hold the batches' buffers
+	var unwritten []*batch
+	for i, b := range batches {
+		start := 0
+		if i > 0 {
+			start = ends[i-1]
+		}
+		if start >= done {
+			if b.ack {
+				p.mu.Lock()
+				delete(p.inflight, seqs[i])
+				p.mu.Unlock()
 			}
-			// Written or not, nothing more is known of it: its room is free.
+			unwritten = append(unwritten, b)
+			continue
+		}
+		if !b.ack {
+			// Written: nothing more is known of it, its room is free, its buffer spare.
+			buf := b.enc
 			p.resolve(b, nil, nil)
 			p.mu.Lock()
 			p.unflushed = true
-			p.mu.Unlock()
-			if err != nil {
-				if _, ok := err.(*ProtocolError); ok {
-					continue // checkRecord refuses what the encoder would; this would be a bug
-				}
-				p.requeue(nil, queue[i+1:])
-				return err
+			if len(p.spare) < maxSpareBuffers {
+				p.spare = append(p.spare, buf[:0])
 			}
-			continue
-		}
-		p.mu.Lock()
-		p.seq++
-		seq := p.seq
-		p.mu.Unlock()
-		frame, err := enc.Encode(&Produce{Topic: b.topic, Records: b.recs, Ack: true, Seq: seq})
-		if err != nil { // checkRecord refuses what the encoder would; this would be a bug
-			p.resolve(b, nil, err)
-			continue
-		}
-		// From here on the batch counts as written: its outcome is the daemon's to tell.
-		p.mu.Lock()
-		p.inflight[seq] = b
-		p.mu.Unlock()
-		if _, err := w.Write(frame); err != nil {
-			p.requeue(nil, queue[i+1:])
-			return err
+			p.mu.Unlock()
 		}
 	}
-	return w.Flush()
+	clear(bw.batches[:cap(bw.batches)])
+	if err != nil {
+		p.requeue(nil, unwritten)
+	}
+	return err
 }
 
 func (p *Producer) requeue(ctrl []*request, queue []*batch) {
@@ -469,7 +544,7 @@ func (p *Producer) refreshTopics() {
 		p.ctrl = append(p.ctrl, &request{msg: &TopicLookup{Topic: name}, done: func(m Message, err error) {
 			if info, ok := m.(*TopicInfo); ok && err == nil {
 				p.mu.Lock()
-				e.info = info
+				p.setInfoLocked(name, e, info)
 				p.mu.Unlock()
 			}
 		}})
@@ -497,6 +572,7 @@ func (p *Producer) fail(err error) {
 		b.timer.Stop()
 	}
 	p.open = make(map[batchKey]*batch)
+	p.last = nil
 	p.queue = nil
 	ctrl := p.ctrl
 	p.ctrl = nil

@@ -12,7 +12,6 @@ import (
 	"unicode/utf8"
 
 	"github.com/vmihailenco/msgpack/v5"
-	"github.com/vmihailenco/msgpack/v5/msgpcode"
 )
 
 // Framing (docs/PROTOCOL.md, "Framing"):
@@ -45,33 +44,54 @@ func protocolErrorf(format string, args ...any) *ProtocolError {
 
 // Encoder turns messages into frames, reusing one buffer. It is not safe for concurrent use.
 type Encoder struct {
-	buf bytes.Buffer
-	enc *msgpack.Encoder
+	buf []byte
 }
 
 // NewEncoder returns an Encoder.
-func NewEncoder() *Encoder {
-	e := &Encoder{}
-	e.enc = msgpack.NewEncoder(&e.buf)
-	return e
-}
+func NewEncoder() *Encoder { return &Encoder{} }
 
 // Encode returns the frame of m: the 4-byte big-endian length, then the msgpack body. The
 // slice is valid until the next call. A body larger than MaxFrameBytes is a *ProtocolError
 // (split the Produce).
 func (e *Encoder) Encode(m Message) ([]byte, error) {
-	e.buf.Reset()
-	e.buf.Write([]byte{0, 0, 0, 0})
-	if err := m.encode(e.enc); err != nil {
+	out, err := m.encode(append(e.buf[:0], 0, 0, 0, 0))
+	if err != nil {
 		return nil, err
 	}
-	out := e.buf.Bytes()
+	e.buf = out
+	if err := putPrefix(out, m.MessageType()); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// putPrefix writes the length prefix of the frame in out (its first 4 bytes, then the body),
+// or refuses a body larger than MaxFrameBytes.
+func putPrefix(out []byte, what string) error {
 	size := len(out) - prefixBytes
 	if size > MaxFrameBytes {
-		return nil, protocolErrorf("%s frame of %d bytes exceeds %d", m.MessageType(), size, MaxFrameBytes)
+		return protocolErrorf("%s frame of %d bytes exceeds %d", what, size, MaxFrameBytes)
 	}
 	binary.BigEndian.PutUint32(out, uint32(size))
-	return out, nil
+	return nil
+}
+
+// appendFrameAround appends the parts of a Produce frame around its n records, which are
+// encoded (appendRecord) in recsLen bytes elsewhere: the length prefix and the fields before
+// the records, then the fields after them, which start at h. The Producer writes the three
+// parts with one gathered write. A frame over the limits is a *ProtocolError (b unchanged).
+func appendFrameAround(b []byte, topic string, n, recsLen int, ack bool, seq uint64) (out []byte, h int, err error) {
+	start := len(b)
+	out = appendProduceHead(append(b, 0, 0, 0, 0), topic, n, ack, seq)
+	h = len(out)
+	out = appendProduceTail(out, ack, seq)
+	size := len(out) - start - prefixBytes + recsLen
+	if n > MaxProduceRecords || size > MaxFrameBytes {
+		return b, 0, protocolErrorf("Produce frame of %d records and %d bytes is over the limits (%d, %d)",
+			n, size, MaxProduceRecords, MaxFrameBytes)
+	}
+	binary.BigEndian.PutUint32(out[start:], uint32(size))
+	return out, h, nil
 }
 
 // EncodeFrame returns the frame of m in a new slice (see [Encoder.Encode]).
@@ -85,9 +105,10 @@ func EncodeFrame(m Message) ([]byte, error) {
 
 // FrameReader reads messages from a byte stream, whatever its chunking.
 type FrameReader struct {
-	r   *bufio.Reader
-	buf []byte
-	err error
+	r       *bufio.Reader
+	buf     []byte
+	results []RecordResult // reused by next(true)
+	err     error
 }
 
 // NewFrameReader returns a FrameReader on r.
@@ -98,7 +119,11 @@ func NewFrameReader(r io.Reader) *FrameReader {
 // Next returns the next message. At a clean end of the stream (between frames) it returns
 // io.EOF; a stream that ends inside a frame gives io.ErrUnexpectedEOF; a bad frame gives a
 // *ProtocolError, again on every later call.
-func (fr *FrameReader) Next() (Message, error) {
+func (fr *FrameReader) Next() (Message, error) { return fr.next(false) }
+
+// next is Next; with reuse, a ProduceAck's Results are valid only until the next call (the
+// Producer's reading goroutine settles them before it reads on).
+func (fr *FrameReader) next(reuse bool) (Message, error) {
 	if fr.err != nil {
 		return nil, fr.err
 	}
@@ -122,7 +147,11 @@ func (fr *FrameReader) Next() (Message, error) {
 		}
 		return nil, err
 	}
-	m, err := DecodeBody(body)
+	var results *[]RecordResult
+	if reuse {
+		results = &fr.results
+	}
+	m, err := decodeBody(body, results)
 	if err != nil {
 		fr.err = err
 		return nil, err
@@ -147,7 +176,11 @@ func DecodeFrame(frame []byte) (Message, error) {
 
 // DecodeBody decodes one frame body (the msgpack map) into its message, of either direction.
 // The returned message does not refer to body.
-func DecodeBody(body []byte) (Message, error) {
+func DecodeBody(body []byte) (Message, error) { return decodeBody(body, nil) }
+
+// decodeBody is DecodeBody; with reuse, a ProduceAck's Results are decoded into *reuse
+// (grown when too small), valid until the next call with it.
+func decodeBody(body []byte, reuse *[]RecordResult) (Message, error) {
 	typ, err := messageType(body)
 	if err != nil {
 		return nil, err
@@ -156,7 +189,7 @@ func DecodeBody(body []byte) (Message, error) {
 	if !ok {
 		return nil, protocolErrorf("unknown message type %q", typ)
 	}
-	d := newDecoder(body)
+	d := &decoder{b: body, reuse: reuse}
 	m, err := decode(d)
 	if err != nil {
 		var pe *ProtocolError
@@ -165,8 +198,8 @@ func DecodeBody(body []byte) (Message, error) {
 		}
 		return nil, protocolErrorf("%s: %v", typ, err)
 	}
-	if d.r.Len() != 0 {
-		return nil, protocolErrorf("%d bytes after the %s map", d.r.Len(), typ)
+	if d.left() != 0 {
+		return nil, protocolErrorf("%d bytes after the %s map", d.left(), typ)
 	}
 	return m, nil
 }
@@ -192,105 +225,11 @@ func messageType(body []byte) (string, error) {
 			}
 			return typ, nil
 		}
-		if err := d.dec.Skip(); err != nil {
+		if err := d.skipValue(); err != nil {
 			return "", protocolErrorf("value of %q: %v", k, err)
 		}
 	}
 	return "", protocolErrorf("map has no \"type\"")
-}
-
-// decoder reads strictly typed msgpack values from one body.
-type decoder struct {
-	r       *bytes.Reader
-	dec     *msgpack.Decoder
-	scratch []byte // the bytes of the latest str read
-}
-
-func newDecoder(body []byte) *decoder {
-	r := bytes.NewReader(body)
-	return &decoder{r: r, dec: msgpack.NewDecoder(r)}
-}
-
-func (d *decoder) peek() (byte, error) { return d.dec.PeekCode() }
-
-func (d *decoder) mapLen() (int, error) {
-	c, err := d.peek()
-	if err != nil {
-		return 0, err
-	}
-	if !msgpcode.IsFixedMap(c) && c != msgpcode.Map16 && c != msgpcode.Map32 {
-		return 0, fmt.Errorf("code %#x is not a map", c)
-	}
-	return d.dec.DecodeMapLen()
-}
-
-func (d *decoder) arrayLen() (int, error) {
-	c, err := d.peek()
-	if err != nil {
-		return 0, err
-	}
-	if !msgpcode.IsFixedArray(c) && c != msgpcode.Array16 && c != msgpcode.Array32 {
-		return 0, fmt.Errorf("code %#x is not an array", c)
-	}
-	return d.dec.DecodeArrayLen()
-}
-
-func (d *decoder) isNil() (bool, error) {
-	c, err := d.peek()
-	if err != nil {
-		return false, err
-	}
-	if c == msgpcode.Nil {
-		return true, d.dec.DecodeNil()
-	}
-	return false, nil
-}
-
-// rawStr reads a str into d.scratch (valid until the next read) and checks it is UTF-8.
-func (d *decoder) rawStr() ([]byte, error) {
-	b, err := d.rawStrBytes()
-	if err == nil && !utf8.Valid(b) {
-		err = errors.New("str is not UTF-8")
-	}
-	return b, err
-}
-
-// rawStrBytes is rawStr without the UTF-8 check (for keys, which are checked when they are
-// not one of the protocol's ASCII names).
-func (d *decoder) rawStrBytes() ([]byte, error) {
-	c, err := d.peek()
-	if err != nil {
-		return nil, err
-	}
-	if !msgpcode.IsString(c) {
-		return nil, fmt.Errorf("code %#x is not a str", c)
-	}
-	n, err := d.dec.DecodeBytesLen()
-	if err != nil {
-		return nil, err
-	}
-	if n > d.r.Len() {
-		return nil, io.ErrUnexpectedEOF // before allocating what a bad length claims
-	}
-	if cap(d.scratch) < n {
-		d.scratch = make([]byte, n)
-	}
-	b := d.scratch[:n]
-	if err := d.dec.ReadFull(b); err != nil {
-		return nil, err
-	}
-	return b, nil
-}
-
-func (d *decoder) str() (string, error) {
-	b, err := d.rawStr()
-	if err != nil {
-		return "", err
-	}
-	if string(b) == "NONE" { // every successful result's error_name: no allocation for it
-		return "NONE", nil
-	}
-	return string(b), nil
 }
 
 // key reads a map key: the protocol's field names come back as constants (a switch on the
@@ -394,89 +333,6 @@ func (d *decoder) key() (string, error) {
 	return string(b), nil
 }
 
-// binOrNil returns nil for msgpack nil and a non-nil slice (empty for bin of length 0) for bin.
-func (d *decoder) binOrNil() ([]byte, error) {
-	if null, err := d.isNil(); null || err != nil {
-		return nil, err
-	}
-	c, err := d.peek()
-	if err != nil {
-		return nil, err
-	}
-	if !msgpcode.IsBin(c) {
-		return nil, fmt.Errorf("code %#x is not bin (bytes must be msgpack bin, not str)", c)
-	}
-	b, err := d.dec.DecodeBytes()
-	if b == nil && err == nil {
-		b = []byte{}
-	}
-	return b, err
-}
-
-func isInt(c byte) bool {
-	return msgpcode.IsFixedNum(c) || (c >= msgpcode.Uint8 && c <= msgpcode.Int64)
-}
-
-// int reads any msgpack integer that fits int64.
-func (d *decoder) int() (int64, error) {
-	c, err := d.peek()
-	if err != nil {
-		return 0, err
-	}
-	if !isInt(c) {
-		return 0, fmt.Errorf("code %#x is not an integer", c)
-	}
-	if c == msgpcode.Uint64 {
-		u, err := d.dec.DecodeUint64()
-		if err != nil {
-			return 0, err
-		}
-		if u > math.MaxInt64 {
-			return 0, fmt.Errorf("integer %d out of range", u)
-		}
-		return int64(u), nil
-	}
-	return d.dec.DecodeInt64()
-}
-
-// uint reads a msgpack integer >= 0 (a uint64 may use all 64 bits).
-func (d *decoder) uint() (uint64, error) {
-	c, err := d.peek()
-	if err != nil {
-		return 0, err
-	}
-	if c == msgpcode.Uint64 {
-		return d.dec.DecodeUint64()
-	}
-	n, err := d.int()
-	if err != nil {
-		return 0, err
-	}
-	if n < 0 {
-		return 0, fmt.Errorf("integer %d is negative where a uint is required", n)
-	}
-	return uint64(n), nil
-}
-
-func (d *decoder) uintMax(limit uint64) (uint64, error) {
-	n, err := d.uint()
-	if err == nil && n > limit {
-		err = fmt.Errorf("integer %d is above %d", n, limit)
-	}
-	return n, err
-}
-
-func (d *decoder) boolean() (bool, error) {
-	c, err := d.peek()
-	if err != nil {
-		return false, err
-	}
-	if c != msgpcode.True && c != msgpcode.False {
-		return false, fmt.Errorf("code %#x is not a bool", c)
-	}
-	return d.dec.DecodeBool()
-}
-
 // fields reads a map, hands each key but "type" to field (which decodes its value and
 // returns the field's index in required, or -1 after skipping an unknown key), and checks
 // that every name in required was present.
@@ -492,7 +348,7 @@ func (d *decoder) fields(required []string, field func(k string) (int, error)) e
 			return fmt.Errorf("map key: %w", err)
 		}
 		if k == "type" {
-			if err := d.dec.Skip(); err != nil {
+			if err := d.skipValue(); err != nil {
 				return err
 			}
 			continue
@@ -514,7 +370,7 @@ func (d *decoder) fields(required []string, field func(k string) (int, error)) e
 }
 
 // skip skips an unknown key's value.
-func (d *decoder) skip() (int, error) { return -1, d.dec.Skip() }
+func (d *decoder) skip() (int, error) { return -1, d.skipValue() }
 
 // setUint decodes a uint into *dst and returns idx.
 func (d *decoder) setUint(dst *uint64, idx int) (int, error) {
@@ -728,22 +584,22 @@ var messageMakers = map[string]func(*decoder) (Message, error){
 	},
 }
 
-// decodeStats reads a StatsReply: its "stats" is any map, read with the library's generic
-// decoding (nested maps with string keys, numbers, strings, lists).
+// decodeStats reads a StatsReply: its "stats" is any map, read with the msgpack library's
+// generic decoding (nested maps with string keys, numbers, strings, lists) from the bytes
+// after the key; the decoder then moves past what the library read.
 func decodeStats(d *decoder) (Message, error) {
 	m := &StatsReply{}
 	return m, d.fields([]string{"stats"}, func(k string) (int, error) {
 		if k != "stats" {
 			return d.skip()
 		}
-		c, err := d.peek()
-		if err != nil {
+		start := d.off
+		if _, err := d.mapLen(); err != nil {
 			return 0, err
 		}
-		if !msgpcode.IsFixedMap(c) && c != msgpcode.Map16 && c != msgpcode.Map32 {
-			return 0, fmt.Errorf("code %#x is not a map", c)
-		}
-		v, err := d.dec.DecodeMap()
+		rest := bytes.NewReader(d.b[start:])
+		v, err := msgpack.NewDecoder(rest).DecodeMap()
+		d.off = len(d.b) - rest.Len()
 		m.Stats = v
 		return 0, err
 	})
@@ -826,46 +682,82 @@ func (d *decoder) headers() ([]Header, error) {
 	return hs, nil
 }
 
-var resultFields = []string{"partition", "offset", "timestamp", "error_code", "error_name"}
+// resultFields are a RecordResult's fields, all required; bit i of resultDecoder's seen mask
+// is resultFields[i].
+var resultFields = [...]string{"partition", "offset", "timestamp", "error_code", "error_name"}
 
-// results reads the "results" array of a ProduceAck.
+const allResultFields = 1<<len(resultFields) - 1
+
+// results reads the "results" array of a ProduceAck, into d.reuse when the caller reuses
+// one. Each result is decoded by name without a closure: this runs once per record.
 func (d *decoder) results() ([]RecordResult, error) {
 	n, err := d.arrayLen()
 	if err != nil {
 		return nil, err
 	}
-	res := make([]RecordResult, n)
+	var res []RecordResult
+	if d.reuse != nil && cap(*d.reuse) >= n {
+		res = (*d.reuse)[:n]
+	} else {
+		res = make([]RecordResult, n)
+		if d.reuse != nil {
+			*d.reuse = res
+		}
+	}
 	for i := range res {
-		r := &res[i]
-		err := d.fields(resultFields, func(k string) (int, error) {
-			switch k {
-			case "partition":
-				v, err := d.int()
-				if err == nil && (v < math.MinInt32 || v > math.MaxInt32) {
-					err = fmt.Errorf("partition %d out of the int32 range", v)
-				}
-				r.Partition = int32(v)
-				return 0, err
-			case "offset":
-				v, err := d.int()
-				r.Offset = v
-				return 1, err
-			case "timestamp":
-				v, err := d.int()
-				r.Timestamp = v
-				return 2, err
-			case "error_code":
-				v, err := d.int()
-				r.ErrorCode = v
-				return 3, err
-			case "error_name":
-				return d.setStr(&r.ErrorName, 4)
-			}
-			return d.skip()
-		})
-		if err != nil {
+		if err := d.result(&res[i]); err != nil {
 			return nil, fmt.Errorf("result %d: %w", i, err)
 		}
 	}
 	return res, nil
+}
+
+func (d *decoder) result(r *RecordResult) error {
+	n, err := d.mapLen()
+	if err != nil {
+		return err
+	}
+	var seen int
+	for i := 0; i < n; i++ {
+		k, err := d.rawStrBytes()
+		if err != nil {
+			return fmt.Errorf("map key: %w", err)
+		}
+		var v int64
+		switch string(k) {
+		case "partition":
+			if v, err = d.int(); err == nil && (v < math.MinInt32 || v > math.MaxInt32) {
+				err = fmt.Errorf("partition %d out of the int32 range", v)
+			}
+			r.Partition, seen = int32(v), seen|1<<0
+		case "offset":
+			r.Offset, err = d.int()
+			seen |= 1 << 1
+		case "timestamp":
+			r.Timestamp, err = d.int()
+			seen |= 1 << 2
+		case "error_code":
+			r.ErrorCode, err = d.int()
+			seen |= 1 << 3
+		case "error_name":
+			r.ErrorName, err = d.str()
+			seen |= 1 << 4
+		default:
+			if !utf8.Valid(k) {
+				return errors.New("map key: str is not UTF-8")
+			}
+			err = d.skipValue()
+		}
+		if err != nil {
+			return fmt.Errorf("field %q: %w", k, err)
+		}
+	}
+	if seen != allResultFields {
+		for i, name := range resultFields {
+			if seen&(1<<i) == 0 {
+				return fmt.Errorf("required field %q is missing", name)
+			}
+		}
+	}
+	return nil
 }

@@ -100,6 +100,24 @@ func normal(m Message) Message {
 	return m
 }
 
+// The Producer's frames (records encoded as they are sent) are EncodeFrame's, byte for byte.
+func TestProducerFramesAreTheEncodersFrames(t *testing.T) {
+	for _, m := range []*Produce{
+		{Topic: "clicks", Records: []Record{{Key: []byte("k1"), Value: []byte("hello"), Headers: []Header{{"h", []byte("v")}}}}, Ack: true, Seq: 1},
+		{Topic: strings.Repeat("t", 40), Records: make([]Record, 70000)[:17]},
+		{Topic: "t", Records: []Record{{Value: make([]byte, 300)}, {Key: []byte{}, Partition: PartitionOf(7), Timestamp: time.UnixMilli(5)}}, Ack: true, Seq: 1 << 40},
+		{Topic: "t", Records: []Record{}},
+	} {
+		want, err := EncodeFrame(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := producerFrame(t, m); !bytes.Equal(got, want) {
+			t.Errorf("%s, %d records:\n got  %x\n want %x", m.Topic, len(m.Records), got, want)
+		}
+	}
+}
+
 func TestNilAndEmptyBytesStayApart(t *testing.T) {
 	frame, err := EncodeFrame(&Produce{Topic: "t", Records: []Record{{Key: []byte{}, Value: nil}}})
 	if err != nil {

@@ -145,13 +145,19 @@ func (f Future) Wait(ctx context.Context) (RecordMetadata, error) {
 // batch is the records of one topic that travel in one Produce frame, and their outcome.
 type batch struct {
 	topic string
-	ack   bool     // acknowledged (Send) or fire-and-forget (Produce)
-	recs  []Record // kept until the outcome: after SHUTTING_DOWN the batch is sent again
-	n     int      // records
-	bytes int      // sum of recordSizeBound of its records
-	cbs   []func(RecordMetadata, error)
-	timer *time.Timer
-	done  chan struct{}
+	ack   bool // acknowledged (Send) or fire-and-forget (Produce)
+	// The records, encoded as Send took them (Rec maps back to back, appendRecord): the
+	// frame's middle part. Kept until the outcome: after SHUTTING_DOWN the batch is sent again.
+	enc    []byte
+	closed bool // no longer open: in the queue or written (p.mu)
+	n      int  // records
+	bytes  int  // sum of recordSizeBound of its records
+	// futures: Send handed out a Future, which may read the results after the outcome; else
+	// the results are only the callbacks' and are not kept.
+	futures bool
+	cbs     []func(RecordMetadata, error)
+	timer   *time.Timer
+	done    chan struct{}
 	// Written once, before done is closed.
 	results []RecordResult
 	err     error
@@ -212,13 +218,17 @@ type topicEntry struct {
 //     BAD_FRAME, UNEXPECTED_MESSAGE) and protocol errors fail the producer at once: they
 //     would only repeat.
 type Producer struct {
-	cfg    Config
-	budget budget
+	cfg Config
 
 	mu       sync.Mutex
+	budget   budget
+	infos    atomic.Pointer[map[string]*TopicInfo] // the known topics, copied on write: Send reads it without a lock
+	lastInfo atomic.Pointer[TopicInfo]             // the latest one Send found there: most Sends are to it again
+	last     *batch                                // the open batch the latest Send added to
 	topics   map[string]*topicEntry
 	open     map[batchKey]*batch
-	sizeHint map[batchKey]int // records of each key's last batch
+	sizeHint map[batchKey]int // encoded bytes of each key's last batch
+	spare    [][]byte         // written fire-and-forget batches' buffers, for new batches
 	queue    []*batch         // closed, not yet written, in order
 	ctrl     []*request
 	inflight map[uint64]*batch // written, waiting for the ProduceAck, by seq
@@ -324,40 +334,61 @@ func (p *Producer) send(ctx context.Context, topic string, rec *Record, cb func(
 	if err := ctx.Err(); err != nil {
 		return Future{}, err
 	}
-	info, err := p.Lookup(ctx, topic)
-	if err != nil {
-		return Future{}, err
+	info := p.knownInfo(topic)
+	if info == nil {
+		var err error
+		if info, err = p.Lookup(ctx, topic); err != nil {
+			return Future{}, err
+		}
 	}
 	if err := checkRecord(topic, rec, info); err != nil {
 		return Future{}, err
 	}
 	size := recordSizeBound(rec)
-	if err := p.budget.acquire(ctx, size, !p.cfg.FailWhenFull); err != nil {
-		return Future{}, err
-	}
 	p.mu.Lock()
-	if err := p.unusableLocked(); err != nil {
+	for {
+		if err := p.unusableLocked(); err != nil {
+			p.mu.Unlock()
+			return Future{}, err
+		}
+		if p.budget.take(size) {
+			break
+		}
+		if p.cfg.FailWhenFull {
+			p.mu.Unlock()
+			return Future{}, ErrInFlightFull
+		}
+		room := p.budget.wait()
 		p.mu.Unlock()
-		p.budget.release(1, size)
-		return Future{}, err
+		select {
+		case <-room:
+		case <-ctx.Done():
+			return Future{}, ctx.Err()
+		}
+		p.mu.Lock()
 	}
 	limit := p.cfg.BatchBytes - produceOverheadBound(topic)
 	key := batchKey{topic, ack}
-	b := p.open[key]
+	b := p.last // most Sends go where the previous one went: no map lookup then
+	if b == nil || b.closed || b.ack != ack || b.topic != topic {
+		b = p.open[key]
+	}
 	if b != nil && b.bytes+size > limit {
 		p.closeBatchLocked(b)
 		b = nil
 	}
 	if b == nil {
-		// Sized like this topic's previous batch: a busy topic's batches do not grow by
-		// doubling, an idle one's do not hold room they never use.
-		b = &batch{topic: topic, ack: ack, done: make(chan struct{}), recs: make([]Record, 0, p.sizeHint[key])}
-		p.open[key] = b
-		p.pending[b] = struct{}{}
-		b.timer = time.AfterFunc(p.cfg.Linger, func() { p.lingerOver(b) })
+		b = p.openBatchLocked(key)
 	}
+	enc, err := appendRecord(b.enc, rec)
+	if err != nil { // checkRecord refused what appendRecord refuses: not reached
+		p.budget.release(1, size)
+		p.mu.Unlock()
+		return Future{}, err
+	}
+	b.enc = enc
+	p.last = b
 	i := b.n
-	b.recs = append(b.recs, *rec)
 	b.n++
 	b.bytes += size
 	if cb != nil {
@@ -365,14 +396,67 @@ func (p *Producer) send(ctx context.Context, topic string, rec *Record, cb func(
 			b.cbs = make([]func(RecordMetadata, error), i, i+1)
 		}
 		b.cbs = append(b.cbs[:i], cb)
-	} else if b.cbs != nil {
-		b.cbs = append(b.cbs, nil)
+	} else {
+		b.futures = ack
+		if b.cbs != nil {
+			b.cbs = append(b.cbs, nil)
+		}
 	}
 	if b.n >= p.cfg.BatchRecords || b.bytes >= limit {
 		p.closeBatchLocked(b)
 	}
 	p.mu.Unlock()
 	return Future{b: b, i: i}, nil
+}
+
+// openBatchLocked opens the batch of key, its buffer sized like the key's previous batch (a
+// busy topic's buffers do not grow by doubling, an idle one's do not hold room they never
+// use) or a spare one (p.mu held).
+func (p *Producer) openBatchLocked(key batchKey) *batch {
+	var buf []byte
+	if n := len(p.spare); n > 0 {
+		buf, p.spare = p.spare[n-1], p.spare[:n-1]
+	} else {
+		buf = make([]byte, 0, p.sizeHint[key])
+	}
+	b := &batch{topic: key.topic, ack: key.ack, done: make(chan struct{}), enc: buf}
+	p.open[key] = b
+	p.pending[b] = struct{}{}
+	b.timer = time.AfterFunc(p.cfg.Linger, func() { p.lingerOver(b) })
+	return b
+}
+
+// knownInfo returns the topic's TopicInfo if it was looked up, without a lock.
+func (p *Producer) knownInfo(topic string) *TopicInfo {
+	if info := p.lastInfo.Load(); info != nil && info.Topic == topic {
+		return info
+	}
+	if m := p.infos.Load(); m != nil {
+		if info := (*m)[topic]; info != nil {
+			if info.Topic == topic { // the daemon's answer names the topic looked up
+				p.lastInfo.Store(info)
+				if p.infos.Load() != m { // setInfoLocked ran meanwhile: info may be stale
+					p.lastInfo.Store(nil)
+				}
+			}
+			return info
+		}
+	}
+	return nil
+}
+
+// setInfoLocked records a topic's TopicInfo, for Lookup and for knownInfo (p.mu held).
+func (p *Producer) setInfoLocked(topic string, e *topicEntry, info *TopicInfo) {
+	e.info = info
+	m := make(map[string]*TopicInfo, len(p.topics))
+	if old := p.infos.Load(); old != nil {
+		for k, v := range *old {
+			m[k] = v
+		}
+	}
+	m[topic] = info
+	p.infos.Store(&m)
+	p.lastInfo.Store(nil) // it may be this topic's previous TopicInfo
 }
 
 // checkRecord refuses what the daemon would refuse for sure, before the record is queued.
@@ -404,9 +488,10 @@ func (p *Producer) unusableLocked() error {
 
 // closeBatchLocked moves b from the open batches to the queue (p.mu held).
 func (p *Producer) closeBatchLocked(b *batch) {
+	b.closed = true
 	if key := (batchKey{b.topic, b.ack}); p.open[key] == b {
 		delete(p.open, key)
-		p.sizeHint[key] = b.n
+		p.sizeHint[key] = len(b.enc)
 	}
 	b.timer.Stop()
 	p.queue = append(p.queue, b)
@@ -463,7 +548,7 @@ func (p *Producer) looked(topic string, e *topicEntry, m Message, err error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if info, ok := m.(*TopicInfo); ok && err == nil {
-		e.info = info
+		p.setInfoLocked(topic, e, info)
 	} else {
 		if err == nil {
 			err = protocolErrorf("%s in answer to TopicLookup", m.MessageType())

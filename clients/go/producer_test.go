@@ -803,3 +803,31 @@ func TestShuttingDownDuringAWriteStillResends(t *testing.T) {
 		t.Fatalf("disconnect causes %v, want one SHUTTING_DOWN", causes)
 	}
 }
+
+// Send encodes the record before it returns: the caller's buffers may be reused at once, and
+// what the daemon reads is what was sent.
+func TestSendCopiesTheRecordsBytes(t *testing.T) {
+	d := newFakeDaemon(t)
+	cfg := d.config()
+	cfg.Linger = time.Hour // the batch stays open until Flush, long after the buffers changed
+	p := connect(t, cfg)
+	ctx := testCtx(t)
+	key, value, hval := []byte("key"), []byte("value"), []byte("hv")
+	if _, err := p.Send(ctx, "t", Record{Key: key, Value: value, Headers: []Header{{"h", hval}}}); err != nil {
+		t.Fatal(err)
+	}
+	copy(key, "KEY")
+	copy(value, "VALUE")
+	copy(hval, "HV")
+	if err := p.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	frames := d.produced()
+	if len(frames) != 1 || len(frames[0].Records) != 1 {
+		t.Fatalf("frames: %+v", frames)
+	}
+	r := frames[0].Records[0]
+	if string(r.Key) != "key" || string(r.Value) != "value" || string(r.Headers[0].Value) != "hv" {
+		t.Fatalf("the daemon read %q %q %q", r.Key, r.Value, r.Headers[0].Value)
+	}
+}

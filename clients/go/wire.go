@@ -34,7 +34,8 @@ const batchOverhead = 90
 type Message interface {
 	// MessageType is the value of the message's "type" entry on the wire.
 	MessageType() string
-	encode(e *msgpack.Encoder) error
+	// encode appends the message's msgpack map to b.
+	encode(b []byte) ([]byte, error)
 }
 
 // Header is one record header. A nil Value is a null header value (Kafka keeps null and
@@ -52,8 +53,8 @@ type Header struct {
 // receives the record; otherwise it is sent as CreateTime in milliseconds since the epoch and
 // must not be before the epoch.
 //
-// The producer keeps a reference to Key, Value and the header values until the record's
-// frame is written: do not modify them after [Producer.Send].
+// [Producer.Send] (and SendFunc, Produce) encodes the record into its batch's frame before
+// it returns: the caller may reuse Key, Value and the header values afterwards.
 type Record struct {
 	Key       []byte
 	Value     []byte
@@ -200,42 +201,19 @@ func (*StatsReply) MessageType() string      { return "StatsReply" }
 func (*ErrorReply) MessageType() string      { return "ErrorReply" }
 
 // --- encoding ----------------------------------------------------------------------------------
+//
+// Each message appends its map to b (codec.go's functions): "type" first, then the fields in
+// the specification's order.
 
-// header writes the map header of a message with n fields besides "type", then "type".
-func header(e *msgpack.Encoder, m Message, n int) error {
-	if err := e.EncodeMapLen(n + 1); err != nil {
-		return err
-	}
-	return strField(e, "type", m.MessageType())
+// header appends the map header of a message with n fields besides "type", then "type".
+func header(b []byte, m Message, n int) []byte {
+	return appendStr(appendStr(appendMapLen(b, n+1), "type"), m.MessageType())
 }
 
-func strField(e *msgpack.Encoder, k, v string) error {
-	if err := e.EncodeString(k); err != nil {
-		return err
-	}
-	return e.EncodeString(v)
-}
-
-func uintField(e *msgpack.Encoder, k string, v uint64) error {
-	if err := e.EncodeString(k); err != nil {
-		return err
-	}
-	return e.EncodeUint(v)
-}
-
-func intField(e *msgpack.Encoder, k string, v int64) error {
-	if err := e.EncodeString(k); err != nil {
-		return err
-	}
-	return e.EncodeInt(v)
-}
-
-func boolField(e *msgpack.Encoder, k string, v bool) error {
-	if err := e.EncodeString(k); err != nil {
-		return err
-	}
-	return e.EncodeBool(v)
-}
+func strField(b []byte, k, v string) []byte         { return appendStr(appendStr(b, k), v) }
+func uintField(b []byte, k string, v uint64) []byte { return appendUint(appendStr(b, k), v) }
+func intField(b []byte, k string, v int64) []byte   { return appendInt(appendStr(b, k), v) }
+func boolField(b []byte, k string, v bool) []byte   { return appendBool(appendStr(b, k), v) }
 
 // count returns how many of the flags are true: the fields present besides the required ones.
 func count(flags ...bool) int {
@@ -248,160 +226,107 @@ func count(flags ...bool) int {
 	return n
 }
 
-// firstErr runs the steps in order and returns the first error.
-func firstErr(steps ...func() error) error {
-	for _, s := range steps {
-		if err := s(); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func (m *Hello) encode(e *msgpack.Encoder) error {
+func (m *Hello) encode(b []byte) ([]byte, error) {
 	hasName, hasPID, hasWorkers, hasSeg, hasToken := m.ClientName != "", m.PID != 0, m.WorkersExpected != nil, m.WantsSegment, m.Token != 0
-	if err := header(e, m, 1+count(hasName, hasPID, hasWorkers, hasSeg, hasToken)); err != nil {
-		return err
-	}
-	if err := uintField(e, "version", m.Version); err != nil {
-		return err
-	}
+	b = header(b, m, 1+count(hasName, hasPID, hasWorkers, hasSeg, hasToken))
+	b = uintField(b, "version", m.Version)
 	if hasName {
-		if err := strField(e, "client_name", m.ClientName); err != nil {
-			return err
-		}
+		b = strField(b, "client_name", m.ClientName)
 	}
 	if hasPID {
-		if err := uintField(e, "pid", m.PID); err != nil {
-			return err
-		}
+		b = uintField(b, "pid", m.PID)
 	}
 	if hasWorkers {
-		if err := uintField(e, "workers_expected", *m.WorkersExpected); err != nil {
-			return err
-		}
+		b = uintField(b, "workers_expected", *m.WorkersExpected)
 	}
 	if hasSeg {
-		if err := boolField(e, "wants_segment", true); err != nil {
-			return err
-		}
+		b = boolField(b, "wants_segment", true)
 	}
 	if hasToken {
-		return uintField(e, "token", m.Token)
+		b = uintField(b, "token", m.Token)
 	}
-	return nil
+	return b, nil
 }
 
-func (m *SegmentOffer) encode(e *msgpack.Encoder) error {
-	return firstErr(
-		func() error { return header(e, m, 3) },
-		func() error { return uintField(e, "segment_bytes", m.SegmentBytes) },
-		func() error { return uintField(e, "workers", m.Workers) },
-		func() error { return uintField(e, "fd_count", m.FDCount) },
-	)
+func (m *SegmentOffer) encode(b []byte) ([]byte, error) {
+	b = header(b, m, 3)
+	b = uintField(b, "segment_bytes", m.SegmentBytes)
+	b = uintField(b, "workers", m.Workers)
+	return uintField(b, "fd_count", m.FDCount), nil
 }
 
-func (m *TopicLookup) encode(e *msgpack.Encoder) error {
-	if err := header(e, m, 1); err != nil {
-		return err
-	}
-	return strField(e, "topic", m.Topic)
+func (m *TopicLookup) encode(b []byte) ([]byte, error) {
+	return strField(header(b, m, 1), "topic", m.Topic), nil
 }
 
-func (m *Produce) encode(e *msgpack.Encoder) error {
+func (m *Produce) encode(b []byte) ([]byte, error) {
 	if len(m.Records) > MaxProduceRecords {
-		return protocolErrorf("Produce of %d records; at most %d", len(m.Records), MaxProduceRecords)
+		return nil, protocolErrorf("Produce of %d records; at most %d", len(m.Records), MaxProduceRecords)
 	}
-	hasAck, hasSeq := m.Ack, m.Seq != 0
-	if err := header(e, m, 2+count(hasAck, hasSeq)); err != nil {
-		return err
-	}
-	if err := strField(e, "topic", m.Topic); err != nil {
-		return err
-	}
-	if err := e.EncodeString("records"); err != nil {
-		return err
-	}
-	if err := e.EncodeArrayLen(len(m.Records)); err != nil {
-		return err
-	}
+	b = appendProduceHead(b, m.Topic, len(m.Records), m.Ack, m.Seq)
 	for i := range m.Records {
-		if err := encodeRecord(e, &m.Records[i]); err != nil {
-			return err
+		var err error
+		if b, err = appendRecord(b, &m.Records[i]); err != nil {
+			return nil, err
 		}
 	}
-	if hasAck {
-		if err := boolField(e, "ack", true); err != nil {
-			return err
-		}
-	}
-	if hasSeq {
-		return uintField(e, "seq", m.Seq)
-	}
-	return nil
+	return appendProduceTail(b, m.Ack, m.Seq), nil
 }
 
-// encodeRecord writes one Rec: a map of the fields that are not nil/zero, in the
+// appendProduceHead appends a Produce's fields up to its records' array header; the records
+// (appendRecord) and appendProduceTail follow. The Producer writes a batch's frame in these
+// three parts: its records were encoded as they were sent.
+func appendProduceHead(b []byte, topic string, records int, ack bool, seq uint64) []byte {
+	b = appendStr(appendMapLen(b, 3+count(ack, seq != 0)), "type")
+	b = appendStr(b, "Produce")
+	b = strField(b, "topic", topic)
+	return appendArrayLen(appendStr(b, "records"), records)
+}
+
+func appendProduceTail(b []byte, ack bool, seq uint64) []byte {
+	if ack {
+		b = boolField(b, "ack", true)
+	}
+	if seq != 0 {
+		b = uintField(b, "seq", seq)
+	}
+	return b
+}
+
+// appendRecord appends one Rec: a map of the fields that are not nil/zero, in the
 // specification's order (key, value, headers, partition, timestamp).
-func encodeRecord(e *msgpack.Encoder, r *Record) error {
+func appendRecord(b []byte, r *Record) ([]byte, error) {
 	hasKey, hasValue, hasHeaders, hasPart, hasTS := r.Key != nil, r.Value != nil, r.Headers != nil, r.Partition != nil, !r.Timestamp.IsZero()
 	var ts int64
 	if hasTS {
 		ts = r.Timestamp.UnixMilli()
 		if ts < 0 {
-			return fmt.Errorf("sluice: record timestamp %v is before the epoch", r.Timestamp)
+			return nil, fmt.Errorf("sluice: record timestamp %v is before the epoch", r.Timestamp)
 		}
 	}
 	if hasPart && *r.Partition < 0 {
-		return fmt.Errorf("sluice: record partition %d is negative", *r.Partition)
+		return nil, fmt.Errorf("sluice: record partition %d is negative", *r.Partition)
 	}
-	if err := e.EncodeMapLen(count(hasKey, hasValue, hasHeaders, hasPart, hasTS)); err != nil {
-		return err
-	}
+	b = appendMapLen(b, count(hasKey, hasValue, hasHeaders, hasPart, hasTS))
 	if hasKey {
-		if err := e.EncodeString("key"); err != nil {
-			return err
-		}
-		if err := e.EncodeBytes(r.Key); err != nil {
-			return err
-		}
+		b = appendBin(appendStr(b, "key"), r.Key)
 	}
 	if hasValue {
-		if err := e.EncodeString("value"); err != nil {
-			return err
-		}
-		if err := e.EncodeBytes(r.Value); err != nil {
-			return err
-		}
+		b = appendBin(appendStr(b, "value"), r.Value)
 	}
 	if hasHeaders {
-		if err := e.EncodeString("headers"); err != nil {
-			return err
-		}
-		if err := e.EncodeArrayLen(len(r.Headers)); err != nil {
-			return err
-		}
+		b = appendArrayLen(appendStr(b, "headers"), len(r.Headers))
 		for _, h := range r.Headers {
-			if err := e.EncodeArrayLen(2); err != nil {
-				return err
-			}
-			if err := e.EncodeString(h.Key); err != nil {
-				return err
-			}
-			if err := e.EncodeBytes(h.Value); err != nil { // nil -> msgpack nil
-				return err
-			}
+			b = appendBin(appendStr(appendArrayLen(b, 2), h.Key), h.Value) // a nil value is msgpack nil
 		}
 	}
 	if hasPart {
-		if err := uintField(e, "partition", uint64(*r.Partition)); err != nil {
-			return err
-		}
+		b = uintField(b, "partition", uint64(*r.Partition))
 	}
 	if hasTS {
-		return uintField(e, "timestamp", uint64(ts))
+		b = uintField(b, "timestamp", uint64(ts))
 	}
-	return nil
+	return b, nil
 }
 
 // recordSizeBound is an upper bound of encodeRecord's output for r: the field names, the
@@ -457,106 +382,79 @@ func produceOverheadBound(topic string) int {
 	return 4 + 1 + (5 + 8) + (6 + 5 + len(topic)) + (8 + 5) + (4 + 1) + (4 + 9)
 }
 
-func (m *Flush) encode(e *msgpack.Encoder) error {
-	if err := header(e, m, 1); err != nil {
-		return err
-	}
-	return uintField(e, "timeout_ms", m.TimeoutMS)
+func (m *Flush) encode(b []byte) ([]byte, error) {
+	return uintField(header(b, m, 1), "timeout_ms", m.TimeoutMS), nil
 }
 
-func (m *StatsRequest) encode(e *msgpack.Encoder) error { return header(e, m, 0) }
-func (m *Goodbye) encode(e *msgpack.Encoder) error      { return header(e, m, 0) }
+func (m *StatsRequest) encode(b []byte) ([]byte, error) { return header(b, m, 0), nil }
+func (m *Goodbye) encode(b []byte) ([]byte, error)      { return header(b, m, 0), nil }
 
-func (m *Welcome) encode(e *msgpack.Encoder) error {
-	return firstErr(
-		func() error { return header(e, m, 5) },
-		func() error { return uintField(e, "version", m.Version) },
-		func() error { return uintField(e, "workers", m.Workers) },
-		func() error { return uintField(e, "request_ring_bytes", m.RequestRingBytes) },
-		func() error { return uintField(e, "completion_ring_bytes", m.CompletionRingBytes) },
-		func() error { return uintField(e, "client_id", m.ClientID) },
-	)
+func (m *Welcome) encode(b []byte) ([]byte, error) {
+	b = header(b, m, 5)
+	b = uintField(b, "version", m.Version)
+	b = uintField(b, "workers", m.Workers)
+	b = uintField(b, "request_ring_bytes", m.RequestRingBytes)
+	b = uintField(b, "completion_ring_bytes", m.CompletionRingBytes)
+	return uintField(b, "client_id", m.ClientID), nil
 }
 
-func (m *SegmentAccepted) encode(e *msgpack.Encoder) error {
-	if err := header(e, m, 1); err != nil {
-		return err
-	}
-	return uintField(e, "client_id", m.ClientID)
+func (m *SegmentAccepted) encode(b []byte) ([]byte, error) {
+	return uintField(header(b, m, 1), "client_id", m.ClientID), nil
 }
 
-func (m *TopicInfo) encode(e *msgpack.Encoder) error {
-	return firstErr(
-		func() error { return header(e, m, 9) },
-		func() error { return strField(e, "topic", m.Topic) },
-		func() error { return uintField(e, "topic_id", m.TopicID) },
-		func() error { return uintField(e, "partitions", m.Partitions) },
-		func() error { return strField(e, "profile", m.Profile) },
-		func() error { return uintField(e, "max_request_size", m.MaxRequestSize) },
-		func() error { return strField(e, "on_full", m.OnFull) },
-		func() error { return uintField(e, "max_block_ms", m.MaxBlockMS) },
-		func() error { return uintField(e, "batch_size", m.BatchSize) },
-		func() error { return uintField(e, "linger_ms", m.LingerMS) },
-	)
+func (m *TopicInfo) encode(b []byte) ([]byte, error) {
+	b = header(b, m, 9)
+	b = strField(b, "topic", m.Topic)
+	b = uintField(b, "topic_id", m.TopicID)
+	b = uintField(b, "partitions", m.Partitions)
+	b = strField(b, "profile", m.Profile)
+	b = uintField(b, "max_request_size", m.MaxRequestSize)
+	b = strField(b, "on_full", m.OnFull)
+	b = uintField(b, "max_block_ms", m.MaxBlockMS)
+	b = uintField(b, "batch_size", m.BatchSize)
+	return uintField(b, "linger_ms", m.LingerMS), nil
 }
 
-func (m *ProduceAck) encode(e *msgpack.Encoder) error {
-	if err := header(e, m, 2); err != nil {
-		return err
+func (m *ProduceAck) encode(b []byte) ([]byte, error) {
+	b = uintField(header(b, m, 2), "seq", m.Seq)
+	b = appendArrayLen(appendStr(b, "results"), len(m.Results))
+	for i := range m.Results {
+		r := &m.Results[i]
+		b = appendMapLen(b, 5)
+		b = intField(b, "partition", int64(r.Partition))
+		b = intField(b, "offset", r.Offset)
+		b = intField(b, "timestamp", r.Timestamp)
+		b = intField(b, "error_code", r.ErrorCode)
+		b = strField(b, "error_name", r.ErrorName)
 	}
-	if err := uintField(e, "seq", m.Seq); err != nil {
-		return err
-	}
-	if err := e.EncodeString("results"); err != nil {
-		return err
-	}
-	if err := e.EncodeArrayLen(len(m.Results)); err != nil {
-		return err
-	}
-	for _, r := range m.Results {
-		err := firstErr(
-			func() error { return e.EncodeMapLen(5) },
-			func() error { return intField(e, "partition", int64(r.Partition)) },
-			func() error { return intField(e, "offset", r.Offset) },
-			func() error { return intField(e, "timestamp", r.Timestamp) },
-			func() error { return intField(e, "error_code", r.ErrorCode) },
-			func() error { return strField(e, "error_name", r.ErrorName) },
-		)
-		if err != nil {
-			return err
-		}
-	}
-	return nil
+	return b, nil
 }
 
-func (m *FlushDone) encode(e *msgpack.Encoder) error {
-	return firstErr(
-		func() error { return header(e, m, 3) },
-		func() error { return boolField(e, "complete", m.Complete) },
-		func() error { return uintField(e, "pending", m.Pending) },
-		func() error { return uintField(e, "failed", m.Failed) },
-	)
+func (m *FlushDone) encode(b []byte) ([]byte, error) {
+	b = header(b, m, 3)
+	b = boolField(b, "complete", m.Complete)
+	b = uintField(b, "pending", m.Pending)
+	return uintField(b, "failed", m.Failed), nil
 }
 
-func (m *StatsReply) encode(e *msgpack.Encoder) error {
-	if err := header(e, m, 1); err != nil {
-		return err
-	}
-	if err := e.EncodeString("stats"); err != nil {
-		return err
-	}
+// encode writes the free-form stats map with the msgpack library (its generic encoding of
+// maps, strings, numbers and lists).
+func (m *StatsReply) encode(b []byte) ([]byte, error) {
+	b = appendStr(header(b, m, 1), "stats")
 	if m.Stats == nil {
-		return e.EncodeMapLen(0)
+		return appendMapLen(b, 0), nil
 	}
-	return e.Encode(m.Stats)
+	stats, err := msgpack.Marshal(m.Stats)
+	if err != nil {
+		return nil, err
+	}
+	return append(b, stats...), nil
 }
 
-func (m *ErrorReply) encode(e *msgpack.Encoder) error {
-	return firstErr(
-		func() error { return header(e, m, 4) },
-		func() error { return intField(e, "code", m.Code) },
-		func() error { return strField(e, "name", m.Name) },
-		func() error { return strField(e, "message", m.Message) },
-		func() error { return boolField(e, "fatal", m.Fatal) },
-	)
+func (m *ErrorReply) encode(b []byte) ([]byte, error) {
+	b = header(b, m, 4)
+	b = intField(b, "code", m.Code)
+	b = strField(b, "name", m.Name)
+	b = strField(b, "message", m.Message)
+	return boolField(b, "fatal", m.Fatal), nil
 }

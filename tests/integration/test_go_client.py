@@ -166,6 +166,25 @@ def test_fire_and_forget_records_arrive_once(sluice_daemon, new_topic, read_topi
 
 
 @pytest.mark.integration
+def test_every_nth_frame_acknowledged_the_others_fire_and_forget(sluice_daemon, new_topic, read_topic, go_produce) -> None:
+    """-ack-every 4: one frame in four is acknowledged (its records' latency), the others go
+    ack=false; the FlushDone accounts for all of them, and every record is in Kafka once."""
+    topic = new_topic(partitions=3)
+    n = 5000
+    ran = subprocess.run(
+        [go_produce, "-socket", sluice_daemon.socket_path, "-topic", topic, "-count", str(n), "-keyed",
+         "-frame-records", "100", "-ack-every", "4", "-distinct-values", "0"],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+    )
+    assert ran.returncode == 0, f"{ran.stdout}\n{ran.stderr}"
+    summary = _summary(ran.stdout)
+    assert (summary["sent"], summary["acked"], summary["failed"], summary["pending"]) == (n, n, 0, 0), summary
+    assert summary["latency_ms"]["p50"] > 0
+    got = read_topic(topic, n)
+    assert sorted(_index(r.value, summary["run"]) for r in got) == list(range(n))
+
+
+@pytest.mark.integration
 def test_reconnects_across_a_daemon_restart(start_sluice, new_topic, read_topic, go_produce, tmp_path) -> None:
     """The daemon restarts while the client sends: the client connects again and goes on.
     Every acknowledged record is in Kafka once, where its ack said; records whose frame was
@@ -269,17 +288,22 @@ def test_context_timeouts(sluice_daemon, new_topic, go_produce) -> None:
 
 
 @pytest.mark.integration
-def test_bench_runs_the_go_client(kafka_bootstrap, tmp_path) -> None:
-    """`python -m bench --sluice go`: one quick case, valid and counted by the harness's reader."""
+@pytest.mark.parametrize("ack_every", ["", "1"], ids=["socket-runner-framing", "every-frame-acked"])
+def test_bench_runs_the_go_client(kafka_bootstrap, tmp_path, ack_every: str) -> None:
+    """`python -m bench --sluice go`: one quick case, valid and counted by the harness's reader,
+    with the socket runner's framing (every 8th frame acknowledged) and with every frame
+    acknowledged."""
     out = tmp_path / "out.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--scenario", "single", "--peers", "none", "--sluice", "go",
          "--workers", "1", "--records", "5000", "--bootstrap", kafka_bootstrap,
          "--results-dir", str(tmp_path / "results"), "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+        env={**os.environ, "SLUICE_BENCH_GO_ACK_EVERY": ack_every},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (r,) = json.loads(out.read_text())["results"]
     assert (r["runner"], r["status"]) == ("sluice-go", "valid"), r["reason"]
     assert r["records_sent"] == r["records_read"] == 5000
     assert r["cpu_s"]["clients"] > 0 and r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
+    assert ("every frame" in r["latency_method"]) == (ack_every == "1"), r["latency_method"]

@@ -7,19 +7,31 @@
 //	 "client_id":…, "run":…}
 //
 // sent: records Send accepted; acked/failed: their outcomes; refused: Send failed; pending:
-// no outcome when -timeout passed (timed_out). Latency is per record, Send to its
-// acknowledgement. Timing and CPU cover sending and acknowledgements, not connecting or
-// building the records.
+// no outcome when -timeout passed (timed_out). Latency is sampled once per acknowledged
+// group of -frame-records records (a Produce frame, unless a linger split it): the Send of
+// its first record to that record's acknowledgement, as the benchmark's socket runner times
+// its frames; the other records' callbacks only count (no clock, no allocation). Timing and
+// CPU cover sending and acknowledgements, not connecting or building the records.
 //
 // Record i (0-based) is built before timing: its value is "RUN-i-" followed by seeded
-// letters up to -value-size bytes; with -keyed its key is "k" + (i mod -keys) padded with
-// '.' to -key-size bytes; with -headers it carries the headers i=<i>, run=RUN and
-// nothing=<null>. The daemon chooses partitions. -results FILE writes one line per record:
+// letters up to -value-size bytes (with -distinct-values N > 0, the value of record i mod N:
+// records share N values, as the benchmark's Python runners share theirs); with -keyed its
+// key is "k" + (i mod -keys) padded with '.' to -key-size bytes (one slice per distinct
+// key); with -headers it carries the headers i=<i>, run=RUN and nothing=<null>. Records that
+// repeat (with -distinct-values, record i is record i mod the period of its value and key) are
+// built once, as the Python runners build one Rec per distinct value and key. The daemon chooses partitions. -results FILE writes one line per record:
 // "i partition offset timestamp error", error being NONE, a Sluice/Kafka error name,
 // CONNECTION_LOST, CLOSED, PENDING (no outcome by -timeout) or UNSENT.
 //
 // With -no-ack the records go fire-and-forget (ack=false): acked and failed then come from the
 // daemon's FlushDone (completed and failed records), with no latency and no -results.
+//
+// With -ack-every N (N > 1) the records go in groups of -frame-records, and only every N-th
+// group is acknowledged (Send, one acked Produce frame); the others go fire-and-forget
+// (Produce, ack=false frames), as the benchmark's Python socket runner frames them. Latency is
+// then over the acknowledged groups; acked and failed come from the daemon's
+// FlushDone (failed: every record it counted failed, with the acknowledged groups' error
+// names; FAILED_PER_FLUSHDONE for the rest); no -results.
 //
 // With -wait-start the command connects, builds its records, prints {"ready":true,...} and
 // waits for a line on stdin before it sends (benchmarks start clients together that way).
@@ -61,6 +73,7 @@ type options struct {
 	cpuProfile                         string
 	count, valueSize, keySize, keys    int
 	frameRecords, batchBytes, inFlight int
+	ackEvery, distinctValues           int
 	keyed, headers, waitStart, noAck   bool
 	linger, timeout, connectTimeout    time.Duration
 	duration                           time.Duration
@@ -75,6 +88,7 @@ func parseFlags() options {
 	flag.StringVar(&o.topic, "topic", "", "topic to produce to (required)")
 	flag.IntVar(&o.count, "count", 10000, "records to send")
 	flag.IntVar(&o.valueSize, "value-size", 100, "bytes per value (at least the \"RUN-i-\" prefix)")
+	flag.IntVar(&o.distinctValues, "distinct-values", 0, "records cycle through this many distinct values (0: every value distinct)")
 	flag.BoolVar(&o.keyed, "keyed", false, "give every record a key")
 	flag.IntVar(&o.keySize, "key-size", 16, "bytes per key, with -keyed")
 	flag.IntVar(&o.keys, "keys", 1000, "distinct keys, with -keyed")
@@ -91,12 +105,13 @@ func parseFlags() options {
 	flag.StringVar(&o.name, "name", "sluice-go-produce", "client name in the daemon's logs and stats")
 	flag.StringVar(&o.run, "run", "", "run id in every value (default: random)")
 	flag.StringVar(&o.results, "results", "", "write one line per record's outcome to this file")
+	flag.IntVar(&o.ackEvery, "ack-every", 1, "acknowledge every N-th group of -frame-records records only; the others go fire and forget (1: every record acknowledged)")
 	flag.BoolVar(&o.noAck, "no-ack", false, "fire and forget (Produce with ack=false): acked/failed come from the daemon's FlushDone; no latency, no -results")
 	flag.BoolVar(&o.waitStart, "wait-start", false, "print a ready line and wait for a line on stdin before sending")
 	flag.Int64Var(&o.seed, "seed", 1, "seed of the value padding")
 	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the timed section to this file")
 	flag.Parse()
-	if o.topic == "" || o.count < 0 || flag.NArg() > 0 || (o.noAck && o.results != "") {
+	if o.topic == "" || o.count < 0 || flag.NArg() > 0 || o.ackEvery < 1 || o.distinctValues < 0 || o.keys < 1 || ((o.noAck || o.ackEvery > 1) && o.results != "") {
 		fmt.Fprintln(os.Stderr, "usage: sluice-go-produce -topic T [flags]")
 		flag.PrintDefaults()
 		os.Exit(2)
@@ -119,18 +134,35 @@ func build(o options) []sluice.Record {
 		pad[i] = letters[rng.Intn(len(letters))]
 	}
 	run := []byte(o.run)
-	recs := make([]sluice.Record, o.count)
-	for i := range recs {
-		v := append(append(append(make([]byte, 0, o.valueSize), run...), '-'), strconv.Itoa(i)...)
-		v = append(v, '-')
-		if len(v) < o.valueSize {
-			v = append(v, pad[len(v):]...)
-		}
-		recs[i].Value = v
+	n := o.count
+	if o.distinctValues > 0 && !o.headers { // headers name the record: every record differs
+		period := o.distinctValues
 		if o.keyed {
-			k := append([]byte{'k'}, strconv.Itoa(i%o.keys)...)
-			for len(k) < o.keySize {
-				k = append(k, '.')
+			period = lcm(period, o.keys)
+		}
+		n = min(n, period)
+	}
+	recs := make([]sluice.Record, n)
+	keys := make([][]byte, min(o.keys, n))
+	for i := range recs {
+		if o.distinctValues > 0 && i >= o.distinctValues {
+			recs[i].Value = recs[i%o.distinctValues].Value
+		} else {
+			v := append(append(append(make([]byte, 0, o.valueSize), run...), '-'), strconv.Itoa(i)...)
+			v = append(v, '-')
+			if len(v) < o.valueSize {
+				v = append(v, pad[len(v):]...)
+			}
+			recs[i].Value = v
+		}
+		if o.keyed {
+			k := keys[i%o.keys]
+			if k == nil {
+				k = append([]byte{'k'}, strconv.Itoa(i%o.keys)...)
+				for len(k) < o.keySize {
+					k = append(k, '.')
+				}
+				keys[i%o.keys] = k
 			}
 			recs[i].Key = k
 		}
@@ -141,12 +173,52 @@ func build(o options) []sluice.Record {
 	return recs
 }
 
-// outcome of one record, written by the producer's callback.
+func lcm(a, b int) int {
+	x, y := a, b
+	for y != 0 {
+		x, y = y, x%y
+	}
+	return a / x * b
+}
+
+// outcome of one record, written by the producer's callback (kept with -results only).
 type outcome struct {
-	sent bool // by the sending loop
 	md   sluice.RecordMetadata
 	err  error
 	done bool
+}
+
+// tally is what the callbacks count; mu orders their writes before the final read.
+type tally struct {
+	mu         sync.Mutex
+	acked      int64
+	failed     int64
+	errors     map[string]int64
+	firstError string
+	latency    []int64 // ns, Send to acknowledgement, of the timed records
+	outcomes   []outcome
+}
+
+// settle counts one record's outcome: i is its index (-1: no result line to write), lat its
+// latency (-1: not timed).
+func (t *tally) settle(i int, lat int64, md sluice.RecordMetadata, err error) {
+	t.mu.Lock()
+	if err == nil {
+		t.acked++
+		if lat >= 0 {
+			t.latency = append(t.latency, lat)
+		}
+	} else {
+		t.failed++
+		t.errors[errorName(err)]++
+		if t.firstError == "" {
+			t.firstError = err.Error()
+		}
+	}
+	if t.outcomes != nil && i >= 0 {
+		t.outcomes[i] = outcome{md: md, err: err, done: true}
+	}
+	t.mu.Unlock()
 }
 
 type summary struct {
@@ -224,9 +296,16 @@ func main() {
 	if err != nil {
 		fatal(2, "connecting: %v", err)
 	}
-	recs := build(o)
-	outcomes := make([]outcome, len(recs))
-	sentAt := make([]int64, len(recs)) // ns since t0
+	recs := build(o) // record i is recs[i % len(recs)]
+	// Every per-record slot is written before timing, so no page is first touched while timed.
+	t := &tally{errors: map[string]int64{}, latency: make([]int64, 0, o.count/o.frameRecords+1)}
+	if o.results != "" {
+		t.outcomes = make([]outcome, o.count)
+		for i := range t.outcomes {
+			t.outcomes[i].md.Partition = -1
+		}
+	}
+	sent := make([]bool, o.count)
 	if o.waitStart {
 		emit(map[string]any{"ready": true, "client_id": p.Welcome().ClientID, "pid": os.Getpid()})
 		if _, err := bufio.NewReader(os.Stdin).ReadString('\n'); err != nil {
@@ -235,7 +314,6 @@ func main() {
 	}
 
 	var frozen atomic.Bool // set at the deadline: later outcomes are not counted
-	var mu sync.Mutex      // orders the callbacks' writes before the final read
 	var s summary
 	s.Errors = map[string]int64{}
 	s.Run = o.run
@@ -253,23 +331,32 @@ func main() {
 	t0 := time.Now()
 	ctx, cancel = context.WithTimeout(context.Background(), o.timeout)
 	defer cancel()
-	for i := range recs {
-		i := i
+	count := func(md sluice.RecordMetadata, err error) { // the untimed records' callback, shared
+		if !frozen.Load() {
+			t.settle(-1, -1, md, err)
+		}
+	}
+	for i := range o.count {
+		rec := &recs[i%len(recs)]
 		var err error
-		if o.noAck {
-			err = p.Produce(ctx, o.topic, recs[i])
-		} else {
-			sentAt[i] = int64(time.Since(t0))
-			err = p.SendFunc(ctx, o.topic, recs[i], func(md sluice.RecordMetadata, err error) {
-				if frozen.Load() {
-					return
+		switch {
+		case o.noAck || (i/o.frameRecords+1)%o.ackEvery != 0:
+			err = p.Produce(ctx, o.topic, *rec)
+		case i%o.frameRecords == 0: // the group's first record: timed
+			at := time.Since(t0)
+			err = p.SendFunc(ctx, o.topic, *rec, func(md sluice.RecordMetadata, err error) {
+				if !frozen.Load() {
+					t.settle(i, int64(time.Since(t0)-at), md, err)
 				}
-				lat := int64(time.Since(t0)) - sentAt[i]
-				mu.Lock()
-				outcomes[i].md, outcomes[i].err, outcomes[i].done = md, err, true
-				sentAt[i] = lat
-				mu.Unlock()
 			})
+		case t.outcomes != nil:
+			err = p.SendFunc(ctx, o.topic, *rec, func(md sluice.RecordMetadata, err error) {
+				if !frozen.Load() {
+					t.settle(i, -1, md, err)
+				}
+			})
+		default:
+			err = p.SendFunc(ctx, o.topic, *rec, count)
 		}
 		if err != nil {
 			s.Refused++
@@ -283,7 +370,7 @@ func main() {
 			continue
 		}
 		s.Sent++
-		outcomes[i].sent = true
+		sent[i] = true
 		if i%paceEvery == paceEvery-1 {
 			if o.rate > 0 {
 				if ahead := time.Duration(float64(i+1)/o.rate*1e9) - time.Since(t0); ahead > 0 {
@@ -305,32 +392,24 @@ func main() {
 	elapsed := time.Since(t0)
 	s.CPUS = cpuSeconds() - cpu0
 	pprof.StopCPUProfile()
-	mu.Lock()
-	var lats []int64
-	for i := range outcomes {
-		oc := &outcomes[i]
-		if !oc.done {
-			continue
-		}
-		if oc.err == nil {
-			s.Acked++
-			lats = append(lats, sentAt[i])
-			continue
-		}
-		s.Failed++
-		s.Errors[errorName(oc.err)]++
-		if s.FirstError == "" {
-			s.FirstError = oc.err.Error()
-		}
+	t.mu.Lock()
+	lats := t.latency
+	s.Acked, s.Failed = t.acked, t.failed
+	for name, n := range t.errors {
+		s.Errors[name] += n
 	}
-	mu.Unlock()
-	if o.noAck && flushErr == nil {
-		// The daemon's FlushDone counted the failures; the rest completed.
-		s.Failed = int64(p.FlushFailed())
-		s.Acked = s.Sent - s.Failed
-		if s.Failed > 0 {
-			s.Errors["FAILED_PER_FLUSHDONE"] = s.Failed
+	if s.FirstError == "" {
+		s.FirstError = t.firstError
+	}
+	t.mu.Unlock()
+	if (o.noAck || o.ackEvery > 1) && flushErr == nil {
+		// The daemon's FlushDone counted every failed record, acknowledged or not; the rest
+		// completed.
+		if all := int64(p.FlushFailed()); all > s.Failed {
+			s.Errors["FAILED_PER_FLUSHDONE"] = all - s.Failed
+			s.Failed = all
 		}
+		s.Acked = s.Sent - s.Failed
 	}
 	s.Pending = s.Sent - s.Acked - s.Failed
 	s.ElapsedS = elapsed.Seconds()
@@ -354,7 +433,7 @@ func main() {
 	s.Disconnects = append([]string{}, disconnects...)
 	disconnectsMu.Unlock()
 	if o.results != "" {
-		if err := writeResults(o.results, outcomes); err != nil {
+		if err := writeResults(o.results, sent, t.outcomes); err != nil {
 			fatal(2, "writing %s: %v", o.results, err)
 		}
 	}
@@ -378,7 +457,7 @@ func percentiles(ns []int64) map[string]float64 {
 	return map[string]float64{"p50": at(0.50), "p99": at(0.99), "p999": at(0.999)}
 }
 
-func writeResults(path string, outcomes []outcome) error {
+func writeResults(path string, sent []bool, outcomes []outcome) error {
 	f, err := os.Create(path)
 	if err != nil {
 		return err
@@ -387,7 +466,7 @@ func writeResults(path string, outcomes []outcome) error {
 	for i, oc := range outcomes {
 		name := "UNSENT"
 		md := sluice.RecordMetadata{Partition: -1, Offset: -1, Timestamp: -1}
-		if oc.sent {
+		if sent[i] {
 			name = "PENDING"
 		}
 		if oc.done {
