@@ -319,7 +319,7 @@ def test_corrupt_rings_drop_only_the_offender(broker, start_sluice, topic, read_
         finally:
             loop.stop()
         assert good.flush(30) == 0
-        d.wait_stats(lambda s: s["clients"] == baseline, timeout=10, what="every hostile segment released")
+        d.wait_stats(lambda s: s["clients"] == baseline, timeout=30, what="every hostile segment released")
     ok, failed, pending = loop.outcomes()
     assert (ok, dict(failed), pending) == (loop.sent, {}, 0), "the good client suffered"
     stats = d.stats()
