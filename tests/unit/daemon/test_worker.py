@@ -223,7 +223,7 @@ def test_failed_records_reach_the_exposition_by_topic(tmp_path: Path) -> None:
 
 # --- record bodies a hostile client may write ----------------------------------------------
 
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from frames_oracle import record_body_valid  # noqa: E402
 
@@ -247,7 +247,7 @@ _bodies = st.one_of(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.data_too_large, HealthCheck.too_slow])
 @given(st.lists(_bodies, min_size=1, max_size=8), st.data())
 def test_first_bad_body_agrees_with_record_body_valid(bodies: list[bytes], data: st.DataObject) -> None:
     # Sometimes flip one byte of one body: the fast table path and the general validator must agree.
