@@ -16,7 +16,6 @@ import argparse
 import gc
 import json
 import random
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
