@@ -47,7 +47,8 @@ Requests that get no response (Produce with acks=0) are written with
 :meth:`Connection.take_written` once the transport has written them out.
 
 Counters written into the shared ``stats`` dict: ``in_flight`` (requests outstanding),
-``protocol_errors``, ``reconnects``.
+``protocol_errors``, ``reconnects``, ``brokers_auth_failed`` (brokers given up on after an
+authentication failure).
 """
 
 from __future__ import annotations
@@ -402,7 +403,7 @@ class ConnectionPool:
                  listener: ConnectionListener | None = None, wakeup: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.stats: dict[str, Any] = stats if stats is not None else {"in_flight": 0, "protocol_errors": 0,
-                                                                        "reconnects": 0}
+                                                                        "reconnects": 0, "brokers_auth_failed": 0}
         self._listener = listener
         self._wakeup = wakeup
         self._bootstrap = [parse_hostport(s) for s in settings.bootstrap_servers.split(",") if s.strip()]
@@ -609,6 +610,7 @@ class ConnectionPool:
             # Retrying cannot fix credentials or certificates: stop, and say so once.
             self._reconnect_at[node] = math.inf
             self.fatal[node] = str(exc)
+            self.stats["brokers_auth_failed"] = len(self.fatal)
             log.error("%s; not connecting to broker %s again until restart", exc, node)
         except KafkaError as exc:
             self._back_off(node)

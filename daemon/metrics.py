@@ -37,6 +37,7 @@ Prometheus' ``rate()`` treats as a counter reset. ::
           "in_flight": int,             # Produce requests awaiting a response now
           "retries": int,               # batch retries (retriable errors, timeouts)
           "throttle_s": float,          # seconds brokers throttled Produce (throttle_time_ms)
+          "brokers_auth_failed": int,   # brokers given up on after an authentication failure
           "errors": {name: int},        # records failed, by Kafka/Sluice error name
           "failed": {topic: int},       # records failed, by topic
           "ring_fill": float,           # 0..1, fullest request ring this worker drains
@@ -80,6 +81,7 @@ sluice_requests_total                  counter    worker               workers.*
 sluice_in_flight_requests              gauge      worker               workers.*.in_flight
 sluice_retries_total                   counter    worker               workers.*.retries
 sluice_produce_throttle_seconds_total  counter    worker               workers.*.throttle_s
+sluice_brokers_auth_failed             gauge      worker               workers.*.brokers_auth_failed
 sluice_errors_total                    counter    worker, error        workers.*.errors
 sluice_records_failed_total            counter    worker, topic        workers.*.failed
 sluice_ring_fill_ratio                 gauge      worker               workers.*.ring_fill
@@ -160,6 +162,9 @@ _WORKER_SCALARS: tuple[tuple[str, str, str, str], ...] = (
      "Batch retries after retriable errors or timeouts.", "retries"),
     ("sluice_produce_throttle_seconds_total", "counter",
      "Time brokers throttled this worker's Produce requests (quota throttle_time_ms), seconds.", "throttle_s"),
+    ("sluice_brokers_auth_failed", "gauge",
+     "Brokers this worker stopped connecting to after an authentication failure (TLS or SASL) until a restart.",
+     "brokers_auth_failed"),
     ("sluice_ring_fill_ratio", "gauge",
      "Fill of the fullest request ring this worker drains (0 to 1).", "ring_fill"),
     ("sluice_arena_fill_ratio", "gauge",

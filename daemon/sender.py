@@ -26,7 +26,8 @@ Ordering and retries
     ``retry_backoff_ms`` doubling to ``retry_backoff_max_ms`` (+-20 % jitter) until
     ``created_ms + delivery_timeout_ms``, then fail with REQUEST_TIMED_OUT (with
     UNKNOWN_TOPIC_OR_PARTITION when that was the broker's last answer: a topic deleted under its
-    records says so, not "timed out"); other errors fail the
+    records says so, not "timed out"; with SASL_AUTHENTICATION_FAILED when the partition's leader
+    is a broker given up on after an authentication failure); other errors fail the
     batch at once. A batch waiting for a leader or a connection expires the same way.
     acks=0 batches get no response: they complete (base offset -1) once the transport has
     written them out. DUPLICATE_SEQUENCE_NUMBER counts as success.
@@ -78,6 +79,7 @@ from daemon.idempotence import MAX_IN_FLIGHT, SEQUENCE_ERRORS, SEQUENCE_MODULUS,
 from daemon.metadata import Metadata
 from daemon.protocol import errors as ec
 from daemon.protocol import messages as m
+from daemon.security import BrokerAuthError
 from shm.errors import ProtocolError
 
 __all__ = ["Sender"]
@@ -189,8 +191,11 @@ class _Queues:
     """
 
     def __init__(self, accumulator: Any, profile_for: Callable[[str], Profile],
-                 on_complete: Callable[[Any, int, int, int], None], stats: dict[str, Any], metadata: Metadata) -> None:
+                 on_complete: Callable[[Any, int, int, int], None], stats: dict[str, Any], metadata: Metadata,
+                 auth_failed: Callable[[int], bool] = lambda node: False) -> None:
         self.accumulator = accumulator
+        # Whether a broker was given up on after an authentication failure (the pool's fatal).
+        self._auth_failed = auth_failed
         self.profile_for = profile_for
         self.on_complete = on_complete
         self.stats = stats
@@ -325,6 +330,9 @@ class _Queues:
                     code = ec.UNKNOWN_TOPIC_OR_PARTITION if part.gone else ec.REQUEST_TIMED_OUT
                     if topic_code and topic_code != ec.LEADER_NOT_AVAILABLE:
                         code = topic_code
+                    elif code == ec.REQUEST_TIMED_OUT and self._auth_failed(self._metadata.leader(part.topic, part.partition)):
+                        # Its leader refused our credentials or certificate: say so, not a timeout.
+                        code = BrokerAuthError.code
                     self.fail(e, code)
                 else:
                     keep.append(e)
@@ -401,12 +409,14 @@ class Sender:
             "throttle_ms": 0,
             "splits": 0,
             "stale_leaders": 0,
+            "brokers_auth_failed": 0,
         }
         self._connections = ConnectionPool(settings, self.stats, listener=self, wakeup=self.wakeup)
         self._metadata = Metadata(settings, self._connections, stats=self.stats, on_partition_count=on_partition_count,
                                   on_topic_error=self._on_topic_error, wakeup=self.wakeup)
         self._idempotence = Idempotence(settings, self._connections, stats=self.stats, wakeup=self.wakeup)
-        self._queues = _Queues(accumulator, profile_for, on_complete, self.stats, self._metadata)
+        self._queues = _Queues(accumulator, profile_for, on_complete, self.stats, self._metadata,
+                               auth_failed=lambda node: node in self._connections.fatal)
         self._wake_fut: asyncio.Future[None] | None = None
         self._closing = False
         self._stopped = False

@@ -309,6 +309,7 @@ class Worker:
             "retries": s["retries"],
             "throttle_s": s["throttle_ms"] / 1000.0,
             "splits": s["splits"],
+            "brokers_auth_failed": s["brokers_auth_failed"],
             "errors": dict(c.errors),
             "failed": dict(c.failed),
             "clients": len(self.clients),

@@ -8,6 +8,7 @@ the codec's request decoders and response encoders.
 from __future__ import annotations
 
 import asyncio
+import math
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -305,6 +306,27 @@ def test_retriable_errors_stop_at_the_delivery_timeout() -> None:
     hs, broker = scenario(lambda *a: ec.CODE_BY_NAME["NOT_ENOUGH_REPLICAS"], body)
     assert hs.done == [(1, ec.REQUEST_TIMED_OUT, -1)]
     assert broker.attempts[1] > 3  # it did retry, with backoff, until the deadline
+
+
+def test_records_for_a_broker_given_up_on_after_an_authentication_failure_say_so() -> None:
+    async def body(hs: Harness) -> None:
+        prof = fast_profile(acks=1, enable_idempotence=False, delivery_timeout_ms=300)
+        hs.send([FakeBatch(1, 0, prof)])
+        assert await hs.sender.flush(5)
+        # The connection drops; reconnecting then fails authentication, and ConnectionPool._connect
+        # gives the broker up (as on a BrokerAuthError).
+        pool = hs.sender._connections
+        node = hs.sender._metadata.leader(TOPIC, 0)
+        for conn in pool.connections():
+            conn.close()
+        await asyncio.sleep(0.05)
+        pool.fatal[node] = "broker 0: SASL SCRAM-SHA-512 authentication failed: wrong password"
+        pool._reconnect_at[node] = math.inf
+        hs.send([FakeBatch(2, 0, prof)])
+        assert await hs.sender.flush(5)
+
+    hs, _ = scenario(lambda *a: 0, body)
+    assert hs.done == [(1, 0, 0), (2, ec.CODE_BY_NAME["SASL_AUTHENTICATION_FAILED"], -1)]
 
 
 def test_idempotent_batches_are_stamped_once_and_resent_with_the_same_bytes() -> None:
