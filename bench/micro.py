@@ -155,6 +155,16 @@ def client_stages(values: list[bytes], keys: list[bytes], repeat: int) -> dict[s
     core.set_writers((ring2.writer,))
     core.enabled = 1
 
+    def empty() -> None:
+        """Take everything out of the ring and the pending FIFOs, as a worker and completions would."""
+        s, e = ring2.region()
+        while s != e:
+            ring2.advance(e - s)
+            s, e = ring2.region()
+        ring2.free_to(ring2.cursor)
+        for dq in topic.pending:
+            dq.clear()
+
     def compiled(fn: Any, with_keys: bool) -> Callable[[], int]:
         def run() -> int:
             per = (capacity // 2) // 160  # records that surely fit, then the ring is emptied
@@ -166,13 +176,7 @@ def client_stages(values: list[bytes], keys: list[bytes], repeat: int) -> dict[s
                 else:
                     for i in range(start, end):
                         fn("t", values[i])
-                s, e = ring2.region()
-                while s != e:
-                    ring2.advance(e - s)
-                    s, e = ring2.region()
-                ring2.free_to(ring2.cursor)
-                for dq in topic.pending:
-                    dq.clear()
+                empty()
             return len(values)
 
         return run
@@ -198,13 +202,7 @@ def client_stages(values: list[bytes], keys: list[bytes], repeat: int) -> dict[s
                 for body in bodies[start : start + per]:
                     msg = decode(body)
                     core.send_records("t", msg.records, 0, entry)
-                s, e = ring2.region()
-                while s != e:
-                    ring2.advance(e - s)
-                    s, e = ring2.region()
-                ring2.free_to(ring2.cursor)
-                for dq in topic.pending:
-                    dq.clear()
+                empty()
             return len(values)
 
         return run

@@ -177,51 +177,15 @@ def read_topic(kafka_bootstrap: str) -> Callable[..., list[ReadRecord]]:
     seen and then a little longer (so extra records, such as duplicates, are caught too), or until
     the timeout. Returns every record, sorted by (partition, offset).
     """
-    from confluent_kafka import Consumer, KafkaError
+    from helpers import read_back
 
     def read(topic: str, expected: int, timeout: float = 30.0) -> list[ReadRecord]:
-        consumer = Consumer(
-            {
-                "bootstrap.servers": kafka_bootstrap,
-                "group.id": f"reader-{uuid.uuid4().hex}",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "check.crcs": True,
-            }
-        )
-        out: list[ReadRecord] = []
-        try:
-            consumer.subscribe([topic])
-            deadline = time.monotonic() + timeout
-            grace_until: float | None = None
-            while time.monotonic() < deadline:
-                if grace_until is None and len(out) >= expected:
-                    grace_until = time.monotonic() + 1.0
-                if grace_until is not None and time.monotonic() > grace_until:
-                    break
-                for msg in consumer.consume(num_messages=10_000, timeout=0.2):
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            continue
-                        raise RuntimeError(f"reader error: {err}")
-                    headers = [(k, v) for k, v in (msg.headers() or [])]
-                    out.append(
-                        ReadRecord(
-                            topic=msg.topic(),
-                            partition=msg.partition(),
-                            offset=msg.offset(),
-                            key=msg.key(),
-                            value=msg.value(),
-                            headers=headers,
-                            timestamp=msg.timestamp()[1],
-                        )
-                    )
-        finally:
-            consumer.close()
-        out.sort(key=lambda r: (r.partition, r.offset))
-        return out
+        msgs = read_back({"bootstrap.servers": kafka_bootstrap, "check.crcs": True}, topic, expected, timeout)
+        return [
+            ReadRecord(topic=msg.topic(), partition=msg.partition(), offset=msg.offset(), key=msg.key(),
+                       value=msg.value(), headers=list(msg.headers() or []), timestamp=msg.timestamp()[1])
+            for msg in msgs
+        ]
 
     return read
 

@@ -1,5 +1,5 @@
 """Small helpers every test directory shares (one copy each): a ring over private memory, a
-bounded wait for a condition and for a forked child.
+bounded wait for a condition and for a forked child, and the independent reader's loop.
 
 ``tests/conftest.py`` puts this directory on ``sys.path``, so tests import it as ``helpers``.
 """
@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from shm.layout import RING_HEADER_BYTES, RING_REQUEST
 from shm.ring import SpscRing
 
-__all__ = ["make_ring", "ref_record_body", "ref_varint", "wait_child", "wait_until"]
+__all__ = ["make_ring", "read_back", "ref_record_body", "ref_varint", "wait_child", "wait_until"]
 
 
 def make_ring(capacity: int = 1024, kind: int = RING_REQUEST) -> SpscRing:
@@ -42,6 +44,38 @@ def wait_child(pid: int, timeout: float) -> int:
         time.sleep(0.01)
     os.kill(pid, signal.SIGKILL)
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def read_back(config: dict[str, Any], topic: str, expected: int, timeout: float = 30.0) -> list[Any]:
+    """Every message of ``topic`` as confluent-kafka (the independent reader) reads it from the
+    beginning with consumer ``config`` (the connection's settings; group and offsets are set
+    here): until ``expected`` were seen and then a second longer, so extra records such as
+    duplicates are caught too, or until ``timeout``. Sorted by (partition, offset)."""
+    from confluent_kafka import Consumer, KafkaError
+
+    consumer = Consumer({**config, "group.id": f"reader-{uuid.uuid4().hex}", "auto.offset.reset": "earliest",
+                         "enable.auto.commit": False, "enable.partition.eof": True})
+    out: list[Any] = []
+    try:
+        consumer.subscribe([topic])
+        deadline = time.monotonic() + timeout
+        grace_until: float | None = None
+        while time.monotonic() < deadline:
+            if grace_until is None and len(out) >= expected:
+                grace_until = time.monotonic() + 1.0
+            if grace_until is not None and time.monotonic() > grace_until:
+                break
+            for msg in consumer.consume(num_messages=10_000, timeout=0.2):
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        continue
+                    raise RuntimeError(f"reader error: {err}")
+                out.append(msg)
+    finally:
+        consumer.close()
+    out.sort(key=lambda msg: (msg.partition(), msg.offset()))
+    return out
 
 
 # --- an independent reference encoder, written from the Kafka record format ---------------

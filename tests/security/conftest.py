@@ -128,32 +128,9 @@ def librdkafka_settings(kafka: dict[str, Any]) -> dict[str, Any]:
 def secure_reader() -> Callable[..., list[Any]]:
     """``secure_reader(kafka_table, topic, expected, timeout=30) -> [Message]`` sorted by
     (partition, offset), read from the beginning until ``expected`` and a second more."""
-    from confluent_kafka import Consumer, KafkaError
+    from helpers import read_back
 
     def read(kafka: dict[str, Any], topic: str, expected: int, timeout: float = 30.0) -> list[Any]:
-        consumer = Consumer({**librdkafka_settings(kafka), "group.id": f"reader-{uuid.uuid4().hex}",
-                             "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                             "enable.partition.eof": True})
-        out: list[Any] = []
-        try:
-            consumer.subscribe([topic])
-            deadline = time.monotonic() + timeout
-            grace: float | None = None
-            while time.monotonic() < deadline:
-                if grace is None and len(out) >= expected:
-                    grace = time.monotonic() + 1.0
-                if grace is not None and time.monotonic() > grace:
-                    break
-                for msg in consumer.consume(num_messages=10_000, timeout=0.2):
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            continue
-                        raise RuntimeError(f"reader error: {err}")
-                    out.append(msg)
-        finally:
-            consumer.close()
-        out.sort(key=lambda msg: (msg.partition(), msg.offset()))
-        return out
+        return read_back(librdkafka_settings(kafka), topic, expected, timeout)
 
     return read
