@@ -32,6 +32,14 @@ exact runs. Ordinals step by :data:`ORDINAL_STRIDE`, so the halves' ordinals fit
 batch's and the next one's and completions keep each partition's record order. A run cut in the
 middle needs the ring position of the first record of its second part: ``locate`` finds it.
 
+A batch recovered from a dead worker's arena is split the same way once the worker's recovery
+has installed :attr:`Accumulator.on_recovered_split` (:mod:`daemon.recovery`): its parts are
+:class:`~daemon.batch.RecoveredBatch` parts of it, and the recovery, not the accumulator, decides
+what becomes of the old slot. Its runs belong to clients of the dead worker: a cut run of a
+client that is attached but whose ring the recovery has not read that far yet (or that is about
+to attach) raises :class:`SplitDeferred` (try again shortly); one of a client that will never
+attach keeps its position (nobody reads it).
+
 It knows no asyncio: the sender asks :meth:`ready` what is ready now and :meth:`next_deadline`
 when to ask again. Clock: ``time.monotonic() * 1000`` (``now_ms``) everywhere.
 """
@@ -60,6 +68,7 @@ __all__ = [
     "Accumulator",
     "Locate",
     "ORDINAL_STRIDE",
+    "SplitDeferred",
 ]
 
 APPEND_OK, APPEND_FULL, APPEND_TOO_LARGE, APPEND_INVALID, APPEND_MALFORMED = 0, 1, 2, 3, 4
@@ -82,6 +91,13 @@ ORDINAL_STRIDE = 1 << 20
 # (client id, ring position of a run's first record, topic, partition, k) -> the ring position
 # of the run's record k (0 = the first), or -1 when it cannot be found.
 Locate = Callable[[int, int, str, int, int], int]
+
+
+
+class SplitDeferred(Exception):
+    """A recovered batch cannot be split yet: a run it cuts lies where its client's ring has
+    not been read again so far. Retry after a backoff (bounded by the delivery timeout)."""
+
 
 # Draining resumes once this share of the arena is free again (and at least two full batches
 # fit): resuming at the first free chunk refilled the arena at once and starved the sender.
@@ -145,6 +161,10 @@ class Accumulator:
         self._topics = array("i")
         self._largest_batch = 0  # the largest reservation opened so far: the resume threshold
         self._call = (0, 0, 0)  # (chunk key, owner, position base) of the append call running
+        # Set by the worker's recovery: takes over the old slot of a split recovered batch
+        # (called with the batch and its parts, before the parts are stamped). Without it,
+        # recovered batches are not split.
+        self.on_recovered_split: Callable[[RecoveredBatch, list[RecoveredBatch]], None] | None = None
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -521,15 +541,27 @@ class Accumulator:
         The halves hold the first ``ceil(n/2)`` and the other records, in order, in new arena
         slots (SEALED, not stamped: the caller stamps them, with the batch's own sequence range
         when it was stamped), each with its runs, the batch's profile and ``created_ms``; the
-        batch's slot is freed. Returns None, changing nothing, when the batch cannot be split:
-        a single record, a recovered batch, no ordinals left between it and the next, a run it
-        cuts whose ring position is unknown, or no room in the arena for the halves.
+        batch's slot is freed (a recovered batch's goes to :attr:`on_recovered_split`). Returns
+        None, changing nothing, when the batch cannot be split: a single record, a recovered
+        batch without :attr:`on_recovered_split`, no ordinals left between it and the next, a
+        run it cuts whose ring position is unknown, or no room in the arena for the halves.
+
+        Raises:
+            SplitDeferred: a recovered batch's cut run is not where its client's ring was read
+                again yet.
         """
         n = batch.record_count
-        if n < 2 or batch.span < 2 or batch.slot < 0 or isinstance(batch, RecoveredBatch):
+        recovered = isinstance(batch, RecoveredBatch)
+        if n < 2 or batch.span < 2 or batch.slot < 0 or (recovered and self.on_recovered_split is None):
             return None
         half = (n + 1) // 2
-        runs_cut = self._cut_runs(batch, half)
+        if recovered:
+            # Its chunks are the recovery's business: cut its runs table only.
+            tr = [v for run in batch.table for v in run]  # type: ignore[union-attr]
+            runs_cut = self._cut_table(batch, [(0, run[2]) for run in batch.table], tr, half,  # type: ignore[union-attr]
+                                       deferred=True)
+        else:
+            runs_cut = self._cut_table(batch, batch.runs, batch._tr, half, deferred=False)
         if runs_cut is None:
             return None
         _codec, records = record_bodies(batch.payload())
@@ -552,13 +584,19 @@ class Accumulator:
         parts[1].span = batch.span - batch.span // 2
         for b in parts:
             self._finish(b)
+        if recovered:
+            rparts = [RecoveredBatch.part_of(batch, parts[0], 0),  # type: ignore[arg-type]
+                      RecoveredBatch.part_of(batch, parts[1], half)]  # type: ignore[arg-type]
+            self.on_recovered_split(batch, rparts)  # type: ignore[arg-type,misc]
+            return rparts  # type: ignore[return-value]
         self.release(batch)
         return parts
 
-    def _cut_runs(self, batch: Batch, at: int) -> tuple[tuple[list, list], tuple[list, list]] | None:
-        """``batch.runs`` and its runs table cut before record ``at``: ``((runs, table), ...)``
-        for each part, or None when the cut run's ring position cannot be found."""
-        runs, tr = batch.runs, batch._tr
+    def _cut_table(self, batch: Batch, runs: list, tr: list, at: int,
+                   deferred: bool) -> tuple[tuple[list, list], tuple[list, list]] | None:
+        """``runs`` and the runs table ``tr`` cut before record ``at``: ``((runs, table), ...)``
+        for each part, or None when the cut run's ring position cannot be found (``deferred``:
+        raise :class:`SplitDeferred` instead)."""
         if len(tr) != 3 * len(runs):
             raise RuntimeError("a batch's runs and runs table differ")
         seen = 0
@@ -574,6 +612,9 @@ class Accumulator:
             if first >= 0:
                 second = self._locate(owner, first, batch.topic, batch.partition, k) if self._locate else -1
                 if second < 0:
+                    if deferred and self._locate is not None:
+                        raise SplitDeferred(f"{batch.topic}[{batch.partition}]: record {k} of client {owner}'s "
+                                            f"run at {first} not read again yet")
                     return None
             head = (runs[:i] + [(key, k)], tr[: 3 * i] + [owner, first, k])
             tail = ([(key, count - k)] + runs[i + 1 :], [owner, second, count - k] + tr[3 * i + 3 :])
@@ -615,14 +656,16 @@ class Accumulator:
     def recover(self, slots: Sequence[RecoveredSlot], now_ms: float) -> list[RecoveredBatch]:
         """The batches of a dead worker's kept slots (``Arena.recovered``), in creation order.
 
-        They get ordinals 1..n (written back to their slots, so a later recovery orders them
-        the same way) and every batch made from now on a larger one. They are never split. ``created_ms`` is
-        ``now_ms``: the delivery timeout starts again.
+        They get ordinals ``k * ORDINAL_STRIDE`` for k = 1..n (written back to their slots, so
+        a later recovery orders them the same way; the stride leaves room for the parts of a
+        split) and every batch made from now on a larger one. ``created_ms`` is ``now_ms``:
+        the delivery timeout starts again.
         """
         out = []
         arena = self._arena
         for i, rs in enumerate(sorted(slots, key=lambda r: r.ordinal), 1):
-            arena.set_ordinal(rs.slot, i)
-            out.append(RecoveredBatch(arena, rs, i, self._profile_for(rs.topic), now_ms))
-        self._seq = max(self._seq, len(out))
+            ordinal = i * ORDINAL_STRIDE
+            arena.set_ordinal(rs.slot, ordinal)
+            out.append(RecoveredBatch(arena, rs, ordinal, ORDINAL_STRIDE, self._profile_for(rs.topic), now_ms))
+        self._seq = max(self._seq, len(out) * ORDINAL_STRIDE)
         return out

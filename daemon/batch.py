@@ -125,18 +125,26 @@ class Batch:
 
 
 class RecoveredBatch(Batch):
-    """A batch a dead worker left STAMPED or DONE in the arena (see ``Accumulator.recover``).
+    """A batch a dead worker left STAMPED or DONE in the arena (see ``Accumulator.recover``),
+    or a part of one that the broker refused as too large (see ``Accumulator.split``).
 
     It behaves as a sealed :class:`Batch` for the sender (same bytes, producer id, epoch and
-    sequence); ``runs`` starts empty (its records' chunks are found when the rings are read
+    sequence); ``runs`` stays empty (its records' chunks are found when the rings are read
     again). ``table`` is the runs table ``[(client_id, first_position, count)]``; ``result`` is
     ``(error_code, base_offset, log_append_ms)`` once known (at once for a DONE slot).
     ``home`` (the slot, kept after ``Accumulator.retire``) belongs to the worker's recovery.
+
+    Parts: ``root`` is the recovered batch a part was cut from (a batch that was never split
+    is its own root) and ``index`` the root's index of the part's first record; a part shares
+    its root's ``home``. A split root's records get their outcomes from its parts: ``outcomes``
+    collects ``(index, count, ordinal, error_code, base_offset, log_append_ms)`` per answered
+    part, and ``unanswered`` counts the records whose part has not answered yet.
     """
 
-    __slots__ = ("table", "result", "home")
+    __slots__ = ("table", "result", "home", "root", "index", "outcomes", "unanswered")
 
-    def __init__(self, arena: Arena, rs: RecoveredSlot, ordinal: int, profile: Profile, now_ms: float) -> None:
+    def __init__(self, arena: Arena, rs: RecoveredSlot, ordinal: int, span: int, profile: Profile,
+                 now_ms: float) -> None:
         self.topic = rs.topic
         self.partition = rs.partition
         self.profile = profile
@@ -148,7 +156,7 @@ class RecoveredBatch(Batch):
         self.base_sequence = rs.base_sequence
         self.attempts = 0
         self.ordinal = ordinal
-        self.span = 1  # recovered: no room for halves, it is never split
+        self.span = span
         self.size = rs.length
         self.codec = 0
         self.slot = rs.slot
@@ -168,3 +176,26 @@ class RecoveredBatch(Batch):
             (rs.error_code, rs.base_offset, rs.log_append_ms) if rs.state == STATE_DONE else None
         )
         self.home = rs.slot
+        self.root = self
+        self.index = 0
+        self.outcomes: list[tuple[int, int, int, int, int, int]] = []
+        self.unanswered = rs.record_count
+
+    @classmethod
+    def part_of(cls, parent: RecoveredBatch, half: Batch, index: int) -> RecoveredBatch:
+        """``half`` (a sealed batch :meth:`Accumulator.split` cut from ``parent``, its runs
+        table in ``half._tr``) as a part of ``parent``'s root, starting at the parent's record
+        ``index``."""
+        part = cls.__new__(cls)
+        for name in Batch.__slots__:
+            setattr(part, name, getattr(half, name))
+        part.runs = []
+        tr = half._tr
+        part.table = [(tr[i], tr[i + 1], tr[i + 2]) for i in range(0, len(tr), 3)]
+        part.result = None
+        part.home = parent.home
+        part.root = parent.root
+        part.index = parent.index + index
+        part.outcomes = []
+        part.unanswered = half.record_count
+        return part

@@ -40,13 +40,19 @@ _RESERVED = 0  # COMPLETION's reserved field
 class SlotHolds:
     """Arena slots of finished batches -> how many things still need them (chunks not yet
     reported, recovered runs not yet met in the rings, a recovered batch's answer). The slot
-    is freed when the last one lets go."""
+    is freed when the last one lets go.
 
-    __slots__ = ("_arena", "_counts")
+    A recovered batch that was split keeps its slot (demoted, so a later recovery ignores it)
+    as the key of its holds, and its parts' slots go with it: they are freed when the last
+    hold on the batch lets go (:meth:`add_parts`, :meth:`drop_part`).
+    """
+
+    __slots__ = ("_arena", "_counts", "_parts")
 
     def __init__(self, arena: Arena) -> None:
         self._arena = arena
         self._counts: dict[int, int] = {}
+        self._parts: dict[int, list[int]] = {}  # a split recovered batch's slot -> its parts' slots
 
     def keep(self, slot: int, count: int) -> None:
         """Hold ``slot`` for ``count`` things; free it now when ``count`` is 0."""
@@ -67,10 +73,24 @@ class SlotHolds:
         elif left == 0:
             del self._counts[slot]
             self._arena.free(slot)
+            for part in self._parts.pop(slot, ()):
+                self._arena.free(part)
+
+    def add_parts(self, slot: int, parts: list[int]) -> None:
+        """The slots of a split recovered batch's parts: freed with ``slot`` (held already)."""
+        self._parts.setdefault(slot, []).extend(parts)
+
+    def drop_part(self, slot: int, part: int) -> None:
+        """A part's slot was freed already (the part was split again, say): not with ``slot``."""
+        self._parts[slot].remove(part)
 
     def held(self) -> dict[int, int]:
         """A copy of the held slots and their counts (for tests and diagnostics)."""
         return dict(self._counts)
+
+    def parts(self) -> dict[int, list[int]]:
+        """A copy of the split recovered batches' parts' slots (for tests and diagnostics)."""
+        return {slot: list(parts) for slot, parts in self._parts.items()}
 
 
 class Completions:
@@ -129,9 +149,12 @@ class Completions:
     def on_complete(self, batch: Batch, error_code: int, base_offset: int, log_append_ms: int) -> None:
         """The sender's report of a finished batch (acknowledged, or failed for good)."""
         # The slot stays (DONE, with this outcome) until the records' chunks are reported.
+        own = batch.slot
         slot = self._acc.retire(batch, error_code, base_offset, log_append_ms)
         counters = self._counters
         if isinstance(batch, RecoveredBatch):
+            if slot < 0 and batch.root is not batch and own >= 0:
+                self._holds.drop_part(batch.home, own)  # retire freed it: no table to keep
             # Its slot's life is counted in the holds; its records' chunks are its pieces.
             self._recovered(batch, error_code, base_offset, log_append_ms)
             if error_code:

@@ -37,6 +37,8 @@ Prometheus' ``rate()`` treats as a counter reset. ::
           "in_flight": int,             # Produce requests awaiting a response now
           "retries": int,               # batch retries (retriable errors, timeouts)
           "throttle_s": float,          # seconds brokers throttled Produce (throttle_time_ms)
+          "splits": int,                # batches split after a MESSAGE_TOO_LARGE (or known too large)
+          "recovered_splits": int,      # of those, batches recovered from a dead worker's arena
           "brokers_auth_failed": int,   # brokers given up on after an authentication failure
           "errors": {name: int},        # records failed, by Kafka/Sluice error name
           "failed": {topic: int},       # records failed, by topic
@@ -81,6 +83,8 @@ sluice_requests_total                  counter    worker               workers.*
 sluice_in_flight_requests              gauge      worker               workers.*.in_flight
 sluice_retries_total                   counter    worker               workers.*.retries
 sluice_produce_throttle_seconds_total  counter    worker               workers.*.throttle_s
+sluice_batch_splits_total              counter    worker               workers.*.splits
+sluice_recovered_batch_splits_total    counter    worker               workers.*.recovered_splits
 sluice_brokers_auth_failed             gauge      worker               workers.*.brokers_auth_failed
 sluice_errors_total                    counter    worker, error        workers.*.errors
 sluice_records_failed_total            counter    worker, topic        workers.*.failed
@@ -162,6 +166,11 @@ _WORKER_SCALARS: tuple[tuple[str, str, str, str], ...] = (
      "Batch retries after retriable errors or timeouts.", "retries"),
     ("sluice_produce_throttle_seconds_total", "counter",
      "Time brokers throttled this worker's Produce requests (quota throttle_time_ms), seconds.", "throttle_s"),
+    ("sluice_batch_splits_total", "counter",
+     "Batches cut in two because the broker refused them as too large for the topic (or one that size was).",
+     "splits"),
+    ("sluice_recovered_batch_splits_total", "counter",
+     "Of those, batches (or parts of them) recovered from a dead worker's arena.", "recovered_splits"),
     ("sluice_brokers_auth_failed", "gauge",
      "Brokers this worker stopped connecting to after an authentication failure (TLS or SASL) until a restart.",
      "brokers_auth_failed"),

@@ -15,6 +15,17 @@ recovered batch, resolved when that batch's outcome is known (at once for a DONE
 re-send's answer for a STAMPED one). Each recovered batch's arena slot is held (see
 :class:`daemon.completions.SlotHolds`) until its answer is in, every run of it was met in the
 rings, and the chunks holding its records were reported.
+
+A re-sent batch the broker refuses as too large (the dead worker built it before it learnt the
+topic's limit) is split like any other (:meth:`Accumulator.split
+<daemon.accumulator.Accumulator.split>`); the refusal proves the broker never wrote it. Its parts
+take over its sequence range and are written to new slots with their own runs tables, and
+:meth:`Recovery.split` demotes the batch's own slot to SEALED before the parts are stamped, so a
+worker that dies next finds either the batch (parts not stamped yet: discarded) or its parts,
+never both. The demoted slot stays allocated as the key of the batch's holds, and the parts'
+slots are freed with it. Runs and pieces keep counting in the batch's record indexes; each part
+answers for its range (``RecoveredBatch.outcomes``), and the pieces resolve once every part
+has answered.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ import msgspec
 
 from daemon.accumulator import APPEND_FULL, APPEND_OK, APPEND_TOO_LARGE, Accumulator
 from daemon.batch import RecoveredBatch
-from daemon.arena import Arena
+from daemon.arena import STATE_SEALED, Arena
 from daemon.drain import (
     RECOVERY_EMPTY,
     RECOVERY_FULL,
@@ -130,8 +141,12 @@ class Recovery:
         self._refresh_topics = refresh_topics
         self._worker = worker
         self._runs: dict[int, list[Run]] = {}  # client id -> its recovered runs, until it attaches
+        # Clients whose recovered runs will never be met: they are not coming back.
+        self._absent: set[int] = set()
         # Pieces of re-sent batches not answered yet (a DONE batch's pieces resolve at once).
         self._waiting: dict[RecoveredBatch, list[Piece]] = {}
+        self.splits = 0  # recovered batches (and parts of them) split
+        acc.on_recovered_split = self.split
 
     def start(self, coming: set[int]) -> list[RecoveredBatch]:
         """Take the arena's recovered batches; returns the STAMPED ones, for the sender to re-send.
@@ -150,6 +165,8 @@ class Recovery:
                 if cid in coming:
                     self._runs.setdefault(cid, []).append(Run(rb, first, count, index, count))
                     holds += 1
+                else:
+                    self._absent.add(cid)
                 index += count
             if rb.result is None:
                 adopt.append(rb)
@@ -184,8 +201,31 @@ class Recovery:
 
     def orphan(self, client_id: int) -> None:
         """A client of the dead worker that will not attach: its runs will not be met."""
+        self._absent.add(client_id)
         for run in self._runs.pop(client_id, ()):
             self._holds.release(run.batch.home)
+
+    def absent_position(self, client_id: int, first: int) -> int:
+        """For splitting a recovered batch: the position to give the second part of a run of a
+        client that is not attached. A client that will never attach keeps ``first`` (its
+        runs are never met, the position is never read); -1 otherwise (it is about to attach,
+        or unknown)."""
+        return first if client_id in self._absent and client_id not in self._runs else -1
+
+    def split(self, batch: RecoveredBatch, parts: list[RecoveredBatch]) -> None:
+        """``batch`` (a recovered batch, or a part of one) was split into ``parts``: take over
+        its slot. Called before the parts are stamped (see the module docstring)."""
+        root = batch.root
+        holds = self._holds
+        if batch is root:
+            # Demoted, not freed: it stays the key of the batch's holds until they let go.
+            self._arena.set_state(batch.home, STATE_SEALED)
+        else:
+            holds.drop_part(root.home, batch.slot)
+            self._arena.free(batch.slot)
+        batch.slot = -1
+        holds.add_parts(root.home, [p.slot for p in parts])
+        self.splits += 1
 
     def drain(self, client: Client, now: float) -> int:
         """One region of a recovering client's ring; a RECOVERY_* code (see daemon.drain).
@@ -355,7 +395,7 @@ class Recovery:
         if chunk is None or not state.pieces:
             return
         for rb, plist in state.pieces.items():
-            if rb.result is not None:
+            if rb.result is not None or (rb.outcomes and not rb.unanswered):
                 for piece in plist:
                     _resolve(rb, piece)
             else:
@@ -384,9 +424,18 @@ class Recovery:
                 self._holds.release(run.batch.home)
         client.recovery = None
 
-    def answered(self, rb: RecoveredBatch, error_code: int, base_offset: int, log_append_ms: int) -> None:
-        """A re-sent batch was answered: its skipped records' pieces get their outcome."""
-        rb.result = (error_code, base_offset, log_append_ms)
+    def answered(self, part: RecoveredBatch, error_code: int, base_offset: int, log_append_ms: int) -> None:
+        """A re-sent batch (or a part of one) was answered: once every part of it has, its
+        skipped records' pieces get their outcome."""
+        rb = part.root
+        if part is rb:
+            rb.result = (error_code, base_offset, log_append_ms)
+        else:
+            rb.outcomes.append((part.index, part.record_count, part.ordinal, error_code, base_offset, log_append_ms))
+            rb.unanswered -= part.record_count
+            if rb.unanswered:
+                return
+            rb.outcomes.sort()
         ready = self._table.ready
         for piece in self._waiting.pop(rb, ()):
             _resolve(rb, piece)
@@ -396,9 +445,18 @@ class Recovery:
 
 
 def _resolve(rb: RecoveredBatch, piece: Piece) -> None:
-    """The piece's records take the outcome of their recovered batch."""
-    err, base, ts = rb.result  # type: ignore[misc] - called once the result is known
+    """The piece's records take the outcome of their recovered batch (of its parts, by record
+    index, when it was split)."""
     chunk = piece.chunk
-    offset = base + piece.index if err == 0 and base >= 0 else -1
-    chunk.outcomes.append(Outcome(rb.ordinal, piece.topic_id, err, rb.partition, offset, ts, piece.count))
+    if rb.result is not None:
+        err, base, ts = rb.result
+        offset = base + piece.index if err == 0 and base >= 0 else -1
+        chunk.outcomes.append(Outcome(rb.ordinal, piece.topic_id, err, rb.partition, offset, ts, piece.count))
+    else:
+        lo, hi = piece.index, piece.index + piece.count
+        for first, count, ordinal, err, base, ts in rb.outcomes:
+            a, b = max(lo, first), min(hi, first + count)
+            if a < b:
+                offset = base + a - first if err == 0 and base >= 0 else -1
+                chunk.outcomes.append(Outcome(ordinal, piece.topic_id, err, rb.partition, offset, ts, b - a))
     chunk.pending -= piece.count

@@ -42,9 +42,11 @@ Batches too large for the topic
     single record larger than the limit fails (or a batch the accumulator cannot split).
     The smallest refused size is remembered per topic for ``metadata_max_age_ms``: a new batch
     that large is split before its first send, so in steady state only the first batch of a
-    topic is refused, and few oversized stamped batches are in flight when a worker dies. (A
-    batch recovered from a dead worker's arena cannot be split: if the broker refuses it as too
-    large after the restart, its records fail with MESSAGE_TOO_LARGE.)
+    topic is refused, and few oversized stamped batches are in flight when a worker dies. A
+    batch recovered from a dead worker's arena is split the same way (:mod:`daemon.recovery`);
+    when a run it cuts lies where its client's ring has not been read again yet
+    (:class:`~daemon.accumulator.SplitDeferred`), it is retried after the usual backoff and
+    split then.
 
 Leader changes
     A retry goes to the partition's leader as metadata knows it when the batch leaves. When that
@@ -73,6 +75,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from daemon.accumulator import SplitDeferred
 from daemon.config import KafkaSettings, Profile
 from daemon.connection import Connection, ConnectionPool
 from daemon.idempotence import MAX_IN_FLIGHT, SEQUENCE_ERRORS, SEQUENCE_MODULUS, Chain, Idempotence, Verdict
@@ -658,7 +661,10 @@ class Sender:
                 continue
             e = part.queue[0]
             if e.batch.attempts == 0 and e.batch.record_count > 1 and self._known_too_large(e, now):
-                halves = self.accumulator.split(e.batch)
+                try:
+                    halves = self.accumulator.split(e.batch)
+                except SplitDeferred:
+                    halves = None  # sent as it is: a refusal splits it (or retries) later
                 if halves:
                     self.stats["splits"] += 1
                     part.queue.pop(0)
@@ -763,7 +769,12 @@ class Sender:
             known = self._too_large.get(part.topic)
             if known is None or known[1] < now or e.batch.size < known[0]:
                 self._too_large[part.topic] = (e.batch.size, now + self.settings.metadata_max_age_ms)
-            halves = self.accumulator.split(e.batch)
+            try:
+                halves = self.accumulator.split(e.batch)
+            except SplitDeferred as exc:
+                log.debug("%s", exc)
+                queues.retry(e, code, now)
+                return
             if halves:
                 self.stats["splits"] += 1
                 queues.replace(e, halves)

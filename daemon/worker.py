@@ -169,8 +169,11 @@ class Worker:
         # For Accumulator.split: a run's record k in its client's ring (-1: not found).
         client = self.clients.get(client_id)
         tid = self.topics.ids.get(topic)
-        if client is None or tid is None:
+        if tid is None:
             return -1
+        if client is None:
+            # A recovered batch's run of a client that is not attached (see Recovery).
+            return self.recovery.absent_position(client_id, first)
         return nth_record_position(client.req, first, tid, partition, k)
 
     # --- control channel ------------------------------------------------------------------
@@ -309,6 +312,7 @@ class Worker:
             "retries": s["retries"],
             "throttle_s": s["throttle_ms"] / 1000.0,
             "splits": s["splits"],
+            "recovered_splits": self.recovery.splits,
             "brokers_auth_failed": s["brokers_auth_failed"],
             "errors": dict(c.errors),
             "failed": dict(c.failed),

@@ -21,11 +21,24 @@ from typing import Any
 from daemon import channel as ch
 from daemon.config import loads
 from daemon.worker import Worker
-from shm.frames import encode_record_body, iter_completions, put_record
+from shm.frames import CHUNK_DONE_TOPIC, encode_record_body, iter_completions, put_record
 from shm.partitioner import owner
 from shm.segment import Segment
 
-__all__ = ["SEED", "TOPIC", "PARTITIONS", "WORKERS", "Harness", "close_worker", "new_worker", "run", "worker_config"]
+__all__ = [
+    "SEED",
+    "TOPIC",
+    "PARTITIONS",
+    "WORKERS",
+    "Harness",
+    "adopted",
+    "close_worker",
+    "new_worker",
+    "per_partition",
+    "recovering_worker",
+    "run",
+    "worker_config",
+]
 
 SEED = 1729
 TOPIC = "orders"
@@ -47,6 +60,29 @@ def new_worker(config: Any, segment: Segment) -> tuple[Worker, ch.Channel]:
     w._handle(ch.AddTopic(topic_id=0, name=TOPIC, partitions=PARTITIONS), [])
     w._handle(ch.AddClient(client_id=7, pid=os.getpid(), name="t"), [os.dup(fd) for fd in segment.fds()])
     return w, ch.Channel(b, ch.ToSupervisor)
+
+
+def recovering_worker(config: Any, segment: Segment, clients: list[int]) -> tuple[Worker, ch.Channel]:
+    """A successor of a dead worker 0 over its arena file; client 7 (``segment``) attaches."""
+    a, b = ch.Channel.pair()
+    w = Worker(0, WORKERS, config, ch.Channel(a, ch.ToWorker), recover=True, clients=clients)
+    w._handle(ch.AddTopic(topic_id=0, name=TOPIC, partitions=PARTITIONS), [])
+    w._handle(ch.AddClient(client_id=7, pid=os.getpid(), name="t"), [os.dup(fd) for fd in segment.fds()])
+    return w, ch.Channel(b, ch.ToSupervisor)
+
+
+def adopted(w: Worker) -> list[Any]:
+    """The batches queued in the worker's sender (a successor's: the ones it re-sends)."""
+    return [e.batch for part in w.sender._queues.parts.values() for e in part.queue]
+
+
+def per_partition(got: list[tuple[int, int, int, int, int]]) -> dict[int, list[tuple[int, int, int]]]:
+    """COMPLETION frames (not CHUNK_DONE) per partition, in order: (err, base, count)."""
+    out: dict[int, list[tuple[int, int, int]]] = {}
+    for tid, err, part, base, count in got:
+        if tid != CHUNK_DONE_TOPIC:
+            out.setdefault(part, []).append((err, base, count))
+    return out
 
 
 def close_worker(w: Worker, sup: ch.Channel) -> None:

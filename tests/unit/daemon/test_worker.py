@@ -13,15 +13,26 @@ import asyncio
 import os
 import random
 from pathlib import Path
-from typing import Any
 
 from daemon import channel as ch
 from daemon.protocol import errors as ec
-from daemon.worker import Worker
 from shm.frames import CHUNK_DONE_TOPIC, encode_record_body, iter_completions, put_record
 from shm.partitioner import owner
 from shm.segment import Segment
-from worker_harness import PARTITIONS, SEED, TOPIC, WORKERS, Harness, close_worker, new_worker, run, worker_config
+from worker_harness import (
+    PARTITIONS,
+    SEED,
+    TOPIC,
+    WORKERS,
+    Harness,
+    adopted,
+    close_worker,
+    new_worker,
+    per_partition,
+    recovering_worker,
+    run,
+    worker_config,
+)
 
 
 def test_completions_per_batch_then_chunk_done(tmp_path: Path) -> None:
@@ -366,28 +377,8 @@ def test_padding_short_of_the_wrap_drops_the_client(tmp_path: Path) -> None:
 
 # --- crash recovery ----------------------------------------------------------------------------
 
+from daemon.accumulator import ORDINAL_STRIDE  # noqa: E402
 from daemon.arena import STATE_DONE, STATE_STAMPED  # noqa: E402
-
-
-def _recovering_worker(config: Any, segment: Segment, clients: list[int]) -> tuple[Worker, ch.Channel]:
-    a, b = ch.Channel.pair()
-    w = Worker(0, WORKERS, config, ch.Channel(a, ch.ToWorker), recover=True, clients=clients)
-    w._handle(ch.AddTopic(topic_id=0, name=TOPIC, partitions=PARTITIONS), [])
-    w._handle(ch.AddClient(client_id=7, pid=os.getpid(), name="t"), [os.dup(fd) for fd in segment.fds()])
-    return w, ch.Channel(b, ch.ToSupervisor)
-
-
-def _adopted(w: Worker) -> list[Any]:
-    return [e.batch for part in w.sender._queues.parts.values() for e in part.queue]
-
-
-def _per_partition(got: list[tuple[int, int, int, int, int]]) -> dict[int, list[tuple[int, int, int]]]:
-    """COMPLETION frames (not CHUNK_DONE) per partition, in order: (err, base, count)."""
-    out: dict[int, list[tuple[int, int, int]]] = {}
-    for tid, err, part, base, count in got:
-        if tid != CHUNK_DONE_TOPIC:
-            out.setdefault(part, []).append((err, base, count))
-    return out
 
 
 def test_restarted_worker_resends_stamped_batches_and_skips_their_records(tmp_path: Path) -> None:
@@ -424,18 +415,18 @@ def test_restarted_worker_resends_stamped_batches_and_skips_their_records(tmp_pa
             total = sum(len(v) for v in h.sent.values())
             assert total == 60
             # The worker dies here (nothing more runs). A successor over the same arena file:
-            w2, sup2 = _recovering_worker(h.config, h.segment, [7])
-            adopted = _adopted(w2)
-            assert {(b.partition, bytes(b.payload())) for b in adopted} == stamped_bytes
-            assert all(b.producer_id == 4242 and b.attempts == 0 for b in adopted)
+            w2, sup2 = recovering_worker(h.config, h.segment, [7])
+            resent = adopted(w2)
+            assert {(b.partition, bytes(b.payload())) for b in resent} == stamped_bytes
+            assert all(b.producer_id == 4242 and b.attempts == 0 for b in resent)
             assert w2.drain()
             covered = done.record_count + sum(b.record_count for b in stamped)
             assert w2.counters.records_in == total - covered  # skipped what the arena holds
             new = w2.acc.ready(1e18) if not w2.acc.flush() else []
             assert sum(b.record_count for b in new) == total - covered
-            assert min(b.ordinal for b in new) > max(b.ordinal for b in adopted)
+            assert min(b.ordinal for b in new) > max(b.ordinal for b in resent)
             # Answers: the re-sent batches get their offsets, new batches theirs.
-            for b in adopted:
+            for b in resent:
                 w2.completions.on_complete(b, 0, 7000 + 100 * b.partition, -1)
                 w2.acc.release(b)
             w2.emit()
@@ -450,7 +441,7 @@ def test_restarted_worker_resends_stamped_batches_and_skips_their_records(tmp_pa
             got += h.completions()
             dones = [base for (tid, _e, _p, base, _c) in got if tid == CHUNK_DONE_TOPIC]
             assert dones[0] <= done_end and dones[-1] == h.req.head
-            per = _per_partition(got)
+            per = per_partition(got)
             assert {p: sum(c for _e, _b, c in v) for p, v in per.items()} == {
                 p: len(v) for p, v in h.sent.items() if v
             }
@@ -490,26 +481,28 @@ def test_second_crash_during_recovery_still_reports_every_record_once(tmp_path: 
             h.write(12, rng)
             h.worker.drain()  # OPEN when the first worker dies
             total = sum(len(v) for v in h.sent.values())
-            w2, sup2 = _recovering_worker(h.config, h.segment, [7])
+            w2, sup2 = recovering_worker(h.config, h.segment, [7])
             workers.append((w2, sup2))
             w2.drain()
             w2.acc.flush()
             new2 = w2.acc.ready(1e18)
             for i, b in enumerate(new2):
                 b.stamp(4343, 0, 100 * i)  # sent under the successor's producer id
-            adopted2 = _adopted(w2)
+            adopted2 = adopted(w2)
             w2.completions.on_complete(adopted2[0], 0, 6000, -1)  # one re-send answered: DONE
             w2.emit()
             # w2 dies: its recovery chunk was never reported.
-            w3, sup3 = _recovering_worker(h.config, h.segment, [7])
+            w3, sup3 = recovering_worker(h.config, h.segment, [7])
             workers.append((w3, sup3))
-            adopted3 = _adopted(w3)
+            adopted3 = adopted(w3)
             assert {(b.producer_id, b.base_sequence) for b in adopted3} == (
                 {(b.producer_id, b.base_sequence) for b in adopted2[1:]} | {(4343, 100 * i) for i in range(len(new2))}
             )
-            # Renumbered 1..n in creation order: the DONE batches are older than those re-sent.
+            # Renumbered 1..n (times the stride that leaves room for parts) in creation order:
+            # the DONE batches are older than those re-sent.
             kept = len(w3.arena.recovered)
-            assert sorted(b.ordinal for b in adopted3) == list(range(kept - len(adopted3) + 1, kept + 1))
+            assert sorted(b.ordinal for b in adopted3) == [
+                k * ORDINAL_STRIDE for k in range(kept - len(adopted3) + 1, kept + 1)]
             assert [b.producer_id for b in sorted(adopted3, key=lambda b: b.ordinal)][-len(new2):] == [4343] * len(new2)
             w3.drain()
             assert w3.counters.records_in == 0  # every record sits in a kept batch
@@ -517,7 +510,7 @@ def test_second_crash_during_recovery_still_reports_every_record_once(tmp_path: 
                 w3.completions.on_complete(b, 0, 8000 + 100 * b.partition, -1)
             w3.emit()
             got = h.completions()
-            per = _per_partition(got)
+            per = per_partition(got)
             assert {p: sum(c for _e, _b, c in v) for p, v in per.items()} == {p: len(v) for p, v in h.sent.items() if v}
             assert [base for (tid, _e, _p, base, _c) in got if tid == CHUNK_DONE_TOPIC][-1] == h.req.head
             assert sum(c for _t, _e, _p, _b, c in got if _t != CHUNK_DONE_TOPIC) == total
