@@ -13,8 +13,16 @@ export KAFKA_PORT ?= 9092
 KAFKA_NODES ?= 1
 unexport KAFKA_NODES
 CLUSTER_BOOTSTRAP := 127.0.0.1:19092,127.0.0.1:19093,127.0.0.1:19094
+# test-compat: the oldest supported Kafka (README, "Kafka versions") on a node of its own, and the
+# integration tests of what speaks to the broker run against it.
+KAFKA_OLDEST := 4.0.0
+COMPAT_PORT := 9392
+COMPAT_TESTS := tests/integration/test_sender.py tests/integration/test_metadata.py \
+	tests/integration/test_client.py tests/integration/test_chain.py \
+	tests/integration/test_oversized_batches.py tests/integration/test_socket_ingest.py \
+	tests/integration/test_daemon.py tests/integration/test_partition_growth.py
 
-.PHONY: venv test test-cluster kafka-up kafka-down kafka-status demo bench clean sanitize go-test
+.PHONY: venv test test-cluster test-compat kafka-up kafka-down kafka-status demo bench clean sanitize go-test
 
 venv: $(STAMP)
 
@@ -47,6 +55,14 @@ test: venv
 
 # The three-broker tests (tests/cluster: leader changes, broker deaths, rolling restarts) on a
 # cluster of their own, started when none answers and stopped only if started here.
+test-compat: venv
+	@export KAFKA_VERSION=$(KAFKA_OLDEST) KAFKA_PORT=$(COMPAT_PORT) KAFKA_HEAP=512m PYTHON=$(PY); \
+	scripts/kafka.sh up >/dev/null || exit 1; \
+	SLUICE_TEST_BOOTSTRAP=127.0.0.1:$(COMPAT_PORT) $(PY) -m pytest $(COMPAT_TESTS) $(PYTEST_ARGS); rc=$$?; \
+	scripts/kafka.sh down; \
+	if [ $$rc = 5 ]; then echo "pytest collected no tests"; fi; \
+	exit $$rc
+
 test-cluster: venv
 	@started=0; \
 	if ! KAFKA_NODES=3 scripts/kafka.sh status >/dev/null 2>&1; then \
