@@ -29,6 +29,7 @@ __all__ = ["main", "measure"]
 RECORDS = 20_000
 PARTITIONS = 12
 T0 = 1_700_000_000_000
+BASE_OFFSET = 1_000_000_000  # where the completion stages' offsets start
 
 
 def _best(fn: Callable[[], int], repeat: int) -> float:
@@ -242,6 +243,7 @@ def completion_thread_stages(keys: list[bytes], repeat: int) -> dict[str, float]
         for i, p in enumerate(parts):
             fifos[p].append(DeliveryFuture("t", p, T0))
         left = [len(dq) for dq in fifos]
+        offset = [BASE_OFFSET] * PARTITIONS  # a topic's offsets are large: each one is an int made
         frames = 0
         while any(left):
             for p in range(PARTITIONS):
@@ -249,7 +251,8 @@ def completion_thread_stages(keys: list[bytes], repeat: int) -> dict[str, float]
                 if not k:
                     continue
                 at = cmp.claim(FRAME_COMPLETION, COMPLETION.size)
-                COMPLETION.pack_into(cmp.view, at, 0, 0, p, 0, -1, k, 0)
+                COMPLETION.pack_into(cmp.view, at, 0, 0, p, offset[p], -1, k, 0)
+                offset[p] += k
                 left[p] -= k
                 frames += 1
                 if frames % 12 == 0:

@@ -1383,6 +1383,15 @@ static int settle_fifo(PyObject *dq, PyObject *part, PyObject *exc, long long ba
             goto fail;
         if (PyObject_TypeCheck(e, &FutureBaseType)) {
             FutureBase *f = (FutureBase *)e;
+            if (Py_REFCNT(e) == 1 && (f->waiters == Py_None || f->waiters == NULL)) {
+                /* Only the FIFO held it (send()'s caller dropped it) and no one waits: its
+                 * outcome could never be seen (no weak references to it either), so no offset
+                 * object is made just to be freed with it. */
+                Py_DECREF(e);
+                off += step;
+                i++;
+                continue;
+            }
             if (ok) {
                 if (tsobj != NULL)
                     Py_XSETREF(f->timestamp, Py_NewRef(tsobj)); /* LogAppendTime: the broker's */
