@@ -6,7 +6,8 @@ best of several repetitions of a whole bulk (GC frozen), divided by the records 
 regressions show as a row moving. What it cannot show is the cost of the event loop and of
 the system calls around a stage: ``python -m bench`` measures those on a running daemon.
 
-Client:  encode, partition (sticky, murmur2), ring write, future, completion.
+Client:  encode, partition (sticky, murmur2), ring write, future, completion (settling alone,
+         and the completion thread's whole pass over a ring of keyed completions).
 Worker:  copy, validate, append, seal, sender (Produce request encoding), complete.
 """
 
@@ -28,6 +29,7 @@ __all__ = ["main", "measure"]
 RECORDS = 20_000
 PARTITIONS = 12
 T0 = 1_700_000_000_000
+BASE_OFFSET = 1_000_000_000  # where the completion stages' offsets start
 
 
 def _best(fn: Callable[[], int], repeat: int) -> float:
@@ -139,6 +141,7 @@ def client_stages(values: list[bytes], keys: list[bytes], repeat: int) -> dict[s
         best = min(best, (time.perf_counter_ns() - t) / n)
         gc.unfreeze()
     out["client completion"] = best
+    out.update(completion_thread_stages(keys, repeat))
 
     # The whole compiled send() / produce(), as a Producer binds it, into a local ring (one
     # worker): encode, partition, clock, future, claim, copy, pending FIFO, publish.
@@ -210,6 +213,75 @@ def client_stages(values: list[bytes], keys: list[bytes], repeat: int) -> dict[s
     out["ingest decode"] = _best(lambda: sum(len(decode(b).records) for b in bodies), repeat)
     out["ingest decode + send_records (futures)"] = _best(ingest(None), repeat)
     out["ingest decode + send_records (tally)"] = _best(ingest(tally), repeat)
+    return out
+
+
+def completion_thread_stages(keys: list[bytes], repeat: int) -> dict[str, float]:
+    """The completion thread's pass over a completion ring (CompletionReader.read_ring: walk,
+    check, settle, free) as a worker fills it for keyed records: each record's future pending in
+    its key's partition FIFO, in send order; one COMPLETION per batch of a partition, batches
+    sealed round-robin over the partitions, and a CHUNK_DONE after every 12. Timed: the whole
+    pass, which also frees the futures (no one else holds them, as with a discarded send())."""
+    from shm.completions import CompletionReader
+    from shm.frames import CHUNK_DONE, COMPLETION
+    from shm.futures import DeliveryFuture
+    from shm.layout import FRAME_CHUNK_DONE, FRAME_COMPLETION, FRAME_RECORD, RING_COMPLETION, RING_HEADER_BYTES
+    from shm.partitioner import partitions_for_keys
+    from shm.ring import SpscRing
+
+    n = len(keys)
+    parts = partitions_for_keys(keys, PARTITIONS)
+    capacity = 1 << 22
+    out: dict[str, float] = {}
+
+    def one_pass(per_frame: int) -> float:
+        req = SpscRing(bytearray(RING_HEADER_BYTES + capacity), 0, capacity, create=True)
+        cmp = SpscRing(bytearray(RING_HEADER_BYTES + capacity), 0, capacity, kind=RING_COMPLETION, create=True)
+        assert req.claim(FRAME_RECORD, 1000) >= 0  # what the CHUNK_DONEs free
+        req.publish_head()
+        fifos = [deque() for _ in range(PARTITIONS)]  # type: ignore[var-annotated]
+        for i, p in enumerate(parts):
+            fifos[p].append(DeliveryFuture("t", p, T0))
+        left = [len(dq) for dq in fifos]
+        offset = [BASE_OFFSET] * PARTITIONS  # a topic's offsets are large: each one is an int made
+        frames = 0
+        while any(left):
+            for p in range(PARTITIONS):
+                k = min(per_frame, left[p])
+                if not k:
+                    continue
+                at = cmp.claim(FRAME_COMPLETION, COMPLETION.size)
+                COMPLETION.pack_into(cmp.view, at, 0, 0, p, offset[p], -1, k, 0)
+                offset[p] += k
+                left[p] -= k
+                frames += 1
+                if frames % 12 == 0:
+                    at = cmp.claim(FRAME_CHUNK_DONE, CHUNK_DONE.size)
+                    CHUNK_DONE.pack_into(cmp.view, at, req.head)
+        cmp.publish_head()
+        done = [0]
+
+        def completed(k: int) -> None:
+            done[0] += k
+
+        reader = CompletionReader(
+            None, [req], [cmp], {0: fifos}, [PARTITIONS], -1,  # type: ignore[arg-type] - the thread is not started
+            read_control=lambda: True, on_completed=completed, on_freed=lambda: None, on_hangup=lambda: None,
+            on_error=lambda exc: None, name="bench",
+        )
+        gc.collect()
+        gc.freeze()
+        t = time.perf_counter_ns()
+        reader.read_ring(0, cmp)
+        dt = time.perf_counter_ns() - t
+        gc.unfreeze()
+        assert done[0] == n and not any(fifos), "every pending record settled"
+        return dt / n
+
+    for per_frame in (1, 100):
+        out[f"client completion thread keyed, {per_frame} per COMPLETION"] = min(
+            one_pass(per_frame) for _ in range(repeat)
+        )
     return out
 
 

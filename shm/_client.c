@@ -1,5 +1,5 @@
 /* shm._client: the client's per-record path, compiled. Serves shm.producer, shm.ring,
- * shm.futures and shm.topic.
+ * shm.futures, shm.topic and shm.completions.
  *
  *   murmur2(key)      Kafka's murmur2 (the Java client's Utils.murmur2), signed 32-bit.
  *   RingWriter        the writer half of an SpscRing (shm/ring.py): claim, publish, rollback.
@@ -14,6 +14,10 @@
  *                     partition (explicit, sticky, murmur2), timestamp, future, ring claim,
  *                     copy, pending bookkeeping, publish, doorbell; send_records() for
  *                     socket ingest.
+ *   settle            one COMPLETION's outcome to a partition's pending FIFO (shm.futures).
+ *   read_completions  the completion thread's walk of a completion ring region: every frame
+ *                     checked, each COMPLETION settled, the last CHUNK_DONE reported
+ *                     (shm.completions).
  *
  * Thread safety: send() runs with the GIL held from the moment it claims ring space until it
  * has published the frame, and runs no Python code in between (no allocation of GC-tracked
@@ -573,6 +577,11 @@ typedef struct {
     Py_ssize_t rec_off[5];  /* ...of value, key, partition, headers, timestamp; 0: use getattr */
     int enabled;           /* 0: the producer is closed, or the daemon gone for good */
     long long pending;     /* records sent whose outcome has not come back */
+    /* The last timestamp given to a future, as an int: the records of one millisecond share it
+     * (one allocation fewer per record, and one object fewer for the completion thread to
+     * touch when it frees the future). */
+    PyObject *ts_obj;
+    long long ts_val;
 } SendCore;
 
 static int SendCore_traverse(SendCore *c, visitproc visit, void *arg) {
@@ -602,6 +611,7 @@ static int SendCore_clear(SendCore *c) {
     Py_CLEAR(c->vser);
     Py_CLEAR(c->kser);
     Py_CLEAR(c->rec_type);
+    Py_CLEAR(c->ts_obj);
     return 0;
 }
 
@@ -989,7 +999,11 @@ static PyObject *write_record(SendCore *c, TopicBase *t, PyObject *value, PyObje
             PyObject_GC_UnTrack(f);
         f->topic = Py_NewRef(t->name);
         f->partition = PyLong_FromLong(p);
-        f->timestamp = PyLong_FromLongLong(ts);
+        if (c->ts_obj == NULL || c->ts_val != ts) {
+            Py_XSETREF(c->ts_obj, PyLong_FromLongLong(ts));
+            c->ts_val = ts;
+        }
+        f->timestamp = Py_XNewRef(c->ts_obj);
         f->outcome = Py_NewRef(Py_None);
         if (on_delivery == Py_None) {
             f->waiters = Py_NewRef(Py_None);
@@ -1275,32 +1289,109 @@ PyDoc_STRVAR(settle_doc,
 "DeliveryGroup's run, `run_type`) and the produce() tally (`tally_type`) are settled through\n"
 "their Python methods, once per run of them. IndexError: fewer records pending than `count`.");
 
-static PyObject *settle(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "settle() takes 8 arguments");
-        return NULL;
+/* Pending entries popped ahead of their turn, so that the loads of the futures they point to
+ * overlap: by the time a keyed producer's completion comes, its futures were made on another
+ * core long before, and the first load of each (its type) was most of settle's time (perf).
+ * At most as many entries as records are left to settle are popped (each is at least one
+ * record), and those a PendingRun's records leave over go back to the FIFO's front, in order. */
+enum { SETTLE_AHEAD = 16 };
+
+typedef struct {
+    PyObject *dq, *popleft;
+    PyObject *e[SETTLE_AHEAD]; /* e[at..n): popped, owned here, not yet handed out */
+    int at, n;
+} lookahead;
+
+/* A future spans its GC header (16 bytes before it) to its last slot (56 after): two lines. */
+static inline void prefetch_entry(const PyObject *x) {
+    __builtin_prefetch((const char *)x - 16);
+    __builtin_prefetch((const char *)x + 48);
+}
+
+/* The next entry (a new reference), or NULL with popleft's exception (IndexError: the FIFO is
+ * empty). `records_left` bounds how many entries may be popped. */
+static PyObject *la_next(lookahead *la, long long records_left) {
+    if (la->at < la->n)
+        return la->e[la->at++];
+    la->at = la->n = 0;
+    if (records_left <= 1) { /* nothing to overlap with: no length asked */
+        PyObject *x = PyObject_CallNoArgs(la->popleft);
+        if (x == NULL)
+            return NULL;
+        la->e[0] = x; /* handed out at once, its slot kept for la_unget */
+        la->n = la->at = 1;
+        return x;
     }
-    PyObject *dq = args[0], *part = args[1], *exc = args[2], *run_type = args[6], *tally_type = args[7];
-    long long base = PyLong_AsLongLong(args[3]);
-    long long ts = PyLong_AsLongLong(args[4]);
-    long long count = PyLong_AsLongLong(args[5]);
-    if (PyErr_Occurred())
+    Py_ssize_t len = PyObject_Length(la->dq);
+    if (len < 0)
         return NULL;
+    long long k = records_left < SETTLE_AHEAD ? records_left : SETTLE_AHEAD;
+    if (k > len)
+        k = len;
+    if (k < 1)
+        k = 1; /* an empty FIFO: popleft raises */
+    for (long long j = 0; j < k; j++) {
+        PyObject *x = PyObject_CallNoArgs(la->popleft);
+        if (x == NULL)
+            return NULL;
+        prefetch_entry(x);
+        la->e[la->n++] = x;
+    }
+    return la->e[la->at++];
+}
+
+/* Give back the last entry la_next handed out (and its reference); only right after a
+ * la_next that returned it, which leaves its slot at e[at - 1]. */
+static inline void la_unget(lookahead *la, PyObject *x) { la->e[--la->at] = x; }
+
+/* Put the entries not handed out back at the FIFO's front, in their order; 0, or -1 with an
+ * exception (then they are dropped). Callable with an exception set: it is kept. */
+static int la_restore(lookahead *la) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    int r = 0;
+    while (la->n > la->at) {
+        PyObject *x = la->e[--la->n];
+        if (r == 0) {
+            PyObject *res = PyObject_CallMethod(la->dq, "appendleft", "O", x);
+            if (res == NULL)
+                r = -1;
+            Py_XDECREF(res);
+        }
+        Py_DECREF(x);
+    }
+    la->at = la->n = 0;
+    if (type != NULL)
+        PyErr_Restore(type, value, tb); /* the first error wins */
+    return r;
+}
+
+/* settle()'s work, shared with read_completions(): 0, or -1 with an exception set. */
+static int settle_fifo(PyObject *dq, PyObject *part, PyObject *exc, long long base, long long ts, long long count,
+                       PyObject *run_type, PyObject *tally_type) {
     int ok = exc == Py_None;
     long long step = (base >= 0 && ok) ? 1 : 0;
     long long off = step ? base : -1;
-    PyObject *popleft = PyObject_GetAttrString(dq, "popleft");
+    lookahead la = {dq, PyObject_GetAttrString(dq, "popleft"), {NULL}, 0, 0};
     PyObject *tsobj = (ok && ts >= 0) ? PyLong_FromLongLong(ts) : NULL;
-    if (popleft == NULL || (ok && ts >= 0 && tsobj == NULL))
+    if (la.popleft == NULL || (ok && ts >= 0 && tsobj == NULL))
         goto fail;
     long long i = 0;
     while (i < count) {
-        PyObject *e = PyObject_CallNoArgs(popleft);
+        PyObject *e = la_next(&la, count - i);
         if (e == NULL)
             goto fail;
         if (PyObject_TypeCheck(e, &FutureBaseType)) {
             FutureBase *f = (FutureBase *)e;
+            if (Py_REFCNT(e) == 1 && (f->waiters == Py_None || f->waiters == NULL)) {
+                /* Only the FIFO held it (send()'s caller dropped it) and no one waits: its
+                 * outcome could never be seen (no weak references to it either), so no offset
+                 * object is made just to be freed with it. */
+                Py_DECREF(e);
+                off += step;
+                i++;
+                continue;
+            }
             if (ok) {
                 if (tsobj != NULL)
                     Py_XSETREF(f->timestamp, Py_NewRef(tsobj)); /* LogAppendTime: the broker's */
@@ -1330,19 +1421,13 @@ static PyObject *settle(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             /* Consecutive produce() records of the topic: one settle() for the run. */
             long long m = 1;
             while (i + m < count) {
-                PyObject *nx = PyObject_CallNoArgs(popleft);
+                PyObject *nx = la_next(&la, count - i - m);
                 if (nx == NULL) {
                     Py_DECREF(e);
                     goto fail;
                 }
                 if (nx != e) {
-                    PyObject *r = PyObject_CallMethod(dq, "appendleft", "O", nx);
-                    Py_DECREF(nx);
-                    if (r == NULL) {
-                        Py_DECREF(e);
-                        goto fail;
-                    }
-                    Py_DECREF(r);
+                    la_unget(&la, nx);
                     break;
                 }
                 Py_DECREF(nx);
@@ -1370,9 +1455,10 @@ static PyObject *settle(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             long long m = count - i;
             PyObject *r;
             if (left > m) {
-                /* The rest of the run waits for the next completion. */
+                /* The rest of the run waits for the next completion, in front of the entries
+                 * popped after it. */
                 PyObject *rest = PyLong_FromLongLong(left - m);
-                int bad = rest == NULL || PyObject_SetAttrString(e, "left", rest) < 0;
+                int bad = rest == NULL || PyObject_SetAttrString(e, "left", rest) < 0 || la_restore(&la) < 0;
                 Py_XDECREF(rest);
                 r = bad ? NULL : PyObject_CallMethod(dq, "appendleft", "O", e);
                 if (r == NULL) {
@@ -1400,13 +1486,290 @@ static PyObject *settle(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "settle(): an entry of unknown type in a pending FIFO");
         goto fail;
     }
-    Py_DECREF(popleft);
+    Py_DECREF(la.popleft);
     Py_XDECREF(tsobj);
-    Py_RETURN_NONE;
+    return la_restore(&la); /* a PendingRun's records took the place of entries popped ahead */
 fail:
-    Py_XDECREF(popleft);
+    la_restore(&la);
+    Py_XDECREF(la.popleft);
     Py_XDECREF(tsobj);
-    return NULL;
+    return -1;
+}
+
+static PyObject *settle(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "settle() takes 8 arguments");
+        return NULL;
+    }
+    long long base = PyLong_AsLongLong(args[3]);
+    long long ts = PyLong_AsLongLong(args[4]);
+    long long count = PyLong_AsLongLong(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (settle_fifo(args[0], args[1], args[2], base, ts, count, args[6], args[7]) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * read_completions(): the completion thread's walk of a completion ring
+ *
+ * The ring is shared with the worker, which may be broken or hostile, so nothing in it is
+ * trusted: each frame's header and payload are copied out (memcpy into locals) after checking
+ * that they lie inside [start, end) and inside the buffer, and only the copies are looked at,
+ * so a frame rewritten meanwhile cannot change a value between its check and its use. Lengths
+ * are u32 and positions u64: no sum overflows. The checks and their order are
+ * shm.frames.iter_completions' (tests/unit/shm/test_read_completions.py holds one to the other).
+ *
+ * The mapping is held (a buffer export) only while frames are copied out, READ_BATCH at a time,
+ * never while Python code runs: settling runs done-callbacks, and those must not find the
+ * ring's view pinned.
+ */
+
+enum { READ_BATCH = 64 };
+
+typedef struct {
+    uint16_t topic_id;
+    int16_t error_code;
+    int32_t partition;
+    int64_t base_offset, timestamp_ms;
+    uint32_t count;
+} completion_t;
+
+/* What was wrong with the first corrupt frame: the message is made after the mapping is let go. */
+enum {
+    BAD_NONE, BAD_HEADER_CUT, BAD_LENGTH_PAST_END, BAD_COMPLETION_SIZE, BAD_TOPIC, BAD_PARTITION,
+    BAD_COUNT_ZERO, BAD_CHUNK_DONE_SIZE, BAD_PADDING, BAD_TYPE,
+};
+
+typedef struct {
+    int kind;
+    uint64_t at; /* the frame's offset in the mapping */
+    long long a, b, c;
+} bad_frame;
+
+/* Copy out and check the frames of map[*pos, end) until `out` holds READ_BATCH completions, the
+ * region ends or a frame is corrupt (*bad filled, *pos left at it). A CHUNK_DONE sets *free_to
+ * (and *freed).
+ * Returns the completions copied, or -1 with an exception (a limit that is not an int). */
+static int read_batch(const unsigned char *map, uint64_t data_end, uint64_t *pos, uint64_t end, PyObject *limits,
+                      completion_t *out, uint64_t *free_to, int *freed, bad_frame *bad) {
+    int n = 0;
+    uint64_t p = *pos;
+    Py_ssize_t ntopics = PyList_GET_SIZE(limits);
+    while (p < end && n < READ_BATCH) {
+        unsigned char hdr[SL_FRAME_HEADER_BYTES];
+        bad->at = p;
+        if (end - p < SL_FRAME_HEADER_BYTES) {
+            bad->kind = BAD_HEADER_CUT;
+            bad->a = (long long)(end - p);
+            break;
+        }
+        memcpy(hdr, map + p, sizeof hdr);
+        uint32_t plen = sl_u32(hdr), ftype = sl_u32(hdr + 4);
+        uint64_t fend = p + sl_frame_size(plen);
+        if (fend > end) {
+            bad->kind = BAD_LENGTH_PAST_END;
+            bad->a = plen;
+            break;
+        }
+        if (ftype == SL_FRAME_COMPLETION) {
+            if (plen != SL_COMPLETION_BYTES) {
+                bad->kind = BAD_COMPLETION_SIZE;
+                bad->a = plen;
+                break;
+            }
+            unsigned char c[SL_COMPLETION_BYTES];
+            memcpy(c, map + p + SL_FRAME_HEADER_BYTES, sizeof c);
+            completion_t *f = &out[n];
+            f->topic_id = sl_u16(c);
+            memcpy(&f->error_code, c + 2, 2);
+            f->partition = sl_i32(c + 4);
+            f->base_offset = sl_i64(c + 8);
+            f->timestamp_ms = sl_i64(c + 16);
+            f->count = sl_u32(c + 24);
+            if (f->topic_id >= ntopics) {
+                bad->kind = BAD_TOPIC;
+                bad->a = f->topic_id;
+                bad->b = ntopics;
+                break;
+            }
+            PyObject *lim = PyList_GET_ITEM(limits, f->topic_id);
+            if (!PyLong_Check(lim)) {
+                PyErr_SetString(PyExc_TypeError, "read_completions(): partition limits must be ints");
+                return -1;
+            }
+            long long limit = PyLong_AsLongLong(lim); /* an int: runs no Python code */
+            if (limit == -1 && PyErr_Occurred())
+                return -1;
+            if (f->partition < 0 || f->partition >= limit) {
+                bad->kind = BAD_PARTITION;
+                bad->a = f->partition;
+                bad->b = f->topic_id;
+                bad->c = limit;
+                break;
+            }
+            if (f->count == 0) {
+                bad->kind = BAD_COUNT_ZERO;
+                break;
+            }
+            n++;
+        } else if (ftype == SL_FRAME_CHUNK_DONE) {
+            if (plen != SL_CHUNK_DONE_BYTES) {
+                bad->kind = BAD_CHUNK_DONE_SIZE;
+                bad->a = plen;
+                break;
+            }
+            memcpy(free_to, map + p + SL_FRAME_HEADER_BYTES, sizeof *free_to);
+            *freed = 1;
+        } else if (ftype == SL_FRAME_PADDING) {
+            if (fend != data_end) {
+                bad->kind = BAD_PADDING;
+                break;
+            }
+        } else {
+            bad->kind = BAD_TYPE;
+            bad->a = ftype;
+            break;
+        }
+        p = fend;
+    }
+    *pos = p;
+    return n;
+}
+
+static PyObject *bad_frame_text(const bad_frame *bad, uint64_t data_start) {
+    unsigned long long off = (unsigned long long)(bad->at - data_start);
+    switch (bad->kind) {
+    case BAD_HEADER_CUT:
+        return PyUnicode_FromFormat("frame at data offset %llu: frame header past the end (%lld bytes left)", off,
+                                    bad->a);
+    case BAD_LENGTH_PAST_END:
+        return PyUnicode_FromFormat("frame at data offset %llu: payload length %lld runs past the committed end", off,
+                                    bad->a);
+    case BAD_COMPLETION_SIZE:
+        return PyUnicode_FromFormat("frame at data offset %llu: COMPLETION payload of %lld bytes, expected %d", off,
+                                    bad->a, SL_COMPLETION_BYTES);
+    case BAD_TOPIC:
+        return PyUnicode_FromFormat("frame at data offset %llu: topic id %lld unknown (%lld topics)", off, bad->a,
+                                    bad->b);
+    case BAD_PARTITION:
+        return PyUnicode_FromFormat("frame at data offset %llu: partition %lld of topic id %lld outside [0, %lld)", off,
+                                    bad->a, bad->b, bad->c);
+    case BAD_COUNT_ZERO:
+        return PyUnicode_FromFormat("frame at data offset %llu: COMPLETION with count 0", off);
+    case BAD_CHUNK_DONE_SIZE:
+        return PyUnicode_FromFormat("frame at data offset %llu: CHUNK_DONE payload of %lld bytes, expected %d", off,
+                                    bad->a, SL_CHUNK_DONE_BYTES);
+    case BAD_PADDING:
+        return PyUnicode_FromFormat("frame at data offset %llu: padding frame does not end at the wrap", off);
+    default:
+        return PyUnicode_FromFormat("frame at data offset %llu: frame type %lld in a completion ring", off, bad->a);
+    }
+}
+
+/* One completion's outcome to its partition's pending FIFO: pending[topic_id][partition]. */
+static int settle_completion(const completion_t *f, PyObject *pending, PyObject *for_code, PyObject *run_type,
+                             PyObject *tally_type) {
+    PyObject *tid = PyLong_FromLong(f->topic_id);
+    if (tid == NULL)
+        return -1;
+    PyObject *fifos = PyDict_GetItemWithError(pending, tid); /* borrowed: taken at once */
+    if (fifos == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetObject(PyExc_KeyError, tid);
+        Py_DECREF(tid);
+        return -1;
+    }
+    Py_DECREF(tid);
+    PyObject *dq = PySequence_GetItem(fifos, f->partition);
+    if (dq == NULL)
+        return -1;
+    PyObject *part = PyLong_FromLong(f->partition);
+    PyObject *exc = f->error_code ? PyObject_CallFunction(for_code, "i", (int)f->error_code) : Py_NewRef(Py_None);
+    int r = -1;
+    if (part != NULL && exc != NULL)
+        r = settle_fifo(dq, part, exc, f->base_offset, f->timestamp_ms, f->count, run_type, tally_type);
+    Py_XDECREF(exc);
+    Py_XDECREF(part);
+    Py_DECREF(dq);
+    return r;
+}
+
+PyDoc_STRVAR(read_completions_doc,
+"read_completions(view, data_start, data_end, start, end, limits, pending, for_code, run_type,\n"
+"                 tally_type) -> (free_to, records, error)\n\n"
+"Walk the frames of a completion ring's region view[start:end) (SpscRing.region(); data_start\n"
+"and data_end bound the ring's data area) and settle each COMPLETION: the next `count` records\n"
+"of pending[topic_id][partition] (a deque, as settle() takes it) get their outcome; an error code\n"
+"becomes the exception for_code(code) (KafkaError.for_code). limits[topic_id] is the topic's\n"
+"partition count (a list of ints).\n\n"
+"Every frame is checked as shm.frames.iter_completions checks it. At the first corrupt one the\n"
+"walk stops, having settled the frames before it, and `error` says what was wrong and where\n"
+"(\"frame at data offset N: ...\"); otherwise `error` is None. `free_to` is the position named\n"
+"by the last CHUNK_DONE frame walked (a worker's are increasing, so freeing to the last is\n"
+"freeing to each in turn), -1 if none; `records` is how many records were settled.\n"
+"An error raised while settling (IndexError: fewer records pending than a completion names)\n"
+"propagates.");
+
+static PyObject *read_completions(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "read_completions() takes 10 arguments");
+        return NULL;
+    }
+    PyObject *view = args[0], *limits = args[5], *pending = args[6], *for_code = args[7], *run_type = args[8],
+             *tally_type = args[9];
+    long long data_start = PyLong_AsLongLong(args[1]), data_end = PyLong_AsLongLong(args[2]);
+    long long start = PyLong_AsLongLong(args[3]), end = PyLong_AsLongLong(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!PyList_Check(limits) || !PyDict_Check(pending)) {
+        PyErr_SetString(PyExc_TypeError, "read_completions(): limits must be a list and pending a dict");
+        return NULL;
+    }
+    if (data_start < 0 || data_start > start || start > end || end > data_end) {
+        PyErr_Format(PyExc_ValueError, "read_completions(): region [%lld, %lld) outside the data area [%lld, %lld)",
+                     start, end, data_start, data_end);
+        return NULL;
+    }
+    uint64_t pos = (uint64_t)start;
+    uint64_t free_to = 0;
+    int freed = 0;
+    long long records = 0;
+    bad_frame bad = {BAD_NONE, 0, 0, 0, 0};
+    completion_t batch[READ_BATCH];
+    for (;;) {
+        Py_buffer b;
+        if (PyObject_GetBuffer(view, &b, PyBUF_SIMPLE) < 0)
+            return NULL;
+        if (data_end > b.len) {
+            PyBuffer_Release(&b);
+            PyErr_Format(PyExc_ValueError, "read_completions(): data area ends at %lld, past the buffer's %zd bytes",
+                         data_end, b.len);
+            return NULL;
+        }
+        int n = read_batch(b.buf, (uint64_t)data_end, &pos, (uint64_t)end, limits, batch, &free_to, &freed, &bad);
+        PyBuffer_Release(&b);
+        if (n < 0)
+            return NULL;
+        for (int i = 0; i < n; i++) {
+            if (settle_completion(&batch[i], pending, for_code, run_type, tally_type) < 0)
+                return NULL;
+            records += batch[i].count;
+        }
+        if (bad.kind != BAD_NONE || pos >= (uint64_t)end)
+            break;
+    }
+    PyObject *error = bad.kind == BAD_NONE ? Py_NewRef(Py_None) : bad_frame_text(&bad, (uint64_t)data_start);
+    PyObject *to = freed ? PyLong_FromUnsignedLongLong(free_to) : PyLong_FromLong(-1);
+    if (error == NULL || to == NULL) {
+        Py_XDECREF(error);
+        Py_XDECREF(to);
+        return NULL;
+    }
+    return Py_BuildValue("NLN", to, records, error);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -1628,13 +1991,15 @@ static PyMethodDef methods[] = {
     {"murmur2", py_murmur2, METH_O, murmur2_doc},
     {"partitions", py_partitions, METH_VARARGS, partitions_doc},
     {"settle", (PyCFunction)(void (*)(void))settle, METH_FASTCALL, settle_doc},
+    {"read_completions", (PyCFunction)(void (*)(void))read_completions, METH_FASTCALL, read_completions_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "shm._client",
-    "The client's per-record path, compiled: murmur2, the ring writer, the future's slots and "
-    "send(). Serves shm.producer and shm.ring.",
+    "The client's per-record path, compiled: murmur2, the ring writer, the future's slots, "
+    "send(), and the completion thread's walk and settling. Serves shm.producer, shm.ring, "
+    "shm.futures, shm.topic and shm.completions.",
     -1, methods, NULL, NULL, NULL, NULL,
 };
 

@@ -1,8 +1,20 @@
 """The producer's completion thread: reads the completion rings and settles the futures.
 
 Each COMPLETION frame resolves the next ``count`` pending records of one partition, in order
-(:func:`shm.futures.settle_fifo`); each CHUNK_DONE frame frees the worker's request ring up to
-the position it names (see :mod:`daemon.worker` for why the ring is freed only then).
+(as :func:`shm.futures.settle_fifo` does); each CHUNK_DONE frame frees the worker's request ring
+up to the position it names (see :mod:`daemon.worker` for why the ring is freed only then).
+
+Policies:
+
+- One compiled call per ring region (``shm._client.read_completions``): it checks every frame
+  as :func:`shm.frames.iter_completions` does and settles the COMPLETIONs, so no Python runs per
+  frame (keyed records make a COMPLETION per batch per partition). Python keeps what is per
+  region: the positions, the request ring's tail, the callbacks.
+- The request ring is freed once per region, to the last CHUNK_DONE's position: a worker's
+  positions only grow, so that is where freeing to each in turn would end.
+- A corrupt frame (a broken or hostile worker) ends the thread through ``on_error`` with a
+  :class:`~shm.errors.CorruptFrameError` naming the ring and the frame; the records settled
+  before it are reported (``on_completed``) and the space before it freed first.
 
 Idle: the thread arms every completion ring (the worker rings the doorbell only when armed)
 and sleeps in poll() on the doorbells and the control socket, at most
@@ -28,8 +40,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from shm.frames import CHUNK_DONE_TOPIC, iter_completions
-from shm.futures import settle_fifo
+from shm._client import read_completions
+from shm.errors import CorruptFrameError, KafkaError
+from shm.futures import DeliveryTally, PendingRun
 from shm.ring import SpscRing
 from shm.segment import Segment
 
@@ -41,6 +54,7 @@ _HEARTBEAT_S = 1.0
 # waits at most this long behind a stream of completions).
 _CONTROL_READ_S = 0.05
 _HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
+_for_code = KafkaError.for_code
 
 
 class CompletionReader:
@@ -122,7 +136,7 @@ class CompletionReader:
             while not self._stopped:
                 took = False
                 for w, ring in enumerate(rings):
-                    if self._read_ring(w, ring):
+                    if self.read_ring(w, ring):
                         took = True
                 now = time.monotonic()
                 if now - last_beat > _HEARTBEAT_S:
@@ -156,7 +170,7 @@ class CompletionReader:
                 if hangup and not self._stopped:
                     # The daemon wrote its last completions before closing: take them first.
                     for w, ring in enumerate(rings):
-                        self._read_ring(w, ring)
+                        self.read_ring(w, ring)
                     new_fd = self._on_hangup()
                     if new_fd is None:
                         return
@@ -167,26 +181,39 @@ class CompletionReader:
         except Exception as exc:  # noqa: BLE001 - corrupt completions: the producer fails everything loudly
             self._on_error(exc)
 
-    def _read_ring(self, w: int, ring: SpscRing) -> bool:
-        took = False
-        freed = False
+    def read_ring(self, w: int, ring: SpscRing) -> bool:
+        """Settle what completion ring ``ring`` (worker ``w``'s) holds now; True if it held
+        anything. The thread's step; callable without the thread (tests, bench micro).
+
+        Raises:
+            CorruptFrameError: a frame is corrupt (what came before it is settled and counted).
+        """
+        took = freed = False
         resolved = 0
         pending = self._pending
-        while True:
-            start, end = ring.region()
-            if start == end:
-                break
-            took = True
-            for _fend, tid, err, part, base, ts, count in iter_completions(ring, start, end, self._limits):
-                if tid == CHUNK_DONE_TOPIC:
-                    self._req[w].free_to(base)
+        limits = self._limits
+        try:
+            while True:
+                start, end = ring.region()
+                if start == end:
+                    break
+                took = True
+                # The whole region in one compiled call: frames checked, COMPLETIONs settled.
+                free_to, n, bad = read_completions(
+                    ring.view, ring.data_start, ring.data_end, start, end, limits, pending,
+                    _for_code, PendingRun, DeliveryTally,
+                )
+                resolved += n
+                if free_to >= 0:
+                    self._req[w].free_to(free_to)
                     freed = True
-                    continue
-                settle_fifo(pending[tid][part], part, err, base, ts, count)
-                resolved += count
-            ring.consume(end - start)
-        if resolved:
-            self._on_completed(resolved)
-        if freed:
-            self._on_freed()
+                if bad is not None:
+                    raise CorruptFrameError(f"{ring.name}: {bad}")
+                ring.consume(end - start)
+        finally:
+            # Records settled before a corrupt frame are counted all the same.
+            if resolved:
+                self._on_completed(resolved)
+            if freed:
+                self._on_freed()
         return took

@@ -30,11 +30,13 @@ the commit (``ring.publish_head()``) to the caller, so a burst of frames costs o
 The bulk path builds the frames of many records to one partition in one go
 (:func:`encode_record_frames`: per distinct length one prebuilt prefix and suffix, interleaved
 with the keys and values by slice assignment, then one ``b"".join``) and copies them into the
-ring with one claim (:func:`put_frames`). The client's completion thread reads with
-:func:`iter_completions`, which walks a region returned by
-:meth:`SpscRing.region <shm.ring.SpscRing.region>` and validates every frame: a bad one raises
-:class:`~shm.errors.CorruptFrameError` naming what was wrong, and the reading side drops the
-writer. The worker reads RECORD frames with the compiled :mod:`daemon._batcher` instead, over a
+ring with one claim (:func:`put_frames`). :func:`iter_completions` walks a completion ring's region (from
+:meth:`SpscRing.region <shm.ring.SpscRing.region>`) and validates every frame: a bad one raises
+:class:`~shm.errors.CorruptFrameError` naming what was wrong. The client's completion thread
+walks with its compiled twin instead (``shm._client.read_completions``: the same checks and
+messages, and it settles the futures as it goes, :mod:`shm.completions`); this one is what
+tests read completions with and the oracle the compiled walk is held to
+(``tests/unit/shm/test_read_completions.py``). The worker reads RECORD frames with the compiled :mod:`daemon._batcher` instead, over a
 private copy of each region; the pure-Python record-body validator and RECORD reader that tests
 check it against live in ``tests/frames_oracle.py``.
 """

@@ -121,3 +121,17 @@ def test_more_records_named_than_pending_is_an_index_error() -> None:
     dq: deque[Any] = deque([DeliveryFuture("t", 0, 1)])
     with pytest.raises(IndexError):
         settle_fifo(dq, 0, 0, 5, -1, 2)
+
+
+def test_futures_only_the_fifo_holds_still_take_their_offsets() -> None:
+    # Futures whose caller dropped them are freed without an outcome (none could see it); the
+    # offsets of the records after them must still count them.
+    held = DeliveryFuture("t", 0, 1000)
+    waited = DeliveryFuture("t", 0, 1000, on_delivery=lambda f: None)
+    dq: deque[Any] = deque(DeliveryFuture("t", 0, 1000) for _ in range(100))
+    dq.append(held)
+    dq.extend(DeliveryFuture("t", 0, 1000) for _ in range(50))
+    dq.append(waited)
+    settle_fifo(dq, 0, 0, 7000, -1, 152)
+    assert not dq
+    assert (held._outcome, waited._outcome) == (7100, 7151)
