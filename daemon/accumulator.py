@@ -93,7 +93,6 @@ ORDINAL_STRIDE = 1 << 20
 Locate = Callable[[int, int, str, int, int], int]
 
 
-
 class SplitDeferred(Exception):
     """A recovered batch cannot be split yet: a run it cuts lies where its client's ring has
     not been read again so far. Retry after a backoff (bounded by the delivery timeout)."""
