@@ -38,17 +38,26 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
 import msgspec
 
 from shm import control
-from shm._client import ack_results, tails
-from shm.errors import BufferFullError, KafkaError, SluiceError
+from shm._client import ack_results, scan_produce, tails
+from shm.errors import BufferFullError, KafkaError, ProtocolError, SluiceError
 from shm.futures import DeliveryTally
 
-__all__ = ["INGEST_CLIENT_NAME", "Origin", "RefusalCounts", "SocketIngest", "describe"]
+__all__ = [
+    "INGEST_CLIENT_NAME",
+    "FrameReader",
+    "Origin",
+    "PackedProduce",
+    "RefusalCounts",
+    "SocketIngest",
+    "describe",
+    "record_count",
+]
 
 INGEST_CLIENT_NAME = "sluice-socket-ingest"
 # How often a Produce retries a full ring under on_full = "block": short next to any
@@ -60,8 +69,120 @@ _MAX_COUNTED_TOPICS = 1024
 _OTHER_TOPICS = "(other topics)"
 # Kafka's code for an error it cannot name; used when the daemon cannot look a topic up at all.
 _UNKNOWN_SERVER_ERROR = (-1, "UNKNOWN_SERVER_ERROR")
+_PREFIX = control.LENGTH_PREFIX.size
+_decode_message = msgspec.msgpack.Decoder(control.ClientMessage).decode
 
 Lookup = Callable[[str], Awaitable[control.TopicInfo]]
+
+
+class PackedProduce:
+    """A Produce frame whose records are still msgpack: the plain shape that
+    :func:`shm._client.scan_produce` accepts (no headers, no unknown keys; anything else is
+    decoded by msgspec into a :class:`shm.control.Produce`). ``Producer.send_packed`` reads its
+    records straight into the rings; :meth:`decode` gives the Produce msgspec makes of it, for
+    the rare paths (a full ring, a refused record, a topic that cannot be looked up).
+    """
+
+    __slots__ = ("topic", "ack", "seq", "count", "at", "body")
+
+    def __init__(self, body: bytes | memoryview, topic: str, ack: bool, seq: int, count: int, at: int) -> None:
+        self.body = body  # the msgpack body; a view into the read it came in until keep()
+        self.topic = topic
+        self.ack = ack
+        self.seq = seq
+        self.count = count  # records
+        self.at = at  # offset of the first record in body
+
+    def decode(self) -> control.Produce:
+        msg = _decode_message(self.body)
+        if not isinstance(msg, control.Produce):  # scan_produce() accepted a Produce
+            raise ProtocolError("a packed Produce decoded as something else")
+        return msg
+
+    def keep(self) -> None:
+        """Own a copy of the body: the frame outlives the read it came in (it waits for a
+        topic lookup), and a view would keep the whole read's buffer alive."""
+        if not isinstance(self.body, bytes):
+            self.body = bytes(self.body)
+
+
+def record_count(msg: control.Produce | PackedProduce) -> int:
+    """How many records a Produce carries, packed or decoded."""
+    return msg.count if isinstance(msg, PackedProduce) else len(msg.records)
+
+
+class FrameReader:
+    """The daemon's :class:`shm.control.FrameReader`: the same frames, lengths and errors, but a
+    Produce in the plain shape comes out as a :class:`PackedProduce` instead of being decoded.
+
+    A frame that lies within one read is a view of that read's bytes (no copy); only a frame
+    split across reads is assembled. A bad length (refused as soon as the prefix arrives) or a
+    body msgspec refuses raises :class:`~shm.errors.ProtocolError` after the frames before it
+    were yielded, and every later ``feed`` raises it again: the stream cannot be resynchronised.
+    """
+
+    __slots__ = ("_head", "_max", "_error")
+
+    def __init__(self, max_frame_bytes: int = control.MAX_FRAME_BYTES) -> None:
+        self._head = bytearray()  # a frame begun in an earlier read: its prefix and body so far
+        self._max = max_frame_bytes
+        self._error: str | None = None
+
+    def feed(self, data: bytes) -> Iterator[Any]:
+        """The messages complete with ``data`` (the next bytes of the stream), in order."""
+        if self._error is not None:
+            raise ProtocolError(self._error)
+        view = memoryview(data)
+        n = len(data)
+        pos = 0
+        head = self._head
+        if head:
+            if len(head) < _PREFIX:
+                pos = min(_PREFIX - len(head), n)
+                head += view[:pos]
+                if len(head) < _PREFIX:
+                    return
+                self._size(head, 0)
+            (size,) = control.LENGTH_PREFIX.unpack_from(head, 0)
+            take = min(_PREFIX + size - len(head), n - pos)
+            head += view[pos : pos + take]
+            pos += take
+            if len(head) < _PREFIX + size:
+                return
+            body = bytes(head[_PREFIX:])
+            head.clear()
+            yield self._message(body, 0)
+        while n - pos >= _PREFIX:
+            end = pos + _PREFIX + self._size(data, pos)
+            if end > n:
+                break
+            yield self._message(view[pos + _PREFIX : end], pos)
+            pos = end
+        if pos < n:
+            head += view[pos:]
+
+    def _size(self, buf: bytes | bytearray, pos: int) -> int:
+        (size,) = control.LENGTH_PREFIX.unpack_from(buf, pos)
+        if size == 0 or size > self._max:
+            # Refused before the body arrives: a bad length must not make us buffer it.
+            raise self._fail(f"frame length {size} is outside 1..{self._max}")
+        return size
+
+    def _message(self, body: bytes | memoryview, pos: int) -> Any:
+        scanned = scan_produce(body, control.MAX_PRODUCE_RECORDS)
+        if scanned is not None:
+            return PackedProduce(body, *scanned)
+        try:
+            return _decode_message(body)
+        # ValidationError is a DecodeError; a str that is not UTF-8 raises UnicodeDecodeError
+        # from msgspec, which is a bad frame all the same.
+        except (msgspec.DecodeError, UnicodeDecodeError) as e:
+            raise self._fail(f"bad frame at byte {pos}: {e}") from None
+
+    def _fail(self, reason: str) -> ProtocolError:
+        self._error = reason
+        self._head = bytearray()
+        return ProtocolError(reason)
 
 
 class Origin(Protocol):
@@ -169,7 +290,7 @@ class SocketIngest:
         except Exception:  # noqa: BLE001 - the workers are gone; nothing left to lose here
             pass
 
-    async def produce(self, msg: control.Produce, origin: Origin) -> asyncio.Future[None] | None:
+    async def produce(self, msg: control.Produce | PackedProduce, origin: Origin) -> asyncio.Future[None] | None:
         """Put the records of ``msg`` into the rings.
 
         Returns:
@@ -180,9 +301,12 @@ class SocketIngest:
             await self._ready.wait()
         producer = self._producer
         topic = msg.topic
-        records = msg.records
-        n = len(records)
         ack = msg.ack
+        # A packed Produce's records are read from its msgpack by send_packed(); they are
+        # decoded (records) only if one of them has to go through send().
+        packed = msg if isinstance(msg, PackedProduce) else None
+        records = None if packed is not None else msg.records  # type: ignore[union-attr]
+        n = record_count(msg)
         # Per record, for the ack: its future once sent, or (partition, code, name) if refused.
         results: list[Any] = [None] * n if ack else []
         futures: list[Any] = []  # ack: every record's future, in order
@@ -205,17 +329,23 @@ class SocketIngest:
         tally = None if ack else DeliveryTally(topic, on_done=lambda _t: loop.call_soon_threadsafe(_finish, waiter))
         taken = refused = 0
         i = 0
+        at = packed.at if packed is not None else 0
         while i < n:
             # The records the compiled path takes, in one call; then the one it stopped at (if
             # any) through send(), which raises what is wrong or finds the ring full.
             start = i
-            i, futs = producer.send_records(topic, records, i, tally)
+            if records is None:
+                i, at, futs = producer.send_packed(topic, packed.body, at, i, n, tally)  # type: ignore[union-attr]
+            else:
+                i, futs = producer.send_records(topic, records, i, tally)
             taken += i - start
             if futs:
                 futures += futs
                 results[start:i] = futs
             if i == n:
                 break
+            if records is None:
+                records = packed.decode().records  # type: ignore[union-attr]
             rec = records[i]
             asked = -1 if rec.partition is None else rec.partition
             deadline = time.monotonic() + info.max_block_ms / 1000.0
@@ -264,12 +394,13 @@ class SocketIngest:
         _watch(loop, waiter, futures)
         return asyncio.ensure_future(_acknowledge(origin, msg.seq, results, taken, refused, waiter))
 
-    def _refuse_all(self, msg: control.Produce, origin: Origin, code: int, name: str) -> None:
-        n = len(msg.records)
+    def _refuse_all(self, msg: control.Produce | PackedProduce, origin: Origin, code: int, name: str) -> None:
+        n = record_count(msg)
         self.refused.add(msg.topic, name, n)
         origin.settled(n, n)
         if msg.ack:
-            origin.reply(_ack_frame(msg.seq, [(-1 if r.partition is None else r.partition, code, name) for r in msg.records]))
+            records = msg.decode().records if isinstance(msg, PackedProduce) else msg.records
+            origin.reply(_ack_frame(msg.seq, [(-1 if r.partition is None else r.partition, code, name) for r in records]))
 
 
 async def _acknowledge(

@@ -60,7 +60,7 @@ from typing import Any, Protocol
 
 from daemon import channel as ch
 from daemon.config import Config
-from daemon.ingest import INGEST_CLIENT_NAME, SocketIngest
+from daemon.ingest import INGEST_CLIENT_NAME, FrameReader, PackedProduce, SocketIngest, record_count
 from daemon.peercred import check_peer, peer_credentials
 from daemon.state import Tokens
 from daemon.tasks import TaskSet
@@ -163,7 +163,7 @@ class Client:
         self.pending: set[asyncio.Future[Any]] = set()
         # Per topic waiting on a lookup: its Produces in order, each with the future Flush waits
         # on; one task empties the queue (ControlServer._drain_topic).
-        self.queues: dict[str, deque[tuple[control.Produce, asyncio.Future[None]]]] = {}
+        self.queues: dict[str, deque[tuple[control.Produce | PackedProduce, asyncio.Future[None]]]] = {}
         self.last_ordered: asyncio.Future[Any] | None = None  # the latest in-order reply
         self.inflight = 0  # records without an outcome yet
         self.failed = 0  # records failed since the last FlushDone
@@ -473,7 +473,7 @@ class ControlServer:
                 left = client.unsent
                 deadline = time.monotonic() + timeout
 
-    async def _read(self, client: Client, reader: control.FrameReader) -> Any:
+    async def _read(self, client: Client, reader: FrameReader) -> Any:
         """The next (message, fds) of ``client``; None at EOF, _STOPPED once the daemon stopped
         reading it.
 
@@ -535,7 +535,7 @@ class ControlServer:
         return client.inbox.popleft()
 
     async def _serve(self, client: Client) -> None:
-        reader = control.FrameReader(control.ClientMessage)
+        reader = FrameReader()
         stopped = False  # by whoever stopped the reading, who then closes the connection
         try:
             refused = self._check_peer(client)
@@ -569,7 +569,7 @@ class ControlServer:
             if not stopped:
                 await self._close_client(client)
 
-    async def _refuse(self, client: Client, reader: control.FrameReader, reason: str) -> None:
+    async def _refuse(self, client: Client, reader: FrameReader, reason: str) -> None:
         client.reply(control.error_reply(control.ERR_NOT_ALLOWED, reason, fatal=True))
         client.final = True
         try:
@@ -613,7 +613,8 @@ class ControlServer:
         if not client.greeted and not isinstance(msg, control.Hello):
             for fd in fds:
                 os.close(fd)
-            await self._fatal(client, control.ERR_UNEXPECTED_MESSAGE, f"{type(msg).__name__} before Hello")
+            name = "Produce" if isinstance(msg, PackedProduce) else type(msg).__name__
+            await self._fatal(client, control.ERR_UNEXPECTED_MESSAGE, f"{name} before Hello")
             return False
         match msg:
             case control.Hello(
@@ -656,7 +657,7 @@ class ControlServer:
                 return await self._adopt_segment(client, workers, fds)
             case control.TopicLookup(topic=name):
                 self._in_order(client, self._lookup_reply(name))
-            case control.Produce():
+            case control.Produce() | PackedProduce():
                 await self._produce(client, msg)
             case control.Flush(timeout_ms=ms):
                 self._in_order(client, self._flush_reply(client, ms))
@@ -716,10 +717,10 @@ class ControlServer:
     async def _stats_reply(self) -> control.StatsReply:
         return control.StatsReply(stats=self._services.stats())
 
-    async def _produce(self, client: Client, msg: control.Produce) -> None:
+    async def _produce(self, client: Client, msg: control.Produce | PackedProduce) -> None:
         """Into the rings now when the topic is known and nothing of it waits; else into the
         topic's queue, behind the connection's earlier Produces to that topic."""
-        client.inflight += len(msg.records)
+        client.inflight += record_count(msg)
         client.check_room()
         topic = msg.topic
         queue = client.queues.get(topic)
@@ -733,9 +734,13 @@ class ControlServer:
         if queue is None:
             queue = client.queues[topic] = deque()
             self._tasks.spawn(self._drain_topic(client, topic, queue), f"client-{client.client_id}-topic")
+        if isinstance(msg, PackedProduce):
+            msg.keep()  # it waits beyond this read
         queue.append((msg, done))
 
-    async def _drain_topic(self, client: Client, topic: str, queue: deque[tuple[control.Produce, asyncio.Future[None]]]) -> None:
+    async def _drain_topic(
+        self, client: Client, topic: str, queue: deque[tuple[control.Produce | PackedProduce, asyncio.Future[None]]]
+    ) -> None:
         """Produce the topic's queued frames in order (the first waits for the lookup, the rest
         follow at once); the queue goes when empty, and later frames go inline again."""
         try:

@@ -863,6 +863,10 @@ static TopicBase *topic_state(SendCore *c, PyObject *topic, int fire) {
 static PyObject *write_record(SendCore *c, TopicBase *t, PyObject *value, PyObject *key, PyObject *partition,
                               PyObject *headers, PyObject *timestamp, PyObject *on_delivery, PyObject *entry,
                               int no_full, hdr_t *hdrs);
+static int choose_partition(SendCore *c, TopicBase *t, Py_ssize_t pv, const char *kp, Py_ssize_t klen, int64_t blen);
+static PyObject *write_at(SendCore *c, TopicBase *t, int p, int64_t ts, const char *kp, Py_ssize_t klen,
+                          const char *val, Py_ssize_t vlen, const hdr_t *hdrs, Py_ssize_t nh, int64_t blen,
+                          PyObject *on_delivery, PyObject *entry, int no_full);
 
 /* One record of send()/produce() (fire), arguments as given (borrowed). `entry`: the pending
  * FIFO's entry for the record when it gets no future (fire: the topic's tally unless given).
@@ -911,7 +915,6 @@ static PyObject *send_one(SendCore *c, PyObject *topic, PyObject *value, PyObjec
 static PyObject *write_record(SendCore *c, TopicBase *t, PyObject *value, PyObject *key, PyObject *partition,
                               PyObject *headers, PyObject *timestamp, PyObject *on_delivery, PyObject *entry,
                               int no_full, hdr_t *hdrs) {
-    int fire = entry != NULL;
     const char *val = NULL, *kp = NULL;
     Py_ssize_t vlen = -1, klen = -1;
     if (value != Py_None) {
@@ -929,34 +932,21 @@ static PyObject *write_record(SendCore *c, TopicBase *t, PyObject *value, PyObje
     int64_t blen = sl_varint_len(klen) + (klen > 0 ? klen : 0) + sl_varint_len(vlen) + (vlen > 0 ? vlen : 0) + hbytes;
     if (blen > t->max_body)
         return refuse(c, SL_ERR_MESSAGE_TOO_LARGE, t, blen);
-    int p;
+    Py_ssize_t pv = -1; /* the partition asked for; -1: none */
     if (partition != Py_None) {
         if (!PyIndex_Check(partition)) {
             PyErr_Format(PyExc_TypeError, "partition must be an int or None, not %.100s", Py_TYPE(partition)->tp_name);
             return NULL;
         }
-        Py_ssize_t pv = PyNumber_AsSsize_t(partition, NULL); /* clamped: out of range either way */
+        pv = PyNumber_AsSsize_t(partition, NULL); /* clamped: out of range either way */
         if (pv == -1 && PyErr_Occurred())
             return NULL;
-        if (pv < 0 || pv >= t->partitions)
+        if (pv < 0)
             return refuse(c, SL_ERR_UNKNOWN_TOPIC_OR_PARTITION, t, pv);
-        p = (int)pv;
-    } else if (kp != NULL) {
-        p = partition_of_key((const unsigned char *)kp, klen, t->partitions);
-    } else {
-        if (t->sticky_left <= 0) {
-            PyObject *r = PyObject_CallOneArg(c->stick, (PyObject *)t); /* per batch_size bytes, not per record */
-            if (r == NULL)
-                return NULL;
-            Py_DECREF(r);
-            if (t->sticky_p < 0 || t->sticky_p >= t->partitions) {
-                PyErr_SetString(PyExc_RuntimeError, "sluice: the sticky partitioner chose no partition of the topic");
-                return NULL;
-            }
-        }
-        p = t->sticky_p;
-        t->sticky_left -= (Py_ssize_t)blen;
     }
+    int p = choose_partition(c, t, pv, kp, klen, blen);
+    if (p < 0)
+        return NULL;
     int64_t ts;
     if (timestamp == Py_None) {
         ts = now_ms();
@@ -978,6 +968,43 @@ static PyObject *write_record(SendCore *c, TopicBase *t, PyObject *value, PyObje
         if (ts == -1 && PyErr_Occurred())
             return NULL;
     }
+    return write_at(c, t, p, ts, kp, klen, val, vlen, hdrs, nh, blen, on_delivery, entry, no_full);
+}
+
+/* The partition of a record whose body is `blen` bytes: `pv` when it asked for one (>= 0;
+ * UNKNOWN_TOPIC_OR_PARTITION raised when the topic has no such partition), else murmur2 of its
+ * key, else the sticky partition (moved on through Python once per batch_size bytes). Returns
+ * it, or -1 with an exception set. */
+static int choose_partition(SendCore *c, TopicBase *t, Py_ssize_t pv, const char *kp, Py_ssize_t klen, int64_t blen) {
+    if (pv >= 0) {
+        if (pv >= t->partitions) {
+            refuse(c, SL_ERR_UNKNOWN_TOPIC_OR_PARTITION, t, pv);
+            return -1;
+        }
+        return (int)pv;
+    }
+    if (kp != NULL)
+        return partition_of_key((const unsigned char *)kp, klen, t->partitions);
+    if (t->sticky_left <= 0) {
+        PyObject *r = PyObject_CallOneArg(c->stick, (PyObject *)t); /* per batch_size bytes, not per record */
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+        if (t->sticky_p < 0 || t->sticky_p >= t->partitions) {
+            PyErr_SetString(PyExc_RuntimeError, "sluice: the sticky partitioner chose no partition of the topic");
+            return -1;
+        }
+    }
+    t->sticky_left -= (Py_ssize_t)blen;
+    return t->sticky_p;
+}
+
+/* The rest of write_record once the partition and timestamp are known: the future (or the
+ * FIFO entry), the claim, the frame, the pending FIFO, the publish. */
+static PyObject *write_at(SendCore *c, TopicBase *t, int p, int64_t ts, const char *kp, Py_ssize_t klen,
+                          const char *val, Py_ssize_t vlen, const hdr_t *hdrs, Py_ssize_t nh, int64_t blen,
+                          PyObject *on_delivery, PyObject *entry, int no_full) {
+    int fire = entry != NULL;
     int owner = t->owners[p];
     if (owner < 0 || owner >= PyTuple_GET_SIZE(c->writers)) {
         PyErr_Format(PyExc_RuntimeError, "sluice: partition %d's worker %d has no request ring", p, owner);
@@ -1214,6 +1241,349 @@ static PyObject *SendCore_send_records(SendCore *c, PyObject *args) {
     return out;
 }
 
+/* ------------------------------------------------------------------------------------------
+ * Socket ingest's packed Produce: the records read straight from the frame's msgpack.
+ *
+ * scan_produce() accepts only the plain shape of a Produce (shm/control.py, docs/PROTOCOL.md):
+ * a map whose first key is "type" = "Produce", then only "topic" (str), "records" (array of at
+ * most max_records), "ack" (bool) and "seq" (unsigned), each at most once; every record a map of
+ * only "key" and "value" (bin or nil), "partition" (unsigned, at most 2^31-1, or nil),
+ * "timestamp" (unsigned, at most 2^63-1, or nil) and "headers" (nil), each at most once; and
+ * nothing after the map. Anything else (headers, an unknown key, another integer encoding, a
+ * string that is not UTF-8) is left to msgspec, which accepts or refuses it as it always did:
+ * the fast path takes a subset of what msgspec takes and reads it the same way
+ * (tests/unit/shm/test_packed_produce.py holds it to msgspec). Every read is bounded by the
+ * body's length; no length read from the body is trusted.
+ */
+
+typedef struct {
+    const unsigned char *p;
+    size_t len, pos;
+} mp_rd;
+
+/* Read `n` big-endian bytes as an unsigned; -1 when the body ends first. */
+static int mp_be(mp_rd *r, int n, uint64_t *out) {
+    if (r->len - r->pos < (size_t)n)
+        return -1;
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++)
+        v = (v << 8) | r->p[r->pos + (size_t)i];
+    r->pos += (size_t)n;
+    *out = v;
+    return 0;
+}
+
+/* A container or string header of the kind `kind` ('m' map, 'a' array, 's' str, 'b' bin):
+ * its count or length, or -1 when the next object is something else (or truncated). */
+static int64_t mp_head(mp_rd *r, char kind) {
+    if (r->pos >= r->len)
+        return -1;
+    unsigned char b = r->p[r->pos++];
+    uint64_t n;
+    int w;
+    switch (kind) {
+    case 'm':
+        if ((b & 0xf0) == 0x80)
+            return b & 0x0f;
+        w = b == 0xde ? 2 : b == 0xdf ? 4 : 0;
+        break;
+    case 'a':
+        if ((b & 0xf0) == 0x90)
+            return b & 0x0f;
+        w = b == 0xdc ? 2 : b == 0xdd ? 4 : 0;
+        break;
+    case 's':
+        if ((b & 0xe0) == 0xa0)
+            n = b & 0x1f;
+        else {
+            w = b == 0xd9 ? 1 : b == 0xda ? 2 : b == 0xdb ? 4 : 0;
+            if (w == 0 || mp_be(r, w, &n) < 0)
+                return -1;
+        }
+        return r->len - r->pos < n ? -1 : (int64_t)n;
+    default: /* 'b' */
+        w = b == 0xc4 ? 1 : b == 0xc5 ? 2 : b == 0xc6 ? 4 : 0;
+        if (w == 0 || mp_be(r, w, &n) < 0)
+            return -1;
+        return r->len - r->pos < n ? -1 : (int64_t)n;
+    }
+    if (w == 0 || mp_be(r, w, &n) < 0)
+        return -1;
+    return (int64_t)n;
+}
+
+/* An unsigned integer (positive fixint, uint8..uint64) of at most `max`; -1 otherwise. */
+static int mp_uint(mp_rd *r, uint64_t max, uint64_t *out) {
+    if (r->pos >= r->len)
+        return -1;
+    unsigned char b = r->p[r->pos++];
+    uint64_t v;
+    if (b < 0x80)
+        v = b;
+    else if (b >= 0xcc && b <= 0xcf) {
+        if (mp_be(r, 1 << (b - 0xcc), &v) < 0)
+            return -1;
+    } else
+        return -1;
+    if (v > max)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static inline int mp_nil(mp_rd *r) {
+    if (r->pos < r->len && r->p[r->pos] == 0xc0) {
+        r->pos++;
+        return 1;
+    }
+    return 0;
+}
+
+/* The next str equals `lit` (the key just read is p[at..at+n)). */
+#define MP_KEY_IS(r, at, n, lit) ((n) == (int64_t)(sizeof(lit) - 1) && memcmp((r)->p + (at), lit, (size_t)(n)) == 0)
+
+/* One record of a packed Produce, read as the plain shape allows: 0, or -1 when it is not. */
+typedef struct {
+    const char *key, *value; /* NULL: null */
+    Py_ssize_t klen, vlen;   /* -1: null */
+    Py_ssize_t partition;    /* -1: none asked */
+    int64_t timestamp;       /* -1: none given */
+} packed_rec;
+
+enum { MAX_PARTITION = 0x7fffffff };
+
+static int mp_record(mp_rd *r, packed_rec *out) {
+    int64_t n = mp_head(r, 'm');
+    if (n < 0)
+        return -1;
+    out->key = out->value = NULL;
+    out->klen = out->vlen = -1;
+    out->partition = -1;
+    out->timestamp = -1;
+    unsigned seen = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t kn = mp_head(r, 's');
+        if (kn < 0)
+            return -1;
+        size_t at = r->pos;
+        r->pos += (size_t)kn;
+        unsigned bit;
+        if (MP_KEY_IS(r, at, kn, "value") || MP_KEY_IS(r, at, kn, "key")) {
+            int is_value = kn == 5;
+            bit = is_value ? 1u : 2u;
+            if (!mp_nil(r)) {
+                int64_t bn = mp_head(r, 'b');
+                if (bn < 0)
+                    return -1;
+                if (is_value) {
+                    out->value = (const char *)r->p + r->pos;
+                    out->vlen = (Py_ssize_t)bn;
+                } else {
+                    out->key = (const char *)r->p + r->pos;
+                    out->klen = (Py_ssize_t)bn;
+                }
+                r->pos += (size_t)bn;
+            }
+        } else if (MP_KEY_IS(r, at, kn, "partition")) {
+            bit = 4u;
+            uint64_t v;
+            if (!mp_nil(r)) {
+                if (mp_uint(r, MAX_PARTITION, &v) < 0)
+                    return -1;
+                out->partition = (Py_ssize_t)v;
+            }
+        } else if (MP_KEY_IS(r, at, kn, "timestamp")) {
+            bit = 8u;
+            uint64_t v;
+            if (!mp_nil(r)) {
+                if (mp_uint(r, (uint64_t)INT64_MAX, &v) < 0)
+                    return -1;
+                out->timestamp = (int64_t)v;
+            }
+        } else if (MP_KEY_IS(r, at, kn, "headers")) {
+            bit = 16u;
+            if (!mp_nil(r))
+                return -1; /* headers: msgspec's path */
+        } else {
+            return -1;
+        }
+        if (seen & bit)
+            return -1;
+        seen |= bit;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(scan_produce_doc,
+"scan_produce(body, max_records) -> (topic, ack, seq, count, records_at) or None\n\n"
+"A Produce frame's msgpack body (no length prefix) in the plain shape send_packed() reads (see\n"
+"the comment above this function in shm/_client.c): its topic, ack, seq, how many records, and\n"
+"the offset of the first record in `body`. None for anything else, which msgspec decodes (or\n"
+"refuses) instead.");
+
+static PyObject *scan_produce(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer buf;
+    Py_ssize_t max_records;
+    if (!PyArg_ParseTuple(args, "y*n:scan_produce", &buf, &max_records))
+        return NULL;
+    mp_rd r = {(const unsigned char *)buf.buf, (size_t)buf.len, 0};
+    PyObject *out = NULL;
+    int64_t n = mp_head(&r, 'm');
+    int64_t tn = n > 0 ? mp_head(&r, 's') : -1;
+    size_t tat = r.pos;
+    int64_t vn = tn == 4 && memcmp(r.p + tat, "type", 4) == 0 ? (r.pos += 4, mp_head(&r, 's')) : -1;
+    if (vn != 7 || memcmp(r.p + r.pos, "Produce", 7) != 0)
+        goto done;
+    r.pos += 7;
+    unsigned seen = 0;
+    const char *topic = NULL;
+    Py_ssize_t topic_len = 0;
+    int ack = 0;
+    uint64_t seq = 0;
+    int64_t count = 0;
+    size_t records_at = 0;
+    for (int64_t i = 1; i < n; i++) {
+        int64_t kn = mp_head(&r, 's');
+        if (kn < 0)
+            goto done;
+        size_t at = r.pos;
+        r.pos += (size_t)kn;
+        unsigned bit;
+        if (MP_KEY_IS(&r, at, kn, "topic")) {
+            bit = 1u;
+            int64_t sn = mp_head(&r, 's');
+            if (sn < 0)
+                goto done;
+            topic = (const char *)r.p + r.pos;
+            topic_len = (Py_ssize_t)sn;
+            r.pos += (size_t)sn;
+        } else if (MP_KEY_IS(&r, at, kn, "records")) {
+            bit = 2u;
+            count = mp_head(&r, 'a');
+            if (count < 0 || count > max_records)
+                goto done;
+            records_at = r.pos;
+            packed_rec rec;
+            for (int64_t j = 0; j < count; j++)
+                if (mp_record(&r, &rec) < 0)
+                    goto done;
+        } else if (MP_KEY_IS(&r, at, kn, "ack")) {
+            bit = 4u;
+            if (r.pos >= r.len || (r.p[r.pos] != 0xc2 && r.p[r.pos] != 0xc3))
+                goto done;
+            ack = r.p[r.pos++] == 0xc3;
+        } else if (MP_KEY_IS(&r, at, kn, "seq")) {
+            bit = 8u;
+            if (mp_uint(&r, UINT64_MAX, &seq) < 0)
+                goto done;
+        } else {
+            goto done;
+        }
+        if (seen & bit)
+            goto done;
+        seen |= bit;
+    }
+    if ((seen & 3u) != 3u || r.pos != r.len)
+        goto done;
+    PyObject *name = PyUnicode_DecodeUTF8(topic, topic_len, NULL);
+    if (name == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
+            goto done;
+        PyErr_Clear(); /* not UTF-8: msgspec refuses it, with its own words */
+        goto done;
+    }
+    out = Py_BuildValue("NOKLn", name, ack ? Py_True : Py_False, (unsigned long long)seq, (long long)count,
+                        (Py_ssize_t)records_at);
+done:
+    PyBuffer_Release(&buf);
+    if (out == NULL && !PyErr_Occurred())
+        out = Py_NewRef(Py_None);
+    return out;
+}
+
+PyDoc_STRVAR(send_packed_doc,
+"send_packed(topic, body, at, start, count, entry=None) -> (next, next_at, futures)\n\n"
+"send_records() for a packed Produce (scan_produce() accepted `body`): records[start:count]\n"
+"of the frame, the first of them at offset `at` of `body`, read from the msgpack as they are\n"
+"written (no Python object per record; records without a timestamp share one clock reading,\n"
+"taken at the call). It stops as send_records() does, at the end or before the first record\n"
+"it cannot write now; returns that record's index and offset, and the futures of the records\n"
+"written (none with an entry). ValueError: `body` is not what scan_produce() accepted.");
+
+static PyObject *SendCore_send_packed(SendCore *c, PyObject *args) {
+    PyObject *topic;
+    Py_buffer buf;
+    Py_ssize_t at, start, count;
+    PyObject *entry = Py_None;
+    if (!PyArg_ParseTuple(args, "Uy*nnn|O:send_packed", &topic, &buf, &at, &start, &count, &entry))
+        return NULL;
+    int fire = entry != Py_None;
+    PyObject *futs = NULL, *out = NULL;
+    if (at < 0 || at > buf.len || start < 0 || start > count) {
+        PyErr_SetString(PyExc_ValueError, "send_packed: offset or index outside the frame");
+        goto done;
+    }
+    futs = PyList_New(0);
+    if (futs == NULL)
+        goto done;
+    mp_rd r = {(const unsigned char *)buf.buf, (size_t)buf.len, (size_t)at};
+    int64_t now = -1; /* one clock reading for the call: the records arrived together */
+    Py_ssize_t i = start;
+    size_t rec_at = r.pos;
+    for (; i < count && c->enabled; i++) {
+        rec_at = r.pos;
+        packed_rec rec;
+        if (mp_record(&r, &rec) < 0) {
+            PyErr_SetString(PyExc_ValueError, "send_packed: the body is not a packed Produce");
+            goto done;
+        }
+        TopicBase *t = topic_state(c, topic, 0); /* with fire, the entry is given */
+        if (t == NULL)
+            goto stop;
+        /* No headers: their part of the body is the count 0, one byte. */
+        int64_t blen = sl_varint_len(rec.klen) + (rec.klen > 0 ? rec.klen : 0) + sl_varint_len(rec.vlen) +
+                       (rec.vlen > 0 ? rec.vlen : 0) + 1;
+        PyObject *res = NULL;
+        if (blen > t->max_body) {
+            refuse(c, SL_ERR_MESSAGE_TOO_LARGE, t, blen);
+        } else {
+            int p = choose_partition(c, t, rec.partition, rec.key, rec.klen, blen);
+            if (p >= 0) {
+                int64_t ts = rec.timestamp;
+                if (ts < 0)
+                    ts = now >= 0 ? now : (now = now_ms());
+                res = write_at(c, t, p, ts, rec.key, rec.klen, rec.value, rec.vlen, NULL, 0, blen, Py_None,
+                               fire ? entry : NULL, 1);
+            }
+        }
+        Py_DECREF(t);
+        if (res == BUSY)
+            break;
+        if (res == NULL)
+            goto stop;
+        if (!fire && PyList_Append(futs, res) < 0) {
+            Py_DECREF(res);
+            goto done;
+        }
+        Py_DECREF(res);
+        rec_at = r.pos;
+    }
+    out = Py_BuildValue("nnO", i, (Py_ssize_t)rec_at, futs);
+    goto done;
+stop:
+    /* An error to raise: the caller sends this record through send(), which raises it again
+     * where it is reported for this record alone. */
+    if (PyErr_ExceptionMatches(PyExc_Exception)) {
+        PyErr_Clear();
+        out = Py_BuildValue("nnO", i, (Py_ssize_t)rec_at, futs);
+    }
+done:
+    Py_XDECREF(futs);
+    PyBuffer_Release(&buf);
+    return out;
+}
+
 static PyObject *SendCore_send(SendCore *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     return do_send(c, args, nargs, kwnames, 0);
 }
@@ -1251,6 +1621,7 @@ static PyMethodDef SendCore_methods[] = {
     {"produce", (PyCFunction)(void (*)(void))SendCore_produce, METH_FASTCALL | METH_KEYWORDS,
      "produce(topic, value, key=None, *, partition=None, headers=None, timestamp=None): send() without a future"},
     {"send_records", (PyCFunction)SendCore_send_records, METH_VARARGS, send_records_doc},
+    {"send_packed", (PyCFunction)SendCore_send_packed, METH_VARARGS, send_packed_doc},
     {"set_writers", (PyCFunction)SendCore_set_writers, METH_O, "The request rings' writers, one per worker."},
     {"add_pending", (PyCFunction)SendCore_add_pending, METH_O,
      "Add n (negative: records completed) to the pending count; returns it."},
@@ -1988,6 +2359,7 @@ static PyObject *tails(PyObject *self, PyObject *arg) {
 static PyMethodDef methods[] = {
     {"ack_results", ack_results, METH_VARARGS, ack_results_doc},
     {"tails", tails, METH_O, tails_doc},
+    {"scan_produce", scan_produce, METH_VARARGS, scan_produce_doc},
     {"murmur2", py_murmur2, METH_O, murmur2_doc},
     {"partitions", py_partitions, METH_VARARGS, partitions_doc},
     {"settle", (PyCFunction)(void (*)(void))settle, METH_FASTCALL, settle_doc},

@@ -349,6 +349,21 @@ class Producer:
             return start, []
         return self._core.send_records(topic, records, start, tally)
 
+    def send_packed(
+        self, topic: str, body: Any, at: int, start: int, count: int, tally: DeliveryTally | None = None
+    ) -> tuple[int, int, list[DeliveryFuture]]:
+        """:meth:`send_records` for a Produce frame still in msgpack (``body``, which
+        :func:`shm._client.scan_produce` accepted; its records ``start..count-1``, the first at
+        offset ``at``): no Python object per record.
+
+        Returns:
+            ``(next, next_at, futures)``: the index and offset of the record it stopped at, and
+            the futures of the records before it, as :meth:`send_records` returns them.
+        """
+        if topic not in self._topics or not self._core.enabled:
+            return start, at, []
+        return self._core.send_packed(topic, body, at, start, count, tally)
+
     @property
     def delivery_errors(self) -> dict[str, dict[str, int]]:
         """Failed :meth:`produce` records: topic -> error name -> records (a copy)."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from daemon import channel as ch
 from daemon.config import Config, loads
-from daemon.ingest import Origin
+from daemon.ingest import Origin, PackedProduce
 from daemon.protocol.errors import UNKNOWN_TOPIC_OR_PARTITION
 from daemon.server import ControlServer
 from daemon.state import Tokens
@@ -69,7 +69,9 @@ class Ingest:
     def known(self, topic: str) -> bool:
         return True
 
-    async def produce(self, msg: control.Produce, origin: Origin) -> asyncio.Future[None] | None:
+    async def produce(self, msg: control.Produce | PackedProduce, origin: Origin) -> asyncio.Future[None] | None:
+        if isinstance(msg, PackedProduce):  # what the server hands over as it came: read it as msgspec does
+            msg = msg.decode()
         self.produced.append(msg)
         if self.full:
             while not self.stopped:
