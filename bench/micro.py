@@ -8,6 +8,8 @@ the system calls around a stage: ``python -m bench`` measures those on a running
 
 Client:  encode, partition (sticky, murmur2), ring write, future, completion (settling alone,
          and the completion thread's whole pass over a ring of keyed completions).
+Ingest:  the socket ingest's Produce frames: msgspec decode + send_records (frames msgspec
+         decodes), and the packed path (frame reader, scan_produce, send_packed).
 Worker:  copy, validate, append, seal, sender (Produce request encoding), complete.
 """
 
@@ -213,6 +215,37 @@ def client_stages(values: list[bytes], keys: list[bytes], repeat: int) -> dict[s
     out["ingest decode"] = _best(lambda: sum(len(decode(b).records) for b in bodies), repeat)
     out["ingest decode + send_records (futures)"] = _best(ingest(None), repeat)
     out["ingest decode + send_records (tally)"] = _best(ingest(tally), repeat)
+
+    # The packed path that socket ingest takes for plain frames: the daemon's FrameReader splits
+    # the byte stream (reads of _RECV_BYTES) and scan_produce checks each Produce; send_packed
+    # writes its records from the msgpack into the ring.
+    from daemon.ingest import FrameReader, PackedProduce
+    from daemon.server import _RECV_BYTES
+    from shm._client import scan_produce
+
+    stream = b"".join(control.LENGTH_PREFIX.pack(len(b)) + b for b in bodies)
+    reads = [stream[i : i + _RECV_BYTES] for i in range(0, len(stream), _RECV_BYTES)]
+
+    def split() -> list[PackedProduce]:
+        reader = FrameReader()
+        return [m for data in reads for m in reader.feed(data)]
+
+    def packed(entry: Any) -> Callable[[], int]:
+        def run() -> int:
+            per = (capacity // 2) // 160 // frame
+            frames = split()
+            for start in range(0, len(frames), per):
+                for m in frames[start : start + per]:
+                    core.send_packed("t", m.body, m.at, 0, m.count, entry)
+                empty()
+            return len(values)
+
+        return run
+
+    out["ingest scan_produce"] = _best(lambda: sum(scan_produce(b, control.MAX_PRODUCE_RECORDS)[3] for b in bodies), repeat)
+    out["ingest frame reader (split + scan)"] = _best(lambda: sum(m.count for m in split()), repeat)
+    out["ingest frame reader + send_packed (futures)"] = _best(packed(None), repeat)
+    out["ingest frame reader + send_packed (tally)"] = _best(packed(tally), repeat)
     return out
 
 

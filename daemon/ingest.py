@@ -76,34 +76,50 @@ Lookup = Callable[[str], Awaitable[control.TopicInfo]]
 
 
 class PackedProduce:
-    """A Produce frame whose records are still msgpack: the plain shape that
+    """Produce frames whose records are still msgpack: the plain shape that
     :func:`shm._client.scan_produce` accepts (no headers, no unknown keys; anything else is
-    decoded by msgspec into a :class:`shm.control.Produce`). ``Producer.send_packed`` reads its
-    records straight into the rings; :meth:`decode` gives the Produce msgspec makes of it, for
-    the rare paths (a full ring, a refused record, a topic that cannot be looked up).
+    decoded by msgspec into a :class:`shm.control.Produce`). ``Producer.send_packed`` reads the
+    records straight into the rings; they are decoded (:meth:`records_of`) only for the rare
+    paths (a record send() must take: a full ring, a refusal; a topic that cannot be looked up).
+
+    One frame, or a run of frames without ack to the same topic that came in one read
+    (:class:`FrameReader` joins them): nobody is answered for those, so they can share one
+    tally and one pass through the server and ingest. ``parts`` holds each frame's
+    ``(body, offset of its first record, records)``.
     """
 
-    __slots__ = ("topic", "ack", "seq", "count", "at", "body")
+    __slots__ = ("topic", "ack", "seq", "count", "parts")
 
     def __init__(self, body: bytes | memoryview, topic: str, ack: bool, seq: int, count: int, at: int) -> None:
-        self.body = body  # the msgpack body; a view into the read it came in until keep()
         self.topic = topic
         self.ack = ack
         self.seq = seq
-        self.count = count  # records
-        self.at = at  # offset of the first record in body
+        self.count = count  # records, in all parts
+        # A body is a view into the read it came in until keep().
+        self.parts: list[tuple[bytes | memoryview, int, int]] = [(body, at, count)]
 
-    def decode(self) -> control.Produce:
-        msg = _decode_message(self.body)
+    def join(self, other: PackedProduce) -> None:
+        """Append the frame ``other`` (without ack, to the same topic) as the next part."""
+        self.parts += other.parts
+        self.count += other.count
+
+    @staticmethod
+    def records_of(body: bytes | memoryview) -> list[control.Rec]:
+        """The records of one part's body, as msgspec decodes them."""
+        msg = _decode_message(body)
         if not isinstance(msg, control.Produce):  # scan_produce() accepted a Produce
             raise ProtocolError("a packed Produce decoded as something else")
-        return msg
+        return msg.records
+
+    def decode(self) -> control.Produce:
+        """The Produce msgspec makes of it (a joined run as one Produce without ack)."""
+        records = [r for body, _at, _n in self.parts for r in self.records_of(body)]
+        return control.Produce(topic=self.topic, records=records, ack=self.ack, seq=self.seq)
 
     def keep(self) -> None:
-        """Own a copy of the body: the frame outlives the read it came in (it waits for a
+        """Own copies of the bodies: the frames outlive the read they came in (they wait for a
         topic lookup), and a view would keep the whole read's buffer alive."""
-        if not isinstance(self.body, bytes):
-            self.body = bytes(self.body)
+        self.parts = [(body if isinstance(body, bytes) else bytes(body), at, n) for body, at, n in self.parts]
 
 
 def record_count(msg: control.Produce | PackedProduce) -> int:
@@ -113,7 +129,8 @@ def record_count(msg: control.Produce | PackedProduce) -> int:
 
 class FrameReader:
     """The daemon's :class:`shm.control.FrameReader`: the same frames, lengths and errors, but a
-    Produce in the plain shape comes out as a :class:`PackedProduce` instead of being decoded.
+    Produce in the plain shape comes out as a :class:`PackedProduce` instead of being decoded,
+    and consecutive ones without ack to the same topic in one read come out as one.
 
     A frame that lies within one read is a view of that read's bytes (no copy); only a frame
     split across reads is assembled. A bad length (refused as soon as the prefix arrives) or a
@@ -129,7 +146,31 @@ class FrameReader:
         self._error: str | None = None
 
     def feed(self, data: bytes) -> Iterator[Any]:
-        """The messages complete with ``data`` (the next bytes of the stream), in order."""
+        """The messages complete with ``data`` (the next bytes of the stream), in order; a run
+        of packed Produce frames without ack to one topic comes out as one PackedProduce."""
+        run: PackedProduce | None = None
+        try:
+            for msg in self._frames(data):
+                if type(msg) is PackedProduce and not msg.ack:
+                    if run is not None and run.topic == msg.topic:
+                        run.join(msg)
+                        continue
+                    if run is not None:
+                        yield run
+                    run = msg
+                    continue
+                if run is not None:
+                    yield run
+                    run = None
+                yield msg
+        except ProtocolError:
+            if run is not None:  # the frames before a bad one are served
+                yield run
+            raise
+        if run is not None:
+            yield run
+
+    def _frames(self, data: bytes) -> Iterator[Any]:
         if self._error is not None:
             raise ProtocolError(self._error)
         view = memoryview(data)
@@ -302,10 +343,9 @@ class SocketIngest:
         producer = self._producer
         topic = msg.topic
         ack = msg.ack
-        # A packed Produce's records are read from its msgpack by send_packed(); they are
-        # decoded (records) only if one of them has to go through send().
-        packed = msg if isinstance(msg, PackedProduce) else None
-        records = None if packed is not None else msg.records  # type: ignore[union-attr]
+        # A packed Produce's records are read from its msgpack by send_packed(); a part's are
+        # decoded only if one of them has to go through send().
+        parts = msg.parts if isinstance(msg, PackedProduce) else [(None, 0, len(msg.records))]
         n = record_count(msg)
         # Per record, for the ack: its future once sent, or (partition, code, name) if refused.
         results: list[Any] = [None] * n if ack else []
@@ -328,56 +368,59 @@ class SocketIngest:
         waiter: asyncio.Future[None] = loop.create_future()
         tally = None if ack else DeliveryTally(topic, on_done=lambda _t: loop.call_soon_threadsafe(_finish, waiter))
         taken = refused = 0
-        i = 0
-        at = packed.at if packed is not None else 0
-        while i < n:
-            # The records the compiled path takes, in one call; then the one it stopped at (if
-            # any) through send(), which raises what is wrong or finds the ring full.
-            start = i
-            if records is None:
-                i, at, futs = producer.send_packed(topic, packed.body, at, i, n, tally)  # type: ignore[union-attr]
-            else:
-                i, futs = producer.send_records(topic, records, i, tally)
-            taken += i - start
-            if futs:
-                futures += futs
-                results[start:i] = futs
-            if i == n:
-                break
-            if records is None:
-                records = packed.decode().records  # type: ignore[union-attr]
-            rec = records[i]
-            asked = -1 if rec.partition is None else rec.partition
-            deadline = time.monotonic() + info.max_block_ms / 1000.0
-            while True:
-                try:
-                    fut = producer.send(
-                        topic, rec.value, rec.key, partition=rec.partition, headers=rec.headers, timestamp=rec.timestamp
-                    )
-                except BufferFullError:
-                    if info.on_full == "block" and time.monotonic() < deadline and not self._stopping:
-                        await asyncio.sleep(_FULL_RETRY_S)
-                        continue
-                    code = control.ERR_SHUTTING_DOWN if self._stopping else control.ERR_BUFFER_FULL
-                    failure = (asked, code, control.ERROR_NAMES[code])
-                except KafkaError as exc:
-                    failure = (asked, exc.code, exc.name)
-                except SluiceError:  # the producer is closed: the daemon is stopping
-                    failure = (asked, control.ERR_SHUTTING_DOWN, "SHUTTING_DOWN")
+        base = 0  # index in the whole message of the part's first record
+        for part, at, count in parts:
+            records = None if part is not None else msg.records  # type: ignore[union-attr]
+            i = 0
+            while i < count:
+                # The records the compiled path takes, in one call; then the one it stopped at
+                # (if any) through send(), which raises what is wrong or finds the ring full.
+                start = i
+                if records is None:
+                    i, at, futs = producer.send_packed(topic, part, at, i, count, tally)
                 else:
-                    taken += 1
-                    if ack:
-                        futures.append(fut)
-                        results[i] = fut
-                    else:
-                        fut.add_done_callback(tally.settle_future)  # type: ignore[union-attr]
+                    i, futs = producer.send_records(topic, records, i, tally)
+                taken += i - start
+                if futs:
+                    futures += futs
+                    results[base + start : base + i] = futs
+                if i == count:
                     break
-                if ack:
-                    results[i] = failure
-                self.refused.add(topic, failure[2], 1)
-                refused += 1
-                break
-            i += 1
+                if records is None:
+                    records = PackedProduce.records_of(part)  # type: ignore[arg-type]
+                rec = records[i]
+                asked = -1 if rec.partition is None else rec.partition
+                deadline = time.monotonic() + info.max_block_ms / 1000.0
+                while True:
+                    try:
+                        fut = producer.send(
+                            topic, rec.value, rec.key, partition=rec.partition, headers=rec.headers, timestamp=rec.timestamp
+                        )
+                    except BufferFullError:
+                        if info.on_full == "block" and time.monotonic() < deadline and not self._stopping:
+                            await asyncio.sleep(_FULL_RETRY_S)
+                            continue
+                        code = control.ERR_SHUTTING_DOWN if self._stopping else control.ERR_BUFFER_FULL
+                        failure = (asked, code, control.ERROR_NAMES[code])
+                    except KafkaError as exc:
+                        failure = (asked, exc.code, exc.name)
+                    except SluiceError:  # the producer is closed: the daemon is stopping
+                        failure = (asked, control.ERR_SHUTTING_DOWN, "SHUTTING_DOWN")
+                    else:
+                        taken += 1
+                        if ack:
+                            futures.append(fut)
+                            results[base + i] = fut
+                        else:
+                            fut.add_done_callback(tally.settle_future)  # type: ignore[union-attr]
+                        break
+                    if ack:
+                        results[base + i] = failure
+                    self.refused.add(topic, failure[2], 1)
+                    refused += 1
+                    break
+                i += 1
+            base += count
         if refused:
             origin.settled(refused, refused)
         if not taken:
@@ -399,7 +442,7 @@ class SocketIngest:
         self.refused.add(msg.topic, name, n)
         origin.settled(n, n)
         if msg.ack:
-            records = msg.decode().records if isinstance(msg, PackedProduce) else msg.records
+            records = msg.decode().records if isinstance(msg, PackedProduce) else msg.records  # acked: one frame
             origin.reply(_ack_frame(msg.seq, [(-1 if r.partition is None else r.partition, code, name) for r in records]))
 
 

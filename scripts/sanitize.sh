@@ -24,4 +24,5 @@ export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-sanitize}
   tests/unit/daemon/test_batcher.py tests/unit/daemon/test_accumulator.py \
   tests/unit/daemon/test_accumulator_runs.py tests/unit/shm/test_ring.py tests/unit/shm/test_frames.py \
   tests/unit/shm/test_partitioner.py tests/unit/shm/test_producer.py tests/unit/shm/test_segment.py \
-  tests/unit/shm/test_settle.py tests/unit/shm/test_read_completions.py tests/unit/shm/test_producer_growth.py "$@"
+  tests/unit/shm/test_settle.py tests/unit/shm/test_read_completions.py tests/unit/shm/test_producer_growth.py \
+  tests/unit/shm/test_packed_produce.py "$@"

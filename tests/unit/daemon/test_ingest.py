@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from daemon.ingest import SocketIngest
+from daemon.ingest import FrameReader, PackedProduce, SocketIngest
 from daemon.protocol.errors import MESSAGE_TOO_LARGE, UNKNOWN_TOPIC_OR_PARTITION
 from shm import control
-from shm.errors import BufferFullError, KafkaError, SluiceError
+from shm.errors import BufferFullError, KafkaError, ProtocolError, SluiceError
 from shm.futures import DeliveryFuture, DeliveryTally
 
 
@@ -75,6 +75,13 @@ class Producer:
             return i, []
         return i, futs
 
+    def send_packed(self, topic: str, body: Any, at: int, start: int, count: int,
+                    tally: DeliveryTally | None = None) -> tuple[int, int, list[Outcome]]:
+        """As shm.Producer.send_packed: send_records() of the part's records. Where it stops
+        short, the offset is left as it was (ingest decodes the part then, and never uses it)."""
+        nxt, futs = self.send_records(topic, PackedProduce.records_of(body), start, tally)
+        return nxt, at if nxt < count else len(body), futs
+
     def complete(self, outcomes: Callable[[int, Outcome], None]) -> None:
         """Settle every sent record from another thread, as the completion thread does."""
 
@@ -128,6 +135,26 @@ def _recs(*values: bytes, partition: int | None = None) -> list[control.Rec]:
     return [control.Rec(value=v, partition=partition) for v in values]
 
 
+@pytest.fixture(autouse=True, params=["decoded", "packed"])
+def _form(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test runs with Produce frames as msgspec decodes them and as the daemon's reader
+    hands over plain ones (packed: records still msgpack)."""
+    global _PACKED
+    _PACKED = request.param == "packed"
+    yield
+    _PACKED = False
+
+
+_PACKED = False
+
+
+async def _produce(ingest: SocketIngest, msg: control.Produce, origin: Any) -> asyncio.Future[None] | None:
+    if _PACKED:
+        (msg,) = FrameReader().feed(control.encode(msg))  # type: ignore[assignment]
+        assert isinstance(msg, PackedProduce)
+    return await ingest.produce(msg, origin)
+
+
 def _ingest(producer: Producer) -> SocketIngest:
     ingest = SocketIngest(_lookup)
     ingest.attach(producer)
@@ -139,7 +166,7 @@ def test_acknowledged_produce_answers_every_record_in_order() -> None:
         p = Producer()
         p.refuse[b"big"] = KafkaError.for_code(MESSAGE_TOO_LARGE)
         ingest, c = _ingest(p), Client()
-        c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"big", b"c"), ack=True, seq=5), c))
+        c.track(await _produce(ingest, control.Produce(topic="t", records=_recs(b"a", b"big", b"c"), ack=True, seq=5), c))
         assert c.replies == [] and len(c.pending) == 1  # waiting for the outcomes
         p.complete(_delivered)
         await asyncio.wait_for(asyncio.gather(*c.pending), 5)
@@ -161,7 +188,7 @@ def test_failed_and_closed_outcomes_are_reported_per_record() -> None:
     async def main() -> None:
         p = Producer()
         ingest, c = _ingest(p), Client()
-        c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"b", partition=3), ack=True, seq=1), c))
+        c.track(await _produce(ingest, control.Produce(topic="t", records=_recs(b"a", b"b", partition=3), ack=True, seq=1), c))
 
         def outcomes(i: int, fut: Outcome) -> None:
             fut.resolve(KafkaError.for_code(MESSAGE_TOO_LARGE) if i == 0 else ProducerClosedError("closed"))
@@ -180,12 +207,12 @@ def test_failed_and_closed_outcomes_are_reported_per_record() -> None:
 def test_unknown_topic_fails_the_whole_frame() -> None:
     async def main() -> None:
         ingest, c = _ingest(Producer()), Client()
-        c.track(await ingest.produce(control.Produce(topic="nope", records=_recs(b"a", b"b"), ack=True, seq=2), c))
+        c.track(await _produce(ingest, control.Produce(topic="nope", records=_recs(b"a", b"b"), ack=True, seq=2), c))
         (ack,) = c.replies
         assert [(x.partition, x.error_code) for x in ack.results] == [(-1, UNKNOWN_TOPIC_OR_PARTITION)] * 2
         # Without ack nothing is answered, ever; the failure is counted for the connection
         # (FlushDone.failed) and per topic.
-        c.track(await ingest.produce(control.Produce(topic="nope", records=_recs(b"a")), c))
+        c.track(await _produce(ingest, control.Produce(topic="nope", records=_recs(b"a")), c))
         assert len(c.replies) == 1 and not c.pending
         assert (c.settled_records, c.failed) == (3, 3)
         assert ingest.refused.snapshot() == {"nope": {"UNKNOWN_TOPIC_OR_PARTITION": 3}}
@@ -198,7 +225,7 @@ def test_topic_is_looked_up_once() -> None:
         p = Producer()
         ingest, c = _ingest(p), Client()
         for _ in range(3):
-            c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"a")), c))
+            c.track(await _produce(ingest, control.Produce(topic="t", records=_recs(b"a")), c))
         assert p.lookups == ["t"]
 
     asyncio.run(main())
@@ -209,7 +236,7 @@ def test_full_ring_under_drop_answers_buffer_full() -> None:
         p = Producer(on_full="drop")
         p.full_for = 1
         ingest, c = _ingest(p), Client()
-        c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"b"), ack=True), c))
+        c.track(await _produce(ingest, control.Produce(topic="t", records=_recs(b"a", b"b"), ack=True), c))
         p.complete(_delivered)
         await asyncio.wait_for(asyncio.gather(*c.pending), 5)
         (ack,) = c.replies
@@ -225,7 +252,7 @@ def test_full_ring_under_block_retries_until_max_block(max_block_ms: int, delive
         p = Producer(on_full="block", max_block_ms=max_block_ms)
         p.full_for = 3
         ingest, c = _ingest(p), Client()
-        c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"a"), ack=True), c))
+        c.track(await _produce(ingest, control.Produce(topic="t", records=_recs(b"a"), ack=True), c))
         assert len(p.sent) == delivered
         p.complete(_delivered)
         await asyncio.wait_for(asyncio.gather(*c.pending), 5)
@@ -239,7 +266,7 @@ def test_unacknowledged_produce_is_pending_until_its_outcomes() -> None:
     async def main() -> None:
         p = Producer()
         ingest, c = _ingest(p), Client()
-        c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"b")), c))
+        c.track(await _produce(ingest, control.Produce(topic="t", records=_recs(b"a", b"b")), c))
         (waiter,) = c.pending
         await asyncio.sleep(0.01)
         assert not waiter.done()
@@ -273,7 +300,7 @@ def test_partition_out_of_range_names_the_partition_asked_for() -> None:
         p.refuse[b"bad"] = KafkaError.for_code(UNKNOWN_TOPIC_OR_PARTITION)
         ingest, c = _ingest(p), Client()
         recs = [control.Rec(value=b"bad", partition=7), control.Rec(value=b"ok", partition=1)]
-        c.track(await ingest.produce(control.Produce(topic="t", records=recs, ack=True, seq=3), c))
+        c.track(await _produce(ingest, control.Produce(topic="t", records=recs, ack=True, seq=3), c))
         p.complete(_delivered)
         await asyncio.wait_for(asyncio.gather(*c.pending), 5)
         (ack,) = c.replies
@@ -286,7 +313,7 @@ def test_unacknowledged_failures_after_the_ring_are_counted() -> None:
     async def main() -> None:
         p = Producer()
         ingest, c = _ingest(p), Client()
-        c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"b", b"c")), c))
+        c.track(await _produce(ingest, control.Produce(topic="t", records=_recs(b"a", b"b", b"c")), c))
         p.complete(lambda i, f: f.resolve(KafkaError.for_code(MESSAGE_TOO_LARGE)) if i == 1 else _delivered(i, f))
         await asyncio.wait_for(asyncio.gather(*c.pending), 5)
         assert c.replies == [] and (c.settled_records, c.failed) == (3, 1)
@@ -315,7 +342,7 @@ def test_give_up_answers_unfinished_records_as_outcome_unknown() -> None:
     async def main() -> None:
         p = Producer()
         ingest, c = _ingest(p), Client()
-        c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"b", partition=2), ack=True, seq=8), c))
+        c.track(await _produce(ingest, control.Produce(topic="t", records=_recs(b"a", b"b", partition=2), ack=True, seq=8), c))
         p.sent[0].resolve(5)
         ingest.give_up()
         await asyncio.wait_for(asyncio.gather(*c.pending), 5)
@@ -331,7 +358,7 @@ def test_a_closed_producer_refuses_with_shutting_down() -> None:
         p = Producer()
         p.refuse[b"late"] = ProducerClosedError("the producer is closed")  # type: ignore[assignment]
         ingest, c = _ingest(p), Client()
-        c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"late"), ack=True, seq=4), c))
+        c.track(await _produce(ingest, control.Produce(topic="t", records=_recs(b"late"), ack=True, seq=4), c))
         (ack,) = c.replies
         assert [(x.error_code, x.error_name) for x in ack.results] == [(control.ERR_SHUTTING_DOWN, "SHUTTING_DOWN")]
         assert (c.settled_records, c.failed) == (1, 1)
@@ -343,7 +370,7 @@ def test_give_up_counts_the_unfinished_records_of_a_frame_without_ack_as_failed(
     async def main() -> None:
         p = Producer()
         ingest, c = _ingest(p), Client()
-        c.track(await ingest.produce(control.Produce(topic="t", records=_recs(b"a", b"b", b"c")), c))
+        c.track(await _produce(ingest, control.Produce(topic="t", records=_recs(b"a", b"b", b"c")), c))
         p.sent[0].resolve(5)
         p.sent[1].resolve(KafkaError.for_code(MESSAGE_TOO_LARGE))
         await asyncio.sleep(0.01)
@@ -351,5 +378,107 @@ def test_give_up_counts_the_unfinished_records_of_a_frame_without_ack_as_failed(
         ingest.give_up()
         await asyncio.wait_for(asyncio.gather(*c.pending), 5)
         assert c.replies == [] and (c.settled_records, c.failed) == (3, 2)
+
+    asyncio.run(main())
+
+
+# --- the daemon's frame reader ---------------------------------------------------------------
+
+
+def _stream(rnd: Any) -> tuple[bytes, list[Any]]:
+    """Frames of every kind the reader tells apart, and the messages msgspec makes of them."""
+    msgs: list[Any] = [control.Hello(version=1, client_name="x")]
+    for i in range(60):
+        kind = rnd.choice(["plain", "plain", "plain", "acked", "headers", "other-topic", "flush"])
+        recs = [control.Rec(value=rnd.randbytes(rnd.choice([0, 10, 300])), key=rnd.choice([None, b"k"]))
+                for _ in range(rnd.choice([0, 1, 3, 40]))]
+        if kind == "headers" and recs:
+            recs[0] = control.Rec(value=b"v", headers=[("h", b"1")])
+        if kind == "flush":
+            msgs.append(control.Flush(timeout_ms=i))
+        else:
+            msgs.append(control.Produce(topic="u" if kind == "other-topic" else "t", records=recs,
+                                        ack=kind == "acked", seq=i))
+    return b"".join(control.encode(m) for m in msgs), msgs
+
+
+def _expected_runs(msgs: list[Any]) -> list[Any]:
+    """What FrameReader yields, by msgspec: runs of plain Produces without ack to one topic
+    joined; everything else as it is."""
+    out: list[Any] = []
+    for m in msgs:
+        plain = isinstance(m, control.Produce) and all(r.headers is None for r in m.records)
+        if plain and not m.ack and out and isinstance(out[-1], list) and out[-1][0].topic == m.topic:
+            out[-1].append(m)
+        else:
+            out.append([m] if plain and not m.ack else m)
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_frame_reader_reads_what_msgspec_reads_in_any_chunking_and_joins_runs_without_ack(seed: int) -> None:
+    import random
+
+    rnd = random.Random(seed)
+    print(f"seed {seed}")
+    stream, msgs = _stream(rnd)
+    cuts = sorted(rnd.sample(range(1, len(stream)), 40)) if rnd.random() < 0.5 else list(range(1, len(stream), 7))
+    got: list[Any] = []
+    reader = FrameReader()
+    for a, b in zip([0, *cuts], [*cuts, len(stream)]):
+        got += reader.feed(stream[a:b])
+    # Within one read only: joined runs never span reads, so compare records, in order.
+    flat_got = [r for m in got for r in (m.decode().records if isinstance(m, PackedProduce) else
+                                         m.records if isinstance(m, control.Produce) else [m])]
+    flat_want = [r for m in msgs for r in (m.records if isinstance(m, control.Produce) else [m])]
+    assert flat_got == flat_want
+    for m in got:
+        if isinstance(m, PackedProduce) and m.ack:
+            assert len(m.parts) == 1
+    # In one read, the runs are exactly the consecutive plain frames without ack to a topic.
+    runs = list(FrameReader().feed(stream))
+    want = _expected_runs(msgs)
+    assert len(runs) == len(want)
+    for r, w in zip(runs, want):
+        if isinstance(w, list):
+            assert isinstance(r, PackedProduce) and not r.ack and len(r.parts) == len(w)
+            assert r.decode().records == [x for m in w for x in m.records] and r.count == sum(len(m.records) for m in w)
+        elif isinstance(w, control.Produce) and all(x.headers is None for x in w.records):
+            assert isinstance(r, PackedProduce) and r.ack and r.decode() == w
+        else:
+            assert r == w
+
+
+def test_frame_reader_serves_the_frames_before_a_bad_one_then_refuses_for_good() -> None:
+    good = control.encode(control.Produce(topic="t", records=[control.Rec(value=b"a")]))
+    bad = control.LENGTH_PREFIX.pack(3) + b"\xc1\xc1\xc1"  # 0xc1 is never used in msgpack
+    reader, got = FrameReader(), []
+    with pytest.raises(ProtocolError, match="bad frame"):
+        for m in reader.feed(good + good + bad + good):
+            got.append(m)
+    assert len(got) == 1 and got[0].count == 2  # the two before it, joined
+    with pytest.raises(ProtocolError):
+        list(reader.feed(good))
+    with pytest.raises(ProtocolError, match="frame length 0"):
+        list(FrameReader().feed(control.LENGTH_PREFIX.pack(0)))
+    too_long = FrameReader(max_frame_bytes=8)
+    with pytest.raises(ProtocolError, match="outside 1..8"):
+        list(too_long.feed(control.LENGTH_PREFIX.pack(9)))  # refused before its body comes
+
+
+def test_a_joined_run_keeps_its_records_apart_per_frame_when_one_must_go_through_send() -> None:
+    async def main() -> None:
+        p = Producer(on_full="drop")
+        p.refuse[b"big"] = KafkaError.for_code(MESSAGE_TOO_LARGE)
+        frames = [control.Produce(topic="t", records=_recs(b"a", b"big")), control.Produce(topic="t", records=_recs(b"c"))]
+        (run,) = FrameReader().feed(b"".join(control.encode(f) for f in frames))
+        assert isinstance(run, PackedProduce) and len(run.parts) == 2
+        ingest, c = _ingest(p), Client()
+        c.track(await ingest.produce(run, c))
+        assert [f.partition for f in p.sent] == [0, 1]  # a and c, big refused between them
+        p.complete(_delivered)
+        await asyncio.wait_for(asyncio.gather(*c.pending), 5)
+        assert c.replies == [] and (c.settled_records, c.failed) == (3, 1)
+        assert ingest.refused.snapshot() == {"t": {"MESSAGE_TOO_LARGE": 1}}
 
     asyncio.run(main())
