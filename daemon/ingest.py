@@ -435,7 +435,11 @@ class SocketIngest:
             tally.expect(taken)
             return waiter
         _watch(loop, waiter, futures)
-        return asyncio.ensure_future(_acknowledge(origin, msg.seq, results, taken, refused, waiter))
+        # The ack is encoded and queued by the waiter's own callback, before any later one
+        # (a Flush waiting on the waiter answers after it): no task per frame.
+        seq = msg.seq
+        waiter.add_done_callback(lambda _w: _acknowledge(origin, seq, results, taken, refused))
+        return waiter
 
     def _refuse_all(self, msg: control.Produce | PackedProduce, origin: Origin, code: int, name: str) -> None:
         n = record_count(msg)
@@ -446,10 +450,8 @@ class SocketIngest:
             origin.reply(_ack_frame(msg.seq, [(-1 if r.partition is None else r.partition, code, name) for r in records]))
 
 
-async def _acknowledge(
-    origin: Origin, seq: int, results: list[Any], taken: int, refused: int, waiter: asyncio.Future[None]
-) -> None:
-    await waiter
+def _acknowledge(origin: Origin, seq: int, results: list[Any], taken: int, refused: int) -> None:
+    """Every record of an acknowledged Produce has its outcome: count them, queue the ack."""
     body, failed = ack_results(results, describe)
     origin.settled(taken, failed - refused)  # the refused were settled when they were refused
     origin.reply(control.ProduceAck(seq=seq, results=msgspec.Raw(body)))  # type: ignore[arg-type]
