@@ -233,10 +233,10 @@ def client_stages(values: list[bytes], keys: list[bytes], repeat: int) -> dict[s
     def packed(entry: Any) -> Callable[[], int]:
         def run() -> int:
             per = (capacity // 2) // 160 // frame
-            frames = split()
-            for start in range(0, len(frames), per):
-                for m in frames[start : start + per]:
-                    core.send_packed("t", m.body, m.at, 0, m.count, entry)
+            parts = [part for m in split() for part in m.parts]  # frames without ack: joined per read
+            for start in range(0, len(parts), per):
+                for body, at, count in parts[start : start + per]:
+                    core.send_packed("t", body, at, 0, count, entry)
                 empty()
             return len(values)
 

@@ -1340,7 +1340,7 @@ static inline int mp_nil(mp_rd *r) {
 }
 
 /* The next str equals `lit` (the key just read is p[at..at+n)). */
-#define MP_KEY_IS(r, at, n, lit) ((n) == (int64_t)(sizeof(lit) - 1) && memcmp((r)->p + (at), lit, (size_t)(n)) == 0)
+#define MP_KEY_IS(r, at, n, lit) ((n) == (int64_t)(sizeof(lit) - 1) && memcmp((r)->p + (at), lit, sizeof(lit) - 1) == 0)
 
 /* One record of a packed Produce, read as the plain shape allows: 0, or -1 when it is not. */
 typedef struct {
@@ -1520,6 +1520,9 @@ static PyObject *SendCore_send_packed(SendCore *c, PyObject *args) {
         return NULL;
     int fire = entry != Py_None;
     PyObject *futs = NULL, *out = NULL;
+    /* Looked up once: a producer's topic states are never replaced (their tables grow in
+     * place, TopicBase._bind), so the one of the first record is every record's. */
+    TopicBase *t = NULL;
     if (at < 0 || at > buf.len || start < 0 || start > count) {
         PyErr_SetString(PyExc_ValueError, "send_packed: offset or index outside the frame");
         goto done;
@@ -1538,8 +1541,7 @@ static PyObject *SendCore_send_packed(SendCore *c, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "send_packed: the body is not a packed Produce");
             goto done;
         }
-        TopicBase *t = topic_state(c, topic, 0); /* with fire, the entry is given */
-        if (t == NULL)
+        if (t == NULL && (t = topic_state(c, topic, 0)) == NULL) /* with fire, the entry is given */
             goto stop;
         /* No headers: their part of the body is the count 0, one byte. */
         int64_t blen = sl_varint_len(rec.klen) + (rec.klen > 0 ? rec.klen : 0) + sl_varint_len(rec.vlen) +
@@ -1557,7 +1559,6 @@ static PyObject *SendCore_send_packed(SendCore *c, PyObject *args) {
                                fire ? entry : NULL, 1);
             }
         }
-        Py_DECREF(t);
         if (res == BUSY)
             break;
         if (res == NULL)
@@ -1579,6 +1580,7 @@ stop:
         out = Py_BuildValue("nnO", i, (Py_ssize_t)rec_at, futs);
     }
 done:
+    Py_XDECREF(t);
     Py_XDECREF(futs);
     PyBuffer_Release(&buf);
     return out;
