@@ -23,11 +23,20 @@ Policies:
 - ``Produce(ack=True)``: one ProduceAck per frame, once every record has its outcome, in the
   records' order; never an ErrorReply. A failed record's result names the partition it asked
   for (else the one chosen, else -1).
-- Per record, no Python: ``send_records`` (compiled) writes the frame's records into the rings;
-  an acknowledged frame gets a future per record and its results are encoded from them by
-  ``shm._client.ack_results`` (Python only for a failure's code and name, :func:`describe`); a
-  frame without ack gets no futures at all, one :class:`shm.futures.DeliveryTally` counts its
-  outcomes.
+- Per record, no Python and no Python object: the daemon's :class:`FrameReader` hands a Produce
+  in the plain shape (no headers, no unknown keys: ``shm._client.scan_produce``, held to
+  msgspec by tests) over as a :class:`PackedProduce`, whose records ``send_packed`` (compiled)
+  reads from the msgpack straight into the rings; any other Produce is decoded by msgspec and
+  its records sent by ``send_records``. A packed frame is decoded only when one of its records
+  must go through ``send()`` (a full ring, an error to report for that record alone). An
+  acknowledged frame gets a future per record and its results are encoded from them by
+  ``shm._client.ack_results`` (Python only for a failure's code and name, :func:`describe`),
+  queued by the frame's waiter's own callback; a frame without ack gets no futures at all, one
+  :class:`shm.futures.DeliveryTally` counts its outcomes.
+- Per frame, little Python: consecutive packed frames without ack to the same topic that came
+  in one read are one PackedProduce (one tally, one waiter, one pass through the server): no
+  one is answered for them, and what the connection is told (records in flight, failures for
+  FlushDone) and what stats count are the same totals.
 - Stopping (:meth:`SocketIngest.stop`): a record still waiting for ring space is refused with
   SHUTTING_DOWN; :meth:`SocketIngest.give_up` (the shutdown deadline) answers the acks still
   waiting, their unfinished records with OUTCOME_UNKNOWN.

@@ -16,7 +16,9 @@ Policies:
   anything else out of place is a fatal UNEXPECTED_MESSAGE. A malformed frame is a fatal
   BAD_FRAME (the frames before it in the same read are served first). A fatal ErrorReply is
   the connection's last frame; the daemon carries on.
-- Frames of one connection are read in order. A Produce to a topic ingest already knows goes
+- Frames of one connection are read in order, by :class:`daemon.ingest.FrameReader` (a plain
+  Produce stays msgpack until ingest writes it into the rings; consecutive ones without ack to
+  one topic in one read come as one message). A Produce to a topic ingest already knows goes
   into the rings before the next frame is read (a full ring under ``on_full = "block"`` stops
   the reading: back-pressure). A Produce that needs a topic lookup goes into a queue of its
   topic that one task empties in order, the lookup first, and the next Produces to that topic

@@ -1,5 +1,5 @@
 /* shm._client: the client's per-record path, compiled. Serves shm.producer, shm.ring,
- * shm.futures, shm.topic and shm.completions.
+ * shm.futures, shm.topic, shm.completions, and daemon.ingest (the packed Produce).
  *
  *   murmur2(key)      Kafka's murmur2 (the Java client's Utils.murmur2), signed 32-bit.
  *   RingWriter        the writer half of an SpscRing (shm/ring.py): claim, publish, rollback.
@@ -12,8 +12,10 @@
  *                     sticky partition, largest body, pending FIFOs).
  *   SendCore          send() and produce(): serializers and their output check, body encode,
  *                     partition (explicit, sticky, murmur2), timestamp, future, ring claim,
- *                     copy, pending bookkeeping, publish, doorbell; send_records() for
- *                     socket ingest.
+ *                     copy, pending bookkeeping, publish, doorbell; send_records() and
+ *                     send_packed() for socket ingest (daemon/ingest.py).
+ *   scan_produce      whether a Produce frame's msgpack has the plain shape send_packed()
+ *                     reads (else msgspec decodes it), in one bounded pass.
  *   settle            one COMPLETION's outcome to a partition's pending FIFO (shm.futures).
  *   read_completions  the completion thread's walk of a completion ring region: every frame
  *                     checked, each COMPLETION settled, the last CHUNK_DONE reported
@@ -2372,8 +2374,8 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "shm._client",
     "The client's per-record path, compiled: murmur2, the ring writer, the future's slots, "
-    "send(), and the completion thread's walk and settling. Serves shm.producer, shm.ring, "
-    "shm.futures, shm.topic and shm.completions.",
+    "send(), socket ingest's packed Produce, and the completion thread's walk and settling. "
+    "Serves shm.producer, shm.ring, shm.futures, shm.topic, shm.completions and daemon.ingest.",
     -1, methods, NULL, NULL, NULL, NULL,
 };
 
