@@ -107,10 +107,10 @@ class PackedProduce:
         # A body is a view into the read it came in until keep().
         self.parts: list[tuple[bytes | memoryview, int, int]] = [(body, at, count)]
 
-    def join(self, other: PackedProduce) -> None:
-        """Append the frame ``other`` (without ack, to the same topic) as the next part."""
-        self.parts += other.parts
-        self.count += other.count
+    def add(self, body: bytes | memoryview, at: int, count: int) -> None:
+        """The next frame of the run (without ack, to the same topic) as the next part."""
+        self.parts.append((body, at, count))
+        self.count += count
 
     @staticmethod
     def records_of(body: bytes | memoryview) -> list[control.Rec]:
@@ -159,19 +159,27 @@ class FrameReader:
         of packed Produce frames without ack to one topic comes out as one PackedProduce."""
         run: PackedProduce | None = None
         try:
-            for msg in self._frames(data):
-                if type(msg) is PackedProduce and not msg.ack:
-                    if run is not None and run.topic == msg.topic:
-                        run.join(msg)
-                        continue
+            for body, pos in self._bodies(data):
+                scanned = scan_produce(body, control.MAX_PRODUCE_RECORDS)
+                if scanned is None:
+                    msg = self._decode(body, pos)
                     if run is not None:
                         yield run
-                    run = msg
+                        run = None
+                    yield msg
+                    continue
+                topic, ack, seq, count, at = scanned
+                if not ack and run is not None and run.topic == topic:
+                    run.add(body, at, count)  # joined: no object of its own
                     continue
                 if run is not None:
                     yield run
                     run = None
-                yield msg
+                msg = PackedProduce(body, topic, ack, seq, count, at)
+                if ack:
+                    yield msg
+                else:
+                    run = msg
         except ProtocolError:
             if run is not None:  # the frames before a bad one are served
                 yield run
@@ -179,7 +187,8 @@ class FrameReader:
         if run is not None:
             yield run
 
-    def _frames(self, data: bytes) -> Iterator[Any]:
+    def _bodies(self, data: bytes) -> Iterator[tuple[bytes | memoryview, int]]:
+        """Each complete frame's body, and where its frame starts in ``data``."""
         if self._error is not None:
             raise ProtocolError(self._error)
         view = memoryview(data)
@@ -201,12 +210,12 @@ class FrameReader:
                 return
             body = bytes(head[_PREFIX:])
             head.clear()
-            yield self._message(body, 0)
+            yield body, 0
         while n - pos >= _PREFIX:
             end = pos + _PREFIX + self._size(data, pos)
             if end > n:
                 break
-            yield self._message(view[pos + _PREFIX : end], pos)
+            yield view[pos + _PREFIX : end], pos
             pos = end
         if pos < n:
             head += view[pos:]
@@ -218,10 +227,7 @@ class FrameReader:
             raise self._fail(f"frame length {size} is outside 1..{self._max}")
         return size
 
-    def _message(self, body: bytes | memoryview, pos: int) -> Any:
-        scanned = scan_produce(body, control.MAX_PRODUCE_RECORDS)
-        if scanned is not None:
-            return PackedProduce(body, *scanned)
+    def _decode(self, body: bytes | memoryview, pos: int) -> Any:
         try:
             return _decode_message(body)
         # ValidationError is a DecodeError; a str that is not UTF-8 raises UnicodeDecodeError
