@@ -482,3 +482,14 @@ def test_a_joined_run_keeps_its_records_apart_per_frame_when_one_must_go_through
         assert ingest.refused.snapshot() == {"t": {"MESSAGE_TOO_LARGE": 1}}
 
     asyncio.run(main())
+
+
+def test_keep_copies_the_bodies_out_of_the_read_and_they_read_the_same() -> None:
+    frames = [control.Produce(topic="t", records=_recs(b"a", b"b")), control.Produce(topic="t", records=_recs(b"c"))]
+    data = b"".join(control.encode(f) for f in frames)
+    (run,) = FrameReader().feed(data)
+    assert all(isinstance(body, memoryview) and body.obj is data for body, _at, _n in run.parts)  # views: no copy
+    before = run.decode()
+    run.keep()  # as the server does before a frame waits for its topic's lookup
+    assert all(type(body) is bytes for body, _at, _n in run.parts)
+    assert run.decode() == before and before.records == frames[0].records + frames[1].records
