@@ -32,6 +32,7 @@ RECORDS = 20_000
 PARTITIONS = 12
 T0 = 1_700_000_000_000
 BASE_OFFSET = 1_000_000_000  # where the completion stages' offsets start
+READ_BYTES = 256 * 1024  # what one read of a socket connection brings, at most (daemon/server.py)
 
 
 def _best(fn: Callable[[], int], repeat: int) -> float:
@@ -217,14 +218,13 @@ def client_stages(values: list[bytes], keys: list[bytes], repeat: int) -> dict[s
     out["ingest decode + send_records (tally)"] = _best(ingest(tally), repeat)
 
     # The packed path that socket ingest takes for plain frames: the daemon's FrameReader splits
-    # the byte stream (reads of _RECV_BYTES) and scan_produce checks each Produce; send_packed
+    # the byte stream (reads of READ_BYTES) and scan_produce checks each Produce; send_packed
     # writes its records from the msgpack into the ring.
     from daemon.ingest import FrameReader, PackedProduce
-    from daemon.server import _RECV_BYTES
     from shm._client import scan_produce
 
     stream = b"".join(control.LENGTH_PREFIX.pack(len(b)) + b for b in bodies)
-    reads = [stream[i : i + _RECV_BYTES] for i in range(0, len(stream), _RECV_BYTES)]
+    reads = [stream[i : i + READ_BYTES] for i in range(0, len(stream), READ_BYTES)]
 
     def split() -> list[PackedProduce]:
         reader = FrameReader()
