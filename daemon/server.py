@@ -434,6 +434,9 @@ class ControlServer:
             sock.setblocking(False)
             cid = self._next_client
             self._next_client += 1
+            if self._tokens.reserve(cid):
+                # Saved before the id reaches a worker (and so an arena's runs tables).
+                self._services.state_changed()
             client = Client(cid, sock)
             self.clients[cid] = client
             client.writer = self._tasks.spawn(self._write_loop(client), f"client-{cid}-writer")

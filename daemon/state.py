@@ -3,9 +3,11 @@
 
 Two files:
 
-- ``sluice-state.json``: the topic ids (ring frames of reconnecting clients carry them) and
-  the clients' tokens -> client ids (a client that reconnects after a crash gets its old id
-  back, and with it the completions of the records it wrote before the crash). Rewritten
+- ``sluice-state.json``: the topic ids (ring frames of reconnecting clients carry them), the
+  clients' tokens -> client ids (a client that reconnects after a crash gets its old id
+  back, and with it the completions of the records it wrote before the crash), and the first
+  client id no daemon has given out yet (``client_ids_from``: ids are never reused across
+  restarts, because a recovered arena's runs tables name clients by id). Rewritten
   whole, through a temporary file and a rename, at every change, so a crash leaves the old
   version or the new one, never half of one.
 - ``clean-shutdown``: written last by a daemon whose workers all drained and said so, and
@@ -23,13 +25,16 @@ import os
 from collections.abc import Container, Mapping
 from typing import NamedTuple
 
-__all__ = ["CLEAN_MARKER", "STATE_FILE", "STATE_VERSION", "Saved", "StateDir", "Tokens"]
+__all__ = ["CLEAN_MARKER", "CLIENT_ID_BLOCK", "STATE_FILE", "STATE_VERSION", "Saved", "StateDir", "Tokens"]
 
 log = logging.getLogger("sluice.state")
 
 STATE_FILE = "sluice-state.json"
 CLEAN_MARKER = "clean-shutdown"
 STATE_VERSION = 1  # written for a future reader; this one accepts any file it can parse
+# Client ids are reserved (and the reservation saved) this many at a time, so the state file is
+# rewritten once per this many connections rather than at each.
+CLIENT_ID_BLOCK = 1024
 
 
 class Saved(NamedTuple):
@@ -37,6 +42,7 @@ class Saved(NamedTuple):
 
     topics: dict[str, tuple[int, int]]  # name -> (topic id, partitions)
     tokens: dict[int, int]  # client token -> client id
+    client_ids_from: int = 0  # ids below this may have been given out; 0 in older files
 
 
 class StateDir:
@@ -65,19 +71,21 @@ class StateDir:
                 state = json.load(f)
             topics = {str(n): (int(v[0]), int(v[1])) for n, v in state.get("topics", {}).items()}
             tokens = {int(t, 16): int(c) for t, c in state.get("clients", {}).items()}
+            ids_from = int(state.get("client_ids_from", 0))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError, AttributeError, IndexError) as exc:
             log.warning("ignoring unreadable daemon state in %s: %s", self.directory, exc)
             return None
-        return Saved(topics, tokens)
+        return Saved(topics, tokens, ids_from)
 
-    def write(self, topics: Mapping[str, tuple[int, int]], tokens: Mapping[int, int]) -> None:
+    def write(self, topics: Mapping[str, tuple[int, int]], tokens: Mapping[int, int], client_ids_from: int = 0) -> None:
         """Replace the state file; a failure is logged (the daemon runs on without it)."""
         state = {
             "version": STATE_VERSION,
             "topics": {n: [tid, parts] for n, (tid, parts) in topics.items()},
             "clients": {f"{t:016x}": cid for t, cid in tokens.items()},
+            "client_ids_from": client_ids_from,
         }
         path = os.path.join(self.directory, STATE_FILE)
         tmp = path + ".tmp"
@@ -98,16 +106,21 @@ class StateDir:
 
 
 class Tokens:
-    """Client tokens -> client ids, and the ids of a crashed daemon's clients not yet back.
+    """Client tokens -> client ids, the ids of a crashed daemon's clients not yet back, and the
+    client ids reserved so far.
 
     A shared-memory client that can reconnect sends a random token in its Hello and keeps it
     across daemon restarts. After a crash the saved map tells which id each token had: the
     workers recovered that id's runs from the arenas, so the client must get the same id again.
+    No other client may get an id an earlier daemon gave out: a runs table recovered after a
+    crash would name it. So ids are reserved in blocks of :data:`CLIENT_ID_BLOCK`, and the
+    reservation is saved before an id of a new block is given (:meth:`reserve`).
     """
 
     def __init__(self) -> None:
         self._ids: dict[int, int] = {}
         self._awaited: set[int] = set()
+        self._reserved = 0  # ids below this may have been given out (by this daemon or one before)
 
     def restore(self, tokens: Mapping[int, int]) -> None:
         """After a crash: the previous daemon's tokens; every id in them is awaited."""
@@ -119,9 +132,27 @@ class Tokens:
         """Ids of the previous daemon whose clients may still reconnect."""
         return frozenset(self._awaited)
 
+    def restore_reserved(self, client_ids_from: int) -> None:
+        """The saved reservation: ids below it are never given to a new connection."""
+        self._reserved = max(self._reserved, client_ids_from)
+
+    @property
+    def reserved(self) -> int:
+        """Ids below this may have been given out; what the state file saves."""
+        return self._reserved
+
     def next_client_id(self) -> int:
-        """The first id a new connection may take without colliding with an awaited one."""
-        return max(self._awaited, default=0) + 1
+        """The first id a new connection may take: after every awaited id and every id an
+        earlier daemon may have given out."""
+        return max(max(self._awaited, default=0) + 1, self._reserved)
+
+    def reserve(self, client_id: int) -> bool:
+        """``client_id`` is about to be given out. True when that needs a new block reserved:
+        the caller saves the state before the id goes anywhere."""
+        if client_id < self._reserved:
+            return False
+        self._reserved = client_id + CLIENT_ID_BLOCK
+        return True
 
     def snapshot(self) -> dict[int, int]:
         """A copy of token -> client id, for the saved state."""

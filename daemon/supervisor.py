@@ -183,6 +183,7 @@ class Supervisor:
         saved = state.read()
         if saved is None:
             return not clean
+        self.tokens.restore_reserved(saved.client_ids_from)
         try:
             self.topics.restore(saved.topics)
         except ValueError as exc:
@@ -206,9 +207,10 @@ class Supervisor:
     # --- wiring: what the parts ask of each other ----------------------------------------------
 
     def state_changed(self) -> None:
-        """Topics or tokens changed: rewrite the saved state (when there is a runtime directory)."""
+        """Topics, tokens or the client id reservation changed: rewrite the saved state (when
+        there is a runtime directory)."""
         if self._state is not None:
-            self._state.write(self.topics.snapshot(), self.tokens.snapshot())
+            self._state.write(self.topics.snapshot(), self.tokens.snapshot(), self.tokens.reserved)
 
     def _topic_changed(self, name: str, topic_id: int, partitions: int) -> None:
         """A topic was added (first lookup) or grew (:meth:`partitions_changed`)."""

@@ -269,7 +269,9 @@ def test_segment_is_adopted_handed_to_workers_and_released_after_all_detach(tmp_
         ((add, nfds),) = h.sent(ch.AddClient)
         assert add == ch.AddClient(client_id=cid, pid=os.getpid(), name="shm")
         assert nfds == len(seg.fds())  # the memfd and every doorbell
-        assert h.tokens.snapshot() == {TOKEN: cid} and h.services.saves == 1
+        # Saved twice: the first block of client ids reserved, then the token.
+        assert h.tokens.snapshot() == {TOKEN: cid} and h.services.saves == 2
+        assert h.tokens.reserved > cid
         # A worker spawned now is introduced to the segment.
         ids, msgs = h.server.introduce(0)
         assert ids == [cid] and [type(m) for m, _ in msgs] == [ch.AddClient]
@@ -284,7 +286,7 @@ def test_segment_is_adopted_handed_to_workers_and_released_after_all_detach(tmp_
         assert h.server.introduce(0) == ([], [])  # worker 0 let go of it already
         h.server.client_detached(cid, 1)
         assert h.server.segment_count() == 0 and h.server.connection_count() == 0
-        assert h.tokens.snapshot() == {} and h.services.saves == 2  # the token is forgotten, saved
+        assert h.tokens.snapshot() == {} and h.services.saves == 3  # the token is forgotten, saved
         seg.close()
 
     _run(tmp_path, body)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.state import CLEAN_MARKER, STATE_FILE, Saved, StateDir, Tokens
+from daemon.state import CLEAN_MARKER, CLIENT_ID_BLOCK, STATE_FILE, Saved, StateDir, Tokens
 
 BIG_TOKEN = 0xFEDC_BA98_7654_3211  # 64 bits: the file holds it as 16 hex digits
 
@@ -111,3 +111,31 @@ def test_expire_forgets_the_clients_that_did_not_come_back() -> None:
     assert t.awaited == frozenset()
     assert t.snapshot() == {2: 6, 3: 5}
     assert t.next_client_id() == 1
+
+
+def test_the_client_id_reservation_round_trips_and_older_files_read_as_none(tmp_path: Path) -> None:
+    d = StateDir(str(tmp_path))
+    d.write({"orders": (0, 6)}, {BIG_TOKEN: 7}, 2048)
+    assert d.read() == Saved({"orders": (0, 6)}, {BIG_TOKEN: 7}, 2048)
+    (tmp_path / STATE_FILE).write_text('{"version": 1, "topics": {}, "clients": {}}')  # before the key
+    assert d.read() == Saved({}, {}, 0)
+
+
+def test_client_ids_are_reserved_in_blocks_and_never_reused_after_a_restart() -> None:
+    t = Tokens()
+    assert t.next_client_id() == 1
+    assert t.reserve(1) is True and t.reserved == 1 + CLIENT_ID_BLOCK  # save before giving out 1
+    assert not any(t.reserve(cid) for cid in range(2, 1 + CLIENT_ID_BLOCK))  # within the block
+    assert t.reserve(1 + CLIENT_ID_BLOCK) is True and t.reserved == 1 + 2 * CLIENT_ID_BLOCK
+    # The next daemon: ids the first one may have given (below the saved reservation) are never
+    # given again, awaited or not, so a recovered runs table never names a new client.
+    after = Tokens()
+    after.restore({BIG_TOKEN: 7})
+    after.restore_reserved(t.reserved)
+    assert after.next_client_id() == 1 + 2 * CLIENT_ID_BLOCK
+    assert after.reserve(after.next_client_id()) is True
+    # An older state file (no reservation saved): after the awaited ids, as before.
+    old = Tokens()
+    old.restore({BIG_TOKEN: 7})
+    old.restore_reserved(0)
+    assert old.next_client_id() == 8
