@@ -35,7 +35,6 @@ __all__ = [
     "close_worker",
     "new_worker",
     "per_partition",
-    "recovering_worker",
     "run",
     "worker_config",
 ]
@@ -54,18 +53,11 @@ def worker_config(tmp_path: Path) -> Any:
     )
 
 
-def new_worker(config: Any, segment: Segment) -> tuple[Worker, ch.Channel]:
+def new_worker(config: Any, segment: Segment, recover: bool = False) -> tuple[Worker, ch.Channel]:
+    """Worker 0 with client 7 (``segment``) attached; ``recover``: as the successor of a dead
+    worker 0, over its arena file, client 7 coming back."""
     a, b = ch.Channel.pair()
-    w = Worker(0, WORKERS, config, ch.Channel(a, ch.ToWorker))
-    w._handle(ch.AddTopic(topic_id=0, name=TOPIC, partitions=PARTITIONS), [])
-    w._handle(ch.AddClient(client_id=7, pid=os.getpid(), name="t"), [os.dup(fd) for fd in segment.fds()])
-    return w, ch.Channel(b, ch.ToSupervisor)
-
-
-def recovering_worker(config: Any, segment: Segment, clients: list[int]) -> tuple[Worker, ch.Channel]:
-    """A successor of a dead worker 0 over its arena file; client 7 (``segment``) attaches."""
-    a, b = ch.Channel.pair()
-    w = Worker(0, WORKERS, config, ch.Channel(a, ch.ToWorker), recover=True, clients=clients)
+    w = Worker(0, WORKERS, config, ch.Channel(a, ch.ToWorker), recover=recover, clients=[7] if recover else None)
     w._handle(ch.AddTopic(topic_id=0, name=TOPIC, partitions=PARTITIONS), [])
     w._handle(ch.AddClient(client_id=7, pid=os.getpid(), name="t"), [os.dup(fd) for fd in segment.fds()])
     return w, ch.Channel(b, ch.ToSupervisor)
@@ -110,6 +102,7 @@ class Harness:
         self.worker, self.sup = new_worker(self.config, self.segment)
         self.owned = [p for p in range(PARTITIONS) if owner(TOPIC, p, WORKERS) == 0]
         self.sent: dict[int, list[bytes]] = {p: [] for p in self.owned}
+        self._successors: list[tuple[Worker, ch.Channel]] = []
 
     def write(self, n: int, rng: random.Random, *, tid: int = 0) -> None:
         for _ in range(n):
@@ -143,8 +136,17 @@ class Harness:
         self.worker.chan.flush()
         return [m for m, _ in self.sup.receive()]
 
+    def successor(self) -> Worker:
+        """A worker started as after the last one's death (over the same arena file, client 7
+        coming back); closed with the harness."""
+        w, sup = new_worker(self.config, self.segment, recover=True)
+        self._successors.append((w, sup))
+        return w
+
     def close(self) -> None:
         close_worker(self.worker, self.sup)
+        for w, sup in self._successors:
+            close_worker(w, sup)
         self.segment.close()
 
 

@@ -29,7 +29,6 @@ from worker_harness import (
     close_worker,
     new_worker,
     per_partition,
-    recovering_worker,
     run,
     worker_config,
 )
@@ -389,76 +388,69 @@ def test_restarted_worker_resends_stamped_batches_and_skips_their_records(tmp_pa
     rng = random.Random(SEED + 20)
     print("seed", SEED + 20)
 
-    async def main() -> None:
-        h = Harness(tmp_path)
-        w2 = None
-        try:
-            h.write(30, rng)
-            h.worker.drain()
-            done_end = h.req.head
-            first = h.seal()  # one batch per partition
-            assert len(first) >= 3
-            # The last one stays SEALED: its records, interleaved in the ring with the others',
-            # are read again and appended between skipped ones.
-            done, stamped = first[0], first[1:-1]
-            for i, b in enumerate(first[:-1]):
-                b.stamp(4242, 0, 10 * i)
-            stamped_bytes = {(b.partition, bytes(b.payload())) for b in stamped}
-            h.complete(done, base=5000)  # answered: DONE, its chunk is not reported yet
-            assert [h.worker.arena.read_slot(s)["state"] for s in h.worker.holds.held()] == [STATE_DONE]
-            assert all(h.worker.arena.read_slot(b.slot)["state"] == STATE_STAMPED for b in stamped)
-            h.write(20, rng)
-            h.worker.drain()
-            h.seal()  # SEALED, never stamped: its records are read again
-            h.write(10, rng)
-            h.worker.drain()  # OPEN
-            total = sum(len(v) for v in h.sent.values())
-            assert total == 60
-            # The worker dies here (nothing more runs). A successor over the same arena file:
-            w2, sup2 = recovering_worker(h.config, h.segment, [7])
-            resent = adopted(w2)
-            assert {(b.partition, bytes(b.payload())) for b in resent} == stamped_bytes
-            assert all(b.producer_id == 4242 and b.attempts == 0 for b in resent)
-            assert w2.drain()
-            covered = done.record_count + sum(b.record_count for b in stamped)
-            assert w2.counters.records_in == total - covered  # skipped what the arena holds
-            new = w2.acc.ready(1e18) if not w2.acc.flush() else []
-            assert sum(b.record_count for b in new) == total - covered
-            assert min(b.ordinal for b in new) > max(b.ordinal for b in resent)
-            # Answers: the re-sent batches get their offsets, new batches theirs.
-            for b in resent:
-                w2.completions.on_complete(b, 0, 7000 + 100 * b.partition, -1)
-                w2.acc.release(b)
-            w2.emit()
-            got = h.completions()
-            # One recovery chunk (every record up to the last one the arena held): it waits for
-            # the new batches holding the SEALED batch's records too.
-            assert got == []
-            for b in new:
-                w2.completions.on_complete(b, 0, 9000 + 100 * b.partition, -1)
-                w2.acc.release(b)
-            w2.emit()
-            got += h.completions()
-            dones = [base for (tid, _e, _p, base, _c) in got if tid == CHUNK_DONE_TOPIC]
-            assert dones[0] <= done_end and dones[-1] == h.req.head
-            per = per_partition(got)
-            assert {p: sum(c for _e, _b, c in v) for p, v in per.items()} == {
-                p: len(v) for p, v in h.sent.items() if v
-            }
-            # In each partition: the old batch's records first (its offsets), then the new ones.
-            expect_first = {done.partition: 5000, **{b.partition: 7000 + 100 * b.partition for b in stamped}}
-            for p, v in per.items():
-                if p in expect_first:
-                    assert v[0][1] == expect_first[p]
-            # Every kept slot is freed once its records were reported.
-            assert w2.holds.held() == {}
-            assert w2.arena.used_bytes == 0
-        finally:
-            if w2 is not None:
-                close_worker(w2, sup2)
-            h.close()
+    def body(h: Harness) -> None:
+        h.write(30, rng)
+        h.worker.drain()
+        done_end = h.req.head
+        first = h.seal()  # one batch per partition
+        assert len(first) >= 3
+        # The last one stays SEALED: its records, interleaved in the ring with the others',
+        # are read again and appended between skipped ones.
+        done, stamped = first[0], first[1:-1]
+        for i, b in enumerate(first[:-1]):
+            b.stamp(4242, 0, 10 * i)
+        stamped_bytes = {(b.partition, bytes(b.payload())) for b in stamped}
+        h.complete(done, base=5000)  # answered: DONE, its chunk is not reported yet
+        assert [h.worker.arena.read_slot(s)["state"] for s in h.worker.holds.held()] == [STATE_DONE]
+        assert all(h.worker.arena.read_slot(b.slot)["state"] == STATE_STAMPED for b in stamped)
+        h.write(20, rng)
+        h.worker.drain()
+        h.seal()  # SEALED, never stamped: its records are read again
+        h.write(10, rng)
+        h.worker.drain()  # OPEN
+        total = sum(len(v) for v in h.sent.values())
+        assert total == 60
+        # The worker dies here (nothing more runs). A successor over the same arena file:
+        w2 = h.successor()
+        resent = adopted(w2)
+        assert {(b.partition, bytes(b.payload())) for b in resent} == stamped_bytes
+        assert all(b.producer_id == 4242 and b.attempts == 0 for b in resent)
+        assert w2.drain()
+        covered = done.record_count + sum(b.record_count for b in stamped)
+        assert w2.counters.records_in == total - covered  # skipped what the arena holds
+        new = w2.acc.ready(1e18) if not w2.acc.flush() else []
+        assert sum(b.record_count for b in new) == total - covered
+        assert min(b.ordinal for b in new) > max(b.ordinal for b in resent)
+        # Answers: the re-sent batches get their offsets, new batches theirs.
+        for b in resent:
+            w2.completions.on_complete(b, 0, 7000 + 100 * b.partition, -1)
+            w2.acc.release(b)
+        w2.emit()
+        got = h.completions()
+        # One recovery chunk (every record up to the last one the arena held): it waits for
+        # the new batches holding the SEALED batch's records too.
+        assert got == []
+        for b in new:
+            w2.completions.on_complete(b, 0, 9000 + 100 * b.partition, -1)
+            w2.acc.release(b)
+        w2.emit()
+        got += h.completions()
+        dones = [base for (tid, _e, _p, base, _c) in got if tid == CHUNK_DONE_TOPIC]
+        assert dones[0] <= done_end and dones[-1] == h.req.head
+        per = per_partition(got)
+        assert {p: sum(c for _e, _b, c in v) for p, v in per.items()} == {
+            p: len(v) for p, v in h.sent.items() if v
+        }
+        # In each partition: the old batch's records first (its offsets), then the new ones.
+        expect_first = {done.partition: 5000, **{b.partition: 7000 + 100 * b.partition for b in stamped}}
+        for p, v in per.items():
+            if p in expect_first:
+                assert v[0][1] == expect_first[p]
+        # Every kept slot is freed once its records were reported.
+        assert w2.holds.held() == {}
+        assert w2.arena.used_bytes == 0
 
-    asyncio.run(main())
+    run(body, tmp_path)
 
 
 def test_second_crash_during_recovery_still_reports_every_record_once(tmp_path: Path) -> None:
@@ -467,57 +459,48 @@ def test_second_crash_during_recovery_still_reports_every_record_once(tmp_path: 
     rng = random.Random(SEED + 21)
     print("seed", SEED + 21)
 
-    async def main() -> None:
-        h = Harness(tmp_path)
-        workers = []
-        try:
-            h.write(30, rng)
-            h.worker.drain()
-            first = h.seal()
-            assert len(first) >= 3
-            for i, b in enumerate(first[:-1]):
-                b.stamp(4242, 0, 10 * i)
-            h.complete(first[0], base=5000)
-            h.write(12, rng)
-            h.worker.drain()  # OPEN when the first worker dies
-            total = sum(len(v) for v in h.sent.values())
-            w2, sup2 = recovering_worker(h.config, h.segment, [7])
-            workers.append((w2, sup2))
-            w2.drain()
-            w2.acc.flush()
-            new2 = w2.acc.ready(1e18)
-            for i, b in enumerate(new2):
-                b.stamp(4343, 0, 100 * i)  # sent under the successor's producer id
-            adopted2 = adopted(w2)
-            w2.completions.on_complete(adopted2[0], 0, 6000, -1)  # one re-send answered: DONE
-            w2.emit()
-            # w2 dies: its recovery chunk was never reported.
-            w3, sup3 = recovering_worker(h.config, h.segment, [7])
-            workers.append((w3, sup3))
-            adopted3 = adopted(w3)
-            assert {(b.producer_id, b.base_sequence) for b in adopted3} == (
-                {(b.producer_id, b.base_sequence) for b in adopted2[1:]} | {(4343, 100 * i) for i in range(len(new2))}
-            )
-            # Renumbered 1..n (times the stride that leaves room for parts) in creation order:
-            # the DONE batches are older than those re-sent.
-            kept = len(w3.arena.recovered)
-            assert sorted(b.ordinal for b in adopted3) == [
-                k * ORDINAL_STRIDE for k in range(kept - len(adopted3) + 1, kept + 1)]
-            assert [b.producer_id for b in sorted(adopted3, key=lambda b: b.ordinal)][-len(new2):] == [4343] * len(new2)
-            w3.drain()
-            assert w3.counters.records_in == 0  # every record sits in a kept batch
-            for b in adopted3:
-                w3.completions.on_complete(b, 0, 8000 + 100 * b.partition, -1)
-            w3.emit()
-            got = h.completions()
-            per = per_partition(got)
-            assert {p: sum(c for _e, _b, c in v) for p, v in per.items()} == {p: len(v) for p, v in h.sent.items() if v}
-            assert [base for (tid, _e, _p, base, _c) in got if tid == CHUNK_DONE_TOPIC][-1] == h.req.head
-            assert sum(c for _t, _e, _p, _b, c in got if _t != CHUNK_DONE_TOPIC) == total
-            assert w3.holds.held() == {} and w3.arena.used_bytes == 0
-        finally:
-            for w, sup in workers:
-                close_worker(w, sup)
-            h.close()
+    def body(h: Harness) -> None:
+        h.write(30, rng)
+        h.worker.drain()
+        first = h.seal()
+        assert len(first) >= 3
+        for i, b in enumerate(first[:-1]):
+            b.stamp(4242, 0, 10 * i)
+        h.complete(first[0], base=5000)
+        h.write(12, rng)
+        h.worker.drain()  # OPEN when the first worker dies
+        total = sum(len(v) for v in h.sent.values())
+        w2 = h.successor()
+        w2.drain()
+        w2.acc.flush()
+        new2 = w2.acc.ready(1e18)
+        for i, b in enumerate(new2):
+            b.stamp(4343, 0, 100 * i)  # sent under the successor's producer id
+        adopted2 = adopted(w2)
+        w2.completions.on_complete(adopted2[0], 0, 6000, -1)  # one re-send answered: DONE
+        w2.emit()
+        # w2 dies: its recovery chunk was never reported.
+        w3 = h.successor()
+        adopted3 = adopted(w3)
+        assert {(b.producer_id, b.base_sequence) for b in adopted3} == (
+            {(b.producer_id, b.base_sequence) for b in adopted2[1:]} | {(4343, 100 * i) for i in range(len(new2))}
+        )
+        # Renumbered 1..n (times the stride that leaves room for parts) in creation order:
+        # the DONE batches are older than those re-sent.
+        kept = len(w3.arena.recovered)
+        assert sorted(b.ordinal for b in adopted3) == [
+            k * ORDINAL_STRIDE for k in range(kept - len(adopted3) + 1, kept + 1)]
+        assert [b.producer_id for b in sorted(adopted3, key=lambda b: b.ordinal)][-len(new2):] == [4343] * len(new2)
+        w3.drain()
+        assert w3.counters.records_in == 0  # every record sits in a kept batch
+        for b in adopted3:
+            w3.completions.on_complete(b, 0, 8000 + 100 * b.partition, -1)
+        w3.emit()
+        got = h.completions()
+        per = per_partition(got)
+        assert {p: sum(c for _e, _b, c in v) for p, v in per.items()} == {p: len(v) for p, v in h.sent.items() if v}
+        assert [base for (tid, _e, _p, base, _c) in got if tid == CHUNK_DONE_TOPIC][-1] == h.req.head
+        assert sum(c for _t, _e, _p, _b, c in got if _t != CHUNK_DONE_TOPIC) == total
+        assert w3.holds.held() == {} and w3.arena.used_bytes == 0
 
-    asyncio.run(main())
+    run(body, tmp_path)
