@@ -66,7 +66,7 @@ KAFKA = {"reconnect_backoff_max_ms": 500, "metadata_max_age_ms": 5_000}
 MAX_STALL_S = 20.0
 
 
-def _stream_through(cluster: Cluster, start_sluice: Callable[..., Any], topic: str, read_topic: Callable[..., Any],
+def _stream_through(start_sluice: Callable[..., Any], topic: str, read_topic: Callable[..., Any],
                     event: Callable[[], None], name: str) -> float:
     """Stream records, run ``event`` in the middle, check everything; returns the longest stall."""
     d, loop, event_s = _stream(start_sluice, topic, event, name)
@@ -170,10 +170,17 @@ def _restart_each(cluster: Cluster, admin: Any, topic: str) -> Callable[[], None
     return event
 
 
-def test_sigkill_of_the_busiest_leader(controlled, cluster_topic, kafka_admin, start_sluice, read_topic) -> None:
-    topic = cluster_topic("pay-kill", PARTITIONS)
-    _stream_through(controlled, start_sluice, topic, read_topic, _kill_the_busiest_leader(controlled, kafka_admin, topic),
-                    "SIGKILL of the busiest leader")
+# The payments profile (exactly once) and the clicks one (acks=1: see the module docstring).
+_CHECKS = {"payments": _stream_through, "clicks": _stream_acks1}
+_PREFIXES = {"payments": "pay", "clicks": "click"}
+
+
+@pytest.mark.parametrize("profile", ["payments", "clicks"])
+def test_sigkill_of_the_busiest_leader(profile, controlled, cluster_topic, kafka_admin, start_sluice,
+                                       read_topic) -> None:
+    topic = cluster_topic(f"{_PREFIXES[profile]}-kill", PARTITIONS)
+    _CHECKS[profile](start_sluice, topic, read_topic, _kill_the_busiest_leader(controlled, kafka_admin, topic),
+                     "SIGKILL of the busiest leader")
 
 
 def test_sigterm_of_a_broker(controlled, cluster_topic, kafka_admin, start_sluice, read_topic) -> None:
@@ -185,7 +192,7 @@ def test_sigterm_of_a_broker(controlled, cluster_topic, kafka_admin, start_sluic
         time.sleep(2)
         _back_in_sync(controlled, kafka_admin, topic, victim)
 
-    _stream_through(controlled, start_sluice, topic, read_topic, event, "SIGTERM of a broker")
+    _stream_through(start_sluice, topic, read_topic, event, "SIGTERM of a broker")
 
 
 def test_a_broker_stalled_past_the_request_timeout(controlled, cluster_topic, kafka_admin, start_sluice,
@@ -202,23 +209,13 @@ def test_a_broker_stalled_past_the_request_timeout(controlled, cluster_topic, ka
             controlled.resume(victim)
         await_served(kafka_admin, topic, PARTITIONS, timeout=60)
 
-    stall = _stream_through(controlled, start_sluice, topic, read_topic, event, "a broker stalled")
+    stall = _stream_through(start_sluice, topic, read_topic, event, "a broker stalled")
     # Records written to the stalled leader waited for their request timeout; none waited for more.
     assert stall >= request_timeout_s * 0.9, f"the longest stall {stall:.1f}s: did the test stall anything?"
 
 
-def test_rolling_restart_of_all_three(controlled, cluster_topic, kafka_admin, start_sluice, read_topic) -> None:
-    topic = cluster_topic("pay-roll", PARTITIONS)
-    _stream_through(controlled, start_sluice, topic, read_topic, _restart_each(controlled, kafka_admin, topic),
-                    "rolling restart")
-
-
-def test_acks1_sigkill_of_the_busiest_leader(controlled, cluster_topic, kafka_admin, start_sluice, read_topic) -> None:
-    topic = cluster_topic("click-kill", PARTITIONS)
-    _stream_acks1(start_sluice, topic, read_topic, _kill_the_busiest_leader(controlled, kafka_admin, topic),
-                  "SIGKILL of the busiest leader")
-
-
-def test_acks1_rolling_restart_of_all_three(controlled, cluster_topic, kafka_admin, start_sluice, read_topic) -> None:
-    topic = cluster_topic("click-roll", PARTITIONS)
-    _stream_acks1(start_sluice, topic, read_topic, _restart_each(controlled, kafka_admin, topic), "rolling restart")
+@pytest.mark.parametrize("profile", ["payments", "clicks"])
+def test_rolling_restart_of_all_three(profile, controlled, cluster_topic, kafka_admin, start_sluice,
+                                      read_topic) -> None:
+    topic = cluster_topic(f"{_PREFIXES[profile]}-roll", PARTITIONS)
+    _CHECKS[profile](start_sluice, topic, read_topic, _restart_each(controlled, kafka_admin, topic), "rolling restart")
